@@ -1,0 +1,27 @@
+"""The environment variables this plugin reads, each parsed and validated in one place."""
+
+from __future__ import annotations
+
+import os
+
+KERNELS_ENV = "VLLM_NKI_MOE_KERNELS"
+KERNEL_BACKENDS = ("auto", "torch", "emulator", "nki")
+
+DEVICE_ENV = "VLLM_NKI_MOE_DEVICE"
+DEVICES = ("auto", "cpu", "neuron")
+
+
+def kernel_backend() -> str:
+    """``VLLM_NKI_MOE_KERNELS``: which implementation the model's ops use (default ``auto``)."""
+    value = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if value not in KERNEL_BACKENDS:
+        raise ValueError(f"{KERNELS_ENV}={value!r}; must be one of {', '.join(KERNEL_BACKENDS)}")
+    return value
+
+
+def requested_device() -> str:
+    """``VLLM_NKI_MOE_DEVICE``: the platform to activate at start-up (default ``auto``: detect)."""
+    value = os.environ.get(DEVICE_ENV, "auto").strip().lower() or "auto"
+    if value not in DEVICES:
+        raise ValueError(f"{DEVICE_ENV}={value!r}; must be one of {', '.join(DEVICES)}")
+    return value

@@ -1,0 +1,1 @@
+"""vLLM model classes of this plugin."""

@@ -1,0 +1,104 @@
+"""The Qwen3-MoE sizes the model needs, read once from a Hugging Face config and checked there.
+
+Unsupported configurations are rejected at construction with the field, its value and the rule, never later in a
+forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Qwen3MoeSizes:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # dense MLP layers
+    moe_intermediate_size: int  # per expert, whole (not per rank)
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_experts: int
+    num_experts_per_tok: int
+    norm_topk_prob: bool
+    decoder_sparse_step: int
+    mlp_only_layers: tuple[int, ...]
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    attention_bias: bool
+    tie_word_embeddings: bool
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Qwen3-MoE's rule, as transformers and vLLM apply it."""
+        return (
+            layer_idx not in self.mlp_only_layers
+            and self.num_experts > 0
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
+
+
+def _rope_theta(hf_config) -> float:
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type") or params.get("type") or scaling.get("rope_type") or scaling.get("type")
+    if rope_type not in (None, "default"):
+        raise NotImplementedError(
+            f"Qwen3MoeForCausalLM (vllm_nki_moe): rope_type={rope_type!r}; only the default rope is supported"
+        )
+    theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    if theta is None:
+        raise ValueError("Qwen3MoeForCausalLM (vllm_nki_moe): the config has no rope_theta")
+    return float(theta)
+
+
+def read_sizes(hf_config, tp_size: int = 1) -> Qwen3MoeSizes:
+    """Read and validate; ``tp_size`` is the tensor-parallel degree the sizes will be split by."""
+    heads = hf_config.num_attention_heads
+    sizes = Qwen3MoeSizes(
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=getattr(hf_config, "intermediate_size", 0),
+        moe_intermediate_size=hf_config.moe_intermediate_size,
+        num_hidden_layers=hf_config.num_hidden_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(hf_config, "num_key_value_heads", heads),
+        head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
+        num_experts=hf_config.num_experts,
+        num_experts_per_tok=hf_config.num_experts_per_tok,
+        norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", False)),
+        decoder_sparse_step=getattr(hf_config, "decoder_sparse_step", 1) or 1,
+        mlp_only_layers=tuple(getattr(hf_config, "mlp_only_layers", None) or ()),
+        rms_norm_eps=hf_config.rms_norm_eps,
+        rope_theta=_rope_theta(hf_config),
+        max_position_embeddings=getattr(hf_config, "max_position_embeddings", 8192),
+        attention_bias=bool(getattr(hf_config, "attention_bias", False)),
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+    )
+    where = "Qwen3MoeForCausalLM (vllm_nki_moe)"
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise NotImplementedError(f"{where}: hidden_act={act!r}; only 'silu' is supported")
+    shared = getattr(hf_config, "shared_expert_intermediate_size", 0) or 0
+    if shared > 0:
+        raise NotImplementedError(f"{where}: shared_expert_intermediate_size={shared}; shared experts are not supported")
+    if sizes.num_experts_per_tok > sizes.num_experts:
+        raise ValueError(
+            f"{where}: num_experts_per_tok={sizes.num_experts_per_tok} exceeds num_experts={sizes.num_experts}"
+        )
+    if heads % tp_size:
+        raise ValueError(f"{where}: num_attention_heads={heads} is not divisible by tensor_parallel_size={tp_size}")
+    kv = sizes.num_key_value_heads
+    if (kv >= tp_size and kv % tp_size) or (kv < tp_size and tp_size % kv):
+        raise ValueError(
+            f"{where}: num_key_value_heads={kv} and tensor_parallel_size={tp_size}; one must divide the other"
+        )
+    if sizes.moe_intermediate_size % tp_size:
+        raise ValueError(
+            f"{where}: moe_intermediate_size={sizes.moe_intermediate_size} is not divisible by "
+            f"tensor_parallel_size={tp_size}"
+        )
+    if sizes.head_dim % 2:
+        raise ValueError(f"{where}: head_dim={sizes.head_dim}; rotary embedding needs an even head_dim")
+    return sizes

@@ -1,0 +1,87 @@
+"""The one dispatch point between the model and its kernels.
+
+Every op the Qwen3-MoE model runs outside vLLM's own layers goes through an :class:`OpSet`, bound once per model by
+:func:`bind` from ``VLLM_NKI_MOE_KERNELS``:
+
+- ``torch``: plain PyTorch (``ops_torch``), the default off Neuron;
+- ``emulator``: the NKI kernels in ``vllm_nki_moe.kernels`` executed by the project's NumPy NKI emulator;
+- ``nki``: the same kernels on the real ``nki`` package (Trainium, or AWS's simulator), the default on Neuron;
+- ``auto``: ``nki`` where the real package is importable, else ``torch``.
+
+An op without an NKI kernel yet runs its torch implementation under every backend, and the binding logs that once.
+A kernel that exists but cannot take the given shapes says why through its ``supports`` check: under ``auto`` the op
+falls back to torch and logs the reason once; under an explicitly chosen backend the reason is raised.
+The model never branches on the backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from typing import Callable
+
+from . import envs, ops_torch
+
+logger = logging.getLogger(__name__)
+
+OP_NAMES = ("rms_norm", "fused_add_rms_norm", "apply_rope", "silu_mul", "router_topk", "moe_experts")
+
+
+@dataclass(frozen=True)
+class OpSet:
+    """The ops of one model, each a torch-in/torch-out callable with the signature of ``ops_torch.<name>``."""
+
+    backend: str
+    rms_norm: Callable
+    fused_add_rms_norm: Callable
+    apply_rope: Callable
+    silu_mul: Callable
+    router_topk: Callable
+    moe_experts: Callable
+    kernel_ops: tuple[str, ...] = ()  # which ops run an NKI kernel under this backend
+
+    def describe(self) -> str:
+        kernel_ops = ", ".join(self.kernel_ops) or "none"
+        return f"kernels={self.backend} (NKI kernels for: {kernel_ops})"
+
+
+def resolve_backend(requested: str | None = None) -> str:
+    """The backend to bind: ``requested``, else ``VLLM_NKI_MOE_KERNELS``; ``auto`` becomes ``nki`` or ``torch``."""
+    backend = envs.kernel_backend() if requested is None else requested
+    if backend not in envs.KERNEL_BACKENDS:
+        raise ValueError(f"ops: kernels={backend!r}; must be one of {', '.join(envs.KERNEL_BACKENDS)}")
+    if backend == "auto":
+        from .emulator_bridge import real_nki_available
+
+        backend = "nki" if real_nki_available() else "torch"
+    if backend == "nki":
+        from .emulator_bridge import real_nki_available
+
+        if not real_nki_available():
+            raise RuntimeError(
+                f"ops: kernels=nki but the real `nki` package is not importable; install the Neuron SDK's nki "
+                f"(AWS's Neuron pip index), or set {envs.KERNELS_ENV}=emulator (NumPy NKI emulator) or torch"
+            )
+    return backend
+
+
+def bind(requested: str | None = None) -> OpSet:
+    """Bind every op for one backend (see module docstring) and log the choice once."""
+    backend = resolve_backend(requested)
+    impls = {name: getattr(ops_torch, name) for name in OP_NAMES}
+    kernel_ops: tuple[str, ...] = ()
+    if backend in ("emulator", "nki"):
+        from . import ops_nki
+
+        kernel_impls = ops_nki.kernel_impls(backend, strict=requested not in (None, "auto"))
+        impls.update(kernel_impls)
+        kernel_ops = tuple(name for name in OP_NAMES if name in kernel_impls)
+        missing = [name for name in OP_NAMES if name not in kernel_impls]
+        if missing:
+            logger.info("vllm_nki_moe.ops: no NKI kernel yet for %s; those ops run in torch", ", ".join(missing))
+    opset = OpSet(backend=backend, kernel_ops=kernel_ops, **impls)
+    logger.info("vllm_nki_moe.ops: %s", opset.describe())
+    return opset
+
+
+assert {f.name for f in fields(OpSet)} >= set(OP_NAMES), "OpSet must have a field per op"

