@@ -258,7 +258,7 @@ def on_test_stop(environment, **_kwargs) -> None:
     except OSError as exc:
         log.error("prompts.py: report not written to %s (%s)", state.report_dir, exc)
         return
-    log.info("prompts.py: report written: %s\n%s", ", ".join(p.name for p in written), format_table(report))
+    log.info("prompts.py: report written to %s: %s", state.report_dir, ", ".join(p.name for p in written))
     print(f"\nreport: {state.report_dir / 'report.json'}\n{format_table(report)}\n", flush=True)
 
 
@@ -322,7 +322,7 @@ class CompletionUser(User):
         except requests.Timeout:
             error = f"stall: no response within --stall-timeout={opts.stall_timeout:g} s"
         except requests.RequestException as exc:
-            error = f"connection failed: {type(exc).__name__}"
+            error = f"connection failed: {type(exc).__name__}: {str(exc)[:ERROR_BODY_CHARS]}"
         result = reader.finish(time.perf_counter(), expected_tokens=n, error=error)
         label = f"{prompt.id}:{prompt.name}"
         _fire(self.environment, "POST", f"{'warm-up' if warmup else '/v1/completions'} {label}",

@@ -147,15 +147,16 @@ def _prompt_entry(prompt: Prompt, samples: list[Sample], *, contest: bool, promp
     if baseline and baseline.prompt_tokens and entry["prompt_tokens"] and baseline.prompt_tokens != entry["prompt_tokens"]:
         notes.append(f"baseline prompt_tokens={baseline.prompt_tokens} differs from ours={entry['prompt_tokens']}: "
                      "another tokenizer or prompt, so the ratios compare different work")
+    if samples and not ok:
+        notes.append("no successful timed run")
+    elif len(ok) < len(samples):
+        notes.append(f"{len(samples) - len(ok)} of {len(samples)} timed runs failed")
     if baseline is None:
         notes.append("no baseline: score is null")
     elif not contest:
         notes.append("load mode: the contest score is defined for batch 1 (contest mode) only")
-    elif not ok:
-        notes.append("no successful timed run: score is null")
-    elif len(ok) < len(samples):
-        notes.append(f"{len(samples) - len(ok)} of {len(samples)} timed runs failed: score is null "
-                     "(the contest harness would have produced none)")
+    elif not ok or len(ok) < len(samples):
+        notes.append("score is null: a prompt with failed runs gets none (the contest harness would crash)")
     else:
         entry["reduced_latency"] = baseline.p99_ms / e2e["p99"]
         entry["increased_throughput"] = throughput / baseline.throughput_tok_s

@@ -124,8 +124,7 @@ def _handler_for(server: FakeServer):
                     self._chunk(b"data: [DONE]\n\n")
                 self._chunk(b"")  # the terminating zero-length chunk
             except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up (stall tests)
-            self.close_connection = True
+                self.close_connection = True  # the client gave up (stall tests)
 
         def _event(self, payload: dict) -> None:
             self._chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
