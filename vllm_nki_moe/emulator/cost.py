@@ -1,0 +1,195 @@
+"""Instruction counting and the trn2 (NeuronCore-v3) cost model that turns counts into an estimated time.
+
+Model (one kernel call, per physical NeuronCore):
+- Every instruction occupies its engine for ``max(MIN_II_CYCLES, work_cycles)`` engine cycles, the estimate the
+  NKI docs give for a single instruction (``nki.api.shared.rst``, "Estimated cycles": ``max(MIN_II, N)``,
+  "MIN_II is roughly 64 engine cycles"; the perf guide also says instructions carry a ~64-cycle fixed overhead).
+- ``work_cycles``: Tensor = moving free size N (one moving column per cycle, 128x128 PE array) x a dtype factor;
+  Vector/Scalar/GpSimd = elements / engine data-path width (elements per cycle).
+- DMA: bytes / per-core DMA bandwidth, HBM bytes / per-core HBM bandwidth (whichever is slower), plus a fixed
+  descriptor-generation cost per DMA instruction spread over the DMA queues.
+- Engines and DMA run concurrently (trainium2_arch.rst: engines run in parallel), so the estimate is the busiest of
+  them: ``estimated = max(tensor, vector, scalar, gpsimd, dma)``. Dependencies and pipeline stalls are ignored, so
+  this is a lower bound in the same spirit as the two rooflines reported beside it.
+- Rooflines: HBM roofline = HBM bytes / per-core HBM bandwidth; PE roofline = MACs / (128 x 128 MACs per cycle x
+  Tensor clock).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+from vllm_nki_moe.kernels.limits import PE_COLS, PE_ROWS, PMAX
+
+# --- trn2 numbers; sources in aws-neuron/aws-neuron-sdk (research/nki.md section 2) --------------------------------
+TENSOR_CLOCK_HZ = 2.4e9  # nki/guides/architecture/trainium2_arch.rst, "Compute Engine Specifications"
+VECTOR_CLOCK_HZ = 0.96e9  # same table
+SCALAR_CLOCK_HZ = 1.2e9  # same table
+GPSIMD_CLOCK_HZ = 1.2e9  # same table
+VECTOR_ELEMS_PER_CYCLE_16BIT = 512  # same table: "512 BF16/FP16 input/output"
+VECTOR_ELEMS_PER_CYCLE = 256  # same table: "256 input/output for other data types"
+SCALAR_ELEMS_PER_CYCLE = 128  # same table: "128 input/output"
+# GpSimd: 8 programmable cores with 512-bit SIMD (trainium2_arch.rst / research note 2.1) = 8 x 16 fp32 lanes.
+GPSIMD_ELEMS_PER_CYCLE = 8 * 512 // 32
+VECTOR_RECIPROCAL_SLOWDOWN = 8  # nki.api.shared.rst: Vector reciprocal costs max(MIN_II, 8*N)
+MIN_II_CYCLES = 64  # nki.api.shared.rst, "MIN_II is roughly 64 engine cycles"
+# Tensor Engine: 79 BF16 TFLOPS = 128 x 128 PEs x 2 FLOP x 2.4 GHz: one moving column per cycle for bf16/fp16/fp8;
+# fp32 runs at 20 TFLOPS (4x slower), FP8 double_row packs two rows per PE (2x faster) (trainium2_arch.rst).
+TENSOR_FP32_SLOWDOWN = 4
+TENSOR_DOUBLE_ROW_SPEEDUP = 2
+# HBM: Trainium2 chip 2.9 TB/s (about-neuron/arch/neuron-hardware/trainium2.rst) shared by 8 physical NeuronCores.
+HBM_BYTES_PER_S_PER_CORE = 2.9e12 / 8
+# DMA: chip DMA bandwidth 3.5 TB/s (trainium2.rst) over 8 cores; 16 DMA engines (queues) per core
+# (trainium2_arch.rst, "each NeuronCore-v3 is typically paired with 16x DMA engines").
+DMA_BYTES_PER_S_PER_CORE = 3.5e12 / 8
+DMA_QUEUES_PER_CORE = 16
+# ~600 ns per DMA instruction to generate descriptors (research/nki.md 2.1, DGE); issued on 16 queues in parallel.
+DMA_FIXED_SECONDS = 600e-9
+
+ENGINES = ("tensor", "vector", "scalar", "gpsimd", "dma")
+CLOCKS = {"tensor": TENSOR_CLOCK_HZ, "vector": VECTOR_CLOCK_HZ, "scalar": SCALAR_CLOCK_HZ, "gpsimd": GPSIMD_CLOCK_HZ}
+
+
+class CostCounter:
+    """Accumulates instructions of one program (one NeuronCore) of a kernel call."""
+
+    def __init__(self) -> None:
+        self.instructions: dict[str, int] = defaultdict(int)
+        self.elements: dict[str, int] = defaultdict(int)
+        self.cycles: dict[str, float] = defaultdict(float)
+        self.by_op: dict[str, int] = defaultdict(int)
+        self.dma_bytes = 0
+        self.hbm_read_bytes = 0
+        self.hbm_write_bytes = 0
+        self.macs = 0
+
+    def compute(self, engine: str, op: str, elements: int, work_cycles: float) -> None:
+        """One compute instruction on ``engine`` processing ``elements`` elements in ``work_cycles`` cycles."""
+        self.instructions[engine] += 1
+        self.elements[engine] += int(elements)
+        self.cycles[engine] += max(MIN_II_CYCLES, work_cycles)
+        self.by_op[op] += 1
+
+    def dma(self, op: str, nbytes: int, hbm_read: int, hbm_write: int) -> None:
+        """One DMA instruction moving ``nbytes`` bytes, of which ``hbm_read``/``hbm_write`` touch HBM."""
+        self.instructions["dma"] += 1
+        self.elements["dma"] += int(nbytes)
+        self.by_op[op] += 1
+        self.dma_bytes += int(nbytes)
+        self.hbm_read_bytes += int(hbm_read)
+        self.hbm_write_bytes += int(hbm_write)
+
+    def busy_seconds(self) -> dict[str, float]:
+        out = {e: self.cycles[e] / CLOCKS[e] for e in CLOCKS}
+        n = self.instructions["dma"]
+        out["dma"] = max(self.dma_bytes / DMA_BYTES_PER_S_PER_CORE,
+                         (self.hbm_read_bytes + self.hbm_write_bytes) / HBM_BYTES_PER_S_PER_CORE)
+        out["dma"] += n * DMA_FIXED_SECONDS / DMA_QUEUES_PER_CORE
+        return out
+
+
+# Engines process the partitions in parallel lanes (one lane per partition, PMAX lanes), so an instruction's work
+# is its elements per partition times PMAX, divided by the data-path width: a [1, F] tile costs as much as [128, F].
+def vector_cycles(free_elems: int, all_16bit: bool) -> float:
+    return free_elems * PMAX / (VECTOR_ELEMS_PER_CYCLE_16BIT if all_16bit else VECTOR_ELEMS_PER_CYCLE)
+
+
+def scalar_cycles(free_elems: int) -> float:
+    return free_elems * PMAX / SCALAR_ELEMS_PER_CYCLE
+
+
+def gpsimd_cycles(free_elems: int) -> float:
+    return free_elems * PMAX / GPSIMD_ELEMS_PER_CYCLE
+
+
+@dataclasses.dataclass(frozen=True)
+class CostReport:
+    """Counts and trn2 time estimate of one kernel call (all programs of its launch grid).
+
+    ``instructions``/``elements``/``busy_seconds`` are keyed by engine (tensor, vector, scalar, gpsimd, dma);
+    ``elements["dma"]`` counts bytes. ``estimated_seconds`` is the slowest program's busiest engine.
+    """
+
+    instructions: dict
+    elements: dict
+    busy_seconds: dict
+    ops: dict
+    dma_bytes: int
+    hbm_read_bytes: int
+    hbm_write_bytes: int
+    macs: int
+    num_programs: int
+    estimated_seconds: float
+    hbm_roofline_seconds: float
+    pe_roofline_seconds: float
+    peak_sbuf_bytes_per_partition: int
+    peak_psum_banks: int
+
+    @property
+    def hbm_bytes(self) -> int:
+        return self.hbm_read_bytes + self.hbm_write_bytes
+
+    @property
+    def bound_by(self) -> str:
+        """The engine whose busy time sets the estimate."""
+        return max(self.busy_seconds, key=self.busy_seconds.get)
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["hbm_bytes"] = self.hbm_bytes
+        d["bound_by"] = self.bound_by
+        return d
+
+    def format(self) -> str:
+        lines = [
+            f"estimated {self.estimated_seconds * 1e6:9.2f} us (bound by {self.bound_by}; {self.num_programs} "
+            f"program(s))",
+            f"HBM roofline {self.hbm_roofline_seconds * 1e6:9.2f} us  ({self.hbm_read_bytes} B read, "
+            f"{self.hbm_write_bytes} B written)",
+            f"PE roofline  {self.pe_roofline_seconds * 1e6:9.2f} us  ({self.macs} MACs)",
+            f"peak SBUF {self.peak_sbuf_bytes_per_partition} B/partition, peak PSUM banks {self.peak_psum_banks}",
+        ]
+        for e in ENGINES:
+            unit = "B" if e == "dma" else "elems"
+            lines.append(f"  {e:7s} {self.instructions.get(e, 0):7d} instr {self.elements.get(e, 0):12d} {unit:5s} "
+                         f"busy {self.busy_seconds.get(e, 0.0) * 1e6:9.2f} us")
+        return "\n".join(lines)
+
+
+def build_report(counters: list[CostCounter], peak_sbuf: int, peak_psum: int) -> CostReport:
+    """Sum the programs' counts; the estimate is the slowest program (programs run on separate cores)."""
+    instructions: dict[str, int] = {e: 0 for e in ENGINES}
+    elements: dict[str, int] = {e: 0 for e in ENGINES}
+    busy: dict[str, float] = {e: 0.0 for e in ENGINES}
+    ops: dict[str, int] = defaultdict(int)
+    estimated = 0.0
+    for c in counters:
+        b = c.busy_seconds()
+        estimated = max(estimated, max(b.values()))
+        for e in ENGINES:
+            instructions[e] += c.instructions[e]
+            elements[e] += c.elements[e]
+            busy[e] = max(busy[e], b[e])
+        for k, v in c.by_op.items():
+            ops[k] += v
+    n = max(1, len(counters))
+    hbm_r = sum(c.hbm_read_bytes for c in counters)
+    hbm_w = sum(c.hbm_write_bytes for c in counters)
+    macs = sum(c.macs for c in counters)
+    return CostReport(
+        instructions=instructions,
+        elements=elements,
+        busy_seconds=busy,
+        ops=dict(ops),
+        dma_bytes=sum(c.dma_bytes for c in counters),
+        hbm_read_bytes=hbm_r,
+        hbm_write_bytes=hbm_w,
+        macs=macs,
+        num_programs=n,
+        estimated_seconds=estimated,
+        hbm_roofline_seconds=(hbm_r + hbm_w) / (HBM_BYTES_PER_S_PER_CORE * n),
+        pe_roofline_seconds=macs / (PE_ROWS * PE_COLS * TENSOR_CLOCK_HZ * n),
+        peak_sbuf_bytes_per_partition=peak_sbuf,
+        peak_psum_banks=peak_psum,
+    )
