@@ -18,7 +18,7 @@ SBUF_PARTITION_BYTES_PHYSICAL = 224 * 1024  # 28 MiB / 128 partitions (trainium2
 # MAX_AVAILABLE_SBUF_SIZE = 224 KiB - 16 KiB - 8 - 256): the compiler keeps 16 KiB per partition for itself (spills,
 # semaphores, identity constants) plus a few bytes of alignment. We enforce this figure rather than the physical 224 KiB
 # because a kernel that needs the reserved bytes would fail to allocate in the real compiler.
-SBUF_PARTITION_BYTES = 224 * 1024 - 16 * 1024 - 8 - 256  # 212,744 B
+SBUF_PARTITION_BYTES = 224 * 1024 - 16 * 1024 - 8 - 256  # 212,728 B
 
 # --- PSUM --------------------------------------------------------------------------------------------------------
 PSUM_PARTITION_BYTES = 16 * 1024  # 2 MiB / 128 partitions (trainium2_arch.rst)
