@@ -83,8 +83,12 @@ def contest_score(
 ) -> float:
     """``accuracy * (base_p99 / p99) * (throughput / base_throughput) * (1 + mac_ratio)``, as the contest's
     ``calculate_score``. Latencies in ms, throughputs in tokens/s; raises on non-positive inputs."""
-    for name, value in (("p99_ms", p99_ms), ("throughput", throughput), ("base_p99_ms", base_p99_ms),
-                        ("base_throughput", base_throughput)):
+    for name, value in (
+        ("p99_ms", p99_ms),
+        ("throughput", throughput),
+        ("base_p99_ms", base_p99_ms),
+        ("base_throughput", base_throughput),
+    ):
         if not value > 0:
             raise ValueError(f"contest_score: {name}={value}; must be > 0")
     if not 0 <= mac_ratio <= 1:
@@ -127,12 +131,14 @@ def by_concurrency(samples: Sequence[Sample]) -> list[ConcurrencyPoint]:
         if span <= 0:
             continue
         ttfts = [s.ttft_s * MS_PER_S for s in group if s.ttft_s is not None]
-        points.append(ConcurrencyPoint(
-            users=users,
-            requests=len(group),
-            output_tok_s=sum(s.output_tokens for s in group) / span,
-            requests_per_s=len(group) / span,
-            e2e_p50_ms=percentile([s.e2e_s * MS_PER_S for s in group], 50),
-            ttft_p50_ms=percentile(ttfts, 50) if ttfts else None,
-        ))
+        points.append(
+            ConcurrencyPoint(
+                users=users,
+                requests=len(group),
+                output_tok_s=sum(s.output_tokens for s in group) / span,
+                requests_per_s=len(group) / span,
+                e2e_p50_ms=percentile([s.e2e_s * MS_PER_S for s in group], 50),
+                ttft_p50_ms=percentile(ttfts, 50) if ttfts else None,
+            )
+        )
     return points

@@ -52,8 +52,15 @@ def _annotate(ax, bars, fmt: str = "{:.0f}") -> None:
     for bar in bars:
         height = bar.get_height()
         if height:
-            ax.annotate(fmt.format(height), (bar.get_x() + bar.get_width() / 2, height), ha="center", va="bottom",
-                        fontsize=7, xytext=(0, 2), textcoords="offset points")
+            ax.annotate(
+                fmt.format(height),
+                (bar.get_x() + bar.get_width() / 2, height),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
 
 
 def _latency_vs_baseline(report: Mapping, path: Path) -> Path:
@@ -67,21 +74,39 @@ def _latency_vs_baseline(report: Mapping, path: Path) -> Path:
     has_base = any(base)
     fig, (left, right) = plt.subplots(1, 2, figsize=WIDE)
     width = 0.27 if has_base else 0.4
-    _annotate(left, left.bar([i - width for i in x] if has_base else [i - width / 2 for i in x], p50, width,
-                             label="ours p50", color=OURS_LIGHT))
-    _annotate(left, left.bar([i for i in x] if has_base else [i + width / 2 for i in x], p99, width,
-                             label="ours p99 (scored)", color=OURS))
+    _annotate(
+        left,
+        left.bar(
+            [i - width for i in x] if has_base else [i - width / 2 for i in x],
+            p50,
+            width,
+            label="ours p50",
+            color=OURS_LIGHT,
+        ),
+    )
+    _annotate(
+        left,
+        left.bar(
+            [i for i in x] if has_base else [i + width / 2 for i in x],
+            p99,
+            width,
+            label="ours p99 (scored)",
+            color=OURS,
+        ),
+    )
     if has_base:
         _annotate(left, left.bar([i + width for i in x], base, width, label="baseline p99", color=BASE, hatch="//"))
     left.set_ylabel("end-to-end latency per request (ms)")
     left.set_title("Latency: lower is better")
     _maybe_log(left, p50 + p99 + base)
     width = 0.4 if has_base else 0.6
-    _annotate(right, right.bar([i - width / 2 for i in x] if has_base else list(x), thr, width,
-                               label="ours", color=OURS))
+    _annotate(
+        right, right.bar([i - width / 2 for i in x] if has_base else list(x), thr, width, label="ours", color=OURS)
+    )
     if has_base:
-        _annotate(right, right.bar([i + width / 2 for i in x], base_thr, width, label="baseline", color=BASE,
-                                   hatch="//"))
+        _annotate(
+            right, right.bar([i + width / 2 for i in x], base_thr, width, label="baseline", color=BASE, hatch="//")
+        )
     right.set_ylabel("(prompt + generated tokens) / mean E2E (tokens/s)")
     right.set_title("Contest throughput: higher is better")
     _maybe_log(right, thr + base_thr)
@@ -91,9 +116,12 @@ def _latency_vs_baseline(report: Mapping, path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     run, totals = report["run"], report["totals"]
     score = totals.get("score")
-    fig.suptitle(f"{run.get('model', '?')} at {run.get('host', '?')}, mode {run.get('mode')}, seq_len "
-                 f"{run.get('seq_len')}, {run.get('runs_per_prompt')} runs/prompt"
-                 + (f": total score {score:.3f}" if score is not None else ": no baseline, no score"), fontsize=10)
+    fig.suptitle(
+        f"{run.get('model', '?')} at {run.get('host', '?')}, mode {run.get('mode')}, seq_len "
+        f"{run.get('seq_len')}, {run.get('runs_per_prompt')} runs/prompt"
+        + (f": total score {score:.3f}" if score is not None else ": no baseline, no score"),
+        fontsize=10,
+    )
     return _save(fig, path)
 
 
@@ -147,8 +175,13 @@ def _throughput_vs_concurrency(report: Mapping, path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=WIDE)
     left.plot(users, [p["output_tok_s"] for p in points], marker="o", color=OURS)
     for p in points:
-        left.annotate(f"{p['requests']} req", (p["users"], p["output_tok_s"]), fontsize=7, xytext=(3, 3),
-                      textcoords="offset points")
+        left.annotate(
+            f"{p['requests']} req",
+            (p["users"], p["output_tok_s"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     left.set_xlabel("concurrent users")
     left.set_ylabel("aggregate generated tokens/s")
     left.set_title("Throughput vs concurrency: higher is better")

@@ -54,32 +54,54 @@ DEFAULT_REPORT_ROOT = Path("reports") / "loadtest"
 @events.init_command_line_parser.add_listener
 def add_options(parser) -> None:
     """This locustfile's own options (they also show in the web UI's start form)."""
-    parser.add_argument("--mode", choices=MODES, default="contest",
-                        help="contest: 1 user, prompts in order, warm-up + timed runs, then stop. "
-                             "load: every user loops over a mix of the prompts until -t")
-    parser.add_argument("--prompt-file", default="",
-                        help="prompts separated by blank lines (default: the 5 public contest prompts)")
-    parser.add_argument("--seq-len", type=int, default=CONTEST_SEQ_LEN,
-                        help="prompt + generated tokens per request; output length = seq-len - prompt tokens, "
-                             "prompt tokens counted by the server's own tokenizer")
-    parser.add_argument("--runs-per-prompt", type=int, default=CONTEST_RUNS,
-                        help="timed runs per prompt in contest mode")
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="contest",
+        help="contest: 1 user, prompts in order, warm-up + timed runs, then stop. "
+        "load: every user loops over a mix of the prompts until -t",
+    )
+    parser.add_argument(
+        "--prompt-file", default="", help="prompts separated by blank lines (default: the 5 public contest prompts)"
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=CONTEST_SEQ_LEN,
+        help="prompt + generated tokens per request; output length = seq-len - prompt tokens, "
+        "prompt tokens counted by the server's own tokenizer",
+    )
+    parser.add_argument(
+        "--runs-per-prompt", type=int, default=CONTEST_RUNS, help="timed runs per prompt in contest mode"
+    )
     parser.add_argument("--warmup-runs", type=int, default=1, help="untimed runs per prompt before the timed ones")
-    parser.add_argument("--report-dir", default="",
-                        help="where the report goes (default: reports/loadtest/<mode>-<timestamp>)")
-    parser.add_argument("--baseline", default="",
-                        help="trn2, trn3 (the contest's baseline tables), a prompt_data_*.csv, or an earlier "
-                             "report.json of ours")
-    parser.add_argument("--reference", default="",
-                        help="an earlier report.json whose generated text is the accuracy reference")
-    parser.add_argument("--nki-mac-ratio", type=float, default=0.0,
-                        help="NKI MACs / all MACs of the served model, in [0, 1]; not observable over HTTP, "
-                             "reported as given")
+    parser.add_argument(
+        "--report-dir", default="", help="where the report goes (default: reports/loadtest/<mode>-<timestamp>)"
+    )
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="trn2, trn3 (the contest's baseline tables), a prompt_data_*.csv, or an earlier report.json of ours",
+    )
+    parser.add_argument(
+        "--reference", default="", help="an earlier report.json whose generated text is the accuracy reference"
+    )
+    parser.add_argument(
+        "--nki-mac-ratio",
+        type=float,
+        default=0.0,
+        help="NKI MACs / all MACs of the served model, in [0, 1]; not observable over HTTP, reported as given",
+    )
     parser.add_argument("--model", default="", help="served model name (default: the first of GET /v1/models)")
-    parser.add_argument("--request-timeout", type=float, default=900.0,
-                        help="seconds one completion may take in all before it fails")
-    parser.add_argument("--stall-timeout", type=float, default=60.0,
-                        help="seconds without a byte from the server before a completion fails as stalled")
+    parser.add_argument(
+        "--request-timeout", type=float, default=900.0, help="seconds one completion may take in all before it fails"
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        help="seconds without a byte from the server before a completion fails as stalled",
+    )
 
 
 @dataclass
@@ -112,11 +134,17 @@ class RunState:
 STATE = RunState()
 
 
-def _fire(environment, request_type: str, name: str, response_time_ms: float, *, length: int = 0,
-          error: str | None = None) -> None:
+def _fire(
+    environment, request_type: str, name: str, response_time_ms: float, *, length: int = 0, error: str | None = None
+) -> None:
     environment.events.request.fire(
-        request_type=request_type, name=name, response_time=response_time_ms, response_length=length,
-        exception=LoadTestFailure(error) if error else None, context={})
+        request_type=request_type,
+        name=name,
+        response_time=response_time_ms,
+        response_length=length,
+        exception=LoadTestFailure(error) if error else None,
+        context={},
+    )
 
 
 class LoadTestFailure(Exception):
@@ -133,8 +161,10 @@ def _validate(opts) -> None:
     if not 0 <= opts.nki_mac_ratio <= 1:
         raise ValueError(f"prompts.py: --nki-mac-ratio={opts.nki_mac_ratio}; a MAC ratio lies in [0, 1]")
     if opts.request_timeout <= 0 or opts.stall_timeout <= 0:
-        raise ValueError(f"prompts.py: --request-timeout={opts.request_timeout}, --stall-timeout="
-                         f"{opts.stall_timeout}; timeouts must be > 0")
+        raise ValueError(
+            f"prompts.py: --request-timeout={opts.request_timeout}, --stall-timeout="
+            f"{opts.stall_timeout}; timeouts must be > 0"
+        )
 
 
 @events.test_start.add_listener
@@ -142,13 +172,16 @@ def on_test_start(environment, **_kwargs) -> None:
     """Read the inputs, ask the server for its model and token counts, and lay out the contest plan."""
     global STATE
     opts = environment.parsed_options
-    STATE = state = RunState(options=opts, host=(environment.host or "").rstrip("/"), started=time.time(),
-                             started_mono=time.perf_counter())
+    STATE = state = RunState(
+        options=opts, host=(environment.host or "").rstrip("/"), started=time.time(), started_mono=time.perf_counter()
+    )
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(state.started))
     state.report_dir = Path(opts.report_dir) if opts.report_dir else DEFAULT_REPORT_ROOT / f"{opts.mode}-{stamp}"
     if not isinstance(environment.runner, LocalRunner):
-        log.warning("prompts.py: runner=%s; reports are written by local (single-process) runs only",
-                    type(environment.runner).__name__)
+        log.warning(
+            "prompts.py: runner=%s; reports are written by local (single-process) runs only",
+            type(environment.runner).__name__,
+        )
     try:
         _validate(opts)
         if not state.host:
@@ -171,8 +204,14 @@ def on_test_start(environment, **_kwargs) -> None:
         return
     for prompt in state.runnable:
         state.plan += [(prompt, True)] * opts.warmup_runs + [(prompt, False)] * opts.runs_per_prompt
-    log.info("prompts.py: mode=%s model=%s prompts=%d seq_len=%d, report in %s", opts.mode, state.model,
-             len(state.runnable), opts.seq_len, state.report_dir)
+    log.info(
+        "prompts.py: mode=%s model=%s prompts=%d seq_len=%d, report in %s",
+        opts.mode,
+        state.model,
+        len(state.runnable),
+        opts.seq_len,
+        state.report_dir,
+    )
 
 
 def _abort(environment, reason: str) -> None:
@@ -203,8 +242,9 @@ def _measure_prompt(environment, session: requests.Session, state: RunState, pro
     start = time.perf_counter()
     count, reason = None, None
     try:
-        resp = session.post(f"{state.host}/tokenize", json={"model": state.model, "prompt": prompt.text},
-                            timeout=timeout)
+        resp = session.post(
+            f"{state.host}/tokenize", json={"model": state.model, "prompt": prompt.text}, timeout=timeout
+        )
         if resp.status_code == 200:
             count = int(resp.json()["count"])
             _fire(environment, "POST", "/tokenize", (time.perf_counter() - start) * MS_PER_S)
@@ -213,21 +253,27 @@ def _measure_prompt(environment, session: requests.Session, state: RunState, pro
     if count is None:
         start = time.perf_counter()
         try:
-            resp = session.post(f"{state.host}/v1/completions", timeout=timeout, json={
-                "model": state.model, "prompt": prompt.text, "max_tokens": 1, "temperature": 0})
+            resp = session.post(
+                f"{state.host}/v1/completions",
+                timeout=timeout,
+                json={"model": state.model, "prompt": prompt.text, "max_tokens": 1, "temperature": 0},
+            )
             resp.raise_for_status()
             count = int(resp.json()["usage"]["prompt_tokens"])
         except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
             reason = f"prompt {prompt.id}: token count failed ({type(exc).__name__})"
-        _fire(environment, "POST", "/v1/completions (token count)", (time.perf_counter() - start) * MS_PER_S,
-              error=reason)
+        _fire(
+            environment, "POST", "/v1/completions (token count)", (time.perf_counter() - start) * MS_PER_S, error=reason
+        )
     if count is None:
         state.setup_errors[prompt.id] = reason
         return
     state.prompt_tokens[prompt.id] = count
     if count >= seq_len:
-        state.setup_errors[prompt.id] = (f"prompt {prompt.id}: prompt_tokens={count} >= --seq-len={seq_len}; "
-                                         "the output length seq_len - prompt_tokens must be >= 1")
+        state.setup_errors[prompt.id] = (
+            f"prompt {prompt.id}: prompt_tokens={count} >= --seq-len={seq_len}; "
+            "the output length seq_len - prompt_tokens must be >= 1"
+        )
         return
     state.requested[prompt.id] = seq_len - count
 
@@ -240,19 +286,33 @@ def on_test_stop(environment, **_kwargs) -> None:
         return
     opts = state.options
     run = {
-        "host": state.host, "model": state.model, "mode": opts.mode, "seq_len": opts.seq_len,
+        "host": state.host,
+        "model": state.model,
+        "mode": opts.mode,
+        "seq_len": opts.seq_len,
         "runs_per_prompt": opts.runs_per_prompt if opts.mode == "contest" else None,
-        "warmup_runs": opts.warmup_runs, "prompt_file": opts.prompt_file or "loadtest/data/prompts.txt (contest)",
-        "baseline": opts.baseline or None, "reference": opts.reference or None,
+        "warmup_runs": opts.warmup_runs,
+        "prompt_file": opts.prompt_file or "loadtest/data/prompts.txt (contest)",
+        "baseline": opts.baseline or None,
+        "reference": opts.reference or None,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(state.started)),
         "duration_s": time.perf_counter() - state.started_mono,
         "users_max": max((s.users for s in state.samples), default=0),
-        "setup_errors": state.setup_errors, "fatal": state.fatal,
+        "setup_errors": state.setup_errors,
+        "fatal": state.fatal,
         "locust_failures": sum(e.occurrences for e in environment.runner.stats.errors.values()),
     }
-    report = build_report(prompts=state.prompts, samples=state.samples, run=run, prompt_tokens=state.prompt_tokens,
-                          requested_tokens=state.requested, baselines=state.baselines, references=state.references,
-                          mac_ratio=opts.nki_mac_ratio, setup_errors=state.setup_errors)
+    report = build_report(
+        prompts=state.prompts,
+        samples=state.samples,
+        run=run,
+        prompt_tokens=state.prompt_tokens,
+        requested_tokens=state.requested,
+        baselines=state.baselines,
+        references=state.references,
+        mac_ratio=opts.nki_mac_ratio,
+        setup_errors=state.setup_errors,
+    )
     try:
         written = write_report(report, state.samples, state.report_dir)
     except OSError as exc:
@@ -305,16 +365,25 @@ class CompletionUser(User):
     def _complete(self, state: RunState, prompt: Prompt, *, warmup: bool) -> None:
         opts = state.options
         n = state.requested[prompt.id]
-        body = {"model": state.model, "prompt": prompt.text, "max_tokens": n, "min_tokens": n, "temperature": 0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": state.model,
+            "prompt": prompt.text,
+            "max_tokens": n,
+            "min_tokens": n,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         users = self.environment.runner.user_count if self.environment.runner else 1
         started_at = time.perf_counter() - state.started_mono
         start = time.perf_counter()
         reader = StreamReader(start)
         error = None
         try:
-            with self.session.post(f"{state.host}/v1/completions", json=body, stream=True,
-                                   timeout=(CONNECT_TIMEOUT_S, opts.stall_timeout)) as resp:
+            with self.session.post(
+                f"{state.host}/v1/completions", json=body, stream=True, timeout=(CONNECT_TIMEOUT_S, opts.stall_timeout)
+            ) as resp:
                 if resp.status_code != 200:
                     error = f"HTTP {resp.status_code}: {resp.text[:ERROR_BODY_CHARS]}"
                 else:
@@ -325,8 +394,14 @@ class CompletionUser(User):
             error = f"connection failed: {type(exc).__name__}: {str(exc)[:ERROR_BODY_CHARS]}"
         result = reader.finish(time.perf_counter(), expected_tokens=n, error=error)
         label = f"{prompt.id}:{prompt.name}"
-        _fire(self.environment, "POST", f"{'warm-up' if warmup else '/v1/completions'} {label}",
-              result.e2e_s * MS_PER_S, length=result.output_tokens, error=result.error)
+        _fire(
+            self.environment,
+            "POST",
+            f"{'warm-up' if warmup else '/v1/completions'} {label}",
+            result.e2e_s * MS_PER_S,
+            length=result.output_tokens,
+            error=result.error,
+        )
         if warmup:
             return
         if result.error is None:
@@ -335,11 +410,22 @@ class CompletionUser(User):
                 _fire(self.environment, "METRIC", "TPOT", result.tpot_s * MS_PER_S)
             if result.itl_s:
                 _fire(self.environment, "METRIC", "ITL max per request", max(result.itl_s) * MS_PER_S)
-        state.samples.append(Sample(
-            prompt_id=prompt.id, ok=result.error is None, e2e_s=result.e2e_s, ttft_s=result.ttft_s,
-            tpot_s=result.tpot_s, itl_s=result.itl_s, prompt_tokens=result.prompt_tokens or state.prompt_tokens[
-                prompt.id], output_tokens=result.output_tokens, text=result.text, error=result.error,
-            started_at=started_at, users=users))
+        state.samples.append(
+            Sample(
+                prompt_id=prompt.id,
+                ok=result.error is None,
+                e2e_s=result.e2e_s,
+                ttft_s=result.ttft_s,
+                tpot_s=result.tpot_s,
+                itl_s=result.itl_s,
+                prompt_tokens=result.prompt_tokens or state.prompt_tokens[prompt.id],
+                output_tokens=result.output_tokens,
+                text=result.text,
+                error=result.error,
+                started_at=started_at,
+                users=users,
+            )
+        )
 
 
 def _read_stream(resp: requests.Response, reader: StreamReader, start: float, opts) -> str | None:

@@ -30,17 +30,49 @@ REPORT_JSON = "report.json"
 REPORT_CSV = "report.csv"
 REQUESTS_CSV = "requests.csv"
 MAC_RATIO_NOTE = "not observable over HTTP: reported as given by --nki-mac-ratio"
-ACCURACY_NOTE = ("generated text equal to the reference report's, for every successful timed run; without a "
-                 "reference accuracy is null and the score takes it as 1, as the contest harness did on trn2")
+ACCURACY_NOTE = (
+    "generated text equal to the reference report's, for every successful timed run; without a "
+    "reference accuracy is null and the score takes it as 1, as the contest harness did on trn2"
+)
 
 CSV_COLUMNS = (
-    "id", "name", "prompt_tokens", "output_tokens", "runs", "runs_ok", "failures",
-    "e2e_p50_ms", "e2e_p90_ms", "e2e_p99_ms", "e2e_mean_ms", "throughput_tok_s", "output_tok_s",
-    "ttft_p50_ms", "ttft_p99_ms", "tpot_mean_ms", "itl_p50_ms", "itl_p99_ms",
-    "accuracy", "base_p99_ms", "base_throughput_tok_s", "reduced_latency", "increased_throughput", "score",
+    "id",
+    "name",
+    "prompt_tokens",
+    "output_tokens",
+    "runs",
+    "runs_ok",
+    "failures",
+    "e2e_p50_ms",
+    "e2e_p90_ms",
+    "e2e_p99_ms",
+    "e2e_mean_ms",
+    "throughput_tok_s",
+    "output_tok_s",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "tpot_mean_ms",
+    "itl_p50_ms",
+    "itl_p99_ms",
+    "accuracy",
+    "base_p99_ms",
+    "base_throughput_tok_s",
+    "reduced_latency",
+    "increased_throughput",
+    "score",
 )
-REQUEST_COLUMNS = ("prompt_id", "ok", "started_at_s", "users", "e2e_ms", "ttft_ms", "tpot_ms", "prompt_tokens",
-                   "output_tokens", "error")
+REQUEST_COLUMNS = (
+    "prompt_id",
+    "ok",
+    "started_at_s",
+    "users",
+    "e2e_ms",
+    "ttft_ms",
+    "tpot_ms",
+    "prompt_tokens",
+    "output_tokens",
+    "error",
+)
 
 
 def build_report(
@@ -62,11 +94,19 @@ def build_report(
     entries = []
     for prompt in prompts:
         mine = [s for s in samples if s.prompt_id == prompt.id]
-        entries.append(_prompt_entry(
-            prompt, mine, contest=contest, prompt_tokens=prompt_tokens.get(prompt.id),
-            requested=requested_tokens.get(prompt.id), baseline=baselines.get(prompt.id),
-            reference=references.get(prompt.id), mac_ratio=mac_ratio, setup_error=setup_errors.get(prompt.id),
-        ))
+        entries.append(
+            _prompt_entry(
+                prompt,
+                mine,
+                contest=contest,
+                prompt_tokens=prompt_tokens.get(prompt.id),
+                requested=requested_tokens.get(prompt.id),
+                baseline=baselines.get(prompt.id),
+                reference=references.get(prompt.id),
+                mac_ratio=mac_ratio,
+                setup_error=setup_errors.get(prompt.id),
+            )
+        )
     ok = [s for s in samples if s.ok]
     scored = [e["score"] for e in entries if e["score"] is not None]
     failures = Counter((s.prompt_id, s.error) for s in samples if not s.ok)
@@ -89,19 +129,35 @@ def build_report(
         totals["output_tok_s_aggregate"] = totals["output_tokens"] / span if span > 0 else None
     return {
         "schema": SCHEMA,
-        "run": {**run, "nki_mac_ratio": mac_ratio, "nki_mac_ratio_note": MAC_RATIO_NOTE,
-                "percentile_method": PERCENTILE_METHOD, "accuracy_note": ACCURACY_NOTE},
+        "run": {
+            **run,
+            "nki_mac_ratio": mac_ratio,
+            "nki_mac_ratio_note": MAC_RATIO_NOTE,
+            "percentile_method": PERCENTILE_METHOD,
+            "accuracy_note": ACCURACY_NOTE,
+        },
         "prompts": entries,
         "totals": totals,
-        "failures": [{"prompt_id": pid, "error": err, "count": n} for (pid, err), n in sorted(
-            failures.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))],
+        "failures": [
+            {"prompt_id": pid, "error": err, "count": n}
+            for (pid, err), n in sorted(failures.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))
+        ],
         "concurrency": [vars(p) for p in by_concurrency(samples)] if not contest else [],
     }
 
 
-def _prompt_entry(prompt: Prompt, samples: list[Sample], *, contest: bool, prompt_tokens: int | None,
-                  requested: int | None, baseline: Baseline | None, reference: tuple[str, str] | None,
-                  mac_ratio: float, setup_error: str | None) -> dict:
+def _prompt_entry(
+    prompt: Prompt,
+    samples: list[Sample],
+    *,
+    contest: bool,
+    prompt_tokens: int | None,
+    requested: int | None,
+    baseline: Baseline | None,
+    reference: tuple[str, str] | None,
+    mac_ratio: float,
+    setup_error: str | None,
+) -> dict:
     ok = [s for s in samples if s.ok]
     notes = [setup_error] if setup_error else []
     usage_prompt = max((s.prompt_tokens for s in ok), default=0)
@@ -144,9 +200,16 @@ def _prompt_entry(prompt: Prompt, samples: list[Sample], *, contest: bool, promp
         "notes": notes,
         "generated_text": texts[0] if texts else None,
     }
-    if baseline and baseline.prompt_tokens and entry["prompt_tokens"] and baseline.prompt_tokens != entry["prompt_tokens"]:
-        notes.append(f"baseline prompt_tokens={baseline.prompt_tokens} differs from ours={entry['prompt_tokens']}: "
-                     "another tokenizer or prompt, so the ratios compare different work")
+    if (
+        baseline
+        and baseline.prompt_tokens
+        and entry["prompt_tokens"]
+        and baseline.prompt_tokens != entry["prompt_tokens"]
+    ):
+        notes.append(
+            f"baseline prompt_tokens={baseline.prompt_tokens} differs from ours={entry['prompt_tokens']}: "
+            "another tokenizer or prompt, so the ratios compare different work"
+        )
     if samples and not ok:
         notes.append("no successful timed run")
     elif len(ok) < len(samples):
@@ -161,28 +224,48 @@ def _prompt_entry(prompt: Prompt, samples: list[Sample], *, contest: bool, promp
         entry["reduced_latency"] = baseline.p99_ms / e2e["p99"]
         entry["increased_throughput"] = throughput / baseline.throughput_tok_s
         entry["score"] = contest_score(
-            accuracy=1.0 if accuracy is None else accuracy, p99_ms=e2e["p99"], throughput=throughput,
-            base_p99_ms=baseline.p99_ms, base_throughput=baseline.throughput_tok_s, mac_ratio=mac_ratio)
+            accuracy=1.0 if accuracy is None else accuracy,
+            p99_ms=e2e["p99"],
+            throughput=throughput,
+            base_p99_ms=baseline.p99_ms,
+            base_throughput=baseline.throughput_tok_s,
+            mac_ratio=mac_ratio,
+        )
     return entry
 
 
 def csv_row(entry: Mapping) -> dict:
     """One prompt entry flattened to the CSV columns."""
+
     def get(key: str, stat: str):
         return (entry.get(key) or {}).get(stat)
 
     base = entry.get("baseline") or {}
     return {
-        "id": entry["id"], "name": entry["name"], "prompt_tokens": entry["prompt_tokens"],
-        "output_tokens": entry["output_tokens"], "runs": entry["runs"], "runs_ok": entry["runs_ok"],
-        "failures": entry["failures"], "e2e_p50_ms": get("e2e_ms", "p50"), "e2e_p90_ms": get("e2e_ms", "p90"),
-        "e2e_p99_ms": get("e2e_ms", "p99"), "e2e_mean_ms": get("e2e_ms", "mean"),
-        "throughput_tok_s": entry["throughput_tok_s"], "output_tok_s": entry["output_tok_s"],
-        "ttft_p50_ms": get("ttft_ms", "p50"), "ttft_p99_ms": get("ttft_ms", "p99"),
-        "tpot_mean_ms": get("tpot_ms", "mean"), "itl_p50_ms": get("itl_ms", "p50"), "itl_p99_ms": get("itl_ms", "p99"),
-        "accuracy": entry["accuracy"], "base_p99_ms": base.get("p99_ms"),
-        "base_throughput_tok_s": base.get("throughput_tok_s"), "reduced_latency": entry["reduced_latency"],
-        "increased_throughput": entry["increased_throughput"], "score": entry["score"],
+        "id": entry["id"],
+        "name": entry["name"],
+        "prompt_tokens": entry["prompt_tokens"],
+        "output_tokens": entry["output_tokens"],
+        "runs": entry["runs"],
+        "runs_ok": entry["runs_ok"],
+        "failures": entry["failures"],
+        "e2e_p50_ms": get("e2e_ms", "p50"),
+        "e2e_p90_ms": get("e2e_ms", "p90"),
+        "e2e_p99_ms": get("e2e_ms", "p99"),
+        "e2e_mean_ms": get("e2e_ms", "mean"),
+        "throughput_tok_s": entry["throughput_tok_s"],
+        "output_tok_s": entry["output_tok_s"],
+        "ttft_p50_ms": get("ttft_ms", "p50"),
+        "ttft_p99_ms": get("ttft_ms", "p99"),
+        "tpot_mean_ms": get("tpot_ms", "mean"),
+        "itl_p50_ms": get("itl_ms", "p50"),
+        "itl_p99_ms": get("itl_ms", "p99"),
+        "accuracy": entry["accuracy"],
+        "base_p99_ms": base.get("p99_ms"),
+        "base_throughput_tok_s": base.get("throughput_tok_s"),
+        "reduced_latency": entry["reduced_latency"],
+        "increased_throughput": entry["increased_throughput"],
+        "score": entry["score"],
     }
 
 
@@ -199,14 +282,34 @@ def write_report(report: Mapping, samples: Sequence[Sample], out_dir: str | Path
         for entry in report["prompts"]:
             writer.writerow(csv_row(entry))
         totals = report["totals"]
-        writer.writerow({"id": "TOTAL", "name": "", "runs": totals["requests"], "runs_ok": totals["requests_ok"],
-                         "failures": totals["failures"], "score": totals["score"]})
+        writer.writerow(
+            {
+                "id": "TOTAL",
+                "name": "",
+                "runs": totals["requests"],
+                "runs_ok": totals["requests_ok"],
+                "failures": totals["failures"],
+                "score": totals["score"],
+            }
+        )
     with written[2].open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(REQUEST_COLUMNS)
         for s in samples:
-            writer.writerow([s.prompt_id, int(s.ok), f"{s.started_at:.4f}", s.users, _ms(s.e2e_s), _ms(s.ttft_s),
-                             _ms(s.tpot_s), s.prompt_tokens, s.output_tokens, s.error or ""])
+            writer.writerow(
+                [
+                    s.prompt_id,
+                    int(s.ok),
+                    f"{s.started_at:.4f}",
+                    s.users,
+                    _ms(s.e2e_s),
+                    _ms(s.ttft_s),
+                    _ms(s.tpot_s),
+                    s.prompt_tokens,
+                    s.output_tokens,
+                    s.error or "",
+                ]
+            )
     if plots:
         from .plots import write_plots  # matplotlib is imported only when figures are wanted
 
@@ -216,20 +319,40 @@ def write_report(report: Mapping, samples: Sequence[Sample], out_dir: str | Path
 
 def format_table(report: Mapping) -> str:
     """A Markdown table of the per-prompt figures and the total score, for logs and issue notes."""
-    head = ("| id | name | prompt tok | out tok | ok/runs | p50 ms | p99 ms | base p99 ms | tok/s | base tok/s "
-            "| TTFT p50 ms | TPOT ms | accuracy | score |")
+    head = (
+        "| id | name | prompt tok | out tok | ok/runs | p50 ms | p99 ms | base p99 ms | tok/s | base tok/s "
+        "| TTFT p50 ms | TPOT ms | accuracy | score |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for e in report["prompts"]:
         base = e.get("baseline") or {}
-        lines.append("| " + " | ".join([
-            str(e["id"]), e["name"], _fmt(e["prompt_tokens"]), _fmt(e["output_tokens"]), f"{e['runs_ok']}/{e['runs']}",
-            _fmt((e["e2e_ms"] or {}).get("p50")), _fmt((e["e2e_ms"] or {}).get("p99")), _fmt(base.get("p99_ms")),
-            _fmt(e["throughput_tok_s"]), _fmt(base.get("throughput_tok_s")), _fmt((e["ttft_ms"] or {}).get("p50")),
-            _fmt((e["tpot_ms"] or {}).get("mean")), _fmt(e["accuracy"]), _fmt(e["score"], 3),
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    str(e["id"]),
+                    e["name"],
+                    _fmt(e["prompt_tokens"]),
+                    _fmt(e["output_tokens"]),
+                    f"{e['runs_ok']}/{e['runs']}",
+                    _fmt((e["e2e_ms"] or {}).get("p50")),
+                    _fmt((e["e2e_ms"] or {}).get("p99")),
+                    _fmt(base.get("p99_ms")),
+                    _fmt(e["throughput_tok_s"]),
+                    _fmt(base.get("throughput_tok_s")),
+                    _fmt((e["ttft_ms"] or {}).get("p50")),
+                    _fmt((e["tpot_ms"] or {}).get("mean")),
+                    _fmt(e["accuracy"]),
+                    _fmt(e["score"], 3),
+                ]
+            )
+            + " |"
+        )
     t = report["totals"]
-    lines.append(f"\ntotal score: {_fmt(t['score'], 3)} over {t['prompts_scored']}/{t['prompts']} prompts scored; "
-                 f"requests {t['requests_ok']}/{t['requests']} ok, {t['failures']} failed")
+    lines.append(
+        f"\ntotal score: {_fmt(t['score'], 3)} over {t['prompts_scored']}/{t['prompts']} prompts scored; "
+        f"requests {t['requests_ok']}/{t['requests']} ok, {t['failures']} failed"
+    )
     return "\n".join(lines)
 
 

@@ -92,8 +92,10 @@ def _baseline_from_csv(path: Path) -> dict[int, Baseline]:
     with path.open(newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f, skipinitialspace=True))
     if not rows or [c.strip().lower() for c in rows[0]][:1] != ["prompt id"]:
-        raise ValueError(f"load_baseline: header={rows[0] if rows else None!r} in {path}; expected the contest CSV "
-                         "columns 'Prompt ID, Context Length, Sequence Length, Base latency, Base throughput'")
+        raise ValueError(
+            f"load_baseline: header={rows[0] if rows else None!r} in {path}; expected the contest CSV "
+            "columns 'Prompt ID, Context Length, Sequence Length, Base latency, Base throughput'"
+        )
     out = {}
     for line, row in enumerate(rows[1:], start=2):
         if not row:

@@ -17,10 +17,6 @@ for path in (REPO, HERE):
 from fake_openai_server import FakeServer  # noqa: E402
 
 
-def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "server: needs the real tiny CPU vLLM server (tests/conftest.py tiny_server)")
-
-
 @pytest.fixture
 def fake_server():
     with FakeServer() as server:
@@ -30,6 +26,7 @@ def fake_server():
 @pytest.fixture
 def prompt_file(tmp_path):
     """Factory: write prompts (separated by blank lines) to a file and return its path."""
+
     def write(*prompts: str) -> Path:
         path = tmp_path / "prompts.txt"
         path.write_text("\n\n".join(prompts) + "\n", encoding="utf-8")

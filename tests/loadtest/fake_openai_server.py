@@ -25,8 +25,9 @@ class FakeServer:
     """Start with ``with FakeServer() as server:``; ``server.url`` is its base URL, ``server.requests`` the
     completion request bodies received (streamed ones only)."""
 
-    def __init__(self, *, model: str = "fake-model", token_delay_s: float = 0.002, stall_s: float = 3.0,
-                 tokenize: bool = True):
+    def __init__(
+        self, *, model: str = "fake-model", token_delay_s: float = 0.002, stall_s: float = 3.0, tokenize: bool = True
+    ):
         self.model = model
         self.token_delay_s = token_delay_s
         self.stall_s = stall_s
@@ -90,8 +91,11 @@ def _handler_for(server: FakeServer):
 
         def _complete(self, body: dict, prompt: str) -> None:
             n = int(body.get("max_tokens", 16))
-            usage = {"prompt_tokens": count_tokens(prompt), "completion_tokens": n,
-                     "total_tokens": count_tokens(prompt) + n}
+            usage = {
+                "prompt_tokens": count_tokens(prompt),
+                "completion_tokens": n,
+                "total_tokens": count_tokens(prompt) + n,
+            }
             with server.lock:
                 server.seen[prompt] += 1
                 nth = server.seen[prompt]
@@ -115,8 +119,14 @@ def _handler_for(server: FakeServer):
                         time.sleep(server.stall_s)
                     time.sleep(server.token_delay_s)
                     finish = "length" if i == n - 1 else None
-                    self._event({"id": "cmpl-fake", "object": "text_completion", "model": server.model,
-                                 "choices": [{"index": 0, "text": f" t{i}", "finish_reason": finish}]})
+                    self._event(
+                        {
+                            "id": "cmpl-fake",
+                            "object": "text_completion",
+                            "model": server.model,
+                            "choices": [{"index": 0, "text": f" t{i}", "finish_reason": finish}],
+                        }
+                    )
                 if "TRUNCATE" in prompt:
                     usage = {**usage, "completion_tokens": emit, "total_tokens": usage["prompt_tokens"] + emit}
                 self._event({"id": "cmpl-fake", "object": "text_completion", "choices": [], "usage": usage})

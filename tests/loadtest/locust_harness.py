@@ -28,12 +28,38 @@ class LocustRun:
         return json.loads(path.read_text()) if path.exists() else None
 
 
-def run_locust(host: str, report_dir: Path, *args: str, users: int = 1, spawn_rate: float = 1,
-               run_time: str = LOCUST_RUN_LIMIT, timeout_s: float = SUBPROCESS_TIMEOUT_S) -> LocustRun:
+def run_locust(
+    host: str,
+    report_dir: Path,
+    *args: str,
+    users: int = 1,
+    spawn_rate: float = 1,
+    run_time: str = LOCUST_RUN_LIMIT,
+    timeout_s: float = SUBPROCESS_TIMEOUT_S,
+) -> LocustRun:
     """Run ``locust -f loadtest/prompts.py --headless`` against ``host`` (loopback only), bounded in time twice."""
     assert host.startswith(("http://127.", "http://localhost")), f"run_locust: host={host}; loopback only"
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
-           "--report-dir", str(report_dir), "-u", str(users), "-r", str(spawn_rate), "-t", run_time,
-           "--only-summary", "--loglevel", "WARNING", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        host,
+        "--report-dir",
+        str(report_dir),
+        "-u",
+        str(users),
+        "-r",
+        str(spawn_rate),
+        "-t",
+        run_time,
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
     return LocustRun(proc.returncode, proc.stdout + proc.stderr, report_dir)

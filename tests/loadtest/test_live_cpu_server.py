@@ -18,8 +18,18 @@ pytestmark = pytest.mark.server
 
 def test_contest_mode_against_the_tiny_cpu_server(tiny_server, prompt_file, tmp_path):
     prompts = prompt_file(*PROMPTS)
-    common = ("--prompt-file", str(prompts), "--seq-len", str(SEQ_LEN), "--runs-per-prompt", str(RUNS),
-              "--stall-timeout", "60", "--request-timeout", "120")
+    common = (
+        "--prompt-file",
+        str(prompts),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--runs-per-prompt",
+        str(RUNS),
+        "--stall-timeout",
+        "60",
+        "--request-timeout",
+        "120",
+    )
     first = run_locust(tiny_server.url, tmp_path / "first", *common, timeout_s=300)
     assert first.returncode == 0, first.output
     report = first.report
@@ -32,13 +42,27 @@ def test_contest_mode_against_the_tiny_cpu_server(tiny_server, prompt_file, tmp_
         assert entry["tpot_ms"]["mean"] > 0 and entry["itl_ms"]["count"] > 0
         assert entry["throughput_tok_s"] > entry["output_tok_s"] > 0
         assert entry["generated_text"] and entry["self_consistent"]  # greedy: every run says the same
-    for name in ("report.json", "report.csv", "requests.csv", "latency_vs_baseline.png", "ttft_itl.png",
-                 "e2e_runs.png"):
+    for name in (
+        "report.json",
+        "report.csv",
+        "requests.csv",
+        "latency_vs_baseline.png",
+        "ttft_itl.png",
+        "e2e_runs.png",
+    ):
         assert (first.report_dir / name).exists(), name
 
     report_json = str(first.report_dir / "report.json")
-    second = run_locust(tiny_server.url, tmp_path / "second", *common, "--baseline", report_json,
-                        "--reference", report_json, timeout_s=300)
+    second = run_locust(
+        tiny_server.url,
+        tmp_path / "second",
+        *common,
+        "--baseline",
+        report_json,
+        "--reference",
+        report_json,
+        timeout_s=300,
+    )
     assert second.returncode == 0, second.output
     again = second.report
     assert [e["accuracy"] for e in again["prompts"]] == [1.0, 1.0]

@@ -10,8 +10,8 @@ import json
 import socket
 
 import pytest
-from locust_harness import run_locust
 from fake_openai_server import FakeServer, count_tokens
+from locust_harness import run_locust
 
 from loadtest.workload import load_prompts
 
@@ -21,9 +21,17 @@ RUNS = 2
 
 def _reference(tmp_path, entries: dict[int, tuple[str, str]]):
     path = tmp_path / "reference.json"
-    path.write_text(json.dumps({"prompts": [
-        {"id": i, "prompt": p, "generated_text": t, "e2e_ms": {"p99": 500.0}, "throughput_tok_s": 40.0}
-        for i, (p, t) in entries.items()]}), encoding="utf-8")
+    path.write_text(
+        json.dumps(
+            {
+                "prompts": [
+                    {"id": i, "prompt": p, "generated_text": t, "e2e_ms": {"p99": 500.0}, "throughput_tok_s": 40.0}
+                    for i, (p, t) in entries.items()
+                ]
+            }
+        ),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -33,9 +41,22 @@ def test_contest_mode_report_requests_and_score(fake_server, prompt_file, tmp_pa
     right = "".join(f" t{k}" for k in range(outputs[0]))
     # The reference doubles as the baseline: p99 500 ms, 40 tokens/s for both prompts.
     reference = _reference(tmp_path, {0: (prompts[0], right), 1: (prompts[1], " not what the server says")})
-    run = run_locust(fake_server.url, tmp_path / "out", "--prompt-file", str(prompt_file(*prompts)),
-                     "--seq-len", str(SEQ_LEN), "--runs-per-prompt", str(RUNS), "--baseline", str(reference),
-                     "--reference", str(reference), "--nki-mac-ratio", "0.5")
+    run = run_locust(
+        fake_server.url,
+        tmp_path / "out",
+        "--prompt-file",
+        str(prompt_file(*prompts)),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--runs-per-prompt",
+        str(RUNS),
+        "--baseline",
+        str(reference),
+        "--reference",
+        str(reference),
+        "--nki-mac-ratio",
+        "0.5",
+    )
     assert run.returncode == 0, run.output
 
     # The wire: per prompt 1 warm-up + RUNS timed requests, in file order, in the contest's terms.
@@ -86,11 +107,29 @@ def test_default_workload_is_the_contest_prompts(tmp_path):
 
 def test_failures_are_reported_and_the_report_still_written(fake_server, prompt_file, tmp_path):
     fake_server.stall_s = 3.0
-    prompts = ["good prompt", "FAIL500 always", "FLAKY sometimes", "STALL for a while", "TRUNCATE early",
-               "NODONE at the end", " ".join(["long"] * SEQ_LEN)]
-    run = run_locust(fake_server.url, tmp_path / "out", "--prompt-file", str(prompt_file(*prompts)),
-                     "--seq-len", str(SEQ_LEN), "--runs-per-prompt", str(RUNS), "--stall-timeout", "1",
-                     "--baseline", "trn2")
+    prompts = [
+        "good prompt",
+        "FAIL500 always",
+        "FLAKY sometimes",
+        "STALL for a while",
+        "TRUNCATE early",
+        "NODONE at the end",
+        " ".join(["long"] * SEQ_LEN),
+    ]
+    run = run_locust(
+        fake_server.url,
+        tmp_path / "out",
+        "--prompt-file",
+        str(prompt_file(*prompts)),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--runs-per-prompt",
+        str(RUNS),
+        "--stall-timeout",
+        "1",
+        "--baseline",
+        "trn2",
+    )
     assert run.returncode == 1, run.output  # locust's exit code when requests failed
     report = run.report
     by_id = {e["id"]: e for e in report["prompts"]}
@@ -111,8 +150,19 @@ def test_failures_are_reported_and_the_report_still_written(fake_server, prompt_
 def test_load_mode_with_several_users(prompt_file, tmp_path):
     prompts = ["alpha beta gamma delta", "one two three"]
     with FakeServer(tokenize=False) as server:  # no /tokenize: token counts come from a completion's usage
-        run = run_locust(server.url, tmp_path / "out", "--mode", "load", "--prompt-file",
-                         str(prompt_file(*prompts)), "--seq-len", "40", users=3, spawn_rate=3, run_time="4s")
+        run = run_locust(
+            server.url,
+            tmp_path / "out",
+            "--mode",
+            "load",
+            "--prompt-file",
+            str(prompt_file(*prompts)),
+            "--seq-len",
+            "40",
+            users=3,
+            spawn_rate=3,
+            run_time="4s",
+        )
     assert run.returncode == 0, run.output
     report = run.report
     assert report["run"]["mode"] == "load" and report["run"]["users_max"] == 3

@@ -70,10 +70,15 @@ def test_throughputs_ignore_failed_samples_and_are_none_without_any():
 
 def test_score_worked_by_hand():
     # base 1000 ms / 500 ms = 2; 250 / 100 tok/s = 2.5; (1 + 0.5) = 1.5 -> 7.5
-    assert contest_score(accuracy=1.0, p99_ms=500.0, throughput=250.0, base_p99_ms=1000.0, base_throughput=100.0,
-                         mac_ratio=0.5) == pytest.approx(7.5)
-    assert contest_score(accuracy=0.0, p99_ms=500.0, throughput=250.0, base_p99_ms=1000.0, base_throughput=100.0,
-                         mac_ratio=0.5) == 0.0
+    assert contest_score(
+        accuracy=1.0, p99_ms=500.0, throughput=250.0, base_p99_ms=1000.0, base_throughput=100.0, mac_ratio=0.5
+    ) == pytest.approx(7.5)
+    assert (
+        contest_score(
+            accuracy=0.0, p99_ms=500.0, throughput=250.0, base_p99_ms=1000.0, base_throughput=100.0, mac_ratio=0.5
+        )
+        == 0.0
+    )
 
 
 @pytest.mark.parametrize("table", sorted(CONTEST_BASELINES))
@@ -82,21 +87,35 @@ def test_run_equal_to_contest_baseline_scores_one_plus_ratio(table, ratio):
     baselines = load_baseline(table)
     assert sorted(baselines) == [0, 1, 2, 3, 4]
     for base in baselines.values():
-        score = contest_score(accuracy=1.0, p99_ms=base.p99_ms, throughput=base.throughput_tok_s,
-                              base_p99_ms=base.p99_ms, base_throughput=base.throughput_tok_s, mac_ratio=ratio)
+        score = contest_score(
+            accuracy=1.0,
+            p99_ms=base.p99_ms,
+            throughput=base.throughput_tok_s,
+            base_p99_ms=base.p99_ms,
+            base_throughput=base.throughput_tok_s,
+            mac_ratio=ratio,
+        )
         assert score == pytest.approx(1.0 + ratio)
 
 
 def test_score_reproduces_a_recorded_contest_score():
     latency, throughput, ratio, recorded = THUSTORAGE_PROMPT0
     base = load_baseline("trn3")[0]
-    score = contest_score(accuracy=1.0, p99_ms=latency, throughput=throughput, base_p99_ms=base.p99_ms,
-                          base_throughput=base.throughput_tok_s, mac_ratio=ratio)
+    score = contest_score(
+        accuracy=1.0,
+        p99_ms=latency,
+        throughput=throughput,
+        base_p99_ms=base.p99_ms,
+        base_throughput=base.throughput_tok_s,
+        mac_ratio=ratio,
+    )
     assert score == pytest.approx(recorded, abs=0.01)
 
 
-@pytest.mark.parametrize("field, value", [("p99_ms", 0.0), ("throughput", -1.0), ("base_p99_ms", 0.0),
-                                          ("base_throughput", 0.0), ("mac_ratio", 1.5)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("p99_ms", 0.0), ("throughput", -1.0), ("base_p99_ms", 0.0), ("base_throughput", 0.0), ("mac_ratio", 1.5)],
+)
 def test_score_rejects_impossible_inputs(field, value):
     args = dict(accuracy=1.0, p99_ms=1.0, throughput=1.0, base_p99_ms=1.0, base_throughput=1.0, mac_ratio=0.0)
     args[field] = value

@@ -20,15 +20,35 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def samples(prompt_id: int, e2e: list[float], *, text: str = " t0", ok: bool = True) -> list[Sample]:
     out = []
     for i, e in enumerate(e2e):
-        out.append(Sample(prompt_id=prompt_id, ok=ok, e2e_s=e, ttft_s=e / 10, tpot_s=e / 20, itl_s=[e / 20] * 3,
-                          prompt_tokens=PROMPT_TOKENS[prompt_id], output_tokens=REQUESTED[prompt_id] if ok else 0,
-                          text=text if ok else "", error=None if ok else "HTTP 500: x", started_at=float(i)))
+        out.append(
+            Sample(
+                prompt_id=prompt_id,
+                ok=ok,
+                e2e_s=e,
+                ttft_s=e / 10,
+                tpot_s=e / 20,
+                itl_s=[e / 20] * 3,
+                prompt_tokens=PROMPT_TOKENS[prompt_id],
+                output_tokens=REQUESTED[prompt_id] if ok else 0,
+                text=text if ok else "",
+                error=None if ok else "HTTP 500: x",
+                started_at=float(i),
+            )
+        )
     return out
 
 
 def build(all_samples, **kw):
-    args = dict(prompts=PROMPTS, samples=all_samples, run=RUN, prompt_tokens=PROMPT_TOKENS,
-                requested_tokens=REQUESTED, baselines={}, references={}, mac_ratio=0.0)
+    args = dict(
+        prompts=PROMPTS,
+        samples=all_samples,
+        run=RUN,
+        prompt_tokens=PROMPT_TOKENS,
+        requested_tokens=REQUESTED,
+        baselines={},
+        references={},
+        mac_ratio=0.0,
+    )
     args.update(kw)
     return build_report(**args)
 
@@ -50,8 +70,12 @@ def test_run_scored_against_itself_scores_one_plus_ratio(tmp_path):
     data = samples(0, [1.0, 1.1, 0.9, 1.3]) + samples(1, [0.4, 0.5, 0.45, 0.6])
     first = build(data)
     write_report(first, data, tmp_path, plots=False)
-    report = build(data, baselines=load_baseline(tmp_path / "report.json"),
-                   references=load_reference(tmp_path / "report.json"), mac_ratio=0.25)
+    report = build(
+        data,
+        baselines=load_baseline(tmp_path / "report.json"),
+        references=load_reference(tmp_path / "report.json"),
+        mac_ratio=0.25,
+    )
     assert [e["score"] for e in report["prompts"]] == [pytest.approx(1.25)] * 2
     assert [e["accuracy"] for e in report["prompts"]] == [1.0, 1.0]
     assert report["totals"]["score"] == pytest.approx(2.5)
@@ -101,8 +125,14 @@ def test_written_files(tmp_path):
     report = build(data, baselines={0: Baseline(3000.0, 5.0, 2, "x")})
     paths = write_report(report, data, tmp_path)
     names = sorted(p.name for p in paths)
-    assert names == ["e2e_runs.png", "latency_vs_baseline.png", "report.csv", "report.json", "requests.csv",
-                     "ttft_itl.png"]
+    assert names == [
+        "e2e_runs.png",
+        "latency_vs_baseline.png",
+        "report.csv",
+        "report.json",
+        "requests.csv",
+        "ttft_itl.png",
+    ]
     for p in paths:
         if p.suffix == ".png":
             assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 10_000

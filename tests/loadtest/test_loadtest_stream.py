@@ -27,15 +27,18 @@ def feed_all(reader: StreamReader, timed: list[tuple[float, bytes]]) -> None:
 
 def test_timings_follow_vllm_bench_definitions():
     reader = StreamReader(start=10.0)
-    feed_all(reader, [
-        (10.5, b": keep-alive\n\n"),  # comments do not count
-        (10.6, event("")),  # an empty text is not the first token
-        (11.0, event("Hello")),
-        (11.2, event(" big")),
-        (11.5, event(" world", finish="length")),
-        (11.6, event(usage=USAGE_3)),
-        (11.7, DONE),
-    ])
+    feed_all(
+        reader,
+        [
+            (10.5, b": keep-alive\n\n"),  # comments do not count
+            (10.6, event("")),  # an empty text is not the first token
+            (11.0, event("Hello")),
+            (11.2, event(" big")),
+            (11.5, event(" world", finish="length")),
+            (11.6, event(usage=USAGE_3)),
+            (11.7, DONE),
+        ],
+    )
     result = reader.finish(12.0, expected_tokens=3)
     assert result.error is None
     assert result.ttft_s == pytest.approx(1.0)
@@ -50,7 +53,7 @@ def test_events_split_across_reads_are_reassembled():
     body = event("a") + event("b") + event(usage={**USAGE_3, "completion_tokens": 2}) + DONE
     reader = StreamReader(start=0.0)
     for i in range(0, len(body), 7):  # 7-byte reads cut every event somewhere
-        reader.feed(body[i:i + 7], now=i / 1000)
+        reader.feed(body[i : i + 7], now=i / 1000)
     result = reader.finish(1.0, expected_tokens=2)
     assert result.error is None and result.text == "ab" and result.output_tokens == 2
 
@@ -68,14 +71,20 @@ def test_single_token_has_no_tpot():
     assert reader.finish(0.2).tpot_s is None
 
 
-@pytest.mark.parametrize("timed, expected, reason", [
-    ([(0.1, event("x")), (0.2, event(usage=USAGE_3))], 3, "without [DONE]"),
-    ([(0.1, event("x")), (0.2, event(usage={**USAGE_3, "completion_tokens": 1})), (0.3, DONE)], 3,
-     "truncated stream: output_tokens=1 < expected=3"),
-    ([(0.1, DONE)], 3, "empty stream"),
-    ([(0.1, b"data: {not json\n\n")], 3, "malformed stream event"),
-    ([(0.1, event("x")), (0.2, b'data: {"error": {"message": "boom"}}\n\n'), (0.3, DONE)], 1, "server error"),
-])
+@pytest.mark.parametrize(
+    "timed, expected, reason",
+    [
+        ([(0.1, event("x")), (0.2, event(usage=USAGE_3))], 3, "without [DONE]"),
+        (
+            [(0.1, event("x")), (0.2, event(usage={**USAGE_3, "completion_tokens": 1})), (0.3, DONE)],
+            3,
+            "truncated stream: output_tokens=1 < expected=3",
+        ),
+        ([(0.1, DONE)], 3, "empty stream"),
+        ([(0.1, b"data: {not json\n\n")], 3, "malformed stream event"),
+        ([(0.1, event("x")), (0.2, b'data: {"error": {"message": "boom"}}\n\n'), (0.3, DONE)], 1, "server error"),
+    ],
+)
 def test_bad_streams_fail_with_a_reason(timed, expected, reason):
     reader = StreamReader(start=0.0)
     feed_all(reader, timed)

@@ -43,7 +43,9 @@ def test_own_prompt_files_are_named_after_their_first_words(tmp_path):
     path.write_text("\n\nfirst prompt with many words in it\n\n\n\nsecond\nline two\n\n", encoding="utf-8")
     prompts = load_prompts(path)
     assert [(p.id, p.name, p.text) for p in prompts] == [
-        (0, "first prompt with many", "first prompt with many words in it"), (1, "second line two", "second\nline two")]
+        (0, "first prompt with many", "first prompt with many words in it"),
+        (1, "second line two", "second\nline two"),
+    ]
 
 
 def test_empty_prompt_file_is_rejected(tmp_path):
@@ -86,11 +88,20 @@ def _report(tmp_path, entries) -> Path:
 
 
 def test_baseline_and_reference_from_an_earlier_report(tmp_path):
-    path = _report(tmp_path, [
-        {"id": 0, "prompt": "p0", "prompt_tokens": 4, "e2e_ms": {"p99": 120.0}, "throughput_tok_s": 50.0,
-         "generated_text": " t0 t1"},
-        {"id": 1, "prompt": "p1", "e2e_ms": None, "throughput_tok_s": None, "generated_text": None},
-    ])
+    path = _report(
+        tmp_path,
+        [
+            {
+                "id": 0,
+                "prompt": "p0",
+                "prompt_tokens": 4,
+                "e2e_ms": {"p99": 120.0},
+                "throughput_tok_s": 50.0,
+                "generated_text": " t0 t1",
+            },
+            {"id": 1, "prompt": "p1", "e2e_ms": None, "throughput_tok_s": None, "generated_text": None},
+        ],
+    )
     baselines = load_baseline(path)
     assert list(baselines) == [0]
     assert (baselines[0].p99_ms, baselines[0].throughput_tok_s, baselines[0].prompt_tokens) == (120.0, 50.0, 4)
