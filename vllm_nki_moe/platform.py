@@ -92,6 +92,10 @@ class NkiMoeCpuPlatform(CpuPlatform):
         super().pre_register_and_update(parser)
         if parser is not None:
             add_device_flag(parser, serving_device="cpu")
+            try:
+                envs.kernel_backend()
+            except ValueError as err:  # say it like a bad flag, before the engine starts, not as a traceback
+                parser.error(str(err))
 
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:

@@ -158,16 +158,6 @@ def _check_config_fields(fields: dict[str, Any], vocab_size_min: int) -> None:
         )
 
 
-def is_moe_layer(config, layer_idx: int) -> bool:
-    """Qwen3-MoE's rule (transformers and vLLM agree): sparse unless listed in mlp_only_layers or off the step."""
-    mlp_only = getattr(config, "mlp_only_layers", None) or []
-    return (
-        layer_idx not in mlp_only
-        and config.num_experts > 0
-        and (layer_idx + 1) % config.decoder_sparse_step == 0
-    )
-
-
 def random_state_dict(config, seed: int) -> dict[str, torch.Tensor]:
     """Random float32 weights under the checkpoint names of Qwen/Qwen3-30B-A3B."""
     gen = torch.Generator().manual_seed(seed)
@@ -180,6 +170,9 @@ def random_state_dict(config, seed: int) -> dict[str, torch.Tensor]:
         # Not all ones, so that a norm that forgets its weight fails the parity tests.
         return 1.0 + 0.1 * torch.randn(size, generator=gen)
 
+    from .model.config import read_sizes
+
+    sizes = read_sizes(config)
     h, d = config.hidden_size, config.head_dim
     tensors = {"model.embed_tokens.weight": matrix(config.vocab_size, h)}
     for i in range(config.num_hidden_layers):
@@ -192,7 +185,7 @@ def random_state_dict(config, seed: int) -> dict[str, torch.Tensor]:
         tensors[f"{p}.self_attn.o_proj.weight"] = matrix(h, config.num_attention_heads * d)
         tensors[f"{p}.self_attn.q_norm.weight"] = norm_weight(d)
         tensors[f"{p}.self_attn.k_norm.weight"] = norm_weight(d)
-        if is_moe_layer(config, i):
+        if sizes.is_moe_layer(i):
             tensors[f"{p}.mlp.gate.weight"] = matrix(config.num_experts, h)
             inter = config.moe_intermediate_size
             for e in range(config.num_experts):
