@@ -53,7 +53,12 @@ USAGE
 
 log() { echo "[setup-trn2] $*"; }
 die() { echo "[setup-trn2] error: $*" >&2; exit 1; }
-did() { DONE+=("$*"); log "$*"; }
+did() {
+    local what="$*"
+    [[ "${DRY_RUN}" == "1" ]] && what="(dry run, not done) ${what}"
+    DONE+=("${what}")
+    log "${what}"
+}
 
 run() {
     if [[ "${DRY_RUN}" == "1" ]]; then

@@ -229,8 +229,8 @@ serve_start() {
             tail -n 40 "${server_log}"
             return 1
         fi
-        sleep 10
-        waited=$((waited + 10))
+        sleep 2
+        waited=$((waited + 2))
     done
     echo "healthy after ~${waited} s"
 }

@@ -116,7 +116,9 @@ def test_kustomization_renders_with_kubectl():
 def test_selectors_match_pod_labels(deployment, service, hpa):
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     selector = deployment["spec"]["selector"]["matchLabels"]
-    assert selector.items() <= pod_labels.items(), f"Deployment selector {selector} does not match pod labels {pod_labels}"
+    assert selector.items() <= pod_labels.items(), (
+        f"Deployment selector {selector} does not match pod labels {pod_labels}"
+    )
     assert service["spec"]["selector"] == selector, "Service must select exactly the Deployment's pods"
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
@@ -216,7 +218,9 @@ def test_args_only_reference_defined_variables(container):
 def test_model_cache_is_a_mounted_claim(container, deployment):
     pvc = load_one(K8S / "pvc.yaml")
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
-    claims = {n for n, v in volumes.items() if v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]}
+    claims = {
+        n for n, v in volumes.items() if v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]
+    }
     assert claims, "the PVC is not used by the Deployment"
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     (claim_volume,) = claims
@@ -338,11 +342,22 @@ def test_validate_without_neuron_skips_with_reasons_and_exits_2(tmp_path):
     env = dict(os.environ, VALIDATE_TRN2_DEVICE_GLOB=str(tmp_path / "no-such-neuron*"))
     out = subprocess.run(
         [str(DEPLOY / "validate-trn2.sh"), "--report-dir", str(report)],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert out.returncode == 2, out.stdout + out.stderr
     summary = read_summary(report)
-    assert list(summary) == ["environment", "preflight", "kernels-check", "parity", "serve-start", "loadtest", "serve-stop"]
+    assert list(summary) == [
+        "environment",
+        "preflight",
+        "kernels-check",
+        "parity",
+        "serve-start",
+        "loadtest",
+        "serve-stop",
+    ]
     for step in ("kernels-check", "parity", "serve-start"):
         status, note = summary[step]
         assert status == "SKIP" and "no-such-neuron" in note, (step, status, note)
@@ -404,9 +419,21 @@ def test_validate_runs_every_step_and_stops_its_server(tmp_path):
     )
     report = tmp_path / "report"
     out = subprocess.run(
-        [str(DEPLOY / "validate-trn2.sh"), "--report-dir", str(report), "--repo", str(repo), "--port", str(port),
-         "--health-timeout", "60"],
-        capture_output=True, text=True, timeout=180, env=env,
+        [
+            str(DEPLOY / "validate-trn2.sh"),
+            "--report-dir",
+            str(report),
+            "--repo",
+            str(repo),
+            "--port",
+            str(port),
+            "--health-timeout",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
     )
     assert out.returncode == 0, out.stdout + out.stderr + (report / "summary.tsv").read_text()
     assert {status for status, _ in read_summary(report).values()} == {"PASS"}
