@@ -55,8 +55,7 @@ def decode_experts(x, gate_up, down, expert_ids, weights):
         gu_ps = nl.ndarray((1, I2), dtype=nl.float32, buffer=nl.psum)
         for i, k0 in enumerate(range(0, H, P)):
             wt = nl.ndarray((P, I2), dtype=gate_up.dtype, buffer=nl.sbuf)
-            nisa.dma_copy(dst=wt, src=gate_up.ap([[I2, P], [1, I2]], offset=k0 * I2, scalar_offset=eid,
-                                                 indirect_dim=0))
+            nisa.dma_copy(dst=wt, src=gate_up.ap([[I2, P], [1, I2]], offset=k0 * I2, scalar_offset=eid, indirect_dim=0))
             nisa.nc_matmul(dst=gu_ps, stationary=xs[i], moving=wt)
         act = nl.ndarray((1, inter), dtype=nl.float32, buffer=nl.sbuf)
         nisa.activation(dst=act, op=nl.silu, data=gu_ps[:, 0:inter])
@@ -74,11 +73,18 @@ def decode_experts(x, gate_up, down, expert_ids, weights):
             o_ps = nl.ndarray((1, 512), dtype=nl.float32, buffer=nl.psum)
             for c0, cs, ht in hts:
                 wd = nl.ndarray((cs, 512), dtype=down.dtype, buffer=nl.sbuf)
-                nisa.dma_copy(dst=wd, src=down.ap([[H, cs], [1, 512]], offset=c0 * H + n0, scalar_offset=eid,
-                                                  indirect_dim=0))
+                nisa.dma_copy(
+                    dst=wd, src=down.ap([[H, cs], [1, 512]], offset=c0 * H + n0, scalar_offset=eid, indirect_dim=0)
+                )
                 nisa.nc_matmul(dst=o_ps, stationary=ht, moving=wd)
-            nisa.scalar_tensor_tensor(dst=acc[:, n0 : n0 + 512], data=o_ps, op0=nl.multiply,
-                                      operand0=w[:, j : j + 1], op1=nl.add, operand1=acc[:, n0 : n0 + 512])
+            nisa.scalar_tensor_tensor(
+                dst=acc[:, n0 : n0 + 512],
+                data=o_ps,
+                op0=nl.multiply,
+                operand0=w[:, j : j + 1],
+                op1=nl.add,
+                operand1=acc[:, n0 : n0 + 512],
+            )
     nisa.dma_copy(dst=out, src=acc)
     return out
 
@@ -143,9 +149,11 @@ def _bench(name: str, kernel, args, check) -> None:
     out, rep = emulator.run(kernel, *args)
     dt = time.perf_counter() - t0
     check(out)
-    print(f"{name:44s} emulation {dt * 1e3:8.1f} ms | trn2 estimate {rep.estimated_seconds * 1e6:8.1f} us "
-          f"(bound by {rep.bound_by}), HBM roofline {rep.hbm_roofline_seconds * 1e6:7.1f} us, "
-          f"{sum(rep.instructions.values())} instructions")
+    print(
+        f"{name:44s} emulation {dt * 1e3:8.1f} ms | trn2 estimate {rep.estimated_seconds * 1e6:8.1f} us "
+        f"(bound by {rep.bound_by}), HBM roofline {rep.hbm_roofline_seconds * 1e6:7.1f} us, "
+        f"{sum(rep.instructions.values())} instructions"
+    )
 
 
 def main() -> None:
@@ -157,20 +165,32 @@ def main() -> None:
     ids = rng.choice(NUM_EXPERTS, size=(1, TOP_K), replace=False).astype(np.int32)
     wts = rng.dirichlet(np.ones(TOP_K)).astype(np.float32)[None, :]
     ref = decode_experts_ref(x, gate_up, down, ids, wts)
-    _bench("decode experts (T=1, H=2048, I=192, top-8)", decode_experts, (x, gate_up, down, ids, wts),
-           lambda o: np.testing.assert_allclose(o, ref, rtol=2e-2, atol=2e-3))
+    _bench(
+        "decode experts (T=1, H=2048, I=192, top-8)",
+        decode_experts,
+        (x, gate_up, down, ids, wts),
+        lambda o: np.testing.assert_allclose(o, ref, rtol=2e-2, atol=2e-3),
+    )
 
     a = rng.standard_normal((HIDDEN, 256)).astype(bf16)
     b = rng.standard_normal((HIDDEN, 2 * INTER_PER_RANK)).astype(bf16)
     mref = a.astype(np.float32).T @ b.astype(np.float32)
-    _bench("prefill matmul (T=256, H=2048 -> 2I=384)", matmul_tiled, (a, b),
-           lambda o: np.testing.assert_allclose(o, mref, rtol=1e-3, atol=1e-2))
+    _bench(
+        "prefill matmul (T=256, H=2048 -> 2I=384)",
+        matmul_tiled,
+        (a, b),
+        lambda o: np.testing.assert_allclose(o, mref, rtol=1e-3, atol=1e-2),
+    )
 
     xr = rng.standard_normal((HIDDEN, 128)).astype(bf16)
     wr = rng.standard_normal((HIDDEN, NUM_EXPERTS)).astype(bf16)
     lref = xr.astype(np.float32).T @ wr.astype(np.float32)
-    _bench("router top-8 (T=128, H=2048, E=128)", router_top8, (xr, wr),
-           lambda o: np.testing.assert_array_equal(np.sort(o, 1), np.sort(np.argsort(-lref, 1)[:, :8], 1)))
+    _bench(
+        "router top-8 (T=128, H=2048, E=128)",
+        router_top8,
+        (xr, wr),
+        lambda o: np.testing.assert_array_equal(np.sort(o, 1), np.sort(np.argsort(-lref, 1)[:, :8], 1)),
+    )
 
 
 if __name__ == "__main__":

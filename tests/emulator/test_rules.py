@@ -7,9 +7,9 @@ import nki.isa as nisa
 import nki.language as nl
 import numpy as np
 import pytest
+from vllm_nki_moe.kernels.limits import SBUF_PARTITION_BYTES
 
 from vllm_nki_moe.emulator import NkiEmulatorError, run
-from vllm_nki_moe.kernels.limits import SBUF_PARTITION_BYTES
 
 SEED = 7
 
@@ -88,8 +88,9 @@ def test_dma_copy_rejects_psum_source():
 
 
 def test_dma_copy_rejects_psum_destination():
-    _raises("DMA cannot read or write PSUM", lambda x: nisa.dma_copy(dst=_ps((4, 4)), src=x),
-            np.zeros((4, 4), np.float32))
+    _raises(
+        "DMA cannot read or write PSUM", lambda x: nisa.dma_copy(dst=_ps((4, 4)), src=x), np.zeros((4, 4), np.float32)
+    )
 
 
 def test_dma_copy_rejects_element_count_mismatch():
@@ -141,9 +142,18 @@ def test_kernel_rejects_write_to_input_not_returned():
     _raises("kernel arguments are read-only", kern, np.zeros((4, 4), np.float32))
 
 
-# --- nc_matmul ---------------------------------------------------------------------------------------------------------
-def _mm(dst_shape, st_shape, mv_shape, dst_dtype=nl.float32, st_dtype=nl.bfloat16, mv_dtype=nl.bfloat16,
-        dst_buf=nl.psum, st_buf=nl.sbuf, **kw):
+# --- nc_matmul ------------------------------------------------------------------------------------------------------
+def _mm(
+    dst_shape,
+    st_shape,
+    mv_shape,
+    dst_dtype=nl.float32,
+    st_dtype=nl.bfloat16,
+    mv_dtype=nl.bfloat16,
+    dst_buf=nl.psum,
+    st_buf=nl.sbuf,
+    **kw,
+):
     def kern():
         dst = nl.ndarray(dst_shape, dtype=dst_dtype, buffer=dst_buf)
         st = _filled(st_shape, st_dtype) if st_buf is nl.sbuf else nl.ndarray(st_shape, st_dtype, buffer=st_buf)
@@ -210,15 +220,21 @@ def test_nc_matmul_rejects_ambiguous_accumulate_after_readout():
     _raises("ambiguous", kern)
 
 
-# --- other instructions -------------------------------------------------------------------------------------------------
+# --- other instructions -----------------------------------------------------------------------------------------------
 def test_activation_rejects_op_not_in_table():
-    _raises("not in the activation function table",
-            lambda: nisa.activation(dst=_sb((4, 4)), op=nl.maximum, data=_filled((4, 4))))
+    _raises(
+        "not in the activation function table",
+        lambda: nisa.activation(dst=_sb((4, 4)), op=nl.maximum, data=_filled((4, 4))),
+    )
 
 
 def test_activation_rejects_non_add_reduce():
-    _raises("must be nl.add", lambda: nisa.activation(dst=_sb((4, 4)), op=nl.exp, data=_filled((4, 4)),
-                                                      reduce_op=nl.maximum, reduce_res=_sb((4, 1))))
+    _raises(
+        "must be nl.add",
+        lambda: nisa.activation(
+            dst=_sb((4, 4)), op=nl.exp, data=_filled((4, 4)), reduce_op=nl.maximum, reduce_res=_sb((4, 1))
+        ),
+    )
 
 
 def test_tensor_tensor_rejects_both_inputs_in_psum():
@@ -232,23 +248,33 @@ def test_tensor_tensor_rejects_both_inputs_in_psum():
 
 
 def test_tensor_tensor_rejects_shape_mismatch():
-    _raises("same partition size", lambda: nisa.tensor_tensor(dst=_sb((4, 4)), data1=_filled((4, 4)),
-                                                               data2=_filled((4, 5)), op=nl.add))
+    _raises(
+        "same partition size",
+        lambda: nisa.tensor_tensor(dst=_sb((4, 4)), data1=_filled((4, 4)), data2=_filled((4, 5)), op=nl.add),
+    )
 
 
 def test_tensor_tensor_rejects_activation_only_op():
-    _raises("not a supported operator", lambda: nisa.tensor_tensor(dst=_sb((4, 4)), data1=_filled((4, 4)),
-                                                                   data2=_filled((4, 4)), op=nl.exp))
+    _raises(
+        "not a supported operator",
+        lambda: nisa.tensor_tensor(dst=_sb((4, 4)), data1=_filled((4, 4)), data2=_filled((4, 4)), op=nl.exp),
+    )
 
 
 def test_tensor_scalar_rejects_operand_tile_of_wrong_shape():
-    _raises("must be a scalar or a \\(4, 1\\) tile",
-            lambda: nisa.tensor_scalar(dst=_sb((4, 4)), data=_filled((4, 4)), op0=nl.add, operand0=_filled((4, 2))))
+    _raises(
+        "must be a scalar or a \\(4, 1\\) tile",
+        lambda: nisa.tensor_scalar(dst=_sb((4, 4)), data=_filled((4, 4)), op0=nl.add, operand0=_filled((4, 2))),
+    )
 
 
 def test_tensor_scalar_rejects_unsupported_scalar_engine_combo():
-    _raises("Scalar Engine", lambda: nisa.tensor_scalar(dst=_sb((4, 4)), data=_filled((4, 4)), op0=nl.subtract,
-                                                        operand0=1.0, engine=nisa.engine.scalar))
+    _raises(
+        "Scalar Engine",
+        lambda: nisa.tensor_scalar(
+            dst=_sb((4, 4)), data=_filled((4, 4)), op0=nl.subtract, operand0=1.0, engine=nisa.engine.scalar
+        ),
+    )
 
 
 def test_tensor_copy_rejects_gpsimd_on_psum():
@@ -261,8 +287,7 @@ def test_tensor_copy_rejects_gpsimd_on_psum():
 
 
 def test_tensor_copy_rejects_hbm_operand():
-    _raises("must be in SBUF or PSUM", lambda x: nisa.tensor_copy(dst=_sb((4, 4)), src=x),
-            np.zeros((4, 4), np.float32))
+    _raises("must be in SBUF or PSUM", lambda x: nisa.tensor_copy(dst=_sb((4, 4)), src=x), np.zeros((4, 4), np.float32))
 
 
 def test_tensor_reduce_rejects_partition_axis():
@@ -270,13 +295,16 @@ def test_tensor_reduce_rejects_partition_axis():
 
 
 def test_tensor_reduce_rejects_non_trailing_axis():
-    _raises("last contiguous free dims",
-            lambda: nisa.tensor_reduce(dst=_sb((4, 3)), op=nl.add, data=_filled((4, 2, 3)), axis=1))
+    _raises(
+        "last contiguous free dims",
+        lambda: nisa.tensor_reduce(dst=_sb((4, 3)), op=nl.add, data=_filled((4, 2, 3)), axis=1),
+    )
 
 
 def test_tensor_reduce_rejects_non_reduction_op():
-    _raises("not a legal reduction",
-            lambda: nisa.tensor_reduce(dst=_sb((4, 1)), op=nl.power, data=_filled((4, 4)), axis=1))
+    _raises(
+        "not a legal reduction", lambda: nisa.tensor_reduce(dst=_sb((4, 1)), op=nl.power, data=_filled((4, 4)), axis=1)
+    )
 
 
 def test_max8_rejects_fewer_than_8_elements():
@@ -288,13 +316,16 @@ def test_max8_rejects_more_than_16384_elements():
 
 
 def test_nc_find_index8_rejects_fewer_than_8_elements():
-    _raises("must be 8..16384", lambda: nisa.nc_find_index8(dst=_sb((4, 8), nl.uint32), data=_filled((4, 7)),
-                                                            vals=_filled((4, 8))))
+    _raises(
+        "must be 8..16384",
+        lambda: nisa.nc_find_index8(dst=_sb((4, 8), nl.uint32), data=_filled((4, 7)), vals=_filled((4, 8))),
+    )
 
 
 def test_nc_find_index8_rejects_float_output():
-    _raises("uint16 or uint32", lambda: nisa.nc_find_index8(dst=_sb((4, 8)), data=_filled((4, 9)),
-                                                            vals=_filled((4, 8))))
+    _raises(
+        "uint16 or uint32", lambda: nisa.nc_find_index8(dst=_sb((4, 8)), data=_filled((4, 9)), vals=_filled((4, 8)))
+    )
 
 
 def test_nc_transpose_rejects_tensor_engine_over_128():

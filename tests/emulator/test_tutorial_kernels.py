@@ -100,8 +100,9 @@ def rmsnorm(x, w, eps):
         nisa.dma_copy(dst=wt, src=w.ap([[0, n], [1, H]]))  # broadcast the weight row to n partitions
         sq = nl.ndarray((n, H), dtype=nl.float32, buffer=nl.sbuf)
         ss = nl.ndarray((n, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.activation(dst=sq, op=nl.square, data=xt, reduce_op=nl.add, reduce_res=ss,
-                        reduce_cmd=nisa.reduce_cmd.reset_reduce)
+        nisa.activation(
+            dst=sq, op=nl.square, data=xt, reduce_op=nl.add, reduce_res=ss, reduce_cmd=nisa.reduce_cmd.reset_reduce
+        )
         rstd = nl.ndarray((n, 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=rstd, data=ss, op0=nl.multiply, operand0=1.0 / H, op1=nl.add, operand1=eps)
         nisa.activation(dst=rstd, op=nl.rsqrt, data=rstd)
@@ -133,10 +134,23 @@ def test_activation_reduce_accumulates_across_calls():
         junk = nl.ndarray(t.shape, dtype=nl.float32, buffer=nl.sbuf)
         half = x.shape[1] // 2
         res = nl.ndarray((x.shape[0], 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.activation(dst=junk[:, 0:half], op=nl.copy, data=t[:, 0:half], reduce_op=nl.add,
-                        reduce_cmd=nisa.reduce_cmd.reset_reduce)
-        nisa.activation(dst=junk[:, half:], op=nl.exp, data=t[:, half:], scale=2.0, bias=1.0, reduce_op=nl.add,
-                        reduce_res=res, reduce_cmd=nisa.reduce_cmd.reduce)
+        nisa.activation(
+            dst=junk[:, 0:half],
+            op=nl.copy,
+            data=t[:, 0:half],
+            reduce_op=nl.add,
+            reduce_cmd=nisa.reduce_cmd.reset_reduce,
+        )
+        nisa.activation(
+            dst=junk[:, half:],
+            op=nl.exp,
+            data=t[:, half:],
+            scale=2.0,
+            bias=1.0,
+            reduce_op=nl.add,
+            reduce_res=res,
+            reduce_cmd=nisa.reduce_cmd.reduce,
+        )
         nl.store(out, res)
         return out
 
@@ -155,8 +169,9 @@ def softmax_rows(x):
     nisa.tensor_reduce(dst=neg_max, op=nl.maximum, data=t, axis=1, negate=True)
     e = nl.ndarray(x.shape, dtype=nl.float32, buffer=nl.sbuf)
     s = nl.ndarray((x.shape[0], 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=e, op=nl.exp, data=t, bias=neg_max, reduce_op=nl.add, reduce_res=s,
-                    reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    nisa.activation(
+        dst=e, op=nl.exp, data=t, bias=neg_max, reduce_op=nl.add, reduce_res=s, reduce_cmd=nisa.reduce_cmd.reset_reduce
+    )
     r = nl.ndarray((x.shape[0], 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.reciprocal(dst=r, data=s)
     o = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.sbuf)
@@ -210,8 +225,9 @@ def router_top8(logits):
     nisa.tensor_scalar(dst=neg, data=top[:, 0:1], op0=nl.multiply, operand0=-1.0)
     e = nl.ndarray((T, 8), dtype=nl.float32, buffer=nl.sbuf)
     s = nl.ndarray((T, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=e, op=nl.exp, data=top, bias=neg, reduce_op=nl.add, reduce_res=s,
-                    reduce_cmd=nisa.reduce_cmd.reset_reduce)
+    nisa.activation(
+        dst=e, op=nl.exp, data=top, bias=neg, reduce_op=nl.add, reduce_res=s, reduce_cmd=nisa.reduce_cmd.reset_reduce
+    )
     r = nl.ndarray((T, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.reciprocal(dst=r, data=s)
     nisa.tensor_scalar(dst=e, data=e, op0=nl.multiply, operand0=r)
@@ -345,8 +361,14 @@ def test_affine_select_causal_mask_and_iota():
         s = nl.load(scores)
         m = nl.ndarray((n, n), dtype=nl.float32, buffer=nl.sbuf)
         # keep where row - col >= 0
-        nisa.affine_select(dst=m, pattern=[[-1, n]], channel_multiplier=1, on_true_tile=s, on_false_value=-1e30,
-                           cmp_op=nl.greater_equal)
+        nisa.affine_select(
+            dst=m,
+            pattern=[[-1, n]],
+            channel_multiplier=1,
+            on_true_tile=s,
+            on_false_value=-1e30,
+            cmp_op=nl.greater_equal,
+        )
         nl.store(out, m)
         it = nl.ndarray((n, n), dtype=nl.float32, buffer=nl.sbuf)
         nisa.iota(dst=it, pattern=[[1, n]], offset=10, channel_multiplier=100)

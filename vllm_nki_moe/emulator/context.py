@@ -38,24 +38,36 @@ class MemoryTracker:
         buf = tensor.buffer
         if buf not in (MemoryRegion.sbuf, MemoryRegion.psum):
             return
-        check(tensor.ndim >= 1 and tensor.shape[0] <= PMAX, where,
-              f"partition dim={tensor.shape[0]}; exceeds pmax={PMAX} (tiling-overview.rst, Tile-Size Constraint #1)")
+        check(
+            tensor.ndim >= 1 and tensor.shape[0] <= PMAX,
+            where,
+            f"partition dim={tensor.shape[0]}; exceeds pmax={PMAX} (tiling-overview.rst, Tile-Size Constraint #1)",
+        )
         per_partition = tensor.free_size * tensor.dtype.itemsize
         if buf is MemoryRegion.sbuf:
-            check(self.sbuf_bytes + per_partition <= SBUF_PARTITION_BYTES, where,
-                  f"SBUF bytes per partition={self.sbuf_bytes + per_partition} ({self.sbuf_bytes} live + "
-                  f"{per_partition} new); exceeds the usable {SBUF_PARTITION_BYTES} B per partition "
-                  "(limits.SBUF_PARTITION_BYTES: 224 KiB minus the compiler's reserve)")
+            check(
+                self.sbuf_bytes + per_partition <= SBUF_PARTITION_BYTES,
+                where,
+                f"SBUF bytes per partition={self.sbuf_bytes + per_partition} ({self.sbuf_bytes} live + "
+                f"{per_partition} new); exceeds the usable {SBUF_PARTITION_BYTES} B per partition "
+                "(limits.SBUF_PARTITION_BYTES: 224 KiB minus the compiler's reserve)",
+            )
             self.sbuf_bytes += per_partition
             self.peak_sbuf_bytes = max(self.peak_sbuf_bytes, self.sbuf_bytes)
             tensor_finalizer(tensor._storage, self._release_sbuf, per_partition)
         else:
-            check(per_partition <= PSUM_BANK_BYTES, where,
-                  f"PSUM bytes per partition={per_partition}; exceeds one {PSUM_BANK_BYTES} B bank "
-                  "(tiling-overview.rst, Tile-Size Constraint #2: psum_bank_fmax=512 fp32)")
-            check(self.psum_banks + 1 <= PSUM_NUM_BANKS, where,
-                  f"live PSUM banks={self.psum_banks + 1}; exceeds the {PSUM_NUM_BANKS} banks per partition "
-                  "(tile_size.psum_num_banks; free PSUM tiles by dropping references)")
+            check(
+                per_partition <= PSUM_BANK_BYTES,
+                where,
+                f"PSUM bytes per partition={per_partition}; exceeds one {PSUM_BANK_BYTES} B bank "
+                "(tiling-overview.rst, Tile-Size Constraint #2: psum_bank_fmax=512 fp32)",
+            )
+            check(
+                self.psum_banks + 1 <= PSUM_NUM_BANKS,
+                where,
+                f"live PSUM banks={self.psum_banks + 1}; exceeds the {PSUM_NUM_BANKS} banks per partition "
+                "(tile_size.psum_num_banks; free PSUM tiles by dropping references)",
+            )
             self.psum_banks += 1
             self.peak_psum_banks = max(self.peak_psum_banks, self.psum_banks)
             tensor_finalizer(tensor._storage, self._release_psum)
@@ -109,17 +121,23 @@ def allocate(shape, dtype, buffer, name: str = "", fill=None) -> NkiTensor:
     shape = tuple(int(s) for s in shape)
     dt = dtypes.as_dtype(dtype, f"nl.ndarray(name={name!r})")
     buffer = _as_buffer(buffer)
-    check(len(shape) >= 1 and all(s >= 1 for s in shape), f"nl.ndarray(name={name!r})",
-          f"shape={shape}; every dim must be >= 1")
+    check(
+        len(shape) >= 1 and all(s >= 1 for s in shape),
+        f"nl.ndarray(name={name!r})",
+        f"shape={shape}; every dim must be >= 1",
+    )
     ctx = current()
     if buffer is MemoryRegion.shared_hbm and ctx.shared is not None:
         j = ctx.shared_index
         ctx.shared_index += 1
         if j < len(ctx.shared):
             st = ctx.shared[j]
-            check(st.shape == shape and st.data.dtype == dt, f"nl.ndarray(name={name!r})",
-                  f"shape={shape} dtype={dt.name}; shared_hbm allocation #{j} differs between programs "
-                  f"({st.shape} {st.data.dtype.name})")
+            check(
+                st.shape == shape and st.data.dtype == dt,
+                f"nl.ndarray(name={name!r})",
+                f"shape={shape} dtype={dt.name}; shared_hbm allocation #{j} differs between programs "
+                f"({st.shape} {st.data.dtype.name})",
+            )
             return NkiTensor(shape, dt, st)
     if fill is None:
         fill = np.nan if dtypes.is_float(dt) else dtypes.INT_FRESH_SENTINEL
@@ -136,8 +154,10 @@ def allocate(shape, dtype, buffer, name: str = "", fill=None) -> NkiTensor:
 def _as_buffer(buffer) -> MemoryRegion:
     if isinstance(buffer, MemoryRegion):
         return buffer
-    raise NkiEmulatorError(f"nl.ndarray: buffer={buffer!r}; use nl.sbuf, nl.psum, nl.hbm, nl.private_hbm or "
-                           "nl.shared_hbm (string buffer names are not accepted since NKI 0.3)")
+    raise NkiEmulatorError(
+        f"nl.ndarray: buffer={buffer!r}; use nl.sbuf, nl.psum, nl.hbm, nl.private_hbm or "
+        "nl.shared_hbm (string buffer names are not accepted since NKI 0.3)"
+    )
 
 
 def is_hbm(buffer) -> bool:

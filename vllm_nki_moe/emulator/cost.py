@@ -83,8 +83,10 @@ class CostCounter:
     def busy_seconds(self) -> dict[str, float]:
         out = {e: self.cycles[e] / CLOCKS[e] for e in CLOCKS}
         n = self.instructions["dma"]
-        out["dma"] = max(self.dma_bytes / DMA_BYTES_PER_S_PER_CORE,
-                         (self.hbm_read_bytes + self.hbm_write_bytes) / HBM_BYTES_PER_S_PER_CORE)
+        out["dma"] = max(
+            self.dma_bytes / DMA_BYTES_PER_S_PER_CORE,
+            (self.hbm_read_bytes + self.hbm_write_bytes) / HBM_BYTES_PER_S_PER_CORE,
+        )
         out["dma"] += n * DMA_FIXED_SECONDS / DMA_QUEUES_PER_CORE
         return out
 
@@ -152,8 +154,10 @@ class CostReport:
         ]
         for e in ENGINES:
             unit = "B" if e == "dma" else "elems"
-            lines.append(f"  {e:7s} {self.instructions.get(e, 0):7d} instr {self.elements.get(e, 0):12d} {unit:5s} "
-                         f"busy {self.busy_seconds.get(e, 0.0) * 1e6:9.2f} us")
+            lines.append(
+                f"  {e:7s} {self.instructions.get(e, 0):7d} instr {self.elements.get(e, 0):12d} {unit:5s} "
+                f"busy {self.busy_seconds.get(e, 0.0) * 1e6:9.2f} us"
+            )
         return "\n".join(lines)
 
 

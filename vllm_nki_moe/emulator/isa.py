@@ -147,13 +147,19 @@ def _on_chip(t, where: str, name: str, allow_psum: bool = True) -> NkiTensor:
 
 
 def _same_layout(a: NkiTensor, b: NkiTensor, where: str, an: str, bn: str) -> None:
-    check(a.shape[0] == b.shape[0] and a.free_size == b.free_size, where,
-          f"{an}{list(a.shape)} vs {bn}{list(b.shape)}; must have the same partition size and elements per partition")
+    check(
+        a.shape[0] == b.shape[0] and a.free_size == b.free_size,
+        where,
+        f"{an}{list(a.shape)} vs {bn}{list(b.shape)}; must have the same partition size and elements per partition",
+    )
 
 
 def _not_both_psum(a: NkiTensor, b: NkiTensor, where: str) -> None:
-    check(not (a.buffer is MemoryRegion.psum and b.buffer is MemoryRegion.psum), where,
-          f"inputs {a.describe()} and {b.describe()}; cannot both reside in PSUM")
+    check(
+        not (a.buffer is MemoryRegion.psum and b.buffer is MemoryRegion.psum),
+        where,
+        f"inputs {a.describe()} and {b.describe()}; cannot both reside in PSUM",
+    )
 
 
 def _no_gpsimd_psum(eng: engine, where: str, *ts: NkiTensor) -> None:
@@ -187,8 +193,11 @@ def _scalar_or_vector(x, data: NkiTensor, where: str, name: str, require_fp32: b
     """An immediate float or a [P, 1] tile, as an array broadcastable against [P, F]."""
     if isinstance(x, NkiTensor):
         _on_chip(x, where, name)
-        check(x.shape[0] == data.shape[0] and x.free_size == 1, where,
-              f"{name}{list(x.shape)}; must be a scalar or a ({data.shape[0]}, 1) tile")
+        check(
+            x.shape[0] == data.shape[0] and x.free_size == 1,
+            where,
+            f"{name}{list(x.shape)}; must be a scalar or a ({data.shape[0]}, 1) tile",
+        )
         if require_fp32:
             check(x.dtype == dtypes.float32, where, f"{name} dtype={x.dtype.name}; must be float32")
         return _read32(x)
@@ -197,8 +206,11 @@ def _scalar_or_vector(x, data: NkiTensor, where: str, name: str, require_fp32: b
 
 
 def _op(op, where: str, kinds: tuple[str, ...], name: str = "op") -> MathOp:
-    check(isinstance(op, MathOp) and op.kind in kinds, where,
-          f"{name}={op!r}; not a supported operator here (nki.api.shared.rst, 'Supported Math Operators')")
+    check(
+        isinstance(op, MathOp) and op.kind in kinds,
+        where,
+        f"{name}={op!r}; not a supported operator here (nki.api.shared.rst, 'Supported Math Operators')",
+    )
     return op
 
 
@@ -234,8 +246,11 @@ def _apply_binary(op: MathOp, a, b, dtype: np.dtype | None = None):
 # ----- DMA -------------------------------------------------------------------------------------------------------
 def _dma_check(t: NkiTensor, where: str, name: str) -> None:
     _tensor(t, where, name)
-    check(t.buffer is not MemoryRegion.psum, where,
-          f"{name}={t.describe()}; DMA cannot read or write PSUM (move it to SBUF with nisa.tensor_copy first)")
+    check(
+        t.buffer is not MemoryRegion.psum,
+        where,
+        f"{name}={t.describe()}; DMA cannot read or write PSUM (move it to SBUF with nisa.tensor_copy first)",
+    )
     if t.buffer is MemoryRegion.sbuf:
         check(t.shape[0] <= PMAX, where, f"{name} partition dim={t.shape[0]}; exceeds pmax={PMAX}")
 
@@ -248,14 +263,18 @@ def _dma_count(op: str, dst: NkiTensor, src_list: list[NkiTensor]) -> None:
     context.current().cost.dma(op, max(read, written), hbm_r, hbm_w)
 
 
-def dma_copy(dst, src, priority=None, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engine=engine.unknown,
-             name=None):
+def dma_copy(
+    dst, src, priority=None, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engine=engine.unknown, name=None
+):
     """``dst = src`` through the DMA engines, casting through float32; indirect gather/scatter via ``.ap(...)``."""
     where = "nisa.dma_copy"
     _dma_check(dst, where, "dst")
     _dma_check(src, where, "src")
-    check(dst.size == src.size, where,
-          f"dst{list(dst.shape)} has {dst.size} elements, src{list(src.shape)} has {src.size}; counts must match")
+    check(
+        dst.size == src.size,
+        where,
+        f"dst{list(dst.shape)} has {dst.size} elements, src{list(src.shape)} has {src.size}; counts must match",
+    )
     check(not (dst.is_indirect() and src.is_indirect()), where, "dst and src both indirect; at most one may be")
     skip = oob_mode is globals()["oob_mode"].skip
     vals = src.read_raw()
@@ -277,8 +296,11 @@ def dma_transpose(dst, src, axes=None, priority=None, dge_mode=dge_mode.unknown,
     _dma_check(dst, where, "dst")
     _dma_check(src, where, "src")
     check(dst.buffer is MemoryRegion.sbuf, where, f"dst={dst.describe()}; must be in SBUF")
-    check(src.dtype == dst.dtype and src.dtype.itemsize in (2, 4), where,
-          f"src dtype={src.dtype.name}, dst dtype={dst.dtype.name}; must be equal and 2 or 4 bytes")
+    check(
+        src.dtype == dst.dtype and src.dtype.itemsize in (2, 4),
+        where,
+        f"src dtype={src.dtype.name}, dst dtype={dst.dtype.name}; must be equal and 2 or 4 bytes",
+    )
     default = {2: (1, 0), 3: (2, 1, 0), 4: (3, 1, 2, 0)}
     check(src.ndim in default, where, f"src ndim={src.ndim}; must be 2, 3 or 4")
     axes = tuple(axes) if axes is not None else default[src.ndim]
@@ -314,8 +336,19 @@ def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, oob_mode
 
 
 # ----- Tensor Engine ---------------------------------------------------------------------------------------------
-def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_onezero=False, is_transpose=False,
-              accumulate=None, tile_position=(), tile_size=(), perf_mode=matmul_perf_mode.none, name=None):
+def nc_matmul(
+    dst,
+    stationary,
+    moving,
+    is_stationary_onezero=False,
+    is_moving_onezero=False,
+    is_transpose=False,
+    accumulate=None,
+    tile_position=(),
+    tile_size=(),
+    perf_mode=matmul_perf_mode.none,
+    name=None,
+):
     """``dst[M, N] (PSUM fp32) = stationary[K, M].T @ moving[K, N]``, fp32 accumulation (isa doc, nc_matmul)."""
     where = "nisa.nc_matmul"
     _tensor(dst, where, "dst")
@@ -327,38 +360,65 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     double = perf_mode is matmul_perf_mode.double_row
     row_max, col_max = PMAX, GEMM_STATIONARY_FMAX
     if tile_position or tile_size:
-        check(len(tile_position) == 2 and len(tile_size) == 2, where,
-              f"tile_position={tile_position}, tile_size={tile_size}; both must be set (row, column)")
+        check(
+            len(tile_position) == 2 and len(tile_size) == 2,
+            where,
+            f"tile_position={tile_position}, tile_size={tile_size}; both must be set (row, column)",
+        )
         row_max, col_max = int(tile_size[0]), int(tile_size[1])
         check(row_max in (32, 64, 128) and col_max in (32, 64, 128), where, f"tile_size={tile_size}; 32, 64 or 128")
-        check(all(int(p) % s == 0 and int(p) < PMAX for p, s in zip(tile_position, tile_size)), where,
-              f"tile_position={tile_position}; must be multiples of tile_size {tile_size} within 128")
+        check(
+            all(int(p) % s == 0 and int(p) < PMAX for p, s in zip(tile_position, tile_size)),
+            where,
+            f"tile_position={tile_position}; must be multiples of tile_size {tile_size} within 128",
+        )
         check(not (double and col_max != 128), where, "double_row cannot be combined with column tiling")
     k, ks = stationary.shape[0], moving.shape[0]
     check(k == ks, where, f"stationary K={k}, moving K={ks}; contraction (partition) dims must match")
     check(k <= row_max, where, f"contraction K={k}; exceeds {row_max} (partition / tile row size)")
     if double:
         for nm, t in (("stationary", stationary), ("moving", moving)):
-            check(t.dtype in (dtypes.float8_e4m3, dtypes.float8_e5m2), where,
-                  f"{nm} dtype={t.dtype.name}; double_row needs float8_e4m3/float8_e5m2")
+            check(
+                t.dtype in (dtypes.float8_e4m3, dtypes.float8_e5m2),
+                where,
+                f"{nm} dtype={t.dtype.name}; double_row needs float8_e4m3/float8_e5m2",
+            )
             check(t.ndim >= 3 and t.shape[1] == 2, where, f"{nm}{list(t.shape)}; double_row needs [K, 2, ...]")
     m = stationary.free_size // (2 if double else 1)
     n = moving.free_size // (2 if double else 1)
-    check(m <= col_max, where,
-          f"stationary{list(stationary.shape)} free size M={m}; exceeds gemm_stationary_fmax={col_max}")
-    check(n <= GEMM_MOVING_FMAX, where,
-          f"moving{list(moving.shape)} free size N={n}; exceeds gemm_moving_fmax={GEMM_MOVING_FMAX} (trn2)")
-    check(dst.shape[0] == m and dst.free_size == n, where,
-          f"dst{list(dst.shape)}; must be [M={m}, N={n}] (stationary free x moving free)")
+    check(
+        m <= col_max,
+        where,
+        f"stationary{list(stationary.shape)} free size M={m}; exceeds gemm_stationary_fmax={col_max}",
+    )
+    check(
+        n <= GEMM_MOVING_FMAX,
+        where,
+        f"moving{list(moving.shape)} free size N={n}; exceeds gemm_moving_fmax={GEMM_MOVING_FMAX} (trn2)",
+    )
+    check(
+        dst.shape[0] == m and dst.free_size == n,
+        where,
+        f"dst{list(dst.shape)}; must be [M={m}, N={n}] (stationary free x moving free)",
+    )
     for nm, t in (("stationary", stationary), ("moving", moving)):
-        check(t.dtype in dtypes.MATMUL_INPUT_DTYPES, where,
-              f"{nm} dtype={t.dtype.name}; must be fp8_e4m3/fp8_e5m2/bf16/fp16/tf32/fp32 (trn2)")
+        check(
+            t.dtype in dtypes.MATMUL_INPUT_DTYPES,
+            where,
+            f"{nm} dtype={t.dtype.name}; must be fp8_e4m3/fp8_e5m2/bf16/fp16/tf32/fp32 (trn2)",
+        )
     fp32_in = [t.dtype == dtypes.float32 for t in (stationary, moving)]
-    check(all(fp32_in) or not any(fp32_in), where,
-          f"stationary {stationary.dtype.name} with moving {moving.dtype.name}; fp32 cannot mix with other dtypes")
+    check(
+        all(fp32_in) or not any(fp32_in),
+        where,
+        f"stationary {stationary.dtype.name} with moving {moving.dtype.name}; fp32 cannot mix with other dtypes",
+    )
     if is_transpose:
-        check(dst.dtype == stationary.dtype, where,
-              f"dst dtype={dst.dtype.name}; transpose output keeps the input dtype {stationary.dtype.name}")
+        check(
+            dst.dtype == stationary.dtype,
+            where,
+            f"dst dtype={dst.dtype.name}; transpose output keeps the input dtype {stationary.dtype.name}",
+        )
     else:
         check(dst.dtype == dtypes.float32, where, f"dst dtype={dst.dtype.name}; must be float32 on trn2 (NC-v3)")
     s = _read32(stationary)
@@ -378,15 +438,24 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     else:
         acc = bool(accumulate) if accumulate is not None else None
         if acc is True:
-            check(np.all(np.isin(state, (PSUM_MATMUL, PSUM_MATMUL_READ))), where,
-                  f"dst={dst.describe()}: accumulate=True onto PSUM not initialised by a matmul; undefined behaviour")
+            check(
+                np.all(np.isin(state, (PSUM_MATMUL, PSUM_MATMUL_READ))),
+                where,
+                f"dst={dst.describe()}: accumulate=True onto PSUM not initialised by a matmul; undefined behaviour",
+            )
         if acc is None:
-            check(not np.any(state == PSUM_OTHER), where,
-                  f"dst={dst.describe()}: accumulating onto PSUM written by a non-matmul instruction; undefined on "
-                  "trn2 (nc_matmul doc, 'Accumulation mode' note)")
-            check(not np.any(state == PSUM_MATMUL_READ), where,
-                  f"dst={dst.describe()}: accumulate=None onto a matmul result that was already read out; ambiguous "
-                  "(pass accumulate=False to start a new group, or allocate the PSUM tile inside the loop)")
+            check(
+                not np.any(state == PSUM_OTHER),
+                where,
+                f"dst={dst.describe()}: accumulating onto PSUM written by a non-matmul instruction; undefined on "
+                "trn2 (nc_matmul doc, 'Accumulation mode' note)",
+            )
+            check(
+                not np.any(state == PSUM_MATMUL_READ),
+                where,
+                f"dst={dst.describe()}: accumulate=None onto a matmul result that was already read out; ambiguous "
+                "(pass accumulate=False to start a new group, or allocate the PSUM tile inside the loop)",
+            )
             add = state == PSUM_MATMUL
         else:
             add = np.full((m, n), acc, dtype=bool)
@@ -419,8 +488,11 @@ def nc_transpose(dst, data, engine=engine.unknown, name=None):
     check(p <= limit and f <= limit, where, f"data{list(data.shape)}; exceeds [{limit}, {limit}] on {engine.name}")
     check(dst.shape[0] == f and dst.free_size == p, where, f"dst{list(dst.shape)}; must be [{f}, {p}]")
     if engine is eng.tensor:
-        check(data.buffer is MemoryRegion.sbuf and dst.buffer is MemoryRegion.psum, where,
-              f"data={data.describe()}, dst={dst.describe()}; Tensor Engine reads SBUF and writes PSUM")
+        check(
+            data.buffer is MemoryRegion.sbuf and dst.buffer is MemoryRegion.psum,
+            where,
+            f"data={data.describe()}, dst={dst.describe()}; Tensor Engine reads SBUF and writes PSUM",
+        )
     vals = _read2d(data).T.copy()
     dst.write_raw(vals.reshape(dst.shape))
     if dst.buffer is MemoryRegion.psum:
@@ -462,8 +534,9 @@ def memset(dst, value, engine=engine.unknown, name=None):
     return _count(eng, "memset", dst, all16=_is16(dst))
 
 
-def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=None, reduce_cmd=reduce_cmd.idle,
-               name=None):
+def activation(
+    dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=None, reduce_cmd=reduce_cmd.idle, name=None
+):
     """Scalar Engine: ``dst = op(data * scale + bias)`` in float32, with the reduce-register semantics of the doc.
 
     ``reduce_cmd``: reset / reset_reduce zero the 128 per-lane registers; reduce / reset_reduce add the free-axis
@@ -475,8 +548,11 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
     _on_chip(dst, where, "dst")
     _on_chip(data, where, "data")
     _same_layout(dst, data, where, "dst", "data")
-    check(isinstance(op, MathOp) and op.activation, where,
-          f"op={op!r}; not in the activation function table (nki.api.shared.rst, 'Supported Activation Functions')")
+    check(
+        isinstance(op, MathOp) and op.activation,
+        where,
+        f"op={op!r}; not in the activation function table (nki.api.shared.rst, 'Supported Activation Functions')",
+    )
     rc = globals()["reduce_cmd"]
     sc = _scalar_or_vector(scale, data, where, "scale")
     b = np.float32(0.0) if bias is None else _scalar_or_vector(bias, data, where, "bias", require_fp32=False)
@@ -500,8 +576,11 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
     instr = _count(globals()["engine"].scalar, "activation", data)
     if reduce_res is not None:
         _on_chip(reduce_res, where, "reduce_res")
-        check(reduce_res.shape[0] == p and reduce_res.free_size == 1, where,
-              f"reduce_res{list(reduce_res.shape)}; must be ({p}, 1)")
+        check(
+            reduce_res.shape[0] == p and reduce_res.free_size == 1,
+            where,
+            f"reduce_res{list(reduce_res.shape)}; must be ({p}, 1)",
+        )
         _write(reduce_res, regs[:p].reshape(p, 1))
         context.current().cost.compute("scalar", "activation_reduce_res", p, 0)
     return instr
@@ -509,8 +588,16 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
 
 def activation_reduce(dst, op, data, reduce_op, reduce_res, bias=None, scale=1.0, name=None):
     """``nisa.activation`` with ``reduce_cmd=reset_reduce`` and ``reduce_res`` (kept for compatibility)."""
-    return activation(dst, op, data, bias=bias, scale=scale, reduce_op=reduce_op, reduce_res=reduce_res,
-                      reduce_cmd=reduce_cmd.reset_reduce)
+    return activation(
+        dst,
+        op,
+        data,
+        bias=bias,
+        scale=scale,
+        reduce_op=reduce_op,
+        reduce_res=reduce_res,
+        reduce_cmd=reduce_cmd.reset_reduce,
+    )
 
 
 def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
@@ -553,8 +640,9 @@ def _ts_apply(op: MathOp, x, operand, reverse: bool):
     return _apply_binary(op, a, b)
 
 
-def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=None, reverse1=False,
-                  engine=engine.unknown, name=None):
+def tensor_scalar(
+    dst, data, op0, operand0, reverse0=False, op1=None, operand1=None, reverse1=False, engine=engine.unknown, name=None
+):
     """``dst = (data <op0> operand0) <op1> operand1`` with scalar or [P, 1] operands broadcast along the free axis."""
     where = "nisa.tensor_scalar"
     _on_chip(dst, where, "dst")
@@ -565,8 +653,11 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
     ops = [(op0, operand0, reverse0)]
     if op1 is not None:
         op1 = _op(op1, where, ("arith", "bitvec", "unary"), "op1")
-        check((op0.kind == "bitvec") == (op1.kind == "bitvec"), where,
-              f"op0={op0!r}, op1={op1!r}; both must be bitvec or both arithmetic")
+        check(
+            (op0.kind == "bitvec") == (op1.kind == "bitvec"),
+            where,
+            f"op0={op0!r}, op1={op1!r}; both must be bitvec or both arithmetic",
+        )
         ops.append((op1, operand1, reverse1))
     else:
         check(operand1 is None, where, "operand1 given without op1; must be None when unused")
@@ -574,8 +665,11 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
     _no_gpsimd_psum(eng, where, dst, data)
     if eng is eng_t.scalar:
         combo = (op0.name, None if op1 is None else op1.name)
-        check(combo in (("multiply", "add"), ("multiply", None), ("add", None)), where,
-              f"ops={combo} on the Scalar Engine; trn2 supports (multiply, add), (multiply,), (add,) only")
+        check(
+            combo in (("multiply", "add"), ("multiply", None), ("add", None)),
+            where,
+            f"ops={combo} on the Scalar Engine; trn2 supports (multiply, add), (multiply,), (add,) only",
+        )
     bitvec = op0.kind == "bitvec"
     if bitvec:
         check(eng is eng_t.vector, where, f"engine={eng.name}; bitvec operators run on the Vector Engine only")
@@ -586,13 +680,19 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
         x = _read32(data)
     for i, (op, operand, rev) in enumerate(ops):
         if op.arity == 1:
-            check(operand is None or (not isinstance(operand, NkiTensor) and float(operand) == 0.0), where,
-                  f"operand{i}={operand!r}; must be None or 0 for the unary operator {op!r}")
+            check(
+                operand is None or (not isinstance(operand, NkiTensor) and float(operand) == 0.0),
+                where,
+                f"operand{i}={operand!r}; must be None or 0 for the unary operator {op!r}",
+            )
             x = op.fn(x)
             continue
         if bitvec:
-            check(not isinstance(operand, NkiTensor) or operand.dtype in dtypes.INT_DTYPES, where,
-                  f"operand{i}; bitvec operands must be integers")
+            check(
+                not isinstance(operand, NkiTensor) or operand.dtype in dtypes.INT_DTYPES,
+                where,
+                f"operand{i}; bitvec operands must be integers",
+            )
             v = _read2d(operand).astype(np.int64) if isinstance(operand, NkiTensor) else np.int64(int(operand))
             x = _ts_apply(op, x, v, rev)
         else:
@@ -625,8 +725,11 @@ def _norm_axes(axis, t: NkiTensor, where: str) -> tuple[int, ...]:
     axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
     axes = tuple(sorted(int(a) % t.ndim for a in axes))
     check(len(axes) >= 1 and 0 not in axes, where, f"axis={axis}; the partition axis 0 cannot be reduced")
-    check(axes == tuple(range(t.ndim - len(axes), t.ndim)), where,
-          f"axis={axis}; must be the last contiguous free dims ending at dim {t.ndim - 1}")
+    check(
+        axes == tuple(range(t.ndim - len(axes), t.ndim)),
+        where,
+        f"axis={axis}; must be the last contiguous free dims ending at dim {t.ndim - 1}",
+    )
     return axes
 
 
@@ -639,8 +742,11 @@ def tensor_reduce(dst, op, data, axis, negate=False, keepdims=False, name=None):
     check(op.reducible, where, f"op={op!r}; not a legal reduction operator (nki.api.shared.rst)")
     axes = _norm_axes(axis, data, where)
     kept = math.prod(data.shape[1 : data.ndim - len(axes)])
-    check(dst.shape[0] == data.shape[0] and dst.free_size == kept, where,
-          f"dst{list(dst.shape)}; must have {data.shape[0]} partitions and {kept} elements each for axis={axis}")
+    check(
+        dst.shape[0] == data.shape[0] and dst.free_size == kept,
+        where,
+        f"dst{list(dst.shape)}; must have {data.shape[0]} partitions and {kept} elements each for axis={axis}",
+    )
     raw = data.read_raw()
     if data.buffer is MemoryRegion.psum:
         _read2d(data)
@@ -662,16 +768,30 @@ def tensor_partition_reduce(dst, op, data, name=None):
     _on_chip(data, where, "data", allow_psum=False)
     op = _op(op, where, ("arith", "bitvec"))
     check(op.name in ("add", "maximum", "bitwise_or", "bitwise_and"), where, f"op={op!r}; add/max/or/and only")
-    check(dst.shape[0] == 1 and dst.free_size == data.free_size, where,
-          f"dst{list(dst.shape)}; must be [1, {data.free_size}]")
+    check(
+        dst.shape[0] == 1 and dst.free_size == data.free_size,
+        where,
+        f"dst{list(dst.shape)}; must be [1, {data.free_size}]",
+    )
     x = _read32(data) if op.kind != "bitvec" else _read2d(data).astype(np.int64)
     res = op.reduce(x, 0).reshape(1, -1)
     _write(dst, res if op.kind != "bitvec" else dtypes.convert(res, dst.dtype), exact=op.kind == "bitvec")
     return _count(globals()["engine"].gpsimd, "tensor_partition_reduce", data)
 
 
-def tensor_scalar_reduce(dst, data, op0, operand0, reduce_op, reduce_res=None, reverse0=False,
-                         reduce_cmd=reduce_cmd.reset_reduce, reduce_init=None, reduce_res_negate=False, name=None):
+def tensor_scalar_reduce(
+    dst,
+    data,
+    op0,
+    operand0,
+    reduce_op,
+    reduce_res=None,
+    reverse0=False,
+    reduce_cmd=reduce_cmd.reset_reduce,
+    reduce_init=None,
+    reduce_res_negate=False,
+    name=None,
+):
     """Vector Engine: ``dst = data <op0> operand0`` plus a free-axis reduction into the accumulator registers."""
     where = "nisa.tensor_scalar_reduce"
     _on_chip(dst, where, "dst")
@@ -698,8 +818,11 @@ def tensor_scalar_reduce(dst, data, op0, operand0, reduce_op, reduce_res=None, r
         regs[:p] = np.float32(reduce_op.identity if reduce_op.identity is not None else 0.0)
     if reduce_res is not None:
         _on_chip(reduce_res, where, "reduce_res")
-        check(reduce_res.shape[0] == p and reduce_res.free_size == 1, where,
-              f"reduce_res{list(reduce_res.shape)}; must be ({p}, 1)")
+        check(
+            reduce_res.shape[0] == p and reduce_res.free_size == 1,
+            where,
+            f"reduce_res{list(reduce_res.shape)}; must be ({p}, 1)",
+        )
         out = regs[:p].reshape(p, 1)
         _write(reduce_res, -out if reduce_res_negate else out)
     return _count(globals()["engine"].vector, "tensor_scalar_reduce", dst, all16=_is16(dst, data))
@@ -739,8 +862,9 @@ def iota(dst, pattern, offset=0, channel_multiplier=0, name=None):
     return _count(globals()["engine"].gpsimd, "iota", dst)
 
 
-def affine_select(dst, pattern, channel_multiplier, on_true_tile, on_false_value, cmp_op=OPS["equal"], offset=0,
-                  name=None):
+def affine_select(
+    dst, pattern, channel_multiplier, on_true_tile, on_false_value, cmp_op=OPS["equal"], offset=0, name=None
+):
     """GpSimd: ``dst = on_true_tile`` where ``cmp_op(affine, 0)``, else ``on_false_value`` (causal masks)."""
     where = "nisa.affine_select"
     _on_chip(dst, where, "dst", allow_psum=False)
@@ -758,8 +882,11 @@ def _topk_src(src: NkiTensor, where: str, name: str) -> np.ndarray:
     _on_chip(src, where, name)
     check(src.ndim <= 3, where, f"{name}{list(src.shape)}; at most 3-D")
     n = src.free_size
-    check(TOPK8_MIN_ELEMS <= n <= TOPK8_MAX_ELEMS, where,
-          f"{name}{list(src.shape)} has {n} elements per partition; must be {TOPK8_MIN_ELEMS}..{TOPK8_MAX_ELEMS}")
+    check(
+        TOPK8_MIN_ELEMS <= n <= TOPK8_MAX_ELEMS,
+        where,
+        f"{name}{list(src.shape)} has {n} elements per partition; must be {TOPK8_MIN_ELEMS}..{TOPK8_MAX_ELEMS}",
+    )
     return _read32(src)
 
 
@@ -768,8 +895,11 @@ def max8(dst, src, name=None):
     where = "nisa.max8"
     x = _topk_src(src, where, "src")
     _on_chip(dst, where, "dst")
-    check(dst.ndim == 2 and dst.shape == (src.shape[0], TOPK8), where,
-          f"dst{list(dst.shape)}; must be [{src.shape[0]}, {TOPK8}]")
+    check(
+        dst.ndim == 2 and dst.shape == (src.shape[0], TOPK8),
+        where,
+        f"dst{list(dst.shape)}; must be [{src.shape[0]}, {TOPK8}]",
+    )
     top = -np.sort(-x, axis=1)[:, :TOPK8]
     _write(dst, top)
     return _count(globals()["engine"].vector, "max8", src, all16=_is16(src))
@@ -825,8 +955,17 @@ def nc_match_replace8(dst, data, vals, imm, dst_idx=None, name=None):
     return _count(globals()["engine"].vector, "nc_match_replace8", data, all16=_is16(data))
 
 
-def select_reduce(dst, predicate, on_true, on_false, reduce_res=None, reduce_cmd=reduce_cmd.idle,
-                  reduce_op=OPS["maximum"], reverse_pred=False, name=None):
+def select_reduce(
+    dst,
+    predicate,
+    on_true,
+    on_false,
+    reduce_res=None,
+    reduce_cmd=reduce_cmd.idle,
+    reduce_op=OPS["maximum"],
+    reverse_pred=False,
+    name=None,
+):
     """Vector Engine: ``dst = predicate ? on_true : on_false`` with an optional free-axis reduction."""
     where = "nisa.select_reduce"
     for nm, t in (("dst", dst), ("predicate", predicate), ("on_true", on_true)):
@@ -869,11 +1008,17 @@ def register_move(dst: VirtualRegister, src) -> None:
 
 def register_load(dst: VirtualRegister, src) -> None:
     check(isinstance(src, NkiTensor) and src.size == 1, "nisa.register_load", f"src={src!r}; must be a 1x1 tile")
-    dst.value = int(dtypes.to_fp32(src.read_raw()).reshape(-1)[0]) if dtypes.is_float(src.dtype) else int(
-        src.read_raw().reshape(-1)[0])
+    dst.value = (
+        int(dtypes.to_fp32(src.read_raw()).reshape(-1)[0])
+        if dtypes.is_float(src.dtype)
+        else int(src.read_raw().reshape(-1)[0])
+    )
 
 
 def register_store(dst, src) -> None:
     check(isinstance(dst, NkiTensor) and dst.size == 1, "nisa.register_store", f"dst={dst!r}; must be a 1x1 tile")
-    dst.write_raw(dtypes.convert(np.array([[int(src.value if isinstance(src, VirtualRegister) else src)]]),
-                                 dst.dtype).reshape(dst.shape))
+    dst.write_raw(
+        dtypes.convert(np.array([[int(src.value if isinstance(src, VirtualRegister) else src)]]), dst.dtype).reshape(
+            dst.shape
+        )
+    )

@@ -212,8 +212,9 @@ def device_print(print_prefix, tensor) -> None:
 def load(src: NkiTensor, dtype=None) -> NkiTensor:
     """HBM -> new SBUF tile (one DMA)."""
     check(isinstance(src, NkiTensor) and is_hbm(src.buffer), "nl.load", f"src={src!r}; must be an HBM tensor")
-    t = context.allocate(src.shape if len(src.shape) > 1 else (1, src.shape[0]), src.dtype if dtype is None else dtype,
-                         sbuf, "load")
+    t = context.allocate(
+        src.shape if len(src.shape) > 1 else (1, src.shape[0]), src.dtype if dtype is None else dtype, sbuf, "load"
+    )
     isa.dma_copy(t, src)
     return t
 
@@ -267,8 +268,11 @@ def _elementwise(op: MathOp, x, y=None, dtype=None):
     check(isinstance(x, NkiTensor), f"nl.{op.name}", f"x={x!r}; at least one operand must be a tile")
     out = context.allocate(x.shape, x.dtype if dtype is None else dtype, sbuf, op.name)
     if isinstance(y, NkiTensor):
-        check(x.shape == y.shape, f"nl.{op.name}", f"shapes {list(x.shape)} and {list(y.shape)}; no broadcasting "
-              "in binary ops (NKI 0.4 known limitation)")
+        check(
+            x.shape == y.shape,
+            f"nl.{op.name}",
+            f"shapes {list(x.shape)} and {list(y.shape)}; no broadcasting in binary ops (NKI 0.4 known limitation)",
+        )
         if op.kind in ("arith", "bitvec"):
             isa.tensor_tensor(out, x, y, op)
         else:
@@ -341,8 +345,9 @@ def softmax(x: NkiTensor, axis=-1, dtype=None) -> NkiTensor:
     isa.tensor_reduce(mx, OPS["maximum"], x, tuple(builtins.range(1, x.ndim)), negate=True)
     e = context.allocate(x.shape, float32, sbuf, "softmax_exp")
     s = context.allocate((p, 1), float32, sbuf, "softmax_sum")
-    isa.activation(e, OPS["exp"], x, bias=mx, reduce_op=OPS["add"], reduce_res=s,
-                   reduce_cmd=isa.reduce_cmd.reset_reduce)
+    isa.activation(
+        e, OPS["exp"], x, bias=mx, reduce_op=OPS["add"], reduce_res=s, reduce_cmd=isa.reduce_cmd.reset_reduce
+    )
     r = context.allocate((p, 1), float32, sbuf, "softmax_rcp")
     isa.reciprocal(r, s)
     out = context.allocate(x.shape, x.dtype if dtype is None else dtype, sbuf, "softmax")
@@ -381,8 +386,11 @@ def expand_dims(x: NkiTensor, axis) -> NkiTensor:
 
 def broadcast_to(x: NkiTensor, shape, dtype=None) -> NkiTensor:
     shape = tuple(shape)
-    check(len(shape) == x.ndim and builtins.all(a == b or a == 1 for a, b in zip(x.shape, shape)), "nl.broadcast_to",
-          f"shape={shape}; must have rank {x.ndim} and broadcast from {list(x.shape)}")
+    check(
+        len(shape) == x.ndim and builtins.all(a == b or a == 1 for a, b in zip(x.shape, shape)),
+        "nl.broadcast_to",
+        f"shape={shape}; must have rank {x.ndim} and broadcast from {list(x.shape)}",
+    )
     out = context.allocate(shape, x.dtype if dtype is None else dtype, sbuf, "broadcast_to")
     isa._write(out, np.broadcast_to(isa._read32(x).reshape(x.shape), shape).astype(np.float32))
     isa._count(isa.engine.vector, "nl.broadcast_to", out)

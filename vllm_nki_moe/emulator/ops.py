@@ -71,7 +71,7 @@ def _mish(x):
 
 
 def _erf_dx(x):
-    return (2.0 / np.sqrt(np.pi) * np.exp(-x.astype(np.float64) ** 2)).astype(np.float32)
+    return (2.0 / np.sqrt(np.pi) * np.exp(-(x.astype(np.float64) ** 2))).astype(np.float32)
 
 
 def _safe(fn):
@@ -86,8 +86,17 @@ class MathOp:
     """One operator. ``kind``: 'arith' / 'bitvec' (binary ALU ops), 'unary' (ALU unary: abs, square, relu, rsqrt,
     reciprocal), 'act' (activation-table only) or 'lang' (``nki.language`` function only, not an ISA operator)."""
 
-    def __init__(self, name: str, fn: Callable, kind: str, *, arity: int, reducible: bool = False,
-                 activation: bool = False, identity: float | None = None):
+    def __init__(
+        self,
+        name: str,
+        fn: Callable,
+        kind: str,
+        *,
+        arity: int,
+        reducible: bool = False,
+        activation: bool = False,
+        identity: float | None = None,
+    ):
         self.name = name
         self.fn = _safe(fn)
         self.kind = kind
@@ -200,9 +209,17 @@ _LANG_BINARY = {
     "mod": _f32(np.mod),
 }
 _REDUCERS = {
-    "add": np.add, "subtract": np.add, "multiply": np.multiply, "maximum": np.maximum, "minimum": np.minimum,
-    "bitwise_and": np.bitwise_and, "bitwise_or": np.bitwise_or, "bitwise_xor": np.bitwise_xor,
-    "logical_and": np.logical_and, "logical_or": np.logical_or, "logical_xor": np.logical_xor,
+    "add": np.add,
+    "subtract": np.add,
+    "multiply": np.multiply,
+    "maximum": np.maximum,
+    "minimum": np.minimum,
+    "bitwise_and": np.bitwise_and,
+    "bitwise_or": np.bitwise_or,
+    "bitwise_xor": np.bitwise_xor,
+    "logical_and": np.logical_and,
+    "logical_or": np.logical_or,
+    "logical_xor": np.logical_xor,
 }
 
 OPS: dict[str, MathOp] = {}

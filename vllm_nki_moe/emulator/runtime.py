@@ -91,8 +91,11 @@ def _wrap_arg(x: Any, i: int, inputs: list[Storage]):
 
 def _unwrap(out: Any, torch_out: bool, where: str):
     if isinstance(out, NkiTensor):
-        check(out.buffer is MemoryRegion.shared_hbm, where,
-              f"output={out.describe()}; kernel outputs must be allocated in nl.shared_hbm (NKI 0.3+)")
+        check(
+            out.buffer is MemoryRegion.shared_hbm,
+            where,
+            f"output={out.describe()}; kernel outputs must be allocated in nl.shared_hbm (NKI 0.3+)",
+        )
         arr = out.read_raw()
         return _to_torch(arr) if torch_out else arr
     if isinstance(out, (list, tuple)):

@@ -85,14 +85,25 @@ def _row_major_strides(shape: Sequence[int]) -> tuple[int, ...]:
 class NkiTensor:
     """A multi-dimensional view of storage in SBUF, PSUM or HBM (``nki.language.NkiTensor``)."""
 
-    def __init__(self, shape, dtype, storage=None, buffer=MemoryRegion.sbuf, name: str = "", *, _strides=None,
-                 _offset: int = 0, _indirect: _Indirect | None = None):
+    def __init__(
+        self,
+        shape,
+        dtype,
+        storage=None,
+        buffer=MemoryRegion.sbuf,
+        name: str = "",
+        *,
+        _strides=None,
+        _offset: int = 0,
+        _indirect: _Indirect | None = None,
+    ):
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         if storage is None:
             data = np.zeros(math.prod(self.shape), dtype=self.dtype)
-            storage = Storage(data, MemoryRegion(buffer.value if isinstance(buffer, MemoryRegion) else buffer),
-                              name, self.shape)
+            storage = Storage(
+                data, MemoryRegion(buffer.value if isinstance(buffer, MemoryRegion) else buffer), name, self.shape
+            )
         self._storage: Storage = storage
         self.strides = tuple(_strides) if _strides is not None else _row_major_strides(self.shape)
         self.offset = int(_offset)
@@ -138,8 +149,14 @@ class NkiTensor:
         return f"NkiTensor({self.describe()})"
 
     def _derive(self, shape, strides, offset, dtype=None, indirect: Any = "keep") -> NkiTensor:
-        return NkiTensor(shape, self.dtype if dtype is None else dtype, self._storage, _strides=strides,
-                         _offset=offset, _indirect=self._indirect if indirect == "keep" else indirect)
+        return NkiTensor(
+            shape,
+            self.dtype if dtype is None else dtype,
+            self._storage,
+            _strides=strides,
+            _offset=offset,
+            _indirect=self._indirect if indirect == "keep" else indirect,
+        )
 
     def _where(self, op: str) -> str:
         return f"NkiTensor.{op}({self.describe()})"
@@ -184,8 +201,11 @@ class NkiTensor:
                 stop = n if stop is None else int(stop)
                 start = start + n if start < 0 else start
                 stop = stop + n if stop < 0 else stop
-                check(0 <= start < stop <= n, self._where("__getitem__"),
-                      f"slice={start}:{stop} on dim {dim}; must satisfy 0 <= start < stop <= {n} (no clamping)")
+                check(
+                    0 <= start < stop <= n,
+                    self._where("__getitem__"),
+                    f"slice={start}:{stop} on dim {dim}; must satisfy 0 <= start < stop <= {n} (no clamping)",
+                )
                 self._check_indirect_dim(dim, "slice", start != 0 or stop != n or step != 1)
                 shape.append(len(range(start, stop, step)))
                 strides.append(s * step)
@@ -248,8 +268,11 @@ class NkiTensor:
     def permute(self, dims) -> NkiTensor:
         dims = tuple(int(d) for d in dims)
         check(sorted(dims) == list(range(self.ndim)), self._where("permute"), f"dims={dims}; not a permutation")
-        check(not (self.on_chip or self._indirect) or dims[0] == 0, self._where("permute"),
-              f"dims={dims}; the partition dim must stay first on chip")
+        check(
+            not (self.on_chip or self._indirect) or dims[0] == 0,
+            self._where("permute"),
+            f"dims={dims}; the partition dim must stay first on chip",
+        )
         return self._derive([self.shape[d] for d in dims], [self.strides[d] for d in dims], self.offset)
 
     def broadcast(self, dim: int, size: int) -> NkiTensor:
@@ -269,31 +292,46 @@ class NkiTensor:
     def squeeze_dim(self, dim: int) -> NkiTensor:
         check(self.shape[dim] == 1, self._where("squeeze_dim"), f"shape[{dim}]={self.shape[dim]}; must be 1")
         check(not (self.on_chip and dim == 0), self._where("squeeze_dim"), "dim=0; cannot remove the partition dim")
-        return self._derive(self.shape[:dim] + self.shape[dim + 1 :], self.strides[:dim] + self.strides[dim + 1 :],
-                            self.offset)
+        return self._derive(
+            self.shape[:dim] + self.shape[dim + 1 :], self.strides[:dim] + self.strides[dim + 1 :], self.offset
+        )
 
     def reshape_dim(self, dim: int, shape) -> NkiTensor:
         shape = [int(s) for s in shape]
         if -1 in shape:
             known = math.prod(s for s in shape if s != -1)
             shape[shape.index(-1)] = self.shape[dim] // known
-        check(math.prod(shape) == self.shape[dim], self._where("reshape_dim"),
-              f"shape={tuple(shape)}; product must equal shape[{dim}]={self.shape[dim]}")
-        check(not (self.on_chip and dim == 0 and len(shape) > 1), self._where("reshape_dim"),
-              "dim=0; cannot split the partition dim")
+        check(
+            math.prod(shape) == self.shape[dim],
+            self._where("reshape_dim"),
+            f"shape={tuple(shape)}; product must equal shape[{dim}]={self.shape[dim]}",
+        )
+        check(
+            not (self.on_chip and dim == 0 and len(shape) > 1),
+            self._where("reshape_dim"),
+            "dim=0; cannot split the partition dim",
+        )
         inner = [s * self.strides[dim] for s in _row_major_strides(shape)]
-        return self._derive(self.shape[:dim] + tuple(shape) + self.shape[dim + 1 :],
-                            self.strides[:dim] + tuple(inner) + self.strides[dim + 1 :], self.offset)
+        return self._derive(
+            self.shape[:dim] + tuple(shape) + self.shape[dim + 1 :],
+            self.strides[:dim] + tuple(inner) + self.strides[dim + 1 :],
+            self.offset,
+        )
 
     def flatten_dims(self, start_dim: int, end_dim: int) -> NkiTensor:
         check(not (self.on_chip and start_dim == 0), self._where("flatten_dims"), "start_dim=0 on chip; must be > 0")
         for d in range(start_dim, end_dim):
-            check(self.strides[d] == self.strides[d + 1] * self.shape[d + 1] or self.shape[d] == 1,
-                  self._where("flatten_dims"), f"dims {start_dim}..{end_dim}; not contiguous in memory")
+            check(
+                self.strides[d] == self.strides[d + 1] * self.shape[d + 1] or self.shape[d] == 1,
+                self._where("flatten_dims"),
+                f"dims {start_dim}..{end_dim}; not contiguous in memory",
+            )
         n = math.prod(self.shape[start_dim : end_dim + 1])
-        return self._derive(self.shape[:start_dim] + (n,) + self.shape[end_dim + 1 :],
-                            self.strides[:start_dim] + (self.strides[end_dim],) + self.strides[end_dim + 1 :],
-                            self.offset)
+        return self._derive(
+            self.shape[:start_dim] + (n,) + self.shape[end_dim + 1 :],
+            self.strides[:start_dim] + (self.strides[end_dim],) + self.strides[end_dim + 1 :],
+            self.offset,
+        )
 
     def reshape(self, shape) -> NkiTensor:
         shape = [int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,))]
@@ -304,8 +342,11 @@ class NkiTensor:
         check(math.prod(shape) == self.size, where, f"shape={tuple(shape)}; element count must stay {self.size}")
         check(self._indirect is None or shape[0] == self.shape[0], where, "indirect view; partition dim must stay")
         if self.on_chip:
-            check(shape[0] == self.shape[0], where,
-                  f"shape[0]={shape[0]}; on-chip reshape must keep the partition dim {self.shape[0]}")
+            check(
+                shape[0] == self.shape[0],
+                where,
+                f"shape[0]={shape[0]}; on-chip reshape must keep the partition dim {self.shape[0]}",
+            )
             check(self.is_contiguous(), where, "free dims not contiguous; reshape needs a contiguous layout")
             base = self.strides[-1] if len(self.shape) > 1 and self.shape[-1] > 1 else 1
             strides = (self.strides[0],) + tuple(s * base for s in _row_major_strides(shape[1:]))
@@ -346,22 +387,36 @@ class NkiTensor:
         old, new = self.dtype.itemsize, dtype.itemsize
         if old == new:
             return self._derive(self.shape, self.strides, self.offset, dtype=dtype)
-        check((self.shape[-1] * old) % new == 0 and all((s * old) % new == 0 for s in self.strides[:-1])
-              and (self.offset * old) % new == 0, where,
-              f"dtype={dtype.name}; last dim {self.shape[-1]} x {old} B not divisible into {new}-byte elements")
+        check(
+            (self.shape[-1] * old) % new == 0
+            and all((s * old) % new == 0 for s in self.strides[:-1])
+            and (self.offset * old) % new == 0,
+            where,
+            f"dtype={dtype.name}; last dim {self.shape[-1]} x {old} B not divisible into {new}-byte elements",
+        )
         shape = self.shape[:-1] + (self.shape[-1] * old // new,)
         strides = tuple(s * old // new for s in self.strides[:-1]) + (1,)
         return self._derive(shape, strides, self.offset * old // new, dtype=dtype)
 
     reinterpret_cast = view
 
-    def ap(self, pattern, offset: int | None = None, scalar_offset=None, vector_offset=None, indirect_dim: int = 0,
-           dtype=None) -> NkiTensor:
+    def ap(
+        self,
+        pattern,
+        offset: int | None = None,
+        scalar_offset=None,
+        vector_offset=None,
+        indirect_dim: int = 0,
+        dtype=None,
+    ) -> NkiTensor:
         """Explicit ``[[stride, count], ...]`` access pattern over this view's storage, optionally indirect."""
         where = self._where("ap")
         check(self._indirect is None, where, "already indirect; indirect views cannot be re-indirected")
-        check(scalar_offset is None or vector_offset is None, where,
-              "vector_offset and scalar_offset given; they are mutually exclusive (dma_copy doc)")
+        check(
+            scalar_offset is None or vector_offset is None,
+            where,
+            "vector_offset and scalar_offset given; they are mutually exclusive (dma_copy doc)",
+        )
         pattern = [[int(s), int(n)] for s, n in pattern]
         check(len(pattern) >= 1 and all(n >= 1 for _, n in pattern), where, f"pattern={pattern}; counts must be >= 1")
         new_dtype = self.dtype if dtype is None else dtypes.as_dtype(dtype, where)
@@ -376,13 +431,19 @@ class NkiTensor:
         if vector_offset is not None or scalar_offset is not None:
             index = vector_offset if vector_offset is not None else scalar_offset
             if isinstance(index, NkiTensor):
-                check(index.buffer is MemoryRegion.sbuf, where,
-                      f"offset tensor={index.describe()}; indirect offsets must be in SBUF (dma_copy doc)")
+                check(
+                    index.buffer is MemoryRegion.sbuf,
+                    where,
+                    f"offset tensor={index.describe()}; indirect offsets must be in SBUF (dma_copy doc)",
+                )
             kind = "vector" if vector_offset is not None else "scalar"
             if kind == "vector":
                 check(not self.on_chip, where, f"buffer={self.buffer.value}; vector_offset needs an HBM tensor")
-                check(index.shape[0] == pattern[0][1] and index.free_size == 1, where,
-                      f"vector_offset{list(index.shape)}; must be (P, 1) with P = pattern[0] count {pattern[0][1]}")
+                check(
+                    index.shape[0] == pattern[0][1] and index.free_size == 1,
+                    where,
+                    f"vector_offset{list(index.shape)}; must be (P, 1) with P = pattern[0] count {pattern[0][1]}",
+                )
             stride = self.strides[indirect_dim]
             if new_dtype.itemsize != self.dtype.itemsize:
                 stride = stride * self.dtype.itemsize // new_dtype.itemsize
@@ -392,7 +453,9 @@ class NkiTensor:
         return out
 
     def indirect(self, index, num_elem=None) -> NkiTensor:
-        raise NkiEmulatorError(f"{self._where('indirect')}: tensor indirection; NeuronCore-v4 (trn3) only, we model trn2")
+        raise NkiEmulatorError(
+            f"{self._where('indirect')}: tensor indirection; NeuronCore-v4 (trn3) only, the emulator models trn2"
+        )
 
     # ----- data access (used by instructions) -------------------------------------------------------------------
     def _flat(self) -> np.ndarray:
@@ -406,14 +469,19 @@ class NkiTensor:
         if self._indirect is not None and self._indirect.kind == "vector":
             hi -= max(self.strides[0], 0) * (self.shape[0] - 1)
             lo -= min(self.strides[0], 0) * (self.shape[0] - 1)
-        check(lo >= 0 and hi < n, where, f"pattern={self.get_pattern()} offset={self.offset}; "
-              f"addresses [{lo}, {hi}] fall outside the allocation of {n} elements")
+        check(
+            lo >= 0 and hi < n,
+            where,
+            f"pattern={self.get_pattern()} offset={self.offset}; "
+            f"addresses [{lo}, {hi}] fall outside the allocation of {n} elements",
+        )
 
     def _array(self, writeable: bool = False) -> np.ndarray:
         flat = self._flat()
         isz = flat.itemsize
-        return np.lib.stride_tricks.as_strided(flat[self.offset :], shape=self.shape,
-                                               strides=[s * isz for s in self.strides], writeable=writeable)
+        return np.lib.stride_tricks.as_strided(
+            flat[self.offset :], shape=self.shape, strides=[s * isz for s in self.strides], writeable=writeable
+        )
 
     def _addresses(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Element addresses of an indirect view, resolved now, and a per-element validity mask (None = all)."""
@@ -421,8 +489,11 @@ class NkiTensor:
         idx_t = ind.index
         if isinstance(idx_t, NkiTensor):
             idx = idx_t.read_raw().reshape(-1).astype(np.int64)
-            check(idx_t.dtype in dtypes.INT_DTYPES, self._where("ap"),
-                  f"offset dtype={idx_t.dtype.name}; indirect offsets must be an integer dtype")
+            check(
+                idx_t.dtype in dtypes.INT_DTYPES,
+                self._where("ap"),
+                f"offset dtype={idx_t.dtype.name}; indirect offsets must be an integer dtype",
+            )
         else:
             idx = np.array([int(_register_value(idx_t))], dtype=np.int64)
         addr = np.full(self.shape, self.offset, dtype=np.int64)
@@ -466,8 +537,11 @@ class NkiTensor:
         if storage.is_input:
             storage.written = True
         if self._indirect is None:
-            check(all(s != 0 or n == 1 for s, n in zip(self.strides, self.shape)), self._where("write"),
-                  f"strides={self.strides}; cannot write through a broadcast view")
+            check(
+                all(s != 0 or n == 1 for s, n in zip(self.strides, self.shape)),
+                self._where("write"),
+                f"strides={self.strides}; cannot write through a broadcast view",
+            )
             self._array(writeable=True)[...] = values
             return
         addr, ok = self._addresses()
@@ -482,8 +556,9 @@ class NkiTensor:
         st = self._storage.psum_state
         ratio = self.dtype.itemsize / self._storage.data.dtype.itemsize
         check(ratio == 1, self._where("psum_state"), "PSUM view with a reinterpreted dtype; not supported")
-        return np.lib.stride_tricks.as_strided(st[self.offset :], shape=self.shape, strides=self.strides,
-                                               writeable=True)
+        return np.lib.stride_tricks.as_strided(
+            st[self.offset :], shape=self.shape, strides=self.strides, writeable=True
+        )
 
 
 def _is_register(x: Any) -> bool:
