@@ -1,4 +1,4 @@
-"""Calling an NKI kernel from torch code: tensor conversion, the backend switch, and the shape-support fallback."""
+"""Calling an NKI kernel from torch code: the backend switch and the shape-support fallback."""
 
 from __future__ import annotations
 
@@ -6,65 +6,22 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import ml_dtypes
-import numpy as np
-import torch
-
 from .. import ops_torch
 
 logger = logging.getLogger(__name__)
-
-_TORCH_TO_NUMPY = {
-    torch.float32: np.float32,
-    torch.float16: np.float16,
-    torch.int32: np.int32,
-    torch.int64: np.int64,
-    torch.uint8: np.uint8,
-    torch.int8: np.int8,
-}
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A contiguous NumPy copy of ``t``; bf16/fp8 arrive as ``ml_dtypes`` arrays with the same bits."""
-    t = t.detach().contiguous().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    if t.dtype == torch.float8_e4m3fn:
-        return t.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
-    if t.dtype == torch.float8_e5m2:
-        return t.view(torch.uint8).numpy().view(ml_dtypes.float8_e5m2)
-    if t.dtype not in _TORCH_TO_NUMPY:
-        raise TypeError(f"ops_nki: dtype={t.dtype} has no NumPy equivalent for the emulator")
-    return t.numpy().copy()
-
-
-def to_torch(a: np.ndarray) -> torch.Tensor:
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    if a.dtype == ml_dtypes.float8_e4m3fn:
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint8)).view(torch.float8_e4m3fn)
-    if a.dtype == ml_dtypes.float8_e5m2:
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint8)).view(torch.float8_e5m2)
-    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def call_kernel(backend: str, kernel, *args: Any, **kwargs: Any):
     """Run ``kernel`` (an ``@nki.jit`` function) on ``args``; tensors in and out are torch tensors.
 
-    ``emulator``: tensors become NumPy arrays for the emulator's ``nki.simulate``; ``nki``: the real package takes
-    device tensors directly. Non-tensor arguments pass unchanged. Returns a tensor or a tuple of tensors.
+    ``emulator``: the emulator's ``nki.simulate`` (CPU tensors); ``nki``: the real package takes device tensors.
+    Non-tensor arguments pass unchanged. Returns what the kernel returns, as torch tensors.
     """
     if backend == "nki":
         return kernel(*args, **kwargs)
-    from ..emulator import simulate
+    from ..emulator import simulate  # takes torch tensors (bf16 included) and returns torch tensors
 
-    def convert(x):
-        return to_numpy(x) if isinstance(x, torch.Tensor) else x
-
-    out = simulate(kernel)(*(convert(a) for a in args), **{k: convert(v) for k, v in kwargs.items()})
-    if isinstance(out, (tuple, list)):
-        return tuple(to_torch(o) for o in out)
-    return to_torch(out)
+    return simulate(kernel)(*args, **kwargs)
 
 
 @dataclass(frozen=True)
