@@ -36,7 +36,7 @@ setup(
     package_data={"vllm_nki_moe.kernels": ["*.md"]},
     install_requires=[
         "numpy>=1.26",
-        "ml_dtypes>=0.4",
+        "ml_dtypes>=0.5",  # float8_e4m3 / float8_e8m0fnu used by the NKI emulator
         "safetensors>=0.4",
         "tokenizers>=0.19",
         "transformers>=4.51",  # first release with Qwen3MoeConfig
