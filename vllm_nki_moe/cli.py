@@ -19,6 +19,12 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kernels(args: argparse.Namespace) -> int:
+    from .kernel_check.cli import run_kernels_command
+
+    return run_kernels_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-nki-moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -30,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--config", help="JSON file of Qwen3MoeConfig fields overriding the defaults")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(handler=_make_tiny_model)
+
+    kernels = sub.add_parser("kernels", help="check NKI kernels against their references; cost-model benchmark")
+    from .kernel_check.cli import add_kernels_arguments
+
+    add_kernels_arguments(kernels)
+    kernels.set_defaults(handler=_kernels)
     return parser
 
 
