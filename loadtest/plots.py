@@ -16,10 +16,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
 
 from .metrics import MS_PER_S, Sample  # noqa: E402
 
 LOG_SCALE_RATIO = 20.0  # beyond this max/min ratio a linear axis squashes the smaller bars to nothing
+ITL_FLOOR_MS = 0.01  # gaps below this (several chunks in one socket read) are drawn at it on a log axis
+HIST_BINS = 60
+HEADROOM_LINEAR, HEADROOM_LOG = 1.3, 6.0  # room above the tallest bar for its label and the legend
 DPI = 110
 WIDE = (12, 5)
 OURS, OURS_LIGHT, BASE = "#1f77b4", "#9ecae1", "#ff7f0e"
@@ -43,9 +47,15 @@ def _labels(report: Mapping) -> list[str]:
 
 
 def _maybe_log(ax, values: Sequence[float | None]) -> None:
+    """Log scale when the bars differ by more than LOG_SCALE_RATIO; headroom above the tallest for the legend."""
     present = [v for v in values if v]
-    if present and max(present) / min(present) > LOG_SCALE_RATIO:
+    if not present:
+        return
+    if max(present) / min(present) > LOG_SCALE_RATIO:
         ax.set_yscale("log")
+        ax.set_ylim(top=max(present) * HEADROOM_LOG)
+    else:
+        ax.set_ylim(top=max(present) * HEADROOM_LINEAR)
 
 
 def _annotate(ax, bars, fmt: str = "{:.0f}") -> None:
@@ -112,7 +122,7 @@ def _latency_vs_baseline(report: Mapping, path: Path) -> Path:
     _maybe_log(right, thr + base_thr)
     for ax in (left, right):
         ax.set_xticks(list(x), _labels(report), rotation=20, ha="right", fontsize=8)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", ncol=3)
         ax.grid(axis="y", alpha=0.3)
     run, totals = report["run"], report["totals"]
     score = totals.get("score")
@@ -141,13 +151,19 @@ def _ttft_itl(report: Mapping, ok: Sequence[Sample], path: Path) -> Path:
     left.grid(axis="y", alpha=0.3)
     gaps = [g * MS_PER_S for s in ok for g in s.itl_s]
     if gaps:
-        right.hist(gaps, bins=60, color=OURS, alpha=0.8)
+        low, high = max(min(gaps), ITL_FLOOR_MS), max(max(gaps), ITL_FLOOR_MS * 2)
+        if high / low > LOG_SCALE_RATIO:  # bursts and stalls side by side: only a log axis shows both
+            gaps = [max(g, ITL_FLOOR_MS) for g in gaps]
+            right.hist(gaps, bins=np.geomspace(low, high, HIST_BINS), color=OURS, alpha=0.8)
+            right.set_xscale("log")
+        else:
+            right.hist(gaps, bins=HIST_BINS, color=OURS, alpha=0.8)
         gap_stats = report["totals"]["itl_ms"]
         for key, style in (("p50", "-"), ("p99", "--")):
             right.axvline(gap_stats[key], color="black", linestyle=style, label=f"{key} = {gap_stats[key]:.2f} ms")
         right.legend(fontsize=8)
         right.set_yscale("log")
-    right.set_xlabel("gap between streamed text chunks (ms)")
+    right.set_xlabel(f"gap between text chunks (ms); gaps < {ITL_FLOOR_MS} ms = chunks read together")
     right.set_ylabel("count (log)")
     right.set_title("Inter-token latency, all prompts (one decode step + transport)")
     right.grid(alpha=0.3)
