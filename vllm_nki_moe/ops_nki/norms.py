@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import rmsnorm
-from ..kernels.limits import SBUF_PARTITION_BYTES
-from .bridge import KernelOp, call_kernel
+from ..emulator import install
+
+install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
+
+from ..kernels import rmsnorm  # noqa: E402 - after install()
+from ..kernels.limits import SBUF_PARTITION_BYTES  # noqa: E402 - after install()
+from .bridge import KernelOp, call_kernel  # noqa: E402 - after install()
 
 DTYPES = (torch.float32, torch.bfloat16)
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import rope
-from .bridge import KernelOp, call_kernel
+from ..emulator import install
+
+install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
+
+from ..kernels import rope  # noqa: E402 - after install()
+from .bridge import KernelOp, call_kernel  # noqa: E402 - after install()
 
 DTYPES = (torch.float32, torch.bfloat16)
 

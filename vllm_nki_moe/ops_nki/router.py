@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import router
-from ..kernels.limits import TOPK8, TOPK8_MAX_ELEMS
-from .bridge import KernelOp, call_kernel
+from ..emulator import install
+
+install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
+
+from ..kernels import router  # noqa: E402 - after install()
+from ..kernels.limits import TOPK8, TOPK8_MAX_ELEMS  # noqa: E402 - after install()
+from .bridge import KernelOp, call_kernel  # noqa: E402 - after install()
 
 
 def _supports(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> str | None:
