@@ -31,6 +31,9 @@ def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
             default="emulator",
             help="run in the NumPy NKI emulator (default) or on the real nki package",
         )
+        p.add_argument(
+            "--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="activation dtype (default bfloat16)"
+        )
     check.add_argument("--tokens", type=_tokens, default=_tokens(DEFAULT_TOKENS), help=f"default {DEFAULT_TOKENS}")
     check.add_argument("--only", help="kernel names (comma-separated; substrings match) to run")
 
@@ -56,7 +59,7 @@ def run_kernels_command(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        shapes = kernel_shapes(args.config, args.tp)
+        shapes = kernel_shapes(args.config, args.tp, args.dtype)
     except ShapesError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

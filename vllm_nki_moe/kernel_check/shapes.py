@@ -74,6 +74,13 @@ class KernelShapes:
     rope_theta: float
     max_positions: int
     context_len: int = DEFAULT_CONTEXT_LEN
+    dtype: str = "bfloat16"  # activation dtype of the cases ("bfloat16": the hardware path; or "float32")
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
 
     def describe(self) -> str:
         return (
@@ -99,7 +106,7 @@ def load_config(path: str | Path | None) -> tuple[str, dict]:
     return str(p), cfg
 
 
-def kernel_shapes(config: str | Path | dict | None = None, tp: int = 1) -> KernelShapes:
+def kernel_shapes(config: str | Path | dict | None = None, tp: int = 1, dtype: str = "bfloat16") -> KernelShapes:
     """Per-rank shapes for ``config`` (a path, a dict of HF fields, or None for Qwen3-30B-A3B) at TP degree ``tp``.
 
     Raises ShapesError naming the field, its value and the rule when the config is incomplete or ``tp`` does not
@@ -111,6 +118,8 @@ def kernel_shapes(config: str | Path | dict | None = None, tp: int = 1) -> Kerne
         name, cfg = load_config(config)
     if not isinstance(tp, int) or tp < 1:
         raise ShapesError(f"kernel_check: tp={tp!r}; must be a positive integer")
+    if dtype not in ("bfloat16", "float32"):
+        raise ShapesError(f"kernel_check: dtype={dtype!r}; must be bfloat16 or float32")
     try:
         sizes = read_sizes(SimpleNamespace(**cfg), tp_size=tp)
     except AttributeError as err:
@@ -141,4 +150,5 @@ def kernel_shapes(config: str | Path | dict | None = None, tp: int = 1) -> Kerne
         rms_eps=sizes.rms_norm_eps,
         rope_theta=sizes.rope_theta,
         max_positions=sizes.max_position_embeddings,
+        dtype=dtype,
     )

@@ -1,0 +1,44 @@
+"""Kernel-check cases for ``kernels/router.py``: one router top-k per MoE layer at one rank's shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..emulator import install
+
+install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
+
+from ..kernels import router  # noqa: E402 - after install()
+from ..kernels.limits import TOPK8  # noqa: E402
+from .registry import KernelCase  # noqa: E402
+from .shapes import KernelShapes  # noqa: E402
+
+_DT_NAMES = {"bfloat16": "bf16", "float32": "fp32"}
+
+
+def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
+    s, T, E, K = shapes, tokens, shapes.experts, shapes.top_k
+    dt = s.torch_dtype
+
+    def inputs(rng: np.random.Generator) -> tuple:
+        # Router logits of a trained model are a few units wide; scale 2 gives a realistic softmax spread.
+        logits = torch.from_numpy(rng.standard_normal((T, E), dtype=np.float32) * 2.0).to(dt)
+        return logits, K, s.norm_topk_prob
+
+    unsupported = None
+    if K > TOPK8:
+        unsupported = f"top_k={K}; the kernel supports at most {TOPK8} (max8)"
+    return [
+        KernelCase(
+            kernel="router_topk",
+            shapes=f"T={T} E={E} k={K} renorm={int(s.norm_topk_prob)} {_DT_NAMES[s.dtype]}",
+            build_inputs=inputs,
+            kernel_fn=router.router_topk,
+            reference=router.router_topk_ref,
+            tolerance="float32",  # fp32 weights; ids compared exactly
+            min_hbm_bytes=T * E * dt.itemsize + T * K * (4 + 4),
+            calls_per_layer=1,
+            unsupported=unsupported,
+        )
+    ]
