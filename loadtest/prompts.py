@@ -94,6 +94,13 @@ def add_options(parser) -> None:
     )
     parser.add_argument("--model", default="", help="served model name (default: the first of GET /v1/models)")
     parser.add_argument(
+        "--api-key",
+        default="",
+        env_var="VLLM_API_KEY",
+        is_secret=True,
+        help="bearer token for servers started with an API key (default: $VLLM_API_KEY)",
+    )
+    parser.add_argument(
         "--request-timeout", type=float, default=900.0, help="seconds one completion may take in all before it fails"
     )
     parser.add_argument(
@@ -192,7 +199,7 @@ def on_test_start(environment, **_kwargs) -> None:
     except (OSError, ValueError) as exc:
         _abort(environment, str(exc))
         return
-    with requests.Session() as session:
+    with _session(opts) as session:
         state.model = opts.model or _first_model(environment, session, state)
         if state.fatal:
             _abort(environment, state.fatal)
@@ -212,6 +219,13 @@ def on_test_start(environment, **_kwargs) -> None:
         opts.seq_len,
         state.report_dir,
     )
+
+
+def _session(opts) -> requests.Session:
+    session = requests.Session()
+    if opts is not None and opts.api_key:
+        session.headers["Authorization"] = f"Bearer {opts.api_key}"
+    return session
 
 
 def _abort(environment, reason: str) -> None:
@@ -328,7 +342,7 @@ class CompletionUser(User):
     wait_time = constant(0)
 
     def on_start(self) -> None:
-        self.session = requests.Session()
+        self.session = _session(STATE.options)
         self.number = next(STATE.user_ids)
         self.sent = 0  # load mode: requests sent by this user, to walk the prompt mix
 

@@ -26,12 +26,19 @@ class FakeServer:
     completion request bodies received (streamed ones only)."""
 
     def __init__(
-        self, *, model: str = "fake-model", token_delay_s: float = 0.002, stall_s: float = 3.0, tokenize: bool = True
+        self,
+        *,
+        model: str = "fake-model",
+        token_delay_s: float = 0.002,
+        stall_s: float = 3.0,
+        tokenize: bool = True,
+        api_key: str = "",
     ):
         self.model = model
         self.token_delay_s = token_delay_s
         self.stall_s = stall_s
         self.tokenize = tokenize
+        self.api_key = api_key  # when set, /v1/* requires "Authorization: Bearer <api_key>", as vLLM's --api-key
         self.requests: list[dict] = []
         self.seen: Counter = Counter()
         self.lock = threading.Lock()
@@ -72,7 +79,17 @@ def _handler_for(server: FakeServer):
             self.end_headers()
             self.wfile.write(body)
 
+        def _authorized(self) -> bool:
+            if not server.api_key or not self.path.startswith("/v1/"):
+                return True
+            if self.headers.get("Authorization") == f"Bearer {server.api_key}":
+                return True
+            self._json(401, {"error": "Unauthorized"})
+            return False
+
         def do_GET(self) -> None:
+            if not self._authorized():
+                return
             if self.path == "/v1/models":
                 self._json(200, {"object": "list", "data": [{"id": server.model, "object": "model"}]})
             else:
@@ -80,6 +97,8 @@ def _handler_for(server: FakeServer):
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            if not self._authorized():
+                return
             prompt = body.get("prompt", "")
             if self.path == "/tokenize" and server.tokenize:
                 words = prompt.split()

@@ -149,7 +149,8 @@ def test_failures_are_reported_and_the_report_still_written(fake_server, prompt_
 
 def test_load_mode_with_several_users(prompt_file, tmp_path):
     prompts = ["alpha beta gamma delta", "one two three"]
-    with FakeServer(tokenize=False) as server:  # no /tokenize: token counts come from a completion's usage
+    # No /tokenize (token counts come from a completion's usage), and an API key as vLLM's --api-key.
+    with FakeServer(tokenize=False, api_key="sesame") as server:
         run = run_locust(
             server.url,
             tmp_path / "out",
@@ -159,6 +160,8 @@ def test_load_mode_with_several_users(prompt_file, tmp_path):
             str(prompt_file(*prompts)),
             "--seq-len",
             "40",
+            "--api-key",
+            "sesame",
             users=3,
             spawn_rate=3,
             run_time="4s",
