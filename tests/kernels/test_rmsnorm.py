@@ -1,0 +1,151 @@
+"""kernels/rmsnorm.py: rms_norm and fused_add_rms_norm match their references (and Hugging Face's rounding)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from vllm_nki_moe.kernels import rmsnorm
+from vllm_nki_moe.kernels.limits import PMAX
+
+from vllm_nki_moe import ops, ops_torch
+from vllm_nki_moe.emulator import run
+from vllm_nki_moe.kernel_check.tolerances import assert_close, dtype_key
+
+from .conftest import SEED, randn
+
+EPS = 1e-6  # Qwen3-30B-A3B rms_norm_eps (config.json)
+DTYPES = [torch.bfloat16, torch.float32]
+# Qwen3-30B-A3B (config.json: hidden 2048, 32 q / 4 kv heads, head_dim 128) per TP rank: the layer norms see
+# [T, 2048] at every TP; the q/k norms see [T * heads_per_rank, 128].
+QWEN3_30B_A3B_TP = {1: (32, 4), 4: (8, 1), 8: (4, 1)}  # tp -> (q heads, kv heads) per rank
+HIDDEN, HEAD_DIM = 2048, 128
+TOKENS = [1, PMAX - 1, PMAX + 1]  # one token, just under one tile, one tile plus a ragged tail
+ODD_SIZES = [(7, 769), (130, 83), (3, 1)]  # hidden sizes that are not multiples of anything
+
+
+def _weight(rng, n, dtype):
+    return torch.from_numpy(1.0 + 0.1 * rng.standard_normal(n, dtype=np.float32)).to(dtype)
+
+
+def _check_rms(T, H, dtype, rng):
+    x, w = randn(rng, (T, H), dtype), _weight(rng, H, dtype)
+    out, _ = run(rmsnorm.rms_norm, x, w, EPS)
+    assert out.dtype == dtype and out.shape == (T, H)
+    assert_close(out, rmsnorm.rms_norm_ref(x, w, EPS), dtype_key(dtype))
+    return x, w, out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", TOKENS)
+def test_rms_norm_matches_ref_qwen3_30b_a3b_hidden(T, dtype, rng):
+    _check_rms(T, HIDDEN, dtype, rng)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tp", sorted(QWEN3_30B_A3B_TP))
+@pytest.mark.parametrize("T", [1, 33])
+def test_rms_norm_matches_ref_qwen3_30b_a3b_qk_norm_per_rank(T, tp, dtype, rng):
+    q_heads, kv_heads = QWEN3_30B_A3B_TP[tp]
+    _check_rms(T * q_heads, HEAD_DIM, dtype, rng)
+    _check_rms(T * kv_heads, HEAD_DIM, dtype, rng)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,H", ODD_SIZES)
+def test_rms_norm_matches_ref_odd_sizes(T, H, dtype, rng):
+    _check_rms(T, H, dtype, rng)
+
+
+@pytest.mark.parametrize("T", TOKENS)
+def test_rms_norm_bf16_is_bit_identical_to_hf_rounding(T, rng):
+    """bf16: the normalised value is rounded before the weight multiply, exactly as ops_torch / Hugging Face do."""
+    x, w, out = _check_rms(T, HIDDEN, torch.bfloat16, rng)
+    assert torch.equal(out, ops_torch.rms_norm(x, w, EPS))
+
+
+@settings(max_examples=25, deadline=None)
+@given(T=st.integers(1, 300), H=st.integers(1, 600), bf16=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 50.0]))
+def test_rms_norm_matches_ref_any_shape(T, H, bf16, scale):
+    rng = np.random.default_rng(SEED)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x, w = randn(rng, (T, H), dtype, scale), _weight(rng, H, dtype)
+    out, _ = run(rmsnorm.rms_norm, x, w, EPS)
+    assert_close(out, rmsnorm.rms_norm_ref(x, w, EPS), dtype_key(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,H", [(1, HIDDEN), (PMAX - 1, HIDDEN), (PMAX + 1, HIDDEN), (5, 769)])
+def test_fused_add_rms_norm_matches_ref(T, H, dtype, rng):
+    x, r, w = randn(rng, (T, H), dtype), randn(rng, (T, H), dtype), _weight(rng, H, dtype)
+    (out, new_res), _ = run(rmsnorm.fused_add_rms_norm, x, r, w, EPS)
+    ref_out, ref_res = rmsnorm.fused_add_rms_norm_ref(x, r, w, EPS)
+    assert torch.equal(new_res, ref_res)  # one add, rounded once: bit exact
+    assert_close(out, ref_out, dtype_key(dtype))
+    if dtype == torch.bfloat16:
+        hf_out, hf_res = ops_torch.fused_add_rms_norm(x, r, w, EPS)
+        assert torch.equal(out, hf_out) and torch.equal(new_res, hf_res)
+
+
+def test_rms_norm_reads_the_weight_from_hbm_once(rng):
+    T, H = PMAX + 1, HIDDEN
+    x, w = randn(rng, (T, H), torch.bfloat16), _weight(rng, H, torch.bfloat16)
+    _, report = run(rmsnorm.rms_norm, x, w, EPS)
+    assert report.hbm_read_bytes == T * H * 2 + H * 2
+    assert report.hbm_write_bytes == T * H * 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ops_rms_norm_takes_tokens_by_heads_and_matches_torch(dtype, rng):
+    opset = ops.bind("emulator")
+    assert {"rms_norm", "fused_add_rms_norm"} <= set(opset.kernel_ops)
+    x, w = randn(rng, (3, 8, HEAD_DIM), dtype), _weight(rng, HEAD_DIM, dtype)
+    out = opset.rms_norm(x, w, EPS)
+    assert out.shape == x.shape
+    assert_close(out, ops_torch.rms_norm(x, w, EPS), dtype_key(dtype))
+    r = randn(rng, (3, 8, HEAD_DIM), dtype)
+    got = opset.fused_add_rms_norm(x, r, w, EPS)
+    assert_close(got, ops_torch.fused_add_rms_norm(x, r, w, EPS), dtype_key(dtype))
+
+
+def test_ops_rms_norm_explicit_backend_raises_the_unsupported_reason(rng):
+    opset = ops.bind("emulator")
+    x, w = randn(rng, (2, 16), torch.bfloat16), _weight(rng, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"rms_norm: weight.dtype=torch.float32"):
+        opset.rms_norm(x, w, EPS)
+
+
+# --- limits: each one the docstrings state must raise ------------------------------------------------------------
+def test_rms_norm_rejects_3d_input(rng):
+    with pytest.raises(ValueError, match=r"rms_norm: x.shape=\(2, 3, 4\); must be 2-D"):
+        run(rmsnorm.rms_norm, randn(rng, (2, 3, 4), torch.float32), _weight(rng, 4, torch.float32), EPS)
+
+
+def test_rms_norm_rejects_weight_of_wrong_size(rng):
+    with pytest.raises(ValueError, match=r"rms_norm: weight.shape=\(5,\); must be \(4,\)"):
+        run(rmsnorm.rms_norm, randn(rng, (2, 4), torch.float32), _weight(rng, 5, torch.float32), EPS)
+
+
+def test_rms_norm_rejects_non_positive_eps(rng):
+    with pytest.raises(ValueError, match=r"rms_norm: eps=0.0; must be > 0"):
+        run(rmsnorm.rms_norm, randn(rng, (2, 4), torch.float32), _weight(rng, 4, torch.float32), 0.0)
+
+
+def test_rms_norm_rejects_hidden_too_large_for_sbuf(rng):
+    H = 20000  # fp32: 20000 x (3 x 4 + 4) B = 320 KB per partition > limits.SBUF_PARTITION_BYTES
+    with pytest.raises(ValueError, match=r"rms_norm: H=20000 .* must fit 212728 B"):
+        run(rmsnorm.rms_norm, randn(rng, (1, H), torch.float32), _weight(rng, H, torch.float32), EPS)
+
+
+def test_fused_add_rms_norm_rejects_residual_shape_mismatch(rng):
+    x, r = randn(rng, (2, 4), torch.float32), randn(rng, (3, 4), torch.float32)
+    with pytest.raises(ValueError, match=r"fused_add_rms_norm: residual.shape=\(3, 4\); must equal"):
+        run(rmsnorm.fused_add_rms_norm, x, r, _weight(rng, 4, torch.float32), EPS)
+
+
+def test_fused_add_rms_norm_rejects_residual_dtype_mismatch(rng):
+    x, r = randn(rng, (2, 4), torch.float32), randn(rng, (2, 4), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"fused_add_rms_norm: residual.dtype=.*must equal x.dtype"):
+        run(rmsnorm.fused_add_rms_norm, x, r, _weight(rng, 4, torch.float32), EPS)

@@ -1,0 +1,121 @@
+"""kernels/router.py: softmax -> top-k -> renormalisation matches its reference and torch's routing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from vllm_nki_moe.kernels import router
+from vllm_nki_moe.kernels.limits import PMAX
+
+from vllm_nki_moe import ops, ops_torch
+from vllm_nki_moe.emulator import run
+from vllm_nki_moe.kernel_check.tolerances import assert_close
+
+from .conftest import SEED, randn
+
+# Qwen3-30B-A3B (config.json): 128 experts, top-8, norm_topk_prob true; the router is replicated on every TP rank,
+# so its shapes are the same at TP 1, 4 and 8.
+QWEN3_30B_A3B = (128, 8, True)
+TOKENS = [1, PMAX - 1, PMAX + 1]
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+def _check(logits, k, renorm):
+    (w, ids), _ = run(router.router_topk, logits, k, renorm)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32 and w.shape == ids.shape == (logits.shape[0], k)
+    ref_w, ref_ids = router.router_topk_ref(logits, k, renorm)
+    assert torch.equal(ids, ref_ids)
+    assert_close(w, ref_w, "float32")
+    return w, ids
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tp", [1, 4, 8])
+@pytest.mark.parametrize("T", TOKENS)
+def test_router_topk_matches_ref_qwen3_30b_a3b(T, tp, dtype, rng):
+    E, K, renorm = QWEN3_30B_A3B
+    _check(randn(rng, (T, E), dtype, 2.0), K, renorm)
+
+
+@pytest.mark.parametrize("T", TOKENS)
+def test_router_topk_fp32_matches_torch_topk_without_ties(T, rng):
+    """Distinct fp32 probabilities: the same experts as ops_torch (torch.topk) and the same weights."""
+    E, K, renorm = QWEN3_30B_A3B
+    logits = randn(rng, (T, E), torch.float32, 2.0)
+    w, ids = _check(logits, K, renorm)
+    tw, tids = ops_torch.router_topk(logits, K, renorm)
+    assert torch.equal(ids.long(), tids)
+    assert_close(w, tw, "float32")
+
+
+@pytest.mark.parametrize(
+    "E,K,renorm",
+    [(60, 4, False), (8, 2, True), (4, 2, True), (1, 1, False), (512, 8, True), (129, 1, True), (16384, 8, False)],
+)
+def test_router_topk_matches_ref_other_expert_counts(E, K, renorm, rng):
+    """Fewer than 8 experts (padded with -inf), E at the nki-library size limit 512, and max8's 16,384."""
+    _check(randn(rng, (5, E), torch.float32, 2.0), K, renorm)
+
+
+@settings(max_examples=25, deadline=None)
+@given(T=st.integers(1, 260), E=st.integers(1, 300), k=st.integers(1, 8), renorm=st.booleans(), bf16=st.booleans())
+def test_router_topk_matches_ref_any_shape(T, E, k, renorm, bf16):
+    k = min(k, E)
+    rng = np.random.default_rng(SEED)
+    _check(randn(rng, (T, E), torch.bfloat16 if bf16 else torch.float32, 3.0), k, renorm)
+
+
+def test_router_topk_breaks_ties_lowest_index_first():
+    """Equal probabilities rank lowest expert first; torch.topk gives the same values but its own (unspecified)
+    order among the tied indices, which is why the reference uses a stable descending sort."""
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0, 3.0, 1.0, 5.0, 3.0]] * 3)
+    w, ids = _check(logits, 5, False)
+    assert ids.tolist() == [[8, 1, 2, 4, 6]] * 3
+    tw, tids = torch.topk(torch.softmax(logits, -1), 5)
+    assert torch.equal(w, tw)
+    assert set(tids[0, 1:].tolist()) <= {1, 2, 4, 6, 9}  # torch picks 4 of the 5 tied experts, in its own order
+
+
+def test_router_topk_all_equal_logits_select_the_first_k_experts():
+    w, ids = _check(torch.zeros(2, 128), 8, True)
+    assert ids.tolist() == [list(range(8))] * 2
+    assert torch.allclose(w, torch.full((2, 8), 1 / 8))
+
+
+def test_ops_router_topk_runs_the_kernel_and_returns_int64_ids(rng):
+    opset = ops.bind("emulator")
+    assert "router_topk" in opset.kernel_ops
+    logits = randn(rng, (9, 16), torch.float32, 2.0)
+    w, ids = opset.router_topk(logits, 4, True)
+    tw, tids = ops_torch.router_topk(logits, 4, True)
+    assert ids.dtype == torch.int64 and torch.equal(ids, tids)
+    assert_close(w, tw, "float32")
+
+
+# --- limits ---------------------------------------------------------------------------------------------------------
+def test_router_topk_rejects_top_k_above_8(rng):
+    with pytest.raises(ValueError, match=r"router_topk: top_k=9; must be 1..8"):
+        run(router.router_topk, randn(rng, (2, 128), torch.float32), 9, True)
+
+
+def test_router_topk_rejects_top_k_zero(rng):
+    with pytest.raises(ValueError, match=r"router_topk: top_k=0; must be 1..8"):
+        run(router.router_topk, randn(rng, (2, 128), torch.float32), 0, True)
+
+
+def test_router_topk_rejects_top_k_above_expert_count(rng):
+    with pytest.raises(ValueError, match=r"router_topk: top_k=4; must not exceed E=3"):
+        run(router.router_topk, randn(rng, (2, 3), torch.float32), 4, True)
+
+
+def test_router_topk_rejects_more_experts_than_max8_reads(rng):
+    with pytest.raises(ValueError, match=r"router_topk: E=16385; must be 1..16384"):
+        run(router.router_topk, randn(rng, (1, 16385), torch.float32), 8, True)
+
+
+def test_router_topk_rejects_1d_logits(rng):
+    with pytest.raises(ValueError, match=r"router_topk: logits.shape=\(128,\); must be 2-D"):
+        run(router.router_topk, randn(rng, (128,), torch.float32), 8, True)
