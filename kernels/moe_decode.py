@@ -43,7 +43,7 @@ DTYPES = (nl.bfloat16, nl.float32)  # bf16 on hardware; fp32 for the float32 tes
 
 # ----- host-side layout -----------------------------------------------------------------------------------------
 def split_tiles(n: int, where: str, what: str) -> tuple[int, int]:
-    """``(rows, tiles)`` with ``tiles = ceil(n / PMAX)`` equal tiles of ``rows = n / tiles <= PMAX``; raises if uneven."""
+    """``(rows, tiles)``: ``tiles = ceil(n / PMAX)`` equal tiles of ``rows = n / tiles <= PMAX``; raises if uneven."""
     require(n >= 1, where, f"{what}={n}; must be >= 1")
     tiles = -(-n // PMAX)
     require(
@@ -58,10 +58,14 @@ def experts_kernel_layout(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Te
     """The model's ``w13 [E, 2I, H]`` and ``w2 [E, H, I]`` in the kernel layout (module docstring); new tensors."""
     E, I2, H = w13.shape
     require(I2 % 2 == 0, "experts_kernel_layout", f"w13.shape[1]={I2}; must be 2 * I (gate rows then up rows)")
-    I = I2 // 2
-    require(tuple(w2.shape) == (E, H, I), "experts_kernel_layout", f"w2.shape={tuple(w2.shape)}; must be {(E, H, I)}")
+    inter = I2 // 2
+    require(
+        tuple(w2.shape) == (E, H, inter),
+        "experts_kernel_layout",
+        f"w2.shape={tuple(w2.shape)}; must be {(E, H, inter)}",
+    )
     HP, KT = split_tiles(H, "experts_kernel_layout", "H")
-    IP, IT = split_tiles(I, "experts_kernel_layout", "I")
+    IP, IT = split_tiles(inter, "experts_kernel_layout", "I")
     # W13[e, g*I + c*IP + q, p*KT + kt] -> [e, c, p, kt, g, q]
     w13k = w13.reshape(E, 2, IT, IP, HP, KT).permute(0, 2, 4, 5, 1, 3).reshape(E, IT, HP, KT, 2 * IP)
     # W2[e, p*KT + kt, c*IP + q] -> [e, c, q, kt, p]
@@ -73,9 +77,9 @@ def experts_model_layout(w13k: torch.Tensor, w2k: torch.Tensor) -> tuple[torch.T
     """Inverse of ``experts_kernel_layout``: back to ``w13 [E, 2I, H]``, ``w2 [E, H, I]``."""
     E, IT, HP, KT, IP2 = w13k.shape
     IP = IP2 // 2
-    H, I = HP * KT, IT * IP
-    w13 = w13k.reshape(E, IT, HP, KT, 2, IP).permute(0, 4, 1, 5, 2, 3).reshape(E, 2 * I, H)
-    w2 = w2k.reshape(E, IT, IP, KT, HP).permute(0, 4, 3, 1, 2).reshape(E, H, I)
+    H, inter = HP * KT, IT * IP
+    w13 = w13k.reshape(E, IT, HP, KT, 2, IP).permute(0, 4, 1, 5, 2, 3).reshape(E, 2 * inter, H)
+    w2 = w2k.reshape(E, IT, IP, KT, HP).permute(0, 4, 3, 1, 2).reshape(E, H, inter)
     return w13.contiguous(), w2.contiguous()
 
 
@@ -259,11 +263,11 @@ def moe_decode_ref(
 def _experts_ref(hidden, w13m, w2m, topk_weights, topk_ids) -> torch.Tensor:
     x = hidden.float()
     out = torch.zeros_like(x)
-    I = w13m.shape[1] // 2
+    inter = w13m.shape[1] // 2
     for e in torch.unique(topk_ids).tolist():
         tok, slot = (topk_ids == e).nonzero(as_tuple=True)
         gu = x[tok] @ w13m[e].float().T
-        h = (torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]).to(w2m.dtype).float()
+        h = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(w2m.dtype).float()
         out.index_add_(0, tok, (h @ w2m[e].float().T) * topk_weights[tok, slot].float()[:, None])
     return out.to(hidden.dtype)
 

@@ -313,7 +313,11 @@ def dma_transpose(dst, src, axes=None, priority=None, dge_mode=dge_mode.unknown,
 
 
 def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, oob_mode=oob_mode.error, name=None):
-    """``dst = srcs[0] + srcs[1] + ...`` in the DMA engines (float32), incl. scatter-add read-modify-write."""
+    """``dst = srcs[0] + srcs[1] + ...`` in the DMA engines (float32), incl. scatter-add read-modify-write.
+
+    ``oob_mode=skip``: elements whose indirect index is out of bounds are neither read (they count as 0) nor written
+    (dma_compute doc, ``oob_mode``), so padding slots of a scatter can carry out-of-range indices.
+    """
     where = "nisa.dma_compute"
     _dma_check(dst, where, "dst")
     srcs = list(srcs)
@@ -321,16 +325,28 @@ def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, oob_mode
     check(reduce_op is OPS["add"], where, f"reduce_op={reduce_op!r}; only nl.add is supported")
     check(scales is None or all(float(s) == 1.0 for s in scales), where, f"scales={scales}; must all be 1.0")
     check(unique_indices, where, "unique_indices=False; non-unique indices are not supported")
+    skip = oob_mode is globals()["oob_mode"].skip
     total = np.zeros(dst.size, dtype=np.float32)
     for i, s in enumerate(srcs):
         _dma_check(s, where, f"srcs[{i}]")
         check(s.size == dst.size, where, f"srcs[{i}] has {s.size} elements, dst {dst.size}; counts must match")
         if s.is_indirect() and s._indirect.kind == "vector":
-            idx = s._indirect.index.read_raw().reshape(-1)
+            idx = s._indirect.index.read_raw().reshape(-1).astype(np.int64)
+            if skip:  # skipped (out-of-bounds) indices touch nothing, so only in-bounds ones must be unique
+                idx = idx[(idx >= 0) & (idx < s._indirect.bound)]
             check(len(np.unique(idx)) == idx.size, where, f"srcs[{i}] indices not unique; unique_indices=True")
-        check(s.oob_mask() is None, where, f"srcs[{i}]: indirect index out of bounds")
+        check(
+            skip or s.oob_mask() is None,
+            where,
+            f"srcs[{i}]: indirect index out of bounds; oob_mode=error (dma_compute doc)",
+        )
         total += dtypes.to_fp32(s.read_raw()).reshape(-1)
-    dst.write_raw(dtypes.convert(total, dst.dtype).reshape(dst.shape))
+    check(
+        skip or dst.oob_mask() is None,
+        where,
+        "dst: indirect index out of bounds; oob_mode=error (dma_compute doc)",
+    )
+    dst.write_raw(dtypes.convert(total, dst.dtype).reshape(dst.shape), skip_invalid=skip)
     _dma_count("dma_compute", dst, srcs)
     return NkiInstruction("dma_compute")
 
