@@ -100,11 +100,12 @@ def compare(out, ref, tol: Tolerance) -> Comparison:
                 details.append(f"output {i}: {wrong} of {a.size} integers differ")
             continue
         diff = np.abs(a - b)
+        diff[np.isnan(diff)] = np.inf  # NaN anywhere (unwritten memory reads as NaN) is an infinite error
         if not np.isfinite(a).all():
             passed = False
             details.append(f"output {i}: {int((~np.isfinite(a)).sum())} non-finite values")
-        err = float(np.nanmax(diff)) if diff.size else 0.0
-        rel = float(np.nanmax(diff / np.maximum(np.abs(b), max(tol.atol, 1e-30)))) if diff.size else 0.0
+        err = float(np.max(diff)) if diff.size else 0.0
+        rel = float(np.max(diff / np.maximum(np.abs(b), max(tol.atol, 1e-30)))) if diff.size else 0.0
         max_abs, max_rel = max(max_abs, err), max(max_rel, rel)
         bad = ~(diff <= tol.atol + tol.rtol * np.abs(b))
         if bad.any():
