@@ -8,7 +8,11 @@ were torch tensors).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
+import glob
+import os
 from typing import Any, Callable
 
 import numpy as np
@@ -17,6 +21,42 @@ from . import context, dtypes
 from .cost import CostReport, build_report
 from .errors import NkiEmulatorError, check
 from .tensor import MemoryRegion, NkiTensor, Storage
+
+
+@functools.cache
+def _openblas_thread_api():
+    """(get, set) of NumPy's bundled OpenBLAS thread count, or None when it cannot be found (then nothing changes)."""
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "libscipy_openblas*.so*"))
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)  # already loaded by NumPy: dlopen returns the same library
+            get, set_ = lib.scipy_openblas_get_num_threads64_, lib.scipy_openblas_set_num_threads64_
+        except (OSError, AttributeError):
+            continue
+        get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+        return get, set_
+    return None
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Run NumPy matmuls on one BLAS thread, restoring the previous count after.
+
+    Emulated matmuls are at most [128 x 128] x [128 x 512]: BLAS threads only add hand-off cost, and on a loaded
+    machine OpenBLAS's spinning threads make it dramatic (measured on this project's 2-core CI machine at load 5: a
+    128^3 fp32 ``np.matmul`` took 30 ms with the default threads and 0.15 ms with one).
+    """
+    api = _openblas_thread_api()
+    if api is None:
+        yield
+        return
+    get, set_ = api
+    before = get()
+    set_(1)
+    try:
+        yield
+    finally:
+        set_(before)
 
 
 class Kernel:
@@ -133,23 +173,24 @@ def run(kernel, *args, **kwargs) -> tuple[Any, CostReport]:
     counters, peak_sbuf, peak_psum = [], 0, 0
     result = None
     shared: list[Storage] = []
-    for pid in range(k.grid):
-        ctx = context.ProgramContext(pid, k.grid, shared)
-        prev = context.set_current(ctx)
-        try:
-            out = k.fn(*wargs, **wkwargs)
-            returned = _returned_storages(out)
-            for st in inputs:
-                if st.written and id(st) not in returned:
-                    raise NkiEmulatorError(
-                        f"{where}: input {st.name}{list(st.shape)} was written; kernel arguments are read-only "
-                        "unless the kernel also returns them as outputs"
-                    )
-            result = _unwrap(out, torch_out, where)
-            del out
-        finally:
-            context.set_current(prev)
-        counters.append(ctx.cost)
-        peak_sbuf = max(peak_sbuf, ctx.memory.peak_sbuf_bytes)
-        peak_psum = max(peak_psum, ctx.memory.peak_psum_banks)
+    with single_threaded_blas():  # only around the kernel: the rest of the process keeps its BLAS threads
+        for pid in range(k.grid):
+            ctx = context.ProgramContext(pid, k.grid, shared)
+            prev = context.set_current(ctx)
+            try:
+                out = k.fn(*wargs, **wkwargs)
+                returned = _returned_storages(out)
+                for st in inputs:
+                    if st.written and id(st) not in returned:
+                        raise NkiEmulatorError(
+                            f"{where}: input {st.name}{list(st.shape)} was written; kernel arguments are read-only "
+                            "unless the kernel also returns them as outputs"
+                        )
+                result = _unwrap(out, torch_out, where)
+                del out
+            finally:
+                context.set_current(prev)
+            counters.append(ctx.cost)
+            peak_sbuf = max(peak_sbuf, ctx.memory.peak_sbuf_bytes)
+            peak_psum = max(peak_psum, ctx.memory.peak_psum_banks)
     return result, build_report(counters, peak_sbuf, peak_psum)

@@ -1,0 +1,276 @@
+"""Decode attention: one new query token per sequence against the paged KV cache, after writing its K/V there.
+
+For a batch of sequences with their own context lengths, ``out[b, h] = softmax_{j < L_b}(scale * q[b, h] .
+K_b[j, h // G]) @ V_b[:, h // G]``, where sequence b's tokens live in the cache ``[num_blocks, kv_heads, block_size,
+head_dim]`` (vLLM's HND layout, research/vllm.md) at the blocks ``block_tables[b]`` lists, in order. The new token's
+K/V are first scattered to ``slot_mapping[b]`` (negative = padding row, skipped), so it attends to itself.
+
+Design: blocks, not tokens, go on partitions. One indirect DMA gathers up to 128 whole blocks of one kv head
+(``[blocks, BS * D]``, each partition one contiguous BS x D run of the cache, the block id its row offset), so the
+block table is used as the DMA index list as is, with no per-token address arithmetic and few large descriptors.
+Column ``s`` of every block (token ``block * BS + s``) is a [blocks, D] slice; the Tensor Engine transposes it to
+K^T [D, blocks] for the scores and contracts P^T [blocks, G] with V[:, s] for the output. Scores are thus visited in
+a permuted token order, which the softmax does not care about; masking uses each column's true position. The softmax
+is online (flash decoding) over chunks of up to 512 columns, so any context length fits. Shapes are static: every
+sequence reads all ``max_blocks`` blocks of its table (the Neuron convention of compiled buckets) and positions at or
+past its context length are masked.
+"""
+
+import nki
+import nki.isa as nisa
+import nki.language as nl
+import torch
+
+from .attention_prefill import (
+    MASK_SCORE,
+    _check_cache_args,
+    _itemsize,
+    _softmax_accumulate,
+    _softmax_finish,
+    _softmax_probs,
+    _SoftmaxState,
+    _write_kv_cache,
+)
+from .limits import GEMM_MOVING_FMAX, PMAX, PSUM_BANK_FMAX, SBUF_PARTITION_BYTES, require
+
+BLOCKS_PER_TILE = PMAX  # cache blocks gathered per DMA: one per partition
+COLS_PER_CHUNK = GEMM_MOVING_FMAX  # score columns per QK^T matmul (moving free size) and per fp32 PSUM bank
+MAX_QUERY_GROUP = PMAX  # query heads per kv head: the rows of the score tile, on partitions
+# K and V tiles [128 blocks, BS * D] of one kv head are in SBUF together: 2 * BS * D * itemsize bytes per partition.
+# Half the usable SBUF leaves room for the K^T/score/probability chunks; BS = 128 at D = 128 in fp32 is 128 KiB.
+KV_TILE_SBUF_BYTES = SBUF_PARTITION_BYTES * 5 // 8
+# Score-column positions ([G, chunk] fp32 iota tiles) depend only on the chunk, not on the sequence: they are made
+# once and reused for every sequence while they fit this budget (32 chunks of 512 columns: 4,096 tokens at BS 32),
+# and remade per sequence beyond it.
+POSITIONS_SBUF_BYTES = 64 * 1024
+
+
+def _cols_per_step(blocks: int, block_size: int, group: int) -> int:
+    """Block columns s handled per chunk: ``steps * blocks`` scores and ``steps * group`` P^T columns per bank."""
+    return max(1, min(block_size, COLS_PER_CHUNK // blocks, PSUM_BANK_FMAX // group))
+
+
+@nki.jit
+def attention_decode(q, k, v, k_cache, v_cache, slot_mapping, block_tables, context_lens, scale):
+    """Dimensions: B sequences, Hq query heads, Hk kv heads (G = Hq / Hk per kv head), D head_dim, NB cache blocks
+    of BS tokens, MB blocks per sequence in the block table.
+
+    Args:    q [B, Hq*D] HBM (the new tokens' queries, after q-norm and RoPE); k, v [B, Hk*D] HBM, the new tokens'
+             keys and values, same dtype as q and the cache (bf16 or fp32);
+             k_cache, v_cache [NB, Hk, BS, D] HBM (vLLM HND layout), updated in place and returned;
+             slot_mapping [B] int32 HBM: where the new token goes (block * BS + offset; negative = padding);
+             block_tables [B, MB] int32 HBM: the blocks of each sequence in position order; every entry must be a
+             valid block index (entries past a sequence's length are read and masked, e.g. 0);
+             context_lens [B] int32 HBM: tokens of each sequence including the new one (1 <= L_b <= MB * BS);
+             scale: float, the softmax scale (1/sqrt(D) for Qwen3).
+    Returns: (out [B, Hq*D] in q's dtype, k_cache, v_cache), all nl.shared_hbm.
+    Tiling:  _write_kv_cache first (indirect-DMA scatter). Per sequence b and kv head g: Q^T [D, G] by strided DMA;
+             L_b broadcast to G partitions (DMA casts to fp32); per tile of up to 128 table entries: the block ids
+             (DMA) drive two indirect-DMA gathers K, V [blocks, BS*D]; per chunk of block columns s (<= 512 scores):
+             Tensor transposes K[:, s] to K^T [D, blocks] (one PSUM bank), Vector copies it to SBUF, Tensor computes
+             S = Q K^T [G, chunk] in PSUM; GpSimd iota gives each column's position, Vector compares it with L_b and
+             select_reduce masks and takes the row max in one pass; Scalar exp with row sums (online softmax, fp32
+             statistics); Tensor transposes P per column s to P^T [blocks, G] and accumulates P @ V [G, D] in PSUM;
+             Vector rescales into the fp32 accumulator. Finally acc / l in q's dtype, DMA to out.
+    Limits:  D <= 128; Hq a multiple of Hk and G = Hq / Hk <= 128; BS a power of two with 2*BS*D*itemsize <=
+             KV_TILE_SBUF_BYTES (BS <= 128 at D = 128 in fp32); NB*Hk*BS <= 2^24; q, k, v, caches of one float
+             dtype; slot_mapping, block_tables, context_lens int32. Context lengths are data: out of range values
+             are not detected (0 gives a finite but meaningless row).
+    """
+    where = "attention_decode"
+    require(len(q.shape) == 2, where, f"q.shape={tuple(q.shape)}; must be 2-D [B, Hq*D]")
+    B = q.shape[0]
+    require(B >= 1, where, f"B={B}; must be >= 1")
+    nb, hk, bs, d = _check_cache_args(where, k, v, k_cache, v_cache, slot_mapping, B)
+    require(q.shape[1] % d == 0, where, f"q.shape[1]={q.shape[1]}; must be a multiple of head_dim={d}")
+    hq = q.shape[1] // d
+    require(hq % hk == 0, where, f"q heads={hq}, kv heads={hk}; q heads must be a multiple of kv heads (GQA)")
+    group = hq // hk
+    require(group <= MAX_QUERY_GROUP, where, f"q heads per kv head={group}; must be <= {MAX_QUERY_GROUP}")
+    require(q.dtype == k.dtype, where, f"q dtype={q.dtype}, k dtype={k.dtype}; must be equal (one matmul dtype)")
+    require(
+        len(block_tables.shape) == 2 and block_tables.shape[0] == B,
+        where,
+        f"block_tables.shape={tuple(block_tables.shape)}; must be ({B}, max_blocks)",
+    )
+    require(tuple(context_lens.shape) == (B,), where, f"context_lens.shape={tuple(context_lens.shape)}; must be ({B},)")
+    for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
+        require(str(t.dtype).endswith("int32"), where, f"{name} dtype={t.dtype}; must be int32")
+    tile_bytes = 2 * bs * d * _itemsize(k.dtype)
+    require(
+        tile_bytes <= KV_TILE_SBUF_BYTES,
+        where,
+        f"block_size={bs}, head_dim={d}: K/V block tiles need {tile_bytes} B per partition; must be <= "
+        f"{KV_TILE_SBUF_BYTES}",
+    )
+    max_blocks = block_tables.shape[1]
+
+    _write_kv_cache(k_cache, v_cache, k, v, slot_mapping)
+
+    out = nl.ndarray((B, hq * d), dtype=q.dtype, buffer=nl.shared_hbm)
+    positions_cache = _PositionTiles(group)
+    for b in range(B):
+        ctx_len = nl.ndarray((group, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=ctx_len, src=context_lens.ap(pattern=[[0, group], [1, 1]], offset=b))
+        for g in range(hk):
+            q_t = nl.ndarray((d, group), dtype=q.dtype, buffer=nl.sbuf)
+            head0 = b * hq * d + g * group * d
+            nisa.dma_copy(dst=q_t, src=q.ap(pattern=[[1, d], [d, group]], offset=head0))
+            state = _SoftmaxState()
+            for t0 in range(0, max_blocks, BLOCKS_PER_TILE):
+                n = min(BLOCKS_PER_TILE, max_blocks - t0)
+                split = _block_split(n, bs)
+                k_sb, v_sb = _gather_blocks(k_cache, v_cache, block_tables, b, g, t0, n, split)
+                rows, cols = n * split, bs // split
+                steps = _cols_per_step(rows, cols, group)
+                for s0 in range(0, cols, steps):
+                    ns = min(steps, cols - s0)
+                    positions = positions_cache.get(t0 * bs + s0, ns, rows, cols)
+                    _attend_chunk(state, q_t, k_sb, v_sb, ctx_len, positions, s0, ns, scale)
+            o = _softmax_finish(state, q.dtype)
+            nisa.dma_copy(dst=out.ap(pattern=[[d, group], [1, d]], offset=head0), src=o)
+    return out, k_cache, v_cache
+
+
+def _block_split(blocks: int, block_size: int) -> int:
+    """Partitions per block: the largest power of two r <= block_size with blocks * r <= 128, so short contexts
+    still use most partitions (each partition then holds block_size / r consecutive tokens)."""
+    split = 1
+    while split * 2 <= block_size and blocks * split * 2 <= PMAX:
+        split *= 2
+    return split
+
+
+def _gather_blocks(k_cache, v_cache, block_tables, b: int, g: int, t0: int, n: int, split: int):
+    """Gather table entries t0..t0+n-1 of sequence b, kv head g: K and V [n * split, BS / split * D] in SBUF.
+
+    Partition ``i * split + part`` holds tokens ``part * BS / split ...`` of block i: one contiguous run of the cache.
+    split == 1: the block ids are the DMA row indices as loaded. split > 1: the ids are loaded ``split`` times each
+    (stride-0 DMA pattern) and the row index in the cache viewed as [NB * Hk * split, BS / split * D] is
+    ``id * Hk * split + part`` (Vector/GpSimd integer ops; kv head g is the static offset g * BS * D).
+    """
+    nb, hk, bs, d = k_cache.shape
+    rows, cols = n * split, bs // split
+    max_blocks = block_tables.shape[1]
+    ids = nl.ndarray((rows, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=ids, src=block_tables.ap(pattern=[[1, n], [0, split]], offset=b * max_blocks + t0))
+    if split > 1:
+        part = nl.ndarray((rows, 1), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.iota(dst=part, pattern=[[0, 1]], offset=0, channel_multiplier=1)
+        nisa.tensor_scalar(dst=part, data=part, op0=nl.bitwise_and, operand0=split - 1)
+        nisa.tensor_scalar(dst=ids, data=ids, op0=nl.multiply, operand0=float(hk * split))
+        nisa.tensor_tensor(dst=ids, data1=ids, data2=part, op=nl.add)
+    tiles = []
+    for cache in (k_cache, v_cache):
+        rows_view = cache.reshape((nb, hk * bs * d)) if split == 1 else cache.reshape((nb * hk * split, cols * d))
+        stride = hk * bs * d if split == 1 else cols * d
+        dst = nl.ndarray((rows, cols * d), dtype=cache.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(
+            dst=dst,
+            src=rows_view.ap(pattern=[[stride, rows], [1, cols * d]], offset=g * bs * d, vector_offset=ids),
+        )
+        tiles.append(dst)
+    return tiles
+
+
+class _PositionTiles:
+    """Per chunk, the position of each score column as a [G, width] fp32 tile (GpSimd iota): column ``j * n + i`` is
+    column j of partition i, each partition holding ``cols`` consecutive tokens from ``pos0 + i * cols``. Tiles are
+    kept for reuse by later sequences until POSITIONS_SBUF_BYTES are used."""
+
+    def __init__(self, group: int) -> None:
+        self.group = group
+        self.tiles: dict = {}
+        self.bytes = 0
+
+    def get(self, pos0: int, ns: int, rows: int, cols: int):
+        key = (pos0, ns, rows, cols)
+        if key in self.tiles:
+            return self.tiles[key]
+        width = ns * rows
+        tile = nl.ndarray((self.group, width), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.iota(dst=tile, pattern=[[1, ns], [cols, rows]], offset=pos0)
+        if self.bytes + 4 * width <= POSITIONS_SBUF_BYTES:
+            self.tiles[key] = tile
+            self.bytes += 4 * width
+        return tile
+
+
+def _attend_chunk(state, q_t, k_sb, v_sb, ctx_len, positions, s0: int, ns: int, scale: float) -> None:
+    """Columns s0..s0+ns-1 of one gathered tile (n partitions of consecutive tokens): scores, mask by
+    ``positions < ctx_len``, one online-softmax step and the P @ V accumulation."""
+    d, group = q_t.shape
+    n = k_sb.shape[0]
+    width = ns * n
+    k_t_psum = nl.ndarray((d, width), dtype=k_sb.dtype, buffer=nl.psum)
+    for j in range(ns):
+        s = s0 + j
+        nisa.nc_transpose(dst=k_t_psum[:, j * n : (j + 1) * n], data=k_sb[:, s * d : (s + 1) * d])
+    k_t = nl.ndarray((d, width), dtype=k_sb.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=k_t, src=k_t_psum)
+    s_psum = nl.ndarray((group, width), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=s_psum, stationary=q_t, moving=k_t, accumulate=False)
+
+    valid = nl.ndarray((group, width), dtype=nl.uint8, buffer=nl.sbuf)
+    # GpSimd, not Vector: the Vector Engine is the busiest one here (PSUM evictions, select_reduce, softmax updates)
+    nisa.tensor_scalar(dst=valid, data=positions, op0=nl.less, operand0=ctx_len, engine=nisa.gpsimd_engine)
+    scores = nl.ndarray((group, width), dtype=nl.float32, buffer=nl.sbuf)
+    tile_max = nl.ndarray((group, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.select_reduce(
+        dst=scores,
+        predicate=valid,
+        on_true=s_psum,
+        on_false=MASK_SCORE,
+        reduce_res=tile_max,
+        reduce_cmd=nisa.reduce_cmd.reset_reduce,
+        reduce_op=nl.maximum,
+    )
+    probs = nl.ndarray((group, width), dtype=v_sb.dtype, buffer=nl.sbuf)
+    alpha = _softmax_probs(state, scores, tile_max, probs, scale)
+
+    p_t_psum = nl.ndarray((n, ns * group), dtype=probs.dtype, buffer=nl.psum)
+    for j in range(ns):
+        nisa.nc_transpose(dst=p_t_psum[:, j * group : (j + 1) * group], data=probs[:, j * n : (j + 1) * n])
+    p_t = nl.ndarray((n, ns * group), dtype=probs.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=p_t, src=p_t_psum)
+    pv = nl.ndarray((group, d), dtype=nl.float32, buffer=nl.psum)
+    for j in range(ns):
+        s = s0 + j
+        nisa.nc_matmul(
+            dst=pv,
+            stationary=p_t[:, j * group : (j + 1) * group],
+            moving=v_sb[:, s * d : (s + 1) * d],
+            accumulate=j > 0,
+        )
+    _softmax_accumulate(state, alpha, pv)
+
+
+# ----- reference ---------------------------------------------------------------------------------------------------
+def attention_decode_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain fp32: write the new K/V, then per sequence gather its context from the cache and attend."""
+    from .attention_prefill import write_kv_cache_ref
+
+    k_cache, v_cache = write_kv_cache_ref(k_cache, v_cache, k, v, slot_mapping)
+    _, hk, bs, d = k_cache.shape
+    hq = q.shape[1] // d
+    outs = []
+    for b in range(q.shape[0]):
+        length = int(context_lens[b])
+        pos = torch.arange(length)
+        blocks = block_tables[b].long()[pos // bs]
+        keys = k_cache[blocks, :, pos % bs, :].float().transpose(0, 1).repeat_interleave(hq // hk, dim=0)
+        values = v_cache[blocks, :, pos % bs, :].float().transpose(0, 1).repeat_interleave(hq // hk, dim=0)
+        qb = q[b].float().reshape(hq, 1, d)
+        probs = torch.softmax((qb @ keys.transpose(1, 2)) * scale, dim=-1)
+        outs.append((probs @ values).reshape(hq * d))
+    return torch.stack(outs).to(q.dtype), k_cache, v_cache
