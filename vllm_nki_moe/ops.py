@@ -25,7 +25,16 @@ from . import envs, ops_torch
 
 logger = logging.getLogger(__name__)
 
-OP_NAMES = ("rms_norm", "fused_add_rms_norm", "apply_rope", "silu_mul", "router_topk", "moe_experts")
+OP_NAMES = (
+    "rms_norm",
+    "fused_add_rms_norm",
+    "apply_rope",
+    "silu_mul",
+    "router_topk",
+    "moe_experts",
+    "attention_prefill",
+    "attention_decode",
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,8 @@ class OpSet:
     silu_mul: Callable
     router_topk: Callable
     moe_experts: Callable
+    attention_prefill: Callable  # writes the paged KV cache in place; vLLM's Attention does this on the CPU path
+    attention_decode: Callable
     kernel_ops: tuple[str, ...] = ()  # which ops run an NKI kernel under this backend
 
     def describe(self) -> str:

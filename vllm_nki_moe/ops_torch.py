@@ -101,3 +101,88 @@ def moe_experts(
         out.index_add_(0, tokens, y * weight_of_slot[start : start + count, None])
         start += count
     return out
+
+
+def _write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Rows ``k``/``v`` ``[T, Hk*D]`` into the paged caches ``[NB, Hk, BS, D]`` at ``slot_mapping`` (in place).
+
+    A slot is ``block * BS + offset``; negative slots are padding and are skipped (vLLM's convention).
+    """
+    _, kv_heads, block_size, head_dim = k_cache.shape
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    blocks, offsets = slots[keep] // block_size, slots[keep] % block_size
+    k_cache[blocks, :, offsets, :] = k[keep].reshape(-1, kv_heads, head_dim).to(k_cache.dtype)
+    v_cache[blocks, :, offsets, :] = v[keep].reshape(-1, kv_heads, head_dim).to(v_cache.dtype)
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """q ``[T, Hq, D]``, keys/values ``[S, Hk, D]`` -> ``[T, Hq*D]``: GQA softmax attention in fp32, as HF's eager
+    attention computes it for fp32 models (the softmax is fp32 in HF whatever the activation dtype)."""
+    num_tokens, q_heads, head_dim = q.shape
+    group = q_heads // keys.shape[1]
+    qh = q.float().transpose(0, 1)
+    kh = keys.float().transpose(0, 1).repeat_interleave(group, dim=0)
+    vh = values.float().transpose(0, 1).repeat_interleave(group, dim=0)
+    scores = torch.matmul(qh, kh.transpose(1, 2)) * scale
+    if causal:
+        mask = torch.ones(num_tokens, keys.shape[0], dtype=torch.bool).tril(keys.shape[0] - num_tokens)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, vh).transpose(0, 1).reshape(num_tokens, q_heads * head_dim).to(q.dtype)
+
+
+def attention_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of one sequence starting at position 0; writes its K/V into the paged cache first.
+
+    q ``[T, Hq*D]``, k/v ``[T, Hk*D]`` (after q/k norm and RoPE); k_cache/v_cache ``[NB, Hk, BS, D]`` (vLLM's HND
+    layout), updated in place at ``slot_mapping [T]`` (negative = padding). Returns ``[T, Hq*D]``.
+    """
+    _write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    head_dim = k_cache.shape[-1]
+    num_tokens = q.shape[0]
+    return _attend(
+        q.reshape(num_tokens, -1, head_dim),
+        k.reshape(num_tokens, -1, head_dim),
+        v.reshape(num_tokens, -1, head_dim),
+        scale,
+        causal=True,
+    )
+
+
+def attention_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One new token per sequence: write its K/V at ``slot_mapping [B]``, then attend over the sequence's cache.
+
+    q ``[B, Hq*D]``, k/v ``[B, Hk*D]``; ``block_tables [B, MB]`` lists each sequence's blocks in position order;
+    ``context_lens [B]`` counts its tokens including the new one. Returns ``[B, Hq*D]``.
+    """
+    _write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    block_size, head_dim = k_cache.shape[2], k_cache.shape[3]
+    outs = []
+    for b in range(q.shape[0]):
+        positions = torch.arange(int(context_lens[b]))
+        blocks = block_tables[b].long()[positions // block_size]
+        keys = k_cache[blocks, :, positions % block_size, :]  # [L, Hk, D]
+        values = v_cache[blocks, :, positions % block_size, :]
+        outs.append(_attend(q[b : b + 1].reshape(1, -1, head_dim), keys, values, scale, causal=False))
+    return torch.cat(outs)
