@@ -153,8 +153,9 @@ def conflicting_platform_plugins() -> list[str]:
 def two_plugins_message(conflicts: list[str]) -> str:
     return (
         "vLLM would activate two platform plugins on this Neuron host, vllm-neuron's "
-        f"{', '.join(map(repr, conflicts))} and ours 'nki_moe', and it accepts only one. Set VLLM_PLUGINS={','.join(OUR_PLUGINS)}: our Neuron platform "
-        "subclasses vllm-neuron's and stands in for it (docs/neuron.md section 3.2)."
+        f"{', '.join(map(repr, conflicts))} and ours 'nki_moe', and it accepts only one. "
+        f"Set VLLM_PLUGINS={','.join(OUR_PLUGINS)}: our Neuron platform subclasses vllm-neuron's and stands in for it "
+        "(docs/neuron.md section 3.2)."
     )
 
 
