@@ -261,14 +261,22 @@ def moe_decode_ref(
 
 
 def _experts_ref(hidden, w13m, w2m, topk_weights, topk_ids) -> torch.Tensor:
+    T, K = topk_ids.shape
+    tokens = torch.arange(T)[:, None].expand(T, K).reshape(-1)
+    return _slots_ref(hidden, w13m, w2m, tokens, topk_ids.reshape(-1).long(), topk_weights.reshape(-1))
+
+
+def _slots_ref(hidden, w13m, w2m, tokens, experts, weights) -> torch.Tensor:
+    """out[tokens[j]] += weights[j] * expert_{experts[j]}(hidden[tokens[j]]) in fp32, h rounded to w2's dtype."""
     x = hidden.float()
     out = torch.zeros_like(x)
     inter = w13m.shape[1] // 2
-    for e in torch.unique(topk_ids).tolist():
-        tok, slot = (topk_ids == e).nonzero(as_tuple=True)
+    for e in torch.unique(experts).tolist():
+        sel = experts == e
+        tok = tokens[sel]
         gu = x[tok] @ w13m[e].float().T
         h = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(w2m.dtype).float()
-        out.index_add_(0, tok, (h @ w2m[e].float().T) * topk_weights[tok, slot].float()[:, None])
+        out.index_add_(0, tok, (h @ w2m[e].float().T) * weights[sel].float()[:, None])
     return out.to(hidden.dtype)
 
 

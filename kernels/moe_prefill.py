@@ -1,0 +1,252 @@
+"""Routed SwiGLU experts for prefill (many tokens): tokens grouped by expert into blocks, blockwise matmuls.
+
+The host sorts the T * K (token, expert) slots by expert and cuts each expert's slots into blocks of ``block_size``
+(``prefill_block_metadata``, as NxD's blockwise path does for nki-library's ``moe_cte``); an expert with no token
+gets no block, and the kernel's block loop is a runtime loop (``nl.fori_loop``) over the blocks actually used, so the
+unused slots of the padded block table cost nothing. Each block reads its expert's weights once, gathers its tokens
+by indirect DMA, runs gate/up and down as real matmuls (tokens on the moving side, up to 512 per instruction) and
+scatter-adds the weighted rows back into the zero-initialised output with the DMA engines' read-modify-write.
+
+Weights come in the kernel layout of ``moe_decode`` (``experts_kernel_layout``), so one converted copy serves both.
+
+Numerics: fp32 PSUM accumulation; ``silu(gate) * up`` in fp32, rounded once to the weights' dtype; each expert's
+row is scaled by its routing weight in fp32 and rounded to the output dtype, and the K contributions of a token are
+added by the DMA engine in fp32 with the sum rounded to the output dtype after each add (bf16 output: as Hugging
+Face's bf16 ``index_add_``; float32 output: fp32 throughout).
+"""
+
+import nki
+import nki.isa as nisa
+import nki.language as nl
+import torch
+
+from .limits import GEMM_MOVING_FMAX, PMAX, PSUM_BANK_BYTES, require
+from .moe_decode import _check_experts, _slots_ref, experts_model_layout
+
+DEFAULT_BLOCK_SIZE = PMAX  # one gather / transpose / scatter sub-block per expert block
+# Blocks larger than a partition tile are processed as sub-blocks of PMAX tokens (gather, transpose, down, scatter);
+# gate/up take the whole block as one moving tile, so a block holds at most gemm_moving_fmax tokens.
+MAX_BLOCK_SIZE = GEMM_MOVING_FMAX
+MAX_PREFILL_TOKENS = 2**31 - 1 - MAX_BLOCK_SIZE  # token ids and their padding ids (T + slot) are int32
+
+
+def max_blocks(num_tokens: int, top_k: int, num_experts: int, block_size: int) -> int:
+    """Rows of the block table: sum over used experts of ceil(count / B) <= (T*K + min(E, T*K) * (B - 1)) / B."""
+    slots = num_tokens * top_k
+    return (slots + min(num_experts, slots) * (block_size - 1)) // block_size
+
+
+def prefill_block_metadata(
+    topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, block_size: int = DEFAULT_BLOCK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host-side block table for ``moe_prefill`` from the router's ``topk_ids``/``topk_weights [T, K]``.
+
+    Returns (block_expert [NB] int32, block_tokens [NB, B] int32, block_weights [NB, B] fp32, num_blocks [1] int32)
+    with NB = ``max_blocks(T, K, E, B)``. Blocks are in expert order; an expert's slots fill ceil(count / B) blocks
+    in token order. Padding slots hold token id T + slot (out of range, distinct within a block) and weight 0; rows
+    past ``num_blocks`` are padding blocks the kernel never visits (expert 0).
+    """
+    T, K = topk_ids.shape
+    B = int(block_size)
+    nb = max_blocks(T, K, num_experts, B)
+    flat = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    blocks_per_expert = (counts + B - 1) // B
+    first_block = torch.cumsum(blocks_per_expert, 0) - blocks_per_expert
+    first_slot = torch.cumsum(counts, 0) - counts
+    sorted_expert = flat[order]
+    rank = torch.arange(flat.numel()) - first_slot[sorted_expert]
+    block = first_block[sorted_expert] + rank // B
+    pos = rank % B
+    used = int(blocks_per_expert.sum())
+    block_tokens = (T + torch.arange(B, dtype=torch.int64)).repeat(nb, 1)
+    block_tokens[block, pos] = order // K
+    block_weights = torch.zeros(nb, B, dtype=torch.float32)
+    block_weights[block, pos] = topk_weights.reshape(-1).float()[order]
+    block_expert = torch.zeros(nb, dtype=torch.int64)
+    block_expert[:used] = torch.repeat_interleave(torch.arange(num_experts), blocks_per_expert)
+    return (
+        block_expert.to(torch.int32),
+        block_tokens.to(torch.int32),
+        block_weights,
+        torch.tensor([used], dtype=torch.int32),
+    )
+
+
+@nki.jit
+def moe_prefill(hidden, w13, w2, block_expert, block_tokens, block_weights, num_blocks):
+    """Routed experts over blocks of tokens grouped by expert: out[t] = sum over t's slots of w * expert(x[t]).
+
+    Dimensions: T tokens, H hidden = HP * KT, E experts, I = IT * IP expert intermediate per rank, NB block-table
+    rows, B block size (tokens per block), SB = min(B, 128) tokens per sub-block.
+
+    Args:    hidden [T, H] bf16|fp32 HBM; w13 [E, IT, HP, KT, 2*IP], w2 [E, IT, IP, H] HBM, hidden's dtype
+             (``experts_kernel_layout``); block_expert [NB] int32, block_tokens [NB, B] int32, block_weights [NB, B]
+             fp32, num_blocks [1] int32 HBM (``prefill_block_metadata``).
+    Returns: [T, H] hidden's dtype in nl.shared_hbm.
+    Tiling:  out zeroed by DMA from one zero tile; then a runtime loop over the num_blocks used blocks (register
+             from num_blocks). Per block: its expert id, token ids and weights to SBUF (DMAs at the loop register's
+             offset); per sub-block of SB tokens, an indirect-DMA gather of the token rows [SB, H] (padding ids out
+             of range: skipped, rows stay zero) and KT Tensor Engine transposes to xT [HP, KT, B] (H on partitions,
+             h = p * KT + kt); per intermediate chunk c, one DMA of the expert's w13 chunk, gate and up as KT
+             accumulating matmuls each (stationary weights [HP, IP], moving xT [HP, B]) into fp32 PSUM [IP, B],
+             Scalar silu, Vector silu * up into h [IP, IT, B]; one DMA of the expert's w2 [IP, IT, H]; per sub-block
+             the down matmuls (stationary h [IP, SB], moving w2 [IP, <= 512], IT-accumulating) into PSUM [SB, 512],
+             Vector eviction times the routing weight into natural h order, and one DMA read-modify-write
+             scatter-add of the [SB, H] rows into out (oob_mode=skip drops padding slots).
+    Limits:  T >= 1; hidden, w13, w2 share a dtype (bf16 or fp32); shapes as the kernel layout; B <= 128 or a
+             multiple of 128 up to 512; block_tokens [NB, B] and block_weights [NB, B] match, block_expert [NB],
+             num_blocks [1] <= NB; ids valid as ``prefill_block_metadata`` makes them (an expert id out of range
+             fails its DMA; a token id in [0, T) may appear at most once per block).
+    """
+    where = "moe_prefill"
+    T, H, E, HP, KT, IP, IT = _check_experts(where, hidden, w13, w2, MAX_PREFILL_TOKENS)
+    require(len(block_tokens.shape) == 2, where, f"block_tokens.shape={tuple(block_tokens.shape)}; must be [NB, B]")
+    NB, B = block_tokens.shape
+    require(
+        1 <= B <= PMAX or (B % PMAX == 0 and B <= MAX_BLOCK_SIZE),
+        where,
+        f"block_size={B}; must be 1..{PMAX} or a multiple of {PMAX} up to {MAX_BLOCK_SIZE} (gate/up moving tile)",
+    )
+    require(
+        tuple(block_expert.shape) == (NB,) and block_expert.dtype == nl.int32,
+        where,
+        f"block_expert={tuple(block_expert.shape)} {block_expert.dtype}; must be [{NB}] int32",
+    )
+    require(block_tokens.dtype == nl.int32, where, f"block_tokens.dtype={block_tokens.dtype}; must be int32")
+    require(
+        tuple(block_weights.shape) == (NB, B) and block_weights.dtype == nl.float32,
+        where,
+        f"block_weights={tuple(block_weights.shape)} {block_weights.dtype}; must be [{NB}, {B}] float32",
+    )
+    require(
+        tuple(num_blocks.shape) == (1,) and num_blocks.dtype == nl.int32,
+        where,
+        f"num_blocks={tuple(num_blocks.shape)} {num_blocks.dtype}; must be [1] int32",
+    )
+    dt = hidden.dtype
+    SB = min(B, PMAX)
+    NSUB = B // SB
+    out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
+
+    # zero-initialise the output (the scatter-adds accumulate into it)
+    rows0 = min(T, PMAX)
+    zero = nl.ndarray((rows0, H), dtype=dt, buffer=nl.sbuf)
+    nisa.memset(dst=zero, value=0.0)
+    for r0 in range(0, T, PMAX):
+        n = min(PMAX, T - r0)
+        nisa.dma_copy(dst=out[r0 : r0 + n, :], src=zero[0:n, :])
+
+    nb_sb = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=nb_sb, src=num_blocks.ap([[1, 1], [1, 1]], offset=0))
+    nb_reg = nisa.register_alloc()
+    nisa.register_load(nb_reg, nb_sb)
+
+    def block(i):
+        _expert_block(out, hidden, w13, w2, block_expert, block_tokens, block_weights, i, SB, NSUB)
+
+    nl.fori_loop(0, nb_reg, block)
+    return out
+
+
+def _expert_block(out, hidden, w13, w2, block_expert, block_tokens, block_weights, i, SB: int, NSUB: int) -> None:
+    """Block ``i`` (a loop register): gather, gate/up, silu * up, down, weight, scatter-add (see ``moe_prefill``)."""
+    T, H = hidden.shape
+    _, IT, HP, KT, IP2 = w13.shape
+    IP = IP2 // 2
+    B = SB * NSUB
+    dt = hidden.dtype
+    skip = nisa.oob_mode.skip
+
+    eid = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=eid, src=block_expert.ap([[1, 1], [1, 1]], offset=0, scalar_offset=i))
+    tok = nl.ndarray((SB, NSUB), dtype=nl.int32, buffer=nl.sbuf)  # slot s * SB + p on partition p, column s
+    nisa.dma_copy(dst=tok, src=block_tokens.ap([[1, SB], [SB, NSUB]], offset=0, scalar_offset=i))
+    wts = nl.ndarray((SB, NSUB), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=wts, src=block_weights.ap([[1, SB], [SB, NSUB]], offset=0, scalar_offset=i))
+
+    # gather the block's token rows and transpose them to H-on-partitions: xT[p, kt, b] = x[token b, p*KT + kt]
+    xT = nl.ndarray((HP, KT, B), dtype=dt, buffer=nl.sbuf)
+    per_bank = max(1, PSUM_BANK_BYTES // (SB * _itemsize(dt)))  # transposes sharing one PSUM bank
+    for s in range(NSUB):
+        xg = nl.ndarray((SB, H), dtype=dt, buffer=nl.sbuf)
+        nisa.memset(dst=xg, value=0.0)  # padding slots are skipped by the gather and must read as zero
+        nisa.dma_copy(
+            dst=xg,
+            src=hidden.ap([[H, SB], [1, H]], offset=0, vector_offset=tok[:, s : s + 1], indirect_dim=0),
+            oob_mode=skip,
+        )
+        for kt0 in range(0, KT, per_bank):
+            g = min(per_bank, KT - kt0)
+            tp_ps = nl.ndarray((HP, g, SB), dtype=dt, buffer=nl.psum)
+            for j in range(g):
+                nisa.nc_transpose(dst=tp_ps[:, j, :], data=xg[:, kt0 + j : H : KT])
+            nisa.tensor_copy(dst=xT[:, kt0 : kt0 + g, s * SB : (s + 1) * SB], src=tp_ps)
+
+    # gate/up per intermediate chunk, h = silu(gate) * up with I on partitions
+    h_sb = nl.ndarray((IP, IT, B), dtype=w2.dtype, buffer=nl.sbuf)
+    chunk13 = HP * KT * IP2
+    for c in range(IT):
+        w13_sb = nl.ndarray((HP, KT, IP2), dtype=w13.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(
+            dst=w13_sb, src=w13.ap([[KT * IP2, HP], [IP2, KT], [1, IP2]], offset=c * chunk13, scalar_offset=eid)
+        )
+        g_ps = nl.ndarray((IP, B), dtype=nl.float32, buffer=nl.psum)
+        u_ps = nl.ndarray((IP, B), dtype=nl.float32, buffer=nl.psum)
+        for kt in range(KT):
+            nisa.nc_matmul(dst=g_ps, stationary=w13_sb[:, kt, 0:IP], moving=xT[:, kt, :], accumulate=kt > 0)
+        for kt in range(KT):
+            nisa.nc_matmul(dst=u_ps, stationary=w13_sb[:, kt, IP:IP2], moving=xT[:, kt, :], accumulate=kt > 0)
+        gate = nl.ndarray((IP, B), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=gate, op=nl.silu, data=g_ps)
+        nisa.tensor_tensor(dst=h_sb[:, c, :], data1=gate, data2=u_ps, op=nl.multiply)
+        del g_ps, u_ps
+
+    # down with tokens on partitions, weighted, back to natural h order, scatter-added into out
+    w2_sb = nl.ndarray((IP, IT, H), dtype=w2.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w2_sb, src=w2.ap([[H, IP], [IP * H, IT], [1, H]], offset=0, scalar_offset=eid))
+    per_mm = max(1, GEMM_MOVING_FMAX // HP)  # output tiles kt per down matmul (moving free size <= 512)
+    for s in range(NSUB):
+        y_sb = nl.ndarray((SB, HP, KT), dtype=out.dtype, buffer=nl.sbuf)  # [token, p, kt] = natural h = p*KT + kt
+        for kt0 in range(0, KT, per_mm):
+            g = min(per_mm, KT - kt0)
+            y_ps = nl.ndarray((SB, g * HP), dtype=nl.float32, buffer=nl.psum)  # columns kt-major: (kt, p)
+            for c in range(IT):
+                nisa.nc_matmul(
+                    dst=y_ps,
+                    stationary=h_sb[:, c, s * SB : (s + 1) * SB],
+                    moving=w2_sb[:, c, kt0 * HP : (kt0 + g) * HP],
+                    accumulate=c > 0,
+                )
+            nisa.tensor_scalar(
+                dst=y_sb[:, :, kt0 : kt0 + g].permute((0, 2, 1)),
+                data=y_ps,
+                op0=nl.multiply,
+                operand0=wts[:, s : s + 1],
+            )
+        rows = out.ap([[H, SB], [1, H]], offset=0, vector_offset=tok[:, s : s + 1], indirect_dim=0)
+        nisa.dma_compute(dst=rows, srcs=[rows, y_sb], reduce_op=nl.add, oob_mode=skip)
+
+
+def _itemsize(dtype) -> int:
+    return 2 if dtype == nl.bfloat16 else 4
+
+
+def moe_prefill_ref(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    block_expert: torch.Tensor,
+    block_tokens: torch.Tensor,
+    block_weights: torch.Tensor,
+    num_blocks: torch.Tensor,
+) -> torch.Tensor:
+    """``moe_prefill`` in plain fp32 torch over the used blocks' valid slots (h rounded to the weights' dtype)."""
+    T = hidden.shape[0]
+    n = int(num_blocks.reshape(-1)[0])
+    tokens = block_tokens[:n].long()
+    valid = tokens < T
+    experts = block_expert[:n].long()[:, None].expand_as(tokens)
+    w13m, w2m = experts_model_layout(w13, w2)
+    return _slots_ref(hidden, w13m, w2m, tokens[valid], experts[valid], block_weights[:n][valid])

@@ -1,0 +1,117 @@
+"""``moe_experts`` through ``kernels/moe_decode.py`` (few tokens) or ``kernels/moe_prefill.py`` (many tokens).
+
+The model keeps its weights as vLLM loads them (``w13 [E, 2I, H]``, ``w2 [E, H, I]``); the kernels want the kernel
+layout of ``moe_decode`` (H and I split into partition tiles, one contiguous run per partition per DMA). The wrapper
+converts each weight tensor once and caches the result (see ``_KernelWeights``): converting per call would move the
+whole expert tensor, hundreds of MB at Qwen3-30B-A3B sizes, every layer of every step. The better fix, proposed to
+the model's owner: load the experts straight into the kernel layout (the conversion is a fixed permutation of each
+checkpoint tensor, ``experts_kernel_layout``) so no second copy exists.
+
+Choice of kernel (trn2 cost model, Qwen3-30B-A3B TP=4, E=128, K=8; figures from
+``python -m vllm_nki_moe.kernel_check.cases_moe --select``): the decode kernel reads T*K experts, one per
+(token, slot); the prefill kernel reads each used expert once but pays per-block gathers and scatters. At T=4
+(32 slots, ~31 distinct experts) decode estimates 213 us and prefill (blocks of 8) 220 us; at T=8 (64 slots,
+~48 distinct) 427 us vs 340 us.
+So decode runs while T*K <= E/4, prefill above, with a block size near the mean tokens per used expert.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ..emulator import install
+
+install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
+
+from ..kernels import moe_decode, moe_prefill  # noqa: E402 - after install()
+from ..kernels.limits import PMAX  # noqa: E402 - after install()
+from .bridge import KernelOp, call_kernel  # noqa: E402 - after install()
+
+DECODE_SLOTS_PER_EXPERT = 0.25  # decode while T*K <= E * this (see module docstring)
+MIN_PREFILL_BLOCK = 8  # smaller blocks save no Tensor Engine time (MIN_II) and multiply weight reads
+DTYPES = (torch.bfloat16, torch.float32)
+
+
+class _KernelWeights:
+    """Kernel-layout copies of weight tensors, keyed by the source tensor's identity and contents' version.
+
+    A cached copy is reused while the source is the same live tensor (same storage pointer, shape, dtype) with the
+    same ``_version`` and the same sampled values (a 64-element fingerprint catches in-place reloads through
+    ``.data``, which do not bump ``_version``). Entries die with their source tensor.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple] = {}
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple:
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 64)
+        return (t.data_ptr(), tuple(t.shape), t.dtype, t._version, flat[::step][:64].float().sum().item())
+
+    def get(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (self._key(w13), self._key(w2))
+        slot = self._cache.get(id(w13))
+        if slot is not None and slot[0] == key and slot[1]() is w13:
+            return slot[2]
+        converted = moe_decode.experts_kernel_layout(w13.detach(), w2.detach())
+        self._cache[id(w13)] = (key, weakref.ref(w13), converted)
+        weakref.finalize(w13, self._cache.pop, id(w13), None)
+        return converted
+
+
+_weights = _KernelWeights()
+
+
+def use_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether ``moe_experts`` runs the decode kernel (else prefill) for these sizes (module docstring)."""
+    return num_tokens <= moe_decode.MAX_DECODE_TOKENS and num_tokens * top_k <= num_experts * DECODE_SLOTS_PER_EXPERT
+
+
+def prefill_block_size(num_tokens: int, top_k: int, num_experts: int) -> int:
+    """Power of two near the mean tokens per used expert, clamped to [MIN_PREFILL_BLOCK, PMAX]."""
+    mean = -(-num_tokens * top_k // max(1, min(num_experts, num_tokens * top_k)))
+    b = MIN_PREFILL_BLOCK
+    while b < mean and b < PMAX:
+        b *= 2
+    return b
+
+
+def _supports(hidden, w13, w2, topk_weights, topk_ids) -> str | None:
+    if hidden.dtype not in DTYPES:
+        return f"hidden.dtype={hidden.dtype}; the kernels take bfloat16 or float32"
+    if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
+        return f"w13.dtype={w13.dtype}, w2.dtype={w2.dtype}; must equal hidden.dtype={hidden.dtype}"
+    if hidden.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        return f"hidden {tuple(hidden.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}; must be 2-D, 3-D, 3-D"
+    H = hidden.shape[1]
+    E, I2, _ = w13.shape
+    for what, n in (("H", H), ("I", I2 // 2)):
+        tiles = -(-n // PMAX)
+        if n % tiles:
+            return f"{what}={n}; must split into ceil({what}/{PMAX})={tiles} equal partition tiles"
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0]:
+        return f"topk_ids.shape={tuple(topk_ids.shape)}; must be [T={hidden.shape[0]}, K]"
+    return None
+
+
+def _moe_experts(backend: str, hidden, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    T = hidden.shape[0]
+    if T == 0:
+        return torch.zeros_like(hidden)
+    E, K = w13.shape[0], topk_ids.shape[1]
+    w13k, w2k = _weights.get(w13, w2)
+    x = hidden.contiguous()
+    weights = topk_weights.float().contiguous()
+    if use_decode(T, K, E):
+        ids = topk_ids.to(torch.int32).contiguous()
+        return call_kernel(backend, moe_decode.moe_decode, x, w13k, w2k, weights, ids)
+    block = prefill_block_size(T, K, E)
+    meta = moe_prefill.prefill_block_metadata(topk_ids, weights, E, block)
+    return call_kernel(backend, moe_prefill.moe_prefill, x, w13k, w2k, *meta)
+
+
+def kernel_ops() -> list[KernelOp]:
+    return [KernelOp(name="moe_experts", run=_moe_experts, supports=_supports)]
