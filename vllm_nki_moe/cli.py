@@ -39,6 +39,12 @@ def _export_contest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import run_generate
+
+    return run_generate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-nki-moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     contest.add_argument("out", help="the module to write, e.g. qwen_with_nki.py")
     contest.set_defaults(handler=_export_contest)
+
+    gen = sub.add_parser(
+        "generate", help="greedy prefill + decode over our Qwen3-MoE modules with a paged KV cache (no vLLM engine)"
+    )
+    from .generate import add_arguments as add_generate_arguments
+
+    add_generate_arguments(gen)
+    gen.set_defaults(handler=_generate)
     return parser
 
 
