@@ -11,8 +11,9 @@ from vllm_nki_moe import emulator, ops_torch
 
 emulator.install()
 
-from vllm_nki_moe.kernel_check.tolerances import assert_close  # noqa: E402
 from vllm_nki_moe.kernels import moe_decode as md  # noqa: E402
+
+from vllm_nki_moe.kernel_check.tolerances import assert_close  # noqa: E402
 
 SEED = 0
 EPS = 1e-6  # Qwen3-30B-A3B rms_norm_eps
@@ -117,7 +118,12 @@ def test_moe_decode_matches_ref(name, H, I, E, K, T, dtype):  # noqa: E741
 
 @pytest.mark.parametrize(
     "name,H,I,E,K",
-    [QWEN3_30B_A3B_TP4, QWEN3_30B_A3B_TP8, QWEN3_30B_A3B_TP1_E16, pytest.param(*QWEN3_30B_A3B_TP1, marks=pytest.mark.slow)],
+    [
+        QWEN3_30B_A3B_TP4,
+        QWEN3_30B_A3B_TP8,
+        QWEN3_30B_A3B_TP1_E16,
+        pytest.param(*QWEN3_30B_A3B_TP1, marks=pytest.mark.slow),
+    ],
 )
 def test_moe_decode_matches_ref_at_qwen3_30b_a3b_rank_shapes(name, H, I, E, K):  # noqa: E741
     args, _ = _decode_inputs(1, H, I, E, K, torch.bfloat16)
