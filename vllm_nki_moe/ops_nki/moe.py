@@ -71,10 +71,14 @@ def use_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
 
 
 def prefill_block_size(num_tokens: int, top_k: int, num_experts: int) -> int:
-    """Power of two near the mean tokens per used expert, clamped to [MIN_PREFILL_BLOCK, PMAX]."""
-    mean = -(-num_tokens * top_k // max(1, min(num_experts, num_tokens * top_k)))
+    """Power of two >= twice the mean tokens per used expert, clamped to [MIN_PREFILL_BLOCK, PMAX].
+
+    Twice the mean leaves room for the busier experts (one block each) without paying for padding slots
+    (cost model, TP=4 shapes: T=128 -> 16-token blocks 950 us vs 1429 us at 128; T=512 -> 64: 1155 us vs 1433 us).
+    """
+    mean = num_tokens * top_k / max(1, min(num_experts, num_tokens * top_k))
     b = MIN_PREFILL_BLOCK
-    while b < mean and b < PMAX:
+    while b < 2 * mean and b < PMAX:
         b *= 2
     return b
 
