@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,24 @@ class FakeNeuronHost:
         import sys
 
         return list(sys.modules["vllm_neuron.vllm.platform"].CALLS)
+
+
+# Top-level modules only the fakes provide on this machine; after every test none may be loaded or importable.
+FAKED_MODULES = (
+    "vllm_neuron",
+    "libtorch_neuronx_lite",
+    "neuronxcc",
+    "neuronx_distributed",
+    "neuronx_distributed_inference",
+)
+
+
+@pytest.fixture(autouse=True)
+def no_fake_survives_its_test():
+    """Checked after every test here (autouse fixtures are torn down last): the fakes never reach the CPU tests."""
+    yield
+    leaked = [name for name in FAKED_MODULES if name in sys.modules or importlib.util.find_spec(name) is not None]
+    assert not leaked, f"fake Neuron modules outlived their test: {leaked}"
 
 
 @pytest.fixture

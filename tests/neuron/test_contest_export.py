@@ -32,9 +32,12 @@ def harness(tmp_path, monkeypatch):
     """Fakes of the harness's imports on sys.path, and ``load(out)`` importing a written module as main.py would."""
     install = fakes.FakeInstall(tmp_path / "harness-site", fakes.HARNESS_FILES)
     loaded: list[str] = []
+    added: list[str] = []
 
     def load(out, name: str = MODULE):
-        monkeypatch.syspath_prepend(str(out.parent))
+        # Not monkeypatch.syspath_prepend: its undo restores the sys.path it saved, fake site included.
+        sys.path.insert(0, str(out.parent))
+        added.append(str(out.parent))
         with monkeypatch.context() as block:
             block.setitem(sys.modules, "vllm_nki_moe", None)  # any import of our package now fails
             module = importlib.import_module(name)
@@ -44,6 +47,9 @@ def harness(tmp_path, monkeypatch):
     yield SimpleNamespace(load=load, utils=lambda: sys.modules["neuronx_distributed.utils"])
     for name in loaded:
         _forget(name)
+    for path in added:
+        while path in sys.path:
+            sys.path.remove(path)
     install.remove()
 
 
