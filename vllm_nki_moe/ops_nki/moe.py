@@ -9,10 +9,10 @@ checkpoint tensor, ``experts_kernel_layout``) so no second copy exists.
 
 Choice of kernel (trn2 cost model, Qwen3-30B-A3B TP=4, E=128, K=8; figures from
 ``python -m vllm_nki_moe.kernel_check.cases_moe --select``): the decode kernel reads T*K experts, one per
-(token, slot); the prefill kernel reads each used expert once but pays per-block gathers and scatters. At T=4
-(32 slots, ~31 distinct experts) decode estimates 213 us and prefill (blocks of 8) 220 us; at T=8 (64 slots,
-~48 distinct) 427 us vs 340 us.
-So decode runs while T*K <= E/4, prefill above, with a block size near the mean tokens per used expert.
+(token, slot); the prefill kernel reads each used expert once but pays per-block gathers and scatters. Estimates
+(decode vs prefill with 8-token blocks): T=1 53.5 vs 56.7 us, T=2 106.8 vs 106.3, T=4 213.4 vs 205.4, T=8 426.6
+vs 361.2. So decode runs for one token (its K experts are distinct: nothing to share) and while T*K <= E/16,
+prefill above, with a block size near twice the mean tokens per used expert.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ..kernels import moe_decode, moe_prefill  # noqa: E402 - after install()
 from ..kernels.limits import PMAX  # noqa: E402 - after install()
 from .bridge import KernelOp, call_kernel  # noqa: E402 - after install()
 
-DECODE_SLOTS_PER_EXPERT = 0.25  # decode while T*K <= E * this (see module docstring)
+DECODE_SLOTS_PER_EXPERT = 1 / 16  # decode while T*K <= E * this, or T == 1 (see module docstring)
 MIN_PREFILL_BLOCK = 8  # smaller blocks save no Tensor Engine time (MIN_II) and multiply weight reads
 DTYPES = (torch.bfloat16, torch.float32)
 
@@ -67,7 +67,9 @@ _weights = _KernelWeights()
 
 def use_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
     """Whether ``moe_experts`` runs the decode kernel (else prefill) for these sizes (module docstring)."""
-    return num_tokens <= moe_decode.MAX_DECODE_TOKENS and num_tokens * top_k <= num_experts * DECODE_SLOTS_PER_EXPERT
+    if num_tokens > moe_decode.MAX_DECODE_TOKENS:
+        return False
+    return num_tokens == 1 or num_tokens * top_k <= num_experts * DECODE_SLOTS_PER_EXPERT
 
 
 def prefill_block_size(num_tokens: int, top_k: int, num_experts: int) -> int:
