@@ -8,7 +8,8 @@ K/V are first scattered to ``slot_mapping[b]`` (negative = padding row, skipped)
 Design: blocks, not tokens, go on partitions. One indirect DMA gathers up to 128 whole blocks of one kv head
 (``[blocks, BS * D]``, each partition one contiguous BS x D run of the cache, the block id its row offset), so the
 block table is used as the DMA index list as is, with no per-token address arithmetic and few large descriptors.
-Column ``s`` of every block (token ``block * BS + s``) is a [blocks, D] slice; the Tensor Engine transposes it to
+Short contexts (fewer than 128 blocks) split each block over r partitions (r a power of two, r * blocks <= 128), so
+the engines still see up to 128 rows. Column ``s`` of every partition (one token each) is a [rows, D] slice; the Tensor Engine transposes it to
 K^T [D, blocks] for the scores and contracts P^T [blocks, G] with V[:, s] for the output. Scores are thus visited in
 a permuted token order, which the softmax does not care about; masking uses each column's true position. The softmax
 is online (flash decoding) over chunks of up to 512 columns, so any context length fits. Shapes are static: every
@@ -66,7 +67,8 @@ def attention_decode(q, k, v, k_cache, v_cache, slot_mapping, block_tables, cont
     Returns: (out [B, Hq*D] in q's dtype, k_cache, v_cache), all nl.shared_hbm.
     Tiling:  _write_kv_cache first (indirect-DMA scatter). Per sequence b and kv head g: Q^T [D, G] by strided DMA;
              L_b broadcast to G partitions (DMA casts to fp32); per tile of up to 128 table entries: the block ids
-             (DMA) drive two indirect-DMA gathers K, V [blocks, BS*D]; per chunk of block columns s (<= 512 scores):
+             (DMA; with a split r > 1 each id r times, row = id * Hk * r + part on Vector/GpSimd) drive two
+             indirect-DMA gathers K, V [blocks * r, BS / r * D]; per chunk of columns s (<= 512 scores):
              Tensor transposes K[:, s] to K^T [D, blocks] (one PSUM bank), Vector copies it to SBUF, Tensor computes
              S = Q K^T [G, chunk] in PSUM; GpSimd iota gives each column's position, Vector compares it with L_b and
              select_reduce masks and takes the row max in one pass; Scalar exp with row sums (online softmax, fp32

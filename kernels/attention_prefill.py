@@ -139,7 +139,8 @@ def _softmax_probs(state: _SoftmaxState, scores, tile_max, probs, scale: float):
     m_new = tile_max
     if not first:
         m_new = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=m_new, data1=state.m, data2=tile_max, op=nl.maximum)
+        # GpSimd: a [rows, 1] op costs the Vector Engine its fixed overhead, and Vector is the busiest engine here
+        nisa.tensor_tensor(dst=m_new, data1=state.m, data2=tile_max, op=nl.maximum, engine=nisa.gpsimd_engine)
     neg_scaled_max = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=neg_scaled_max, op=nl.copy, data=m_new, scale=-scale)
     row_sum = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
@@ -198,8 +199,8 @@ def attention_prefill(q, k, v, k_cache, v_cache, slot_mapping, scale):
     Tiling:  first _write_kv_cache (DMA scatter per 128 tokens). Then per kv head g: K^T [D, T] (DMA transpose per
              512 keys) and V [128, T/128, D] (DMA per 128 keys) stay in SBUF; per query head of g, per query tile of
              128 rows (Q^T [D, 128] by DMA transpose), per key tile of 512 up to the diagonal (causal tile skipping):
-             Tensor S = Q K^T [128, 512] into PSUM; GpSimd affine_select masks keys after the query on diagonal
-             tiles; Vector row max; Scalar exp with row sums (online softmax, fp32 statistics); Tensor transposes
+             Tensor S = Q K^T [128, 512] into PSUM; Vector row max, on diagonal tiles fused with the causal mask
+             (select_reduce with a GpSimd affine_select predicate made once per diagonal offset); Scalar exp with row sums (online softmax, fp32 statistics); Tensor transposes
              P in 128-key blocks and accumulates P @ V [128, D] in PSUM; Vector rescales and adds into the fp32
              accumulator. Finally acc / l, cast to q's dtype, DMA to out.
     Limits:  D <= 128; Hq a multiple of Hk; BS a power of two; NB*Hk*BS <= 2^24; 1 <= T <= MAX_PREFILL_TOKENS
@@ -226,6 +227,7 @@ def attention_prefill(q, k, v, k_cache, v_cache, slot_mapping, scale):
 
     out = nl.ndarray((T, hq * d), dtype=q.dtype, buffer=nl.shared_hbm)
     key_tiles = -(-T // KEYS_PER_PV_TILE)
+    predicates: dict = {}
     for g in range(hk):
         k_t = nl.ndarray((d, T), dtype=k.dtype, buffer=nl.sbuf)
         for c0 in range(0, T, KEYS_PER_SCORE_TILE):
@@ -240,12 +242,36 @@ def attention_prefill(q, k, v, k_cache, v_cache, slot_mapping, scale):
                 nq = min(Q_ROWS_PER_TILE, T - q0)
                 q_t = nl.ndarray((d, nq), dtype=q.dtype, buffer=nl.sbuf)
                 nisa.dma_transpose(dst=q_t, src=q[q0 : q0 + nq, h * d : (h + 1) * d])
-                o = _attend_query_tile(q_t, k_t, v_sb, q0, scale, q.dtype)
+                o = _attend_query_tile(q_t, k_t, v_sb, q0, scale, q.dtype, predicates)
                 nisa.dma_copy(dst=out[q0 : q0 + nq, h * d : (h + 1) * d], src=o)
     return out, k_cache, v_cache
 
 
-def _attend_query_tile(q_t, k_t, v_sb, q0: int, scale: float, out_dtype):
+def _causal_predicate(predicates: dict, delta: int):
+    """[128, 512] uint8: 1 where key j <= query row i + delta (``delta`` = q0 - k0 of a diagonal tile), else 0.
+
+    GpSimd affine_select over a ones tile, once per distinct delta (0, 128, 256, 384) per kernel call; diagonal
+    tiles then mask, copy and take the row max in one Vector select_reduce.
+    """
+    if delta not in predicates:
+        if "ones" not in predicates:
+            predicates["ones"] = nl.ndarray((Q_ROWS_PER_TILE, KEYS_PER_SCORE_TILE), dtype=nl.uint8, buffer=nl.sbuf)
+            nisa.memset(dst=predicates["ones"], value=1, engine=nisa.gpsimd_engine)
+        pred = nl.ndarray((Q_ROWS_PER_TILE, KEYS_PER_SCORE_TILE), dtype=nl.uint8, buffer=nl.sbuf)
+        nisa.affine_select(
+            dst=pred,
+            pattern=[[-1, KEYS_PER_SCORE_TILE]],
+            channel_multiplier=1,
+            on_true_tile=predicates["ones"],
+            on_false_value=0.0,
+            cmp_op=nl.greater_equal,
+            offset=delta,
+        )
+        predicates[delta] = pred
+    return predicates[delta]
+
+
+def _attend_query_tile(q_t, k_t, v_sb, q0: int, scale: float, out_dtype, predicates: dict):
     """Causal attention of one query tile (Q^T [D, nq], rows q0..q0+nq-1) over keys 0..q0+nq-1; returns [nq, D]."""
     d, nq = q_t.shape
     state = _SoftmaxState()
@@ -253,22 +279,21 @@ def _attend_query_tile(q_t, k_t, v_sb, q0: int, scale: float, out_dtype):
         nk = min(KEYS_PER_SCORE_TILE, q0 + nq - k0)
         s_psum = nl.ndarray((nq, nk), dtype=nl.float32, buffer=nl.psum)
         nisa.nc_matmul(dst=s_psum, stationary=q_t, moving=k_t[:, k0 : k0 + nk], accumulate=False)
+        tile_max = nl.ndarray((nq, 1), dtype=nl.float32, buffer=nl.sbuf)
         scores = s_psum
         if k0 + nk - 1 > q0:  # some key lies after some query of the tile: mask key j > query i
             scores = nl.ndarray((nq, nk), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.tensor_copy(dst=scores, src=s_psum)
-            # keep where (q0 + i) - (k0 + j) >= 0: i is the partition (channel), j the free index
-            nisa.affine_select(
+            nisa.select_reduce(
                 dst=scores,
-                pattern=[[-1, nk]],
-                channel_multiplier=1,
-                on_true_tile=scores,
-                on_false_value=MASK_SCORE,
-                cmp_op=nl.greater_equal,
-                offset=q0 - k0,
+                predicate=_causal_predicate(predicates, q0 - k0)[0:nq, 0:nk],
+                on_true=s_psum,
+                on_false=MASK_SCORE,
+                reduce_res=tile_max,
+                reduce_cmd=nisa.reduce_cmd.reset_reduce,
+                reduce_op=nl.maximum,
             )
-        tile_max = nl.ndarray((nq, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_reduce(dst=tile_max, op=nl.maximum, data=scores, axis=1)
+        else:
+            nisa.tensor_reduce(dst=tile_max, op=nl.maximum, data=scores, axis=1)
         probs = nl.ndarray((nq, nk), dtype=v_sb.dtype, buffer=nl.sbuf)
         alpha = _softmax_probs(state, scores, tile_max, probs, scale)
         pv = _probs_times_values(probs, v_sb, k0, d)
