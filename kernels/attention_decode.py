@@ -5,16 +5,16 @@ K_b[j, h // G]) @ V_b[:, h // G]``, where sequence b's tokens live in the cache 
 head_dim]`` (vLLM's HND layout, research/vllm.md) at the blocks ``block_tables[b]`` lists, in order. The new token's
 K/V are first scattered to ``slot_mapping[b]`` (negative = padding row, skipped), so it attends to itself.
 
-Design: blocks, not tokens, go on partitions. One indirect DMA gathers up to 128 whole blocks of one kv head
-(``[blocks, BS * D]``, each partition one contiguous BS x D run of the cache, the block id its row offset), so the
-block table is used as the DMA index list as is, with no per-token address arithmetic and few large descriptors.
-Short contexts (fewer than 128 blocks) split each block over r partitions (r a power of two, r * blocks <= 128), so
-the engines still see up to 128 rows. Column ``s`` of every partition (one token each) is a [rows, D] slice; the Tensor Engine transposes it to
-K^T [D, blocks] for the scores and contracts P^T [blocks, G] with V[:, s] for the output. Scores are thus visited in
-a permuted token order, which the softmax does not care about; masking uses each column's true position. The softmax
-is online (flash decoding) over chunks of up to 512 columns, so any context length fits. Shapes are static: every
-sequence reads all ``max_blocks`` blocks of its table (the Neuron convention of compiled buckets) and positions at or
-past its context length are masked.
+Design: blocks, not tokens, go on partitions. One indirect DMA gathers up to 128 whole blocks of one kv head (``[blocks,
+BS * D]``, each partition one contiguous BS x D run of the cache, the block id its row offset), so the block table is
+used as the DMA index list as is, with no per-token address arithmetic and few large descriptors. Short contexts (fewer
+than 128 blocks) split each block over r partitions (r a power of two, r * blocks <= 128), so the engines still see up
+to 128 rows. Column ``s`` of every partition (one token each) is a [rows, D] slice; the Tensor Engine transposes it to
+K^T [D, rows] for the scores and contracts P^T [rows, G] with V[:, s] for the output. Scores are thus visited in a
+permuted token order, which the softmax does not care about; masking uses each column's true position. The softmax is
+online (flash decoding) over chunks of up to 512 columns, so any context length fits. Shapes are static: every sequence
+reads all ``max_blocks`` blocks of its table (the Neuron convention of compiled buckets) and positions at or past its
+context length are masked.
 """
 
 import nki

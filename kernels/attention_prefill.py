@@ -196,13 +196,13 @@ def attention_prefill(q, k, v, k_cache, v_cache, slot_mapping, scale):
              slot_mapping [T] int32 HBM (slot = block * BS + offset; negative = padding, not written);
              scale: float, the softmax scale (1/sqrt(D) for Qwen3).
     Returns: (out [T, Hq*D] in q's dtype, k_cache, v_cache), all nl.shared_hbm.
-    Tiling:  first _write_kv_cache (DMA scatter per 128 tokens). Then per kv head g: K^T [D, T] (DMA transpose per
-             512 keys) and V [128, T/128, D] (DMA per 128 keys) stay in SBUF; per query head of g, per query tile of
-             128 rows (Q^T [D, 128] by DMA transpose), per key tile of 512 up to the diagonal (causal tile skipping):
-             Tensor S = Q K^T [128, 512] into PSUM; Vector row max, on diagonal tiles fused with the causal mask
-             (select_reduce with a GpSimd affine_select predicate made once per diagonal offset); Scalar exp with row sums (online softmax, fp32 statistics); Tensor transposes
-             P in 128-key blocks and accumulates P @ V [128, D] in PSUM; Vector rescales and adds into the fp32
-             accumulator. Finally acc / l, cast to q's dtype, DMA to out.
+    Tiling:  first _write_kv_cache (DMA scatter per 128 tokens). Then per kv head g: K^T [D, T] (DMA transpose per 512
+             keys) and V [128, T/128, D] (DMA per 128 keys) stay in SBUF; per query head of g, per query tile of 128
+             rows (Q^T [D, 128] by DMA transpose), per key tile of 512 up to the diagonal (causal tile skipping): Tensor
+             S = Q K^T [128, 512] into PSUM; Vector row max, on diagonal tiles fused with the causal mask (select_reduce
+             with a GpSimd affine_select predicate made once per diagonal offset); Scalar exp with row sums (online
+             softmax, fp32 statistics); Tensor transposes P in 128-key blocks and accumulates P @ V [128, D] in PSUM;
+             Vector rescales and adds into the fp32 accumulator. Finally acc / l, cast to q's dtype, DMA to out.
     Limits:  D <= 128; Hq a multiple of Hk; BS a power of two; NB*Hk*BS <= 2^24; 1 <= T <= MAX_PREFILL_TOKENS
              (16,384); q, k, v, caches of one float dtype (bf16 or fp32); slot_mapping int32; one sequence per call.
     """
