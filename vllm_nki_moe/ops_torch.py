@@ -81,26 +81,26 @@ def moe_experts(
     """Routed SwiGLU experts: ``sum_k w_k * down_e(silu(gate_e(x)) * up_e(x))`` for each token's experts ``e``.
 
     hidden ``[T, H]``; w13 ``[E, 2I, H]`` (gate rows then up rows); w2 ``[E, H, I]``; topk_* ``[T, K]``.
-    Tokens are grouped by expert so each selected expert runs one matmul over its tokens; unselected experts cost
-    nothing. Routing weights are cast to the activation dtype before the multiply, as Hugging Face does.
+    Token slots are sorted by expert (stably) so each selected expert runs one matmul over a contiguous run of its
+    tokens; unselected experts cost nothing. Routing weights are cast to the activation dtype before the multiply, as
+    Hugging Face does, and one ``index_add_`` over the expert-sorted slots adds each token's contributions in
+    ascending expert order: Hugging Face's summation order, so float32 results match it bit for bit.
     """
-    num_tokens, hidden_size = hidden.shape
-    out = torch.zeros_like(hidden)
+    num_experts, top_k = w13.shape[0], topk_ids.shape[1]
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
-    token_of_slot = order // topk_ids.shape[1]
-    weight_of_slot = topk_weights.reshape(-1)[order].to(hidden.dtype)
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    token_of_slot = order // top_k
+    x_sorted = hidden.index_select(0, token_of_slot)
+    y_sorted = torch.empty_like(x_sorted)
     start = 0
     for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        tokens = token_of_slot[start : start + count]
-        x = hidden.index_select(0, tokens)
-        y = F.linear(silu_mul(F.linear(x, w13[expert])), w2[expert])
-        out.index_add_(0, tokens, y * weight_of_slot[start : start + count, None])
-        start += count
-    return out
+        if count:
+            end = start + count
+            y_sorted[start:end] = F.linear(silu_mul(F.linear(x_sorted[start:end], w13[expert])), w2[expert])
+            start = end
+    y_sorted.mul_(topk_weights.reshape(-1)[order].to(hidden.dtype)[:, None])
+    return torch.zeros_like(hidden).index_add_(0, token_of_slot, y_sorted)
 
 
 def _write_kv_cache(
