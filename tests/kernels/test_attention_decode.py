@@ -179,3 +179,17 @@ def test_ops_attention_decode_explicit_backend_raises_the_kernel_limit(rng):
     big = torch.zeros(2, 1, 512, 128)
     with pytest.raises(ValueError, match="attention_decode: block_size=512"):
         ops.bind("emulator").attention_decode(q, k, v, big, big.clone(), *args[5:])
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_kernel_check_attention_cases_pass_at_qwen3_30b_a3b_tp8(tokens):
+    from vllm_nki_moe.kernel_check import cases_attention
+    from vllm_nki_moe.kernel_check.runner import run_cases
+    from vllm_nki_moe.kernel_check.shapes import kernel_shapes
+
+    cases = cases_attention.cases(kernel_shapes(None, tp=8), tokens)
+    assert [c.kernel for c in cases] == ["attention_prefill", "attention_decode", "attention_decode"]
+    rows = run_cases(cases)
+    assert all(r.passed for r in rows), [r.reason for r in rows]
+    decode_long = rows[2]
+    assert "ctx=4096" in decode_long.shapes and decode_long.roofline_pct > 50  # HBM-bound: most of the KV read rate
