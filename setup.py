@@ -46,6 +46,10 @@ setup(
         "test": TEST,
         "loadtest": LOADTEST,
         "dev": CPU_STACK + TEST + LOADTEST + ["ruff>=0.6"],
+        # Nothing from PyPI: on Trainium the Neuron SDK 2.32.0 stack (vllm-neuron 0.24.0.1.1.0, vLLM 0.24.0, nki,
+        # neuronx-cc) comes from AWS's own pip index, installed by deploy/setup-trn2.sh. PyPI's packages under those
+        # names are placeholders that raise on import: never depend on them.
+        "neuron": [],
     },
     entry_points={
         # Loaded lazily by vLLM in every process, the first time the current platform is resolved.

@@ -1,4 +1,4 @@
-"""The ``vllm-nki-moe`` command: developer tools around the plugin (serving itself is ``vllm serve``)."""
+"""The vllm-nki-moe command: developer tools around the plugin (serving itself is `vllm serve`)."""
 
 from __future__ import annotations
 
