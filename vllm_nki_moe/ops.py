@@ -29,6 +29,7 @@ OP_NAMES = (
     "rms_norm",
     "fused_add_rms_norm",
     "apply_rope",
+    "qk_norm_rope",
     "silu_mul",
     "router_topk",
     "moe_experts",
@@ -45,6 +46,7 @@ class OpSet:
     rms_norm: Callable
     fused_add_rms_norm: Callable
     apply_rope: Callable
+    qk_norm_rope: Callable  # per-head q/k RMSNorm + RoPE in one call (Qwen3 attention)
     silu_mul: Callable
     router_topk: Callable
     moe_experts: Callable

@@ -186,3 +186,23 @@ def attention_decode(
         values = v_cache[blocks, :, positions % block_size, :]
         outs.append(_attend(q[b : b + 1].reshape(1, -1, head_dim), keys, values, scale, causal=False))
     return torch.cat(outs)
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head q/k RMSNorm then neox RoPE: ``apply_rope(rms_norm(q), rms_norm(k))``, bit for bit.
+
+    q ``[T, Hq*D]``, k ``[T, Hk*D]``; q_weight / k_weight ``[D]``; returns (q, k) in the same shapes.
+    """
+    num_tokens = q.shape[0]
+    q = rms_norm(q.view(num_tokens, -1, head_dim), q_weight, eps).view(q.shape)
+    k = rms_norm(k.view(num_tokens, -1, head_dim), k_weight, eps).view(k.shape)
+    return apply_rope(q, k, positions, cos_sin_cache, head_dim)
