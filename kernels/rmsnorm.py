@@ -39,9 +39,10 @@ LAYOUTS = ("auto", "rows", "h")
 #   H=2048 fp32: T=1 3.52 vs 0.30, T=16 3.52 vs 1.66, T=32 3.52 vs 3.10;  H=128 bf16: T=1 0.33 vs 0.21, T=8 equal.
 # The model never prefers rows (both become DMA-bound), but it does not see DMA efficiency: the h layout moves
 # runs of H/128 elements per token and partition (32 B at H=2048 bf16; the perf guide asks for >= 4 KiB per
-# partition row, research/nki.md 2.1), while rows moves whole rows (4 KiB at H=2048 bf16). So h is taken only where the model gives it at least a 2x margin:
-# T * itemsize <= 64 B (bf16 T <= 32, fp32 T <= 16); and not for H < 512, where rows instructions are already
-# within a few MIN_II and h would move 2-to-6-byte runs (H=128: 0.32 vs 0.27 us, not worth it).
+# partition row, research/nki.md 2.1), while rows moves whole rows (4 KiB at H=2048 bf16). So h is taken only
+# where the model gives it at least a 2x margin: T * itemsize <= 64 B (bf16 T <= 32, fp32 T <= 16); and not for
+# H < 512, where rows instructions are already within a few MIN_II and h would move 2-to-6-byte runs (H=128: 0.32
+# vs 0.27 us, not worth it).
 H_LAYOUT_MAX_TOKEN_BYTES = 64
 H_LAYOUT_MIN_H = 4 * PMAX
 # Cross-partition sum: an all-ones [128, 128] fp32 stationary times the [128, T] partial sums gives the total on every

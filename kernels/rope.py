@@ -15,7 +15,7 @@ import nki.language as nl
 import torch
 
 from .limits import PMAX, SBUF_PARTITION_BYTES, require
-from .rmsnorm import _broadcast_weight, rms_norm_ref  # the layer norms' weight broadcast (one HBM read, Tensor Engine copy)
+from .rmsnorm import _broadcast_weight, rms_norm_ref  # weight broadcast: one HBM read, Tensor Engine copy
 
 ROWS_PER_TILE = PMAX  # one token per partition; all heads of the token in the free axis
 
@@ -24,10 +24,10 @@ QK_LAYOUTS = ("auto", "heads", "tokens")
 # 128 // (Hq + Hk) tokens, so q and k share every instruction and each streams D elements per lane (decode).
 # "tokens": one token per partition, all heads of q (then of k) in the free axis, 128 tokens per tile (prefill).
 # auto = heads while T <= QK_HEADS_MAX_TOKENS. Cost model, est us heads vs tokens, Qwen3-30B-A3B bf16 per rank
-# (``python -m vllm_nki_moe.kernel_check.cases_norms --layouts``): TP=4 T=1 0.40 vs 3.33, T=14 0.78 vs 3.33,
-# T=48 2.88 vs 3.33, T=64 3.73 vs 3.33; TP=1 T=1 0.47 vs 12.33, T=48 11.52 vs 12.33, T=64 15.59 vs 12.33;
-# TP=8 T=48 1.53 vs 2.00, T=64 2.15 vs 2.00 (fp32 crosses at the same T).
-QK_HEADS_MAX_TOKENS = 48
+# (``python -m vllm_nki_moe.kernel_check.cases_norms --layouts``): TP=4 T=1 0.40 vs 2.27, T=32 2.03 vs 2.27,
+# T=48 2.88 vs 2.27; TP=1 T=1 0.47 vs 7.53, T=32 7.79 vs 7.53; TP=8 T=32 1.24 vs 1.47, T=48 1.53 vs 1.47. The
+# crossover is at T ~ 30-45; 32 keeps decode batch 32 on heads (3% behind at TP=1, 11% ahead at TP=4).
+QK_HEADS_MAX_TOKENS = 32
 
 
 def _check_rope_args(where: str, q, k, positions, cos_sin_cache) -> None:
@@ -163,10 +163,19 @@ def _norm_rope_tile(out_tile, x_tile, w_tile, cs_tile, eps_tile, heads: int, D: 
         nisa.activation(dst=normed, op=nl.copy, data=x_tile, scale=rstd)
     else:
         x3 = x_tile.reshape_dim(1, [heads, D])
-        sq = nl.ndarray((n, heads, D), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=sq, data1=x3, data2=x3, op=nl.multiply)
+        # Sums of squares per head on the Scalar engine (one square+reduce per head), which keeps the Vector engine
+        # (normalise, weight, rope) the only busy one: TP=4 T=128 bf16 3.33 -> 2.13 us est vs a Vector square+reduce.
+        sq = nl.ndarray((n, D), dtype=nl.float32, buffer=nl.sbuf)
         ss = nl.ndarray((n, heads), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_reduce(dst=ss, op=nl.add, data=sq, axis=2)
+        for j in range(heads):
+            nisa.activation(
+                dst=sq,
+                op=nl.square,
+                data=x3[:, j, :],
+                reduce_op=nl.add,
+                reduce_res=ss[:, j : j + 1],
+                reduce_cmd=nisa.reduce_cmd.reset_reduce,
+            )
         nisa.activation(dst=rstd, op=nl.rsqrt, data=ss, scale=1.0 / D, bias=eps_tile[0:n, :])
         nisa.tensor_tensor(
             dst=normed.reshape_dim(1, [heads, D]), data1=x3, data2=rstd.expand_dim(2).broadcast(2, D), op=nl.multiply
@@ -254,7 +263,8 @@ def qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin_cache, *, lay
     Tiling:  heads: tiles of 128 // (Hq+Hk) tokens, their (token, head) rows on partitions (q rows, then k rows),
              D in the free axis; per tile loads of q, k, their weights (stride-0 DMA per row) and the positions
              (stride-0 per head), one indirect gather of the cache rows, Vector cast; Scalar square+reduce, rsqrt,
-             scale; Vector weight multiply and 4 rope ops; two stores. tokens: weights broadcast once (Tensor + Vector), T by ROWS_PER_TILE tokens on partitions,
+             scale; Vector weight multiply and 4 rope ops; two stores.
+             tokens: weights broadcast once (Tensor + Vector), T by ROWS_PER_TILE tokens on partitions,
              per tile one gather shared by q and k, then per tensor one load, Vector square + per-head reduce,
              Scalar rsqrt, Vector scale, weight multiply and 4 rope ops over all heads, one store.
     Limits:  those of rope; q_weight, k_weight [D]; eps > 0; layout in QK_LAYOUTS; layout "heads" needs

@@ -1,7 +1,12 @@
 """Kernel-check cases for ``kernels/rmsnorm.py`` and ``kernels/rope.py`` at one rank's shapes.
 
 Per decoder layer: two fused residual-add + RMSNorms (input and post-attention layernorms; the first layer's plain
-RMSNorm costs the same), the per-head q and k norms, and one RoPE of q and k.
+RMSNorm costs the same), the per-head q and k norms, and one RoPE of q and k. ``qk_norm_rope`` (the q/k norms and
+RoPE in one kernel) is checked too and counted 0 times per layer while the model calls the three separately: when
+the model calls ``ops.qk_norm_rope``, set its ``calls_per_layer`` to 1 and those of q_norm, k_norm and rope to 0.
+
+``python -m vllm_nki_moe.kernel_check.cases_norms --layouts`` prints the cost-model figures behind the layout
+choices (``kernels/rmsnorm.py`` H_LAYOUT_MAX_TOKEN_BYTES, ``kernels/rope.py`` QK_HEADS_MAX_TOKENS).
 """
 
 from __future__ import annotations
@@ -73,6 +78,23 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
         pos = torch.from_numpy(rng.integers(0, positions, size=T).astype(np.int32))
         return q, k, pos, rope_cos_sin_cache(D, positions, s.rope_theta)
 
+    def qk_inputs(rng: np.random.Generator) -> tuple:
+        q, k, pos, cache = rope_inputs(rng)
+        return q, k, _weight(rng, D, dt), _weight(rng, D, dt), s.rms_eps, pos, cache
+
+    out.append(
+        KernelCase(
+            kernel="qk_norm_rope",
+            shapes=f"T={T} q={s.q_heads}x{D} k={s.kv_heads}x{D} {dname}",
+            build_inputs=qk_inputs,
+            kernel_fn=rope.qk_norm_rope,
+            reference=rope.qk_norm_rope_ref,
+            tolerance=dtype_key(dt),
+            # as rope, plus the two weights
+            min_hbm_bytes=2 * T * (s.q_heads + s.kv_heads) * D * item + T * 4 + T * D * 4 + 2 * D * item,
+            calls_per_layer=0,  # see the module docstring
+        )
+    )
     out.append(
         KernelCase(
             kernel="rope",
@@ -86,3 +108,40 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
         )
     )
     return out
+
+
+def layout_table() -> str:
+    """Cost-model estimates of both layouts of fused_add_rms_norm and qk_norm_rope at Qwen3-30B-A3B sizes."""
+    from ..emulator import run
+
+    rng = np.random.default_rng(0)
+    lines = ["fused_add_rms_norm H=2048: est us rows vs h"]
+    for dt in (torch.bfloat16, torch.float32):
+        for T in (1, 8, 16, 32, 48, 64, 96, 128):
+            x, r, w = _randn(rng, (T, 2048), dt), _randn(rng, (T, 2048), dt), _weight(rng, 2048, dt)
+            est = [
+                run(rmsnorm.fused_add_rms_norm, x, r, w, 1e-6, layout=lay)[1].estimated_seconds for lay in ("rows", "h")
+            ]
+            lines.append(
+                f"  {_DT_NAMES[str(dt).replace('torch.', '')]} T={T:<4} {est[0] * 1e6:6.2f} {est[1] * 1e6:6.2f}"
+            )
+    lines.append("qk_norm_rope head_dim=128: est us heads vs tokens")
+    cache = rope_cos_sin_cache(128, 4096, 1e6)
+    for dt in (torch.bfloat16, torch.float32):
+        for tp, (hq, hk) in {1: (32, 4), 4: (8, 1), 8: (4, 1)}.items():
+            for T in (1, 14, 32, 48, 64, 128):
+                q, k = _randn(rng, (T, hq * 128), dt), _randn(rng, (T, hk * 128), dt)
+                pos = torch.from_numpy(rng.integers(0, 4096, size=T).astype(np.int32))
+                args = (q, k, _weight(rng, 128, dt), _weight(rng, 128, dt), 1e-6, pos, cache)
+                est = [run(rope.qk_norm_rope, *args, layout=lay)[1].estimated_seconds for lay in ("heads", "tokens")]
+                name = _DT_NAMES[str(dt).replace("torch.", "")]
+                lines.append(f"  {name} TP={tp} T={T:<4} {est[0] * 1e6:6.2f} {est[1] * 1e6:6.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--layouts"]:
+        sys.exit("usage: python -m vllm_nki_moe.kernel_check.cases_norms --layouts")
+    print(layout_table())

@@ -1,4 +1,9 @@
-"""Kernel-check cases for ``kernels/router.py``: one router top-k per MoE layer at one rank's shapes."""
+"""Kernel-check cases for ``kernels/router.py``: one router top-k per MoE layer at one rank's shapes.
+
+``router_topk_matmul`` (the gate matmul fused in) is checked and counted 0 times per layer while the model runs the
+gate as vLLM's ReplicatedLinear and then ``ops.router_topk``; when the model calls the fused kernel, count it once
+and ``router_topk`` 0 times (the bench's "router gate matmuls" line then goes too).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from ..emulator import install
 install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
 
 from ..kernels import router  # noqa: E402 - after install()
-from ..kernels.limits import TOPK8  # noqa: E402
+from ..kernels.limits import PMAX, TOPK8  # noqa: E402
 from .registry import KernelCase  # noqa: E402
 from .shapes import KernelShapes  # noqa: E402
 
@@ -29,6 +34,19 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
     unsupported = None
     if K > TOPK8:
         unsupported = f"top_k={K}; the kernel supports at most {TOPK8} (max8)"
+    H = s.hidden
+
+    def matmul_inputs(rng: np.random.Generator) -> tuple:
+        x = torch.from_numpy(rng.standard_normal((T, H), dtype=np.float32)).to(dt)
+        # std 2/sqrt(H) makes the logits N(0, 4), the spread of the logits case above
+        w = torch.from_numpy(rng.standard_normal((H, E), dtype=np.float32) * (2.0 / H**0.5)).to(dt)
+        return x, w, K, s.norm_topk_prob
+
+    matmul_unsupported = unsupported
+    if H % PMAX:
+        matmul_unsupported = f"H={H}; router_topk_matmul needs a multiple of {PMAX}"
+    elif E > router.MAX_GATE_EXPERTS:
+        matmul_unsupported = f"E={E}; router_topk_matmul takes at most {router.MAX_GATE_EXPERTS} (one PSUM bank)"
     return [
         KernelCase(
             kernel="router_topk",
@@ -40,5 +58,16 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             min_hbm_bytes=T * E * dt.itemsize + T * K * (4 + 4),
             calls_per_layer=1,
             unsupported=unsupported,
-        )
+        ),
+        KernelCase(
+            kernel="router_topk_matmul",
+            shapes=f"T={T} H={H} E={E} k={K} renorm={int(s.norm_topk_prob)} {_DT_NAMES[s.dtype]}",
+            build_inputs=matmul_inputs,
+            kernel_fn=router.router_topk_matmul,
+            reference=router.router_topk_matmul_ref,
+            tolerance="float32_matmul",  # fp32 logits from an H-term PSUM accumulation; ids compared exactly
+            min_hbm_bytes=T * H * dt.itemsize + H * E * dt.itemsize + T * K * (4 + 4),
+            calls_per_layer=0,  # see the module docstring
+            unsupported=matmul_unsupported,
+        ),
     ]

@@ -10,6 +10,7 @@ A case is one kernel call at one set of shapes, with everything needed to check 
         reference=rmsnorm.rms_norm_ref,          # plain-torch reference, called as reference(*inputs)
         tolerance="bfloat16",                    # key of tolerances.TOLERANCES
         min_hbm_bytes=2 * 5 * 2048 * 2 + 2048 * 2,   # bytes the computation must move to/from HBM at least
+        min_macs=0,                              # multiply-accumulates it must do at least (matmul-heavy kernels)
         calls_per_layer=2,                       # how often one decoder layer runs this call (for `kernels bench`)
         phase="any",                             # "decode", "prefill" or "any": which bench steps include it
         unsupported=None,                        # or the reason (limit and value) the kernel cannot take the shapes
@@ -20,8 +21,10 @@ real ``nki`` take torch tensors, and the reference gets the very same objects (i
 reference return the same structure: one tensor or a tuple of tensors, compared pairwise.
 
 ``min_hbm_bytes`` is what any implementation must move: each input read once and each output written once (for a
-gather, only the rows it selects; for experts, only the selected experts' weights). "% of roofline" is measured
-against it, so a kernel that moves more than it needs is charged for it.
+gather, only the rows it selects; for experts, only the selected experts' weights); ``min_macs`` is the arithmetic
+it must do (e.g. causal attention's QK^T and PV, skipping the masked half). The roofline is the larger of the two
+times (HBM bandwidth, Tensor Engine peak), and "% of roofline" is measured against it, so a kernel that moves or
+computes more than it needs is charged for it.
 
 Case modules are ``vllm_nki_moe.kernel_check.cases_<family>`` for the families in ``CASE_MODULES``, each exposing
 ``cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]``: the calls one forward pass over ``tokens`` tokens
@@ -58,6 +61,7 @@ class KernelCase:
     reference: Callable[..., Any]
     tolerance: str
     min_hbm_bytes: int
+    min_macs: int = 0
     calls_per_layer: int = 1
     phase: str = "any"
     unsupported: str | None = None
@@ -69,7 +73,7 @@ class KernelCase:
             )
         if self.phase not in PHASES:
             raise ValueError(f"KernelCase {self.kernel}: phase={self.phase!r}; must be one of {', '.join(PHASES)}")
-        if self.min_hbm_bytes < 0 or self.calls_per_layer < 0:
+        if self.min_hbm_bytes < 0 or self.min_macs < 0 or self.calls_per_layer < 0:
             raise ValueError(
                 f"KernelCase {self.kernel}: min_hbm_bytes={self.min_hbm_bytes}, calls_per_layer={self.calls_per_layer}"
                 "; must be >= 0"
@@ -94,11 +98,14 @@ def missing_families() -> list[str]:
 
 
 def all_cases(shapes: KernelShapes, tokens: int, only: str | None = None) -> list[KernelCase]:
-    """Every case of every present module for ``tokens`` tokens; ``only`` keeps kernels whose name contains it."""
+    """Every case of every present module for ``tokens`` tokens; ``only`` keeps the kernels it names (see below)."""
     cases: list[KernelCase] = []
     for module in case_modules():
         cases.extend(module.cases(shapes, tokens))
     if only:
+        # A name equal to some case's kernel selects exactly that kernel ("router_topk" not "router_topk_matmul",
+        # "rope" not "qk_norm_rope"); any other name selects the kernels containing it ("rms_norm").
         wanted = [w.strip() for w in only.split(",") if w.strip()]
-        cases = [c for c in cases if any(w == c.kernel or w in c.kernel for w in wanted)]
+        names = {c.kernel for c in cases}
+        cases = [c for c in cases if any(w == c.kernel or (w not in names and w in c.kernel) for w in wanted)]
     return cases
