@@ -1,4 +1,5 @@
-"""kernels/rope.py: neox RoPE of q and k is bit-identical to ops_torch.apply_rope (Hugging Face's numerics)."""
+"""kernels/rope.py: neox RoPE of q and k is bit-identical to ops_torch.apply_rope (Hugging Face's numerics); the fused
+per-head q/k RMSNorm + RoPE (qk_norm_rope) matches its reference in both layouts."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vllm_nki_moe.kernels import rope
+from vllm_nki_moe.kernels import rmsnorm, rope
 from vllm_nki_moe.kernels.limits import PMAX
 
 from vllm_nki_moe import ops, ops_torch
 from vllm_nki_moe.emulator import run
+from vllm_nki_moe.kernel_check.tolerances import assert_close, dtype_key
 
 from .conftest import SEED, randn
 
@@ -166,3 +168,153 @@ def test_rope_rejects_heads_too_wide_for_sbuf(rng):
             torch.zeros(1, dtype=torch.int32),
             CACHE,
         )
+
+
+# --- qk_norm_rope: per-head q/k RMSNorm + RoPE in one kernel ---------------------------------------------------------
+EPS = 1e-6  # Qwen3-30B-A3B rms_norm_eps (config.json)
+QK_TOKENS = [1, 14, 32, 33, PMAX + 1]  # decode; one heads tile at TP=4; last heads count; first tokens count; ragged
+
+
+def _weight(rng, n, dtype):
+    return torch.from_numpy(1.0 + 0.1 * rng.standard_normal(n, dtype=np.float32)).to(dtype)
+
+
+def _qk_inputs(rng, T, hq, hk, dtype, D=HEAD_DIM):
+    q, k, pos = _inputs(rng, T, hq, hk, D, dtype)
+    return q, k, _weight(rng, D, dtype), _weight(rng, D, dtype), pos
+
+
+def _check_qk(q, k, wq, wk, pos, dtype, **kw):
+    (q_out, k_out), report = run(rope.qk_norm_rope, q, k, wq, wk, EPS, pos.to(torch.int32), CACHE, **kw)
+    assert q_out.dtype == dtype and q_out.shape == q.shape and k_out.shape == k.shape
+    ref = rope.qk_norm_rope_ref(q, k, wq, wk, EPS, pos.to(torch.int32), CACHE)
+    assert_close((q_out, k_out), ref, dtype_key(dtype))
+    return (q_out, k_out), report
+
+
+@pytest.mark.parametrize("layout", ["auto", "heads", "tokens"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tp", sorted(QWEN3_30B_A3B_TP))
+@pytest.mark.parametrize("T", QK_TOKENS)
+def test_qk_norm_rope_matches_ref_qwen3_30b_a3b_per_rank(T, tp, dtype, layout, rng):
+    hq, hk = QWEN3_30B_A3B_TP[tp]
+    _check_qk(*_qk_inputs(rng, T, hq, hk, dtype), dtype, layout=layout)
+
+
+@pytest.mark.parametrize("layout", ["heads", "tokens"])
+@pytest.mark.parametrize("T", [1, 5, PMAX + 1])
+def test_qk_norm_rope_bf16_is_bit_identical_to_rms_norm_then_apply_rope(T, layout, rng):
+    """bf16: the same rounding points as ops_torch's rms_norm followed by apply_rope (Hugging Face's order)."""
+    q, k, wq, wk, pos = _qk_inputs(rng, T, 8, 1, torch.bfloat16)
+    out, _ = _check_qk(q, k, wq, wk, pos, torch.bfloat16, layout=layout)
+    ref = ops_torch.qk_norm_rope(q, k, wq, wk, EPS, pos, CACHE, HEAD_DIM)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ops_torch_qk_norm_rope_is_rms_norm_then_apply_rope_bit_for_bit(dtype, rng):
+    q, k, wq, wk, pos = _qk_inputs(rng, 7, 8, 1, dtype)
+    qn = ops_torch.rms_norm(q.view(7, 8, HEAD_DIM), wq, EPS).reshape(q.shape)
+    kn = ops_torch.rms_norm(k.view(7, 1, HEAD_DIM), wk, EPS).reshape(k.shape)
+    expected = ops_torch.apply_rope(qn, kn, pos, CACHE, HEAD_DIM)
+    got = ops_torch.qk_norm_rope(q, k, wq, wk, EPS, pos, CACHE, HEAD_DIM)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@settings(max_examples=20, deadline=None)
+@given(T=st.integers(1, 140), hq=st.integers(1, 6), hk=st.integers(1, 3), half=st.integers(1, 40), bf16=st.booleans())
+def test_qk_norm_rope_matches_ref_any_shape(T, hq, hk, half, bf16):
+    rng = np.random.default_rng(SEED)
+    D = 2 * half
+    cache = ops_torch.rope_cos_sin_cache(D, 300, 10000.0)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    q, k, pos = _inputs(rng, T, hq, hk, D, dtype, positions=300)
+    wq, wk = _weight(rng, D, dtype), _weight(rng, D, dtype)
+    out, _ = run(rope.qk_norm_rope, q, k, wq, wk, EPS, pos.to(torch.int32), cache)
+    assert_close(out, rope.qk_norm_rope_ref(q, k, wq, wk, EPS, pos.to(torch.int32), cache), dtype_key(dtype))
+
+
+@pytest.mark.parametrize("T,layout", [(1, "heads"), (32, "heads"), (33, "tokens"), (PMAX + 1, "tokens")])
+def test_qk_norm_rope_auto_takes_the_documented_layout(T, layout, rng):
+    q, k, wq, wk, pos = _qk_inputs(rng, T, 8, 1, torch.bfloat16)
+    _, auto = _check_qk(q, k, wq, wk, pos, torch.bfloat16)
+    _, forced = _check_qk(q, k, wq, wk, pos, torch.bfloat16, layout=layout)
+    assert auto.ops == forced.ops and auto.estimated_seconds == forced.estimated_seconds
+
+
+def test_qk_norm_rope_decode_beats_the_three_separate_kernels(rng):
+    """Cost model, TP=4 T=1 bf16: one qk_norm_rope is cheaper than q_norm + k_norm + rope."""
+    q, k, wq, wk, pos = _qk_inputs(rng, 1, 8, 1, torch.bfloat16)
+    _, fused = _check_qk(q, k, wq, wk, pos, torch.bfloat16)
+    separate = sum(
+        run(rmsnorm.rms_norm, t.view(-1, HEAD_DIM), w, EPS)[1].estimated_seconds for t, w in ((q, wq), (k, wk))
+    )
+    separate += run(rope.rope, q, k, pos.to(torch.int32), CACHE)[1].estimated_seconds
+    assert fused.estimated_seconds * 3 < separate
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ops_qk_norm_rope_runs_the_kernel_and_matches_torch(dtype, rng):
+    opset = ops.bind("emulator")
+    assert "qk_norm_rope" in opset.kernel_ops
+    q, k, wq, wk, pos = _qk_inputs(rng, 3, 4, 1, dtype)
+    got = opset.qk_norm_rope(q, k, wq, wk, EPS, pos, CACHE, HEAD_DIM)
+    assert_close(got, ops_torch.qk_norm_rope(q, k, wq, wk, EPS, pos, CACHE, HEAD_DIM), dtype_key(dtype))
+
+
+def test_ops_qk_norm_rope_explicit_backend_raises_the_unsupported_reason(rng):
+    opset = ops.bind("emulator")
+    q, k, wq, wk, pos = _qk_inputs(rng, 2, 4, 1, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"qk_norm_rope: q_weight \(128,\) torch.float32; must be \(128,\)"):
+        opset.qk_norm_rope(q, k, wq.float(), wk, EPS, pos, CACHE, HEAD_DIM)
+
+
+# --- qk_norm_rope limits (the rope limits are shared: _check_rope_args, tested above) --------------------------------
+def _qk_args(rng, T=2, hq=1, hk=1, D=HEAD_DIM):
+    q, k, wq, wk, pos = _qk_inputs(rng, T, hq, hk, torch.float32, D)
+    return [q, k, wq, wk, EPS, pos.to(torch.int32), CACHE]
+
+
+def test_qk_norm_rope_rejects_q_weight_of_wrong_size(rng):
+    args = _qk_args(rng)
+    args[2] = _weight(rng, 64, torch.float32)
+    with pytest.raises(ValueError, match=r"qk_norm_rope: q_weight.shape=\(64,\); must be \(128,\)"):
+        run(rope.qk_norm_rope, *args)
+
+
+def test_qk_norm_rope_rejects_k_weight_of_wrong_size(rng):
+    args = _qk_args(rng)
+    args[3] = _weight(rng, 129, torch.float32)
+    with pytest.raises(ValueError, match=r"qk_norm_rope: k_weight.shape=\(129,\); must be \(128,\)"):
+        run(rope.qk_norm_rope, *args)
+
+
+def test_qk_norm_rope_rejects_non_positive_eps(rng):
+    args = _qk_args(rng)
+    args[4] = 0.0
+    with pytest.raises(ValueError, match=r"qk_norm_rope: eps=0.0; must be > 0"):
+        run(rope.qk_norm_rope, *args)
+
+
+def test_qk_norm_rope_rejects_unknown_layout(rng):
+    with pytest.raises(ValueError, match=r"qk_norm_rope: layout='rows'; must be one of auto, heads, tokens"):
+        run(rope.qk_norm_rope, *_qk_args(rng), layout="rows")
+
+
+def test_qk_norm_rope_rejects_heads_layout_with_more_than_128_heads_per_token(rng):
+    args = _qk_args(rng, T=1, hq=129, hk=1, D=2)  # head_dim 2 keeps the SBUF check quiet
+    args[6] = ops_torch.rope_cos_sin_cache(2, 10, THETA)
+    with pytest.raises(ValueError, match=r"qk_norm_rope: q heads \+ k heads=130; layout='heads' needs <= 128"):
+        run(rope.qk_norm_rope, *args, layout="heads")
+
+
+def test_qk_norm_rope_rejects_odd_head_dim(rng):
+    args = _qk_args(rng)
+    args[6] = torch.zeros(10, 5)
+    with pytest.raises(ValueError, match=r"qk_norm_rope: head_dim=5; must be even"):
+        run(rope.qk_norm_rope, *args)
+
+
+def test_qk_norm_rope_rejects_heads_too_wide_for_sbuf(rng):
+    with pytest.raises(ValueError, match=r"qk_norm_rope: heads x head_dim=12800 .* must fit 212728 B"):
+        run(rope.qk_norm_rope, *_qk_args(rng, T=1, hq=100, hk=1))

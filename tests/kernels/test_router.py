@@ -119,3 +119,104 @@ def test_router_topk_rejects_more_experts_than_max8_reads(rng):
 def test_router_topk_rejects_1d_logits(rng):
     with pytest.raises(ValueError, match=r"router_topk: logits.shape=\(128,\); must be 2-D"):
         run(router.router_topk, randn(rng, (128,), torch.float32), 8, True)
+
+
+# --- router_topk_matmul: the gate matmul fused in ------------------------------------------------------------------
+HIDDEN = 2048  # Qwen3-30B-A3B hidden_size (config.json); the gate [E, H] is replicated on every TP rank
+
+
+def _gate(rng, H, E, dtype):
+    """Gate weight in the kernel layout [H, E]; std 2/sqrt(H) gives N(0, 4) logits for unit-variance x."""
+    return torch.from_numpy(rng.standard_normal((H, E), dtype=np.float32) * (2.0 / H**0.5)).to(dtype)
+
+
+def _check_matmul(x, w, k, renorm):
+    (wts, ids), report = run(router.router_topk_matmul, x, w, k, renorm)
+    assert wts.dtype == torch.float32 and ids.dtype == torch.int32 and wts.shape == ids.shape == (x.shape[0], k)
+    ref_w, ref_ids = router.router_topk_matmul_ref(x, w, k, renorm)
+    assert torch.equal(ids, ref_ids)
+    assert_close(wts, ref_w, "float32_matmul")
+    return (wts, ids), report
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", TOKENS)
+def test_router_topk_matmul_matches_ref_qwen3_30b_a3b(T, dtype, rng):
+    """Same shapes at TP 1, 4 and 8: the router is replicated."""
+    E, K, renorm = QWEN3_30B_A3B
+    _check_matmul(randn(rng, (T, HIDDEN), dtype), _gate(rng, HIDDEN, E, dtype), K, renorm)
+
+
+@pytest.mark.parametrize(
+    "E,K,renorm,H", [(4, 2, True, 256), (60, 4, False, 384), (512, 8, True, 128), (1, 1, True, 128)]
+)
+def test_router_topk_matmul_matches_ref_other_sizes(E, K, renorm, H, rng):
+    """Fewer than 8 experts (logits copied out of PSUM into a -inf padded tile), E at the one-bank limit 512."""
+    _check_matmul(randn(rng, (5, H), torch.float32), _gate(rng, H, E, torch.float32), K, renorm)
+
+
+def test_router_topk_matmul_equals_gate_then_router_topk_in_fp32(rng):
+    """fp32: the fused kernel routes as F.linear followed by the unfused router_topk kernel."""
+    x, w = randn(rng, (9, HIDDEN), torch.float32), _gate(rng, HIDDEN, 128, torch.float32)
+    (wts, ids), _ = _check_matmul(x, w, 8, True)
+    (uw, uids), _ = run(router.router_topk, torch.nn.functional.linear(x, w.t()), 8, True)
+    assert torch.equal(ids, uids)
+    assert_close(wts, uw, "float32_matmul")
+
+
+def test_router_topk_matmul_decode_is_within_80_percent_of_hbm_roofline(rng):
+    """T=1 bf16: the 512 KiB gate weight dominates; the matmuls hide under its DMA (cost model)."""
+    _, report = _check_matmul(randn(rng, (1, HIDDEN), torch.bfloat16), _gate(rng, HIDDEN, 128, torch.bfloat16), 8, True)
+    assert report.hbm_read_bytes == HIDDEN * 2 + HIDDEN * 128 * 2
+    assert report.hbm_roofline_seconds >= 0.8 * report.estimated_seconds
+
+
+@settings(max_examples=15, deadline=None)
+@given(T=st.integers(1, 200), tiles=st.integers(1, 4), E=st.integers(1, 200), k=st.integers(1, 8), bf16=st.booleans())
+def test_router_topk_matmul_matches_ref_any_shape(T, tiles, E, k, bf16):
+    rng = np.random.default_rng(SEED)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    H = tiles * PMAX
+    _check_matmul(randn(rng, (T, H), dtype), _gate(rng, H, E, dtype), min(k, E), True)
+
+
+def test_router_topk_matmul_rejects_hidden_not_a_multiple_of_128(rng):
+    with pytest.raises(ValueError, match=r"router_topk_matmul: H=200; must be a multiple of 128"):
+        run(router.router_topk_matmul, randn(rng, (2, 200), torch.float32), _gate(rng, 200, 16, torch.float32), 8, 1)
+
+
+def test_router_topk_matmul_rejects_more_experts_than_one_psum_bank(rng):
+    with pytest.raises(ValueError, match=r"router_topk_matmul: E=513; must be 1..512"):
+        run(router.router_topk_matmul, randn(rng, (2, 128), torch.float32), _gate(rng, 128, 513, torch.float32), 8, 1)
+
+
+def test_router_topk_matmul_rejects_top_k_above_8(rng):
+    with pytest.raises(ValueError, match=r"router_topk_matmul: top_k=9; must be 1..min\(8, E=16\)"):
+        run(router.router_topk_matmul, randn(rng, (2, 128), torch.float32), _gate(rng, 128, 16, torch.float32), 9, 1)
+
+
+def test_router_topk_matmul_rejects_top_k_above_expert_count(rng):
+    with pytest.raises(ValueError, match=r"router_topk_matmul: top_k=4; must be 1..min\(8, E=3\)"):
+        run(router.router_topk_matmul, randn(rng, (2, 128), torch.float32), _gate(rng, 128, 3, torch.float32), 4, 1)
+
+
+def test_router_topk_matmul_rejects_gate_dtype_mismatch(rng):
+    with pytest.raises(ValueError, match=r"router_topk_matmul: gate_weight_t.dtype=.*must equal x.dtype"):
+        run(router.router_topk_matmul, randn(rng, (2, 128), torch.float32), _gate(rng, 128, 8, torch.bfloat16), 8, 1)
+
+
+def test_router_topk_matmul_rejects_gate_of_wrong_hidden_size(rng):
+    with pytest.raises(ValueError, match=r"router_topk_matmul: gate_weight_t.shape=\(256, 8\); must be \[H=128, E\]"):
+        run(router.router_topk_matmul, randn(rng, (2, 128), torch.float32), _gate(rng, 256, 8, torch.float32), 8, 1)
+
+
+def test_router_topk_matmul_rejects_3d_x(rng):
+    with pytest.raises(ValueError, match=r"router_topk_matmul: x.shape=\(1, 2, 128\); must be 2-D"):
+        run(router.router_topk_matmul, randn(rng, (1, 2, 128), torch.float32), _gate(rng, 128, 8, torch.float32), 8, 1)
+
+
+def test_router_topk_matmul_rejects_gate_too_large_for_sbuf(rng):
+    H = 128 * 200  # bf16 [128, 200 x 512] weight = 200 KiB per partition, plus an x tile: over 212,728 B
+    x, w = torch.zeros(1, H, dtype=torch.bfloat16), torch.zeros(H, 512, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"router_topk_matmul: H=25600, E=512 need .* must fit 212728 B"):
+        run(router.router_topk_matmul, x, w, 8, True)
