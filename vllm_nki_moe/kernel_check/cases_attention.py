@@ -8,8 +8,7 @@ sequences' blocks in shuffled order among spare blocks, block size 32 (the vLLM 
 Minimum HBM bytes: decode must read every cached K and V row of every sequence once (the roofline that matters:
 decode attention is bandwidth-bound), plus q, the new K/V (read and written to the cache), the slots, the block
 table and the output. Prefill must read q, k, v, write the output and the cache rows; it is compute-bound, and its
-PE roofline (Hq * D * T(T+1)/2 MACs for each of QK^T and PV, causal) is not in this table: ``prefill_macs`` gives
-it, and the emulator's ``CostReport.pe_roofline_seconds`` reports what the kernel actually issued.
+roofline is the Tensor Engine time of ``prefill_macs`` (Hq * D * T(T+1)/2 MACs for each of QK^T and PV, causal).
 
 Reproduce the issue-5 figures: ``vllm-nki-moe kernels check --only attention --tokens 1,8,128,640,2048``.
 """
@@ -91,6 +90,7 @@ def _prefill_case(s: KernelShapes, T: int) -> KernelCase:
         tolerance=_tolerance(dt),
         # q, k, v read; out written; k, v written to the cache; the slots
         min_hbm_bytes=(2 * T * hq * d + 4 * T * hk * d) * item + 4 * T,
+        min_macs=prefill_macs(T, hq, d),
         calls_per_layer=1,
         phase="prefill",
         unsupported=unsupported,

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..emulator.cost import HBM_BYTES_PER_S_PER_CORE
+from ..emulator.cost import HBM_BYTES_PER_S_PER_CORE, TENSOR_CLOCK_HZ
+from ..kernels.limits import PE_COLS, PE_ROWS
 from .registry import KernelCase
 from .tolerances import compare, tolerance_for
 
@@ -27,7 +28,8 @@ class CheckRow:
     tolerance: str  # "key (atol, rtol)"
     passed: bool
     estimated_seconds: float | None  # emulator cost model; None on real nki or when the kernel did not run
-    roofline_seconds: float  # min_hbm_bytes at the HBM bandwidth of the cores the kernel ran on
+    roofline_seconds: float  # the larger of min_hbm_bytes at HBM bandwidth and min_macs at Tensor Engine peak
+    bound: str = "hbm"  # which of the two sets roofline_seconds
     reason: str = ""  # why it failed or is unsupported
     wall_seconds: float = 0.0  # host time of the emulator run (not a kernel time)
     calls_per_layer: int = 1
@@ -38,6 +40,14 @@ class CheckRow:
         if not self.estimated_seconds:
             return None
         return 100.0 * self.roofline_seconds / self.estimated_seconds
+
+
+def _roofline(case: KernelCase, programs: int) -> dict:
+    """The case's roofline on ``programs`` cores: HBM time for its bytes or Tensor Engine time for its MACs (at the
+    bf16 peak, 128 x 128 MACs per cycle; emulator/cost.py cites the source), whichever is longer."""
+    hbm = case.min_hbm_bytes / (HBM_BYTES_PER_S_PER_CORE * programs)
+    pe = case.min_macs / (PE_ROWS * PE_COLS * TENSOR_CLOCK_HZ * programs)
+    return {"roofline_seconds": max(hbm, pe), "bound": "pe" if pe > hbm else "hbm"}
 
 
 def _run_kernel(case: KernelCase, inputs: tuple, backend: str):
@@ -67,7 +77,7 @@ def run_case(case: KernelCase, backend: str = "emulator", seed: int = SEED) -> C
             max_rel_err=nan,
             passed=False,
             estimated_seconds=None,
-            roofline_seconds=case.min_hbm_bytes / HBM_BYTES_PER_S_PER_CORE,
+            **_roofline(case, programs=1),
             reason=f"unsupported: {case.unsupported}",
             **common,
         )
@@ -81,7 +91,7 @@ def run_case(case: KernelCase, backend: str = "emulator", seed: int = SEED) -> C
             max_rel_err=nan,
             passed=False,
             estimated_seconds=None,
-            roofline_seconds=case.min_hbm_bytes / HBM_BYTES_PER_S_PER_CORE,
+            **_roofline(case, programs=1),
             reason=f"{type(err).__name__}: {err}",
             wall_seconds=time.perf_counter() - start,
             **common,
@@ -95,7 +105,7 @@ def run_case(case: KernelCase, backend: str = "emulator", seed: int = SEED) -> C
         max_rel_err=cmp.max_rel_err,
         passed=cmp.passed,
         estimated_seconds=report.estimated_seconds if report is not None else None,
-        roofline_seconds=case.min_hbm_bytes / (HBM_BYTES_PER_S_PER_CORE * programs),
+        **_roofline(case, programs),
         reason=cmp.detail,
         wall_seconds=wall,
         **common,
@@ -114,7 +124,7 @@ def format_rows(rows: list[CheckRow]) -> str:
     """The check table; failing rows are followed by their reason."""
     header = (
         f"{'kernel':<22} {'shapes':<40} {'max abs err':>11} {'max rel err':>11} {'tolerance':<26} {'pass':<4} "
-        f"{'est us':>9} {'roof us':>9} {'% roof':>6}"
+        f"{'est us':>9} {'roof us':>9} {'% roof':>6} {'bound':<5}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -122,7 +132,7 @@ def format_rows(rows: list[CheckRow]) -> str:
         lines.append(
             f"{r.kernel:<22} {r.shapes:<40} {r.max_abs_err:>11.3g} {r.max_rel_err:>11.3g} {r.tolerance:<26} "
             f"{'ok' if r.passed else 'FAIL':<4} {_us(r.estimated_seconds):>9} {_us(r.roofline_seconds):>9} "
-            f"{'-' if pct is None else f'{pct:.0f}':>6}"
+            f"{'-' if pct is None else f'{pct:.0f}':>6} {r.bound:<5}"
         )
         if r.reason and not r.passed:
             lines.append(f"    reason: {r.reason}")
