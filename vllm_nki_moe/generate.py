@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from . import envs, ops
+from .paged_attention import PagedAttention
 
 DEFAULT_BLOCK_SIZE = 32  # tokens per KV-cache block: the vLLM Neuron plugin's default (research/vllm.md, 1.3)
 CACHE_SEED = 0  # seed of the shuffled block free list
@@ -34,7 +34,7 @@ class PagedKVCache:
 
     One block table serves all layers (as in vLLM). Blocks come from a seeded shuffled free list and the cache has
     spare blocks, so a sequence's blocks are scattered and out of order. ``step`` describes the current forward pass
-    to the layers' :class:`PagedAttention`.
+    to the layers' :class:`~vllm_nki_moe.paged_attention.PagedAttention`.
     """
 
     def __init__(
@@ -76,23 +76,6 @@ class PagedKVCache:
         }
         self.length += num_tokens
         return positions, slots
-
-
-class PagedAttention(nn.Module):
-    """Stands in for one layer's vLLM ``Attention``: ``forward(q [T, Hq*D], k, v [T, Hk*D]) -> [T, Hq*D]``."""
-
-    def __init__(self, cache: PagedKVCache, layer: int, scale: float, opset: ops.OpSet) -> None:
-        super().__init__()
-        self.cache, self.layer, self.scale, self.ops = cache, layer, scale, opset
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        step = self.cache.step
-        k_cache, v_cache = self.cache.k[self.layer], self.cache.v[self.layer]
-        if step["phase"] == "prefill":
-            return self.ops.attention_prefill(q, k, v, k_cache, v_cache, step["slot_mapping"], self.scale)
-        return self.ops.attention_decode(
-            q, k, v, k_cache, v_cache, step["slot_mapping"], step["block_tables"], step["context_lens"], self.scale
-        )
 
 
 @dataclass

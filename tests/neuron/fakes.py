@@ -103,6 +103,63 @@ class NeuronPlatform(Platform):
         if parallel_config.worker_cls == "auto":
             parallel_config.worker_cls = "vllm_neuron.vllm.worker.neuron_worker.NeuronWorker"
 ''',
+    # The runner-to-model contract's types (vllm_neuron/model/kv_cache.py, neuron_config.py): the fields our model
+    # reads and the runner's NeuronConfig.from_dict rule for on_device_sampling_config (absent = on, None = off).
+    "vllm_neuron/model/__init__.py": "",
+    "vllm_neuron/model/kv_cache.py": """
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerSpec:
+    name: str
+    num_kv_heads: int
+    head_size: int
+    dtype: torch.dtype
+    sliding_window_size: int | None = None
+    chunk_size: int | None = None
+
+
+@dataclass
+class KVSpec:
+    layers: list[LayerSpec]
+""",
+    "vllm_neuron/model/neuron_config.py": """
+from dataclasses import dataclass, field
+
+
+class OnDeviceSamplingConfig:
+    def __init__(self, **kwargs):
+        self.all_greedy = bool(kwargs.pop("all_greedy", False))
+        self.max_top_k = int(kwargs.pop("max_top_k", 256))
+
+
+@dataclass
+class NeuronConfig:
+    ep_degree: int = 1
+    attention_dp_size: int = 1
+    embedding_dp_size: int = 1
+    lm_head_dp_size: int = 1
+    mlp_dp_size: int = 1
+    on_device_sampling_config: OnDeviceSamplingConfig | None = field(default_factory=OnDeviceSamplingConfig)
+    max_logprobs: int = 0
+    debug_logits_dir: str | None = None
+    quantization: str | None = None
+    fp8_packed_kv: bool = False
+    num_batched_tokens_buckets: list[int] | None = None
+    num_seqs_buckets: list[int] | None = None
+    kv_segment_size_buckets: list[int] | None = None
+
+    @classmethod
+    def from_dict(cls, config_dict: dict) -> "NeuronConfig":
+        config_dict = dict(config_dict)
+        if "on_device_sampling_config" in config_dict:
+            ods = config_dict.pop("on_device_sampling_config")
+            config_dict["on_device_sampling_config"] = None if ods is None else OnDeviceSamplingConfig(**ods)
+        return cls(**config_dict)
+""",
     "libtorch_neuronx_lite/__init__.py": '"""Fake libtorch-neuronx-lite: importable, nothing more."""\n',
     "neuronxcc/__init__.py": '"""Fake neuronx-cc: installed, never imported by vllm_nki_moe."""\n',
     # Found by the SDK check; importing it fails, as the NKI emulator's real-package probe then expects.

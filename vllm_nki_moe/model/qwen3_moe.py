@@ -10,7 +10,7 @@ listed in ``weight_map``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -40,6 +40,11 @@ from . import weight_map
 from .config import Qwen3MoeSizes, read_sizes
 
 logger = logging.getLogger(__name__)
+
+# Builds a layer's attention module in place of vLLM's ``Attention``: ``factory(attention, layer_idx) -> module`` with
+# ``module(q [T, Hq*D], k, v [T, Hk*D]) -> [T, Hq*D]``; ``attention`` is the Qwen3MoeAttention being built (its head
+# counts and head_dim are set). The Neuron runner adapter (``model/neuron/``) uses it for the runner-owned paged cache.
+AttentionFactory = Callable[["Qwen3MoeAttention", int], nn.Module]
 
 
 class Qwen3MoeRMSNorm(nn.Module):
@@ -127,7 +132,16 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
 class Qwen3MoeAttention(nn.Module):
     """GQA attention with per-head q/k RMSNorm before neox RoPE; the KV cache and kernel are vLLM's ``Attention``."""
 
-    def __init__(self, vllm_config: VllmConfig, sizes: Qwen3MoeSizes, opset: ops.OpSet, prefix: str = "") -> None:
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        sizes: Qwen3MoeSizes,
+        opset: ops.OpSet,
+        prefix: str = "",
+        *,
+        layer_idx: int = 0,
+        attn_factory: AttentionFactory | None = None,
+    ) -> None:
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
         self.head_dim = sizes.head_dim
@@ -155,14 +169,17 @@ class Qwen3MoeAttention(nn.Module):
             rope_cos_sin_cache(self.head_dim, sizes.max_position_embeddings, sizes.rope_theta),
             persistent=False,
         )
-        self.attn = Attention(
-            self.num_heads,
-            self.head_dim,
-            self.head_dim**-0.5,
-            num_kv_heads=self.num_kv_heads,
-            cache_config=vllm_config.cache_config,
-            prefix=f"{prefix}.attn",
-        )
+        if attn_factory is not None:
+            self.attn = attn_factory(self, layer_idx)
+        else:
+            self.attn = Attention(
+                self.num_heads,
+                self.head_dim,
+                self.head_dim**-0.5,
+                num_kv_heads=self.num_kv_heads,
+                cache_config=vllm_config.cache_config,
+                prefix=f"{prefix}.attn",
+            )
         self.ops = opset
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -178,10 +195,19 @@ class Qwen3MoeAttention(nn.Module):
 
 class Qwen3MoeDecoderLayer(nn.Module):
     def __init__(
-        self, vllm_config: VllmConfig, sizes: Qwen3MoeSizes, layer_idx: int, opset: ops.OpSet, prefix: str = ""
+        self,
+        vllm_config: VllmConfig,
+        sizes: Qwen3MoeSizes,
+        layer_idx: int,
+        opset: ops.OpSet,
+        prefix: str = "",
+        *,
+        attn_factory: AttentionFactory | None = None,
     ) -> None:
         super().__init__()
-        self.self_attn = Qwen3MoeAttention(vllm_config, sizes, opset, prefix=f"{prefix}.self_attn")
+        self.self_attn = Qwen3MoeAttention(
+            vllm_config, sizes, opset, prefix=f"{prefix}.self_attn", layer_idx=layer_idx, attn_factory=attn_factory
+        )
         if sizes.is_moe_layer(layer_idx):
             self.mlp: nn.Module = Qwen3MoeSparseMoeBlock(sizes, opset, prefix=f"{prefix}.mlp")
         else:
@@ -203,11 +229,19 @@ class Qwen3MoeDecoderLayer(nn.Module):
 
 
 class Qwen3MoeModel(nn.Module):
-    def __init__(self, *, vllm_config: VllmConfig, sizes: Qwen3MoeSizes, opset: ops.OpSet, prefix: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        vllm_config: VllmConfig,
+        sizes: Qwen3MoeSizes,
+        opset: ops.OpSet,
+        prefix: str = "",
+        attn_factory: AttentionFactory | None = None,
+    ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(sizes.vocab_size, sizes.hidden_size, prefix=f"{prefix}.embed_tokens")
         self.layers = nn.ModuleList(
-            Qwen3MoeDecoderLayer(vllm_config, sizes, i, opset, prefix=f"{prefix}.layers.{i}")
+            Qwen3MoeDecoderLayer(vllm_config, sizes, i, opset, prefix=f"{prefix}.layers.{i}", attn_factory=attn_factory)
             for i in range(sizes.num_hidden_layers)
         )
         self.norm = Qwen3MoeRMSNorm(sizes.hidden_size, sizes.rms_norm_eps, opset)
@@ -231,7 +265,9 @@ class Qwen3MoeForCausalLM(nn.Module):
 
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+    def __init__(
+        self, *, vllm_config: VllmConfig, prefix: str = "", attn_factory: AttentionFactory | None = None
+    ) -> None:
         super().__init__()
         hf_config = vllm_config.model_config.hf_text_config
         self.sizes = read_sizes(hf_config, tp_size=get_tensor_model_parallel_world_size())
@@ -242,11 +278,22 @@ class Qwen3MoeForCausalLM(nn.Module):
             )
         self.opset = ops.bind()
         model_prefix = f"{prefix}.model" if prefix else "model"
-        self.model = Qwen3MoeModel(vllm_config=vllm_config, sizes=self.sizes, opset=self.opset, prefix=model_prefix)
+        self.model = Qwen3MoeModel(
+            vllm_config=vllm_config, sizes=self.sizes, opset=self.opset, prefix=model_prefix, attn_factory=attn_factory
+        )
         self.lm_head = ParallelLMHead(self.sizes.vocab_size, self.sizes.hidden_size, prefix="lm_head")
         if self.sizes.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(self.sizes.vocab_size)
+
+    @classmethod
+    def from_configs(cls, hf_config, neuron_config=None, **kwargs) -> nn.Module:
+        """vllm-neuron's runner builds models this way (``NeuronModelRunner.load_model``); the registry resolves this
+        class in every process (our general plugin registers it), so the runner-contract model is built from here.
+        See ``vllm_nki_moe.model.neuron.factory.from_configs``; nothing of it is imported on the CPU path."""
+        from .neuron.factory import from_configs
+
+        return from_configs(hf_config, neuron_config, **kwargs)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
