@@ -253,6 +253,39 @@ def test_dense_layers_and_unnormalised_routing_match_hf_greedy(fake_sdk, make_mo
     assert tokens == hf_reference(model_dir)
 
 
+# MQA (1 kv head), head_dim 32, tied embeddings (one parameter shared by embed_tokens and lm_head through
+# materialisation), every other layer sparse (tests/model/test_parity_hf.py's "wide-router-mqa").
+WIDE_ROUTER_MQA = {
+    "hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 1, "head_dim": 32, "num_experts": 16,
+    "num_experts_per_tok": 4, "moe_intermediate_size": 48, "intermediate_size": 160, "num_hidden_layers": 4,
+    "decoder_sparse_step": 2, "tie_word_embeddings": True, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kernels", ["torch", "emulator"])
+def test_mqa_tied_embeddings_match_hf_greedy(kernels, fake_sdk, make_model, hf_reference, monkeypatch):
+    model_dir = make_model(WIDE_ROUTER_MQA)
+    runner, tokens = _run(model_dir, kernels, ODS_GREEDY, monkeypatch)
+    assert runner.model.lm_head.weight is runner.model.model.embed_tokens.weight
+    assert tokens == hf_reference(model_dir)
+
+
+def test_prompt_embeds_rows_replace_token_embeddings(fake_sdk, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("VLLM_NKI_MOE_KERNELS", "torch")
+    runner = FakeNeuronModelRunner(_vllm_config(tiny_model_dir), CPU_SAMPLING)
+    runner.load_model()
+    runner.initialize_kv_cache()
+    prompt = _prompt_ids(tiny_model_dir)[0]
+    meta = runner._metadata([runner._table_row(0)], runner._slots(0, list(range(len(prompt)))), len(prompt), cached=0,
+                            segment=0)  # fmt: skip
+    ids, positions, last = torch.tensor(prompt), torch.arange(len(prompt), dtype=torch.int32), torch.tensor([5])
+    reference = runner.model(ids, positions, meta, last)
+    embeds = runner.model.model.embed_input_ids(ids)
+    zero_ids = torch.zeros_like(ids)  # every row comes from inputs_embeds
+    from_embeds = runner.model(zero_ids, positions, meta, last, inputs_embeds=embeds, is_token_ids=ids < 0)
+    torch.testing.assert_close(from_embeds, reference, rtol=0, atol=0)
+
+
 def test_padding_and_unallocated_blocks_are_never_written(fake_sdk, tiny_model_dir, monkeypatch):
     runner, _ = _run(tiny_model_dir, "torch", ODS_GREEDY, monkeypatch)
     untouched = runner.untouched_blocks()
