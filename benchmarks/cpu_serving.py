@@ -22,9 +22,16 @@ from pathlib import Path
 
 # hidden 512, 4 layers, 32 experts top-4, as the issue suggests; head_dim 64 (vLLM CPU attention sizes).
 MID_SIZE = {
-    "hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
-    "head_dim": 64, "num_experts": 32, "num_experts_per_tok": 4, "moe_intermediate_size": 256,
-    "intermediate_size": 1024, "vocab_size": 512,
+    "hidden_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "num_experts": 32,
+    "num_experts_per_tok": 4,
+    "moe_intermediate_size": 256,
+    "intermediate_size": 1024,
+    "vocab_size": 512,
 }
 PROMPT = "On the first day of Christmas my true love sent to me a partridge in a pear tree. "
 
@@ -33,8 +40,14 @@ def worker(args: argparse.Namespace) -> None:
     """Child process: time greedy generation for one batch size, print a JSON line."""
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, enforce_eager=not args.compile, seed=0,
-              max_num_seqs=max(args.batch, 1))
+    llm = LLM(
+        model=args.model,
+        dtype=args.dtype,
+        max_model_len=1024,
+        enforce_eager=not args.compile,
+        seed=0,
+        max_num_seqs=max(args.batch, 1),
+    )
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     prompts = [f"{i} {PROMPT}" for i in range(args.batch)]
@@ -45,24 +58,45 @@ def worker(args: argparse.Namespace) -> None:
         outs = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
         rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / elapsed)
-    print("RESULT " + json.dumps({"class": f"{type(model).__module__}.{type(model).__name__}",
-                                  "tokens_per_s": statistics.median(rates)}))
+    print(
+        "RESULT "
+        + json.dumps(
+            {"class": f"{type(model).__module__}.{type(model).__name__}", "tokens_per_s": statistics.median(rates)}
+        )
+    )
 
 
 def run_child(model: Path, batch: int, ours: bool, args: argparse.Namespace) -> dict:
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
-           "VLLM_NKI_MOE_KERNELS": "torch"}
+    env = {
+        **os.environ,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "VLLM_NKI_MOE_KERNELS": "torch",
+    }
     if not ours:
         env["VLLM_PLUGINS"] = ""
-    cmd = [sys.executable, __file__, "--worker", "--model", str(model), "--batch", str(batch),
-           "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--dtype", args.dtype]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--model",
+        str(model),
+        "--batch",
+        str(batch),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--repeats",
+        str(args.repeats),
+        "--dtype",
+        args.dtype,
+    ]
     if args.compile:
         cmd.append("--compile")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise SystemExit(f"benchmark child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main() -> None:
@@ -83,9 +117,11 @@ def main() -> None:
     from vllm_nki_moe.tiny_model import make_tiny_model
 
     model = Path(args.model) if args.model else make_tiny_model(Path(tempfile.mkdtemp()) / "mid", MID_SIZE)
-    print(f"checkpoint: {model} ({'given' if args.model else json.dumps(MID_SIZE)}), dtype {args.dtype}, "
-          f"{args.new_tokens} new tokens/request, median of {args.repeats}, "
-          f"{'torch.compile' if args.compile else 'eager'}, {os.cpu_count()} CPUs")
+    print(
+        f"checkpoint: {model} ({'given' if args.model else json.dumps(MID_SIZE)}), dtype {args.dtype}, "
+        f"{args.new_tokens} new tokens/request, median of {args.repeats}, "
+        f"{'torch.compile' if args.compile else 'eager'}, {os.cpu_count()} CPUs"
+    )
     print(f"{'batch':>5} | {'vllm_nki_moe tok/s':>18} | {'vLLM own tok/s':>14} | {'ratio':>5}")
     for batch in (int(b) for b in args.batches.split(",")):
         ours = run_child(model, batch, ours=True, args=args)

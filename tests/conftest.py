@@ -64,9 +64,26 @@ class Server:
 def start_server(model_dir: Path, log_path: Path, *extra: str, env: dict | None = None) -> Server:
     port = free_port()
     name = "tiny-qwen3-moe"
-    cmd = [str(VLLM), "serve", str(model_dir), "--served-model-name", name, "--host", "127.0.0.1",
-           "--port", str(port), "--device", "cpu", "--dtype", "float32", "--max-model-len", "512",
-           "--max-num-seqs", "8", *extra]
+    cmd = [
+        str(VLLM),
+        "serve",
+        str(model_dir),
+        "--served-model-name",
+        name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",
+        "--max-num-seqs",
+        "8",
+        *extra,
+    ]
     full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     log = log_path.open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)

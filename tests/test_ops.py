@@ -14,8 +14,17 @@ TOKENS = [1, 7, 83]  # one token, an odd count, more than a few tiles' worth for
 
 
 def hf_config(**overrides) -> Qwen3MoeConfig:
-    fields = dict(hidden_size=48, moe_intermediate_size=24, num_experts=8, num_experts_per_tok=3, head_dim=16,
-                  num_attention_heads=4, num_key_value_heads=2, norm_topk_prob=True, rms_norm_eps=1e-6)
+    fields = dict(
+        hidden_size=48,
+        moe_intermediate_size=24,
+        num_experts=8,
+        num_experts_per_tok=3,
+        head_dim=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        norm_topk_prob=True,
+        rms_norm_eps=1e-6,
+    )
     return Qwen3MoeConfig(**{**fields, **overrides})
 
 
@@ -47,8 +56,9 @@ def test_rope_matches_hf_bit_for_bit(theta):
     q, k = torch.randn(6, 4 * 16), torch.randn(6, 2 * 16)
     rotary = hf.Qwen3MoeRotaryEmbedding(cfg)
     cos, sin = rotary(q, positions[None])
-    q_ref, k_ref = hf.apply_rotary_pos_emb(q.view(1, 6, 4, 16).transpose(1, 2), k.view(1, 6, 2, 16).transpose(1, 2),
-                                           cos, sin)
+    q_ref, k_ref = hf.apply_rotary_pos_emb(
+        q.view(1, 6, 4, 16).transpose(1, 2), k.view(1, 6, 2, 16).transpose(1, 2), cos, sin
+    )
     cache = ops_torch.rope_cos_sin_cache(16, 256, theta)
     q_out, k_out = ops_torch.apply_rope(q, k, positions, cache, 16)
     torch.testing.assert_close(q_out.view(6, 4, 16), q_ref[0].transpose(0, 1), rtol=0, atol=0)
@@ -106,3 +116,44 @@ def test_nki_backend_without_the_real_package_says_what_to_install(monkeypatch):
 def test_auto_is_torch_without_the_real_nki(monkeypatch):
     monkeypatch.setattr("vllm_nki_moe.emulator_bridge.real_nki_available", lambda: False)
     assert ops.bind("auto").backend == "torch"
+
+
+def _moe_block_inputs(tokens: int, hidden: int = 128, experts: int = 8, inter: int = 32, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(tokens, hidden, generator=g),
+        torch.randn(tokens, hidden, generator=g),
+        1 + 0.1 * torch.randn(hidden, generator=g),
+        1e-6,
+        0.2 * torch.randn(experts, hidden, generator=g),
+        0.2 * torch.randn(experts, 2 * inter, hidden, generator=g),
+        0.2 * torch.randn(experts, hidden, inter, generator=g),
+        2,
+        True,
+    )
+
+
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_moe_block_uses_the_fused_kernel_for_decode_and_the_sequence_otherwise(tokens, monkeypatch):
+    from vllm_nki_moe.ops_nki import moe as moe_wrapper
+
+    called = []
+    real = moe_wrapper.call_kernel
+    monkeypatch.setattr(moe_wrapper, "call_kernel", lambda b, k, *a: called.append(k.__name__) or real(b, k, *a))
+    emulated = ops.bind("emulator")
+    assert "moe_block" in emulated.kernel_ops
+    args = _moe_block_inputs(tokens)
+    out, residual = emulated.moe_block(*args)
+    ref_out, ref_residual = ops.bind("torch").moe_block(*args)
+    torch.testing.assert_close(residual, ref_residual, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)  # fp32 kernels, another summation order
+    assert called == (["moe_block_decode"] if tokens == 1 else ["moe_prefill"])
+
+
+def test_torch_moe_block_is_the_ops_in_sequence():
+    hidden, residual, norm_w, eps, gate_w, w13, w2, top_k, renorm = _moe_block_inputs(6)
+    out, new_residual = ops.bind("torch").moe_block(hidden, residual, norm_w, eps, gate_w, w13, w2, top_k, renorm)
+    normed, expected_residual = ops_torch.fused_add_rms_norm(hidden, residual, norm_w, eps)
+    weights, ids = ops_torch.router_topk(normed @ gate_w.T, top_k, renorm)
+    torch.testing.assert_close(new_residual, expected_residual, rtol=0, atol=0)
+    torch.testing.assert_close(out, ops_torch.moe_experts(normed, w13, w2, weights, ids), rtol=1e-6, atol=1e-6)

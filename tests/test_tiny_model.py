@@ -48,7 +48,9 @@ def test_checkpoint_has_tokenizer_chat_template_and_generation_config(tiny_model
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert tokenizer.decode(tokenizer("The quick brown fox").input_ids) == "The quick brown fox"
     generation = json.loads((tiny_model_dir / "generation_config.json").read_text())
@@ -60,21 +62,44 @@ def test_transformers_loads_every_tensor(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     with safe_open(tiny_model_dir / "model.safetensors", "pt") as f:
-        gate_up = torch.cat([f.get_tensor("model.layers.1.mlp.experts.5.gate_proj.weight"),
-                             f.get_tensor("model.layers.1.mlp.experts.5.up_proj.weight")])
+        gate_up = torch.cat(
+            [
+                f.get_tensor("model.layers.1.mlp.experts.5.gate_proj.weight"),
+                f.get_tensor("model.layers.1.mlp.experts.5.up_proj.weight"),
+            ]
+        )
     # transformers fuses the per-expert tensors on load; the values must arrive unchanged.
     torch.testing.assert_close(model.model.layers[1].mlp.experts.gate_up_proj[5], gate_up, rtol=0, atol=0)
 
 
 def test_config_overrides_are_honoured_including_dense_layers(tmp_path):
-    overrides = {"num_hidden_layers": 4, "mlp_only_layers": [0], "decoder_sparse_step": 2, "num_experts": 12,
-                 "num_experts_per_tok": 3, "norm_topk_prob": False, "head_dim": 32, "rope_theta": 5000.0,
-                 "rms_norm_eps": 1e-5, "intermediate_size": 96}
+    overrides = {
+        "num_hidden_layers": 4,
+        "mlp_only_layers": [0],
+        "decoder_sparse_step": 2,
+        "num_experts": 12,
+        "num_experts_per_tok": 3,
+        "norm_topk_prob": False,
+        "head_dim": 32,
+        "rope_theta": 5000.0,
+        "rms_norm_eps": 1e-5,
+        "intermediate_size": 96,
+    }
     (tmp_path / "cfg.json").write_text(json.dumps(overrides))
-    assert cli_main(["make-tiny-model", str(tmp_path / "m"), "--config", str(tmp_path / "cfg.json"), "--seed", "3"]) == 0
+    assert (
+        cli_main(["make-tiny-model", str(tmp_path / "m"), "--config", str(tmp_path / "cfg.json"), "--seed", "3"]) == 0
+    )
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    for key in ("num_hidden_layers", "mlp_only_layers", "decoder_sparse_step", "num_experts_per_tok",
-                "norm_topk_prob", "head_dim", "rms_norm_eps", "intermediate_size"):
+    for key in (
+        "num_hidden_layers",
+        "mlp_only_layers",
+        "decoder_sparse_step",
+        "num_experts_per_tok",
+        "norm_topk_prob",
+        "head_dim",
+        "rms_norm_eps",
+        "intermediate_size",
+    ):
         assert config[key] == overrides[key], key
     assert config["rope_parameters"]["rope_theta"] == 5000.0
     names = tensor_names(tmp_path / "m")
@@ -98,7 +123,7 @@ def test_seed_changes_weights_and_is_reproducible(tmp_path):
     "content, message",
     [
         ('{"num_experts": 8,', "invalid JSON at line 1"),
-        ('[1, 2]', "expected a JSON object"),
+        ("[1, 2]", "expected a JSON object"),
         ('{"num_expert": 8}', "unknown Qwen3MoeConfig field(s) ['num_expert']"),
         ('{"num_experts_per_tok": 9, "num_experts": 8}', "num_experts_per_tok=9; must not exceed num_experts=8"),
         ('{"num_attention_heads": 6, "num_key_value_heads": 4}', "must be a multiple of num_key_value_heads=4"),

@@ -21,6 +21,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+import torch.nn.functional as F
+
 from . import envs, ops_torch
 
 logger = logging.getLogger(__name__)
@@ -40,7 +42,8 @@ OP_NAMES = (
 
 @dataclass(frozen=True)
 class OpSet:
-    """The ops of one model, each a torch-in/torch-out callable with the signature of ``ops_torch.<name>``."""
+    """The ops of one model: torch-in/torch-out callables with the signatures of ``ops_torch.<name>``, except the
+    composite ``moe_block`` (see ``_sequential_moe_block``)."""
 
     backend: str
     rms_norm: Callable
@@ -52,6 +55,7 @@ class OpSet:
     moe_experts: Callable
     attention_prefill: Callable  # writes the paged KV cache in place; vLLM's Attention does this on the CPU path
     attention_decode: Callable
+    moe_block: Callable  # composite: see _sequential_moe_block
     kernel_ops: tuple[str, ...] = ()  # which ops run an NKI kernel under this backend
 
     def describe(self) -> str:
@@ -88,23 +92,47 @@ def resolve_backend(requested: str | None = None) -> str:
     return backend
 
 
+def _sequential_moe_block(impls: dict[str, Callable]) -> Callable:
+    """The decoder layer's MoE half from the bound ops: residual add + RMSNorm, gate, router, experts.
+
+    ``moe_block(hidden [T, H], residual [T, H], norm_weight [H], eps, gate_weight [E, H], w13 [E, 2I, H],
+    w2 [E, H, I], top_k, renormalize) -> (experts' output [T, H], new residual [T, H])``; a backend with a fused
+    kernel for it (``moe_block_decode``) uses that where it applies and this sequence elsewhere.
+    """
+    fused_add_rms_norm, router_topk, moe_experts = (
+        impls["fused_add_rms_norm"],
+        impls["router_topk"],
+        impls["moe_experts"],
+    )
+
+    def moe_block(hidden, residual, norm_weight, eps, gate_weight, w13, w2, top_k, renormalize):
+        normed, residual = fused_add_rms_norm(hidden, residual, norm_weight, eps)
+        topk_weights, topk_ids = router_topk(F.linear(normed, gate_weight), top_k, renormalize)
+        return moe_experts(normed, w13, w2, topk_weights, topk_ids), residual
+
+    return moe_block
+
+
 def bind(requested: str | None = None) -> OpSet:
     """Bind every op for one backend (see module docstring) and log the choice once."""
     chosen = envs.kernel_backend() if requested is None else requested
     backend = resolve_backend(chosen)
     impls = {name: getattr(ops_torch, name) for name in OP_NAMES}
-    kernel_ops: tuple[str, ...] = ()
+    kernel_ops: dict = {}
     if backend in ("emulator", "nki"):
         from . import ops_nki
 
+        kernel_ops = {op.name: op for op in ops_nki.all_kernel_ops()}
         # A backend named explicitly (argument or VLLM_NKI_MOE_KERNELS) must run its kernels or say why it cannot.
-        kernel_impls = ops_nki.kernel_impls(backend, strict=chosen != "auto")
-        impls.update(kernel_impls)
-        kernel_ops = tuple(name for name in OP_NAMES if name in kernel_impls)
-        missing = [name for name in OP_NAMES if name not in kernel_impls]
+        strict = chosen != "auto"
+        impls.update({name: kernel_ops[name].bind(backend, strict) for name in OP_NAMES if name in kernel_ops})
+        missing = [name for name in OP_NAMES if name not in kernel_ops]
         if missing:
             logger.info("vllm_nki_moe.ops: no NKI kernel yet for %s; those ops run in torch", ", ".join(missing))
-    opset = OpSet(backend=backend, kernel_ops=kernel_ops, **impls)
+    impls["moe_block"] = _sequential_moe_block(impls)
+    if "moe_block" in kernel_ops:
+        impls["moe_block"] = kernel_ops["moe_block"].bind(backend, strict, fallback=impls["moe_block"])
+    names = OP_NAMES + ("moe_block",)
+    opset = OpSet(backend=backend, kernel_ops=tuple(n for n in names if n in kernel_ops), **impls)
     logger.info("vllm_nki_moe.ops: %s", opset.describe())
     return opset
-

@@ -58,7 +58,8 @@ class _DeviceFlag(argparse.Action):
             found = devices.find_neuron_devices()
             if not found:
                 parser.error(
-                    f"--device neuron: no Neuron device found on this machine (looked for {devices.where_we_looked()}). "
+                    "--device neuron: no Neuron device found on this machine "
+                    f"(looked for {devices.where_we_looked()}). "
                     "Serve on a Trainium instance with the Neuron driver loaded, or use --device cpu."
                 )
             from .platform_neuron import missing_sdk_pieces, sdk_missing_message

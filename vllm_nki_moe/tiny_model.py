@@ -132,9 +132,20 @@ def _check_config_fields(fields: dict[str, Any], vocab_size_min: int) -> None:
             raise TinyModelConfigError(f"make-tiny-model: {name}={value!r}; must be a positive integer")
         return value
 
-    for name in ("hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok",
-                 "decoder_sparse_step", "vocab_size", "max_position_embeddings"):
+    for name in (
+        "hidden_size",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "num_experts",
+        "num_experts_per_tok",
+        "decoder_sparse_step",
+        "vocab_size",
+        "max_position_embeddings",
+    ):
         positive_int(name)
     if fields["num_attention_heads"] % fields["num_key_value_heads"]:
         raise TinyModelConfigError(

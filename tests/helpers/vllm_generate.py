@@ -18,8 +18,13 @@ if __name__ == "__main__":
     llm = LLM(model=model_dir, dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-    print("RESULT " + json.dumps({
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "opset": getattr(getattr(model, "opset", None), "backend", None),
-        "tokens": [list(o.outputs[0].token_ids) for o in outputs],
-    }))
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+                "opset": getattr(getattr(model, "opset", None), "backend", None),
+                "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+            }
+        )
+    )

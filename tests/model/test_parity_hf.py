@@ -27,10 +27,19 @@ CONFIGS = {
     # Other shapes: more experts and a larger top-k, MQA (1 kv head), head_dim 32, every other layer sparse,
     # tied embeddings, another rope theta and eps.
     "wide-router-mqa": {
-        "hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 1, "head_dim": 32,
-        "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 48, "intermediate_size": 160,
-        "num_hidden_layers": 4, "decoder_sparse_step": 2, "tie_word_embeddings": True,
-        "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+        "hidden_size": 96,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "num_experts": 16,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": 48,
+        "intermediate_size": 160,
+        "num_hidden_layers": 4,
+        "decoder_sparse_step": 2,
+        "tie_word_embeddings": True,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
     },
 }
 
@@ -48,7 +57,7 @@ def hf_greedy(model_dir: Path, prompts: list[str], new_tokens: int) -> list[list
             out = model.generate(
                 ids, do_sample=False, max_new_tokens=new_tokens, pad_token_id=0, attention_mask=torch.ones_like(ids)
             )
-        results.append(out[0, ids.shape[1]:].tolist())
+        results.append(out[0, ids.shape[1] :].tolist())
     return results
 
 
@@ -56,11 +65,14 @@ def vllm_greedy(model_dir: Path, prompts: list[str], new_tokens: int, kernels: s
     env = {**os.environ, "VLLM_NKI_MOE_KERNELS": kernels}
     proc = subprocess.run(
         [sys.executable, str(HELPER), str(model_dir), json.dumps(prompts), str(new_tokens)],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and result, f"vLLM run failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(result[-1][len("RESULT "):])
+    return json.loads(result[-1][len("RESULT ") :])
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -20,7 +20,10 @@ def test_models_lists_the_served_model(client, tiny_server):
 
 def test_completion_returns_the_requested_number_of_tokens(client, tiny_server):
     out = client.completions.create(
-        model=tiny_server.model, prompt="Hello world", max_tokens=12, temperature=0,
+        model=tiny_server.model,
+        prompt="Hello world",
+        max_tokens=12,
+        temperature=0,
         extra_body={"ignore_eos": True},
     )
     assert out.usage.completion_tokens == 12
@@ -31,9 +34,14 @@ def test_completion_returns_the_requested_number_of_tokens(client, tiny_server):
 def test_completion_is_greedy_deterministic(client, tiny_server):
     texts = {
         client.completions.create(
-            model=tiny_server.model, prompt="On the first day", max_tokens=8, temperature=0,
+            model=tiny_server.model,
+            prompt="On the first day",
+            max_tokens=8,
+            temperature=0,
             extra_body={"ignore_eos": True},
-        ).choices[0].text
+        )
+        .choices[0]
+        .text
         for _ in range(2)
     }
     assert len(texts) == 1
@@ -51,8 +59,13 @@ def test_chat_completion_uses_the_chat_template(client, tiny_server):
 
 def test_streaming_chat_reports_usage_at_the_end(client, tiny_server):
     stream = client.chat.completions.create(
-        model=tiny_server.model, messages=[{"role": "user", "content": "Count"}], max_tokens=10, temperature=0,
-        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        model=tiny_server.model,
+        messages=[{"role": "user", "content": "Count"}],
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
     )
     chunks = list(stream)
     usage = [c.usage for c in chunks if c.usage is not None]
@@ -61,15 +74,23 @@ def test_streaming_chat_reports_usage_at_the_end(client, tiny_server):
     # Deltas of a random tiny model may be empty (vLLM holds back partial characters): check the text joins up.
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     full = client.chat.completions.create(
-        model=tiny_server.model, messages=[{"role": "user", "content": "Count"}], max_tokens=10, temperature=0,
+        model=tiny_server.model,
+        messages=[{"role": "user", "content": "Count"}],
+        max_tokens=10,
+        temperature=0,
         extra_body={"ignore_eos": True},
     )
     assert text == full.choices[0].message.content
 
 
 def test_streaming_completion_matches_non_streaming(client, tiny_server):
-    kwargs = dict(model=tiny_server.model, prompt="def is_palindrome", max_tokens=10, temperature=0,
-                  extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model=tiny_server.model,
+        prompt="def is_palindrome",
+        max_tokens=10,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices)
     assert streamed == client.completions.create(**kwargs).choices[0].text
 
@@ -83,24 +104,37 @@ def _assert_4xx_then_still_serving(response: requests.Response, client, tiny_ser
 
 def test_prompt_longer_than_max_model_len_is_a_4xx(client, tiny_server):
     long_prompt = "the quick brown fox " * 400  # far beyond --max-model-len 512 tokens
-    r = requests.post(f"{tiny_server.url}/v1/completions",
-                      json={"model": tiny_server.model, "prompt": long_prompt, "max_tokens": 4}, timeout=60)
+    r = requests.post(
+        f"{tiny_server.url}/v1/completions",
+        json={"model": tiny_server.model, "prompt": long_prompt, "max_tokens": 4},
+        timeout=60,
+    )
     _assert_4xx_then_still_serving(r, client, tiny_server, mentions="length")
 
 
 def test_negative_max_tokens_is_a_4xx(client, tiny_server):
-    r = requests.post(f"{tiny_server.url}/v1/completions",
-                      json={"model": tiny_server.model, "prompt": "hi", "max_tokens": -5}, timeout=60)
+    r = requests.post(
+        f"{tiny_server.url}/v1/completions",
+        json={"model": tiny_server.model, "prompt": "hi", "max_tokens": -5},
+        timeout=60,
+    )
     _assert_4xx_then_still_serving(r, client, tiny_server, mentions="max_tokens")
 
 
 def test_malformed_json_is_a_4xx(client, tiny_server):
-    r = requests.post(f"{tiny_server.url}/v1/completions", data='{"model": "x", "prompt": ',
-                      headers={"Content-Type": "application/json"}, timeout=60)
+    r = requests.post(
+        f"{tiny_server.url}/v1/completions",
+        data='{"model": "x", "prompt": ',
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
     _assert_4xx_then_still_serving(r, client, tiny_server, mentions="json")
 
 
 def test_unknown_model_is_a_404(client, tiny_server):
-    r = requests.post(f"{tiny_server.url}/v1/completions",
-                      json={"model": "no-such-model", "prompt": "hi", "max_tokens": 2}, timeout=60)
+    r = requests.post(
+        f"{tiny_server.url}/v1/completions",
+        json={"model": "no-such-model", "prompt": "hi", "max_tokens": 2},
+        timeout=60,
+    )
     _assert_4xx_then_still_serving(r, client, tiny_server, mentions="no-such-model")

@@ -82,7 +82,9 @@ def read_sizes(hf_config, tp_size: int = 1) -> Qwen3MoeSizes:
         raise NotImplementedError(f"{where}: hidden_act={act!r}; only 'silu' is supported")
     shared = getattr(hf_config, "shared_expert_intermediate_size", 0) or 0
     if shared > 0:
-        raise NotImplementedError(f"{where}: shared_expert_intermediate_size={shared}; shared experts are not supported")
+        raise NotImplementedError(
+            f"{where}: shared_expert_intermediate_size={shared}; shared experts are not supported"
+        )
     if sizes.num_experts_per_tok > sizes.num_experts:
         raise ValueError(
             f"{where}: num_experts_per_tok={sizes.num_experts_per_tok} exceeds num_experts={sizes.num_experts}"

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-
 from vllm.config import VllmConfig
 from vllm.distributed import (
     get_pp_group,
@@ -26,7 +25,6 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
-    ReplicatedLinear,
     RowParallelLinear,
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -86,14 +84,13 @@ class Qwen3MoeExperts(nn.Module):
     all-reduced by the caller.
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, opset: ops.OpSet) -> None:
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
         self.tp_rank = get_tensor_model_parallel_rank()
         self.intermediate_per_rank = intermediate_size // tp_size
         self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate_per_rank, hidden_size))
         self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, self.intermediate_per_rank))
-        self.ops = opset
 
     def load_expert_weight(self, param_name: str, expert: int, shard: int | None, loaded: torch.Tensor) -> None:
         """Copy one checkpoint tensor (``gate_proj``/``up_proj`` ``[I, H]`` or ``down_proj`` ``[H, I]``) into place."""
@@ -104,29 +101,51 @@ class Qwen3MoeExperts(nn.Module):
         else:
             self.w2_weight.data[expert].copy_(loaded[:, start : start + rows])
 
-    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        return self.ops.moe_experts(hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+
+class Qwen3MoeRouterGate(nn.Module):
+    """Holds the router weight ``[E, H]`` under its checkpoint name (``mlp.gate.weight``), replicated on every rank."""
+
+    def __init__(self, hidden_size: int, num_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False)
 
 
 class Qwen3MoeSparseMoeBlock(nn.Module):
-    """Router (``gate``: logits -> softmax -> top-k -> optional renormalisation) and the routed experts."""
+    """Router (``gate``: logits -> softmax -> top-k -> optional renormalisation) and the routed experts.
+
+    Called with the decoder layer's residual and post-attention norm, so that the whole MoE half of the layer is one
+    op (``moe_block``): a backend with a fused kernel for it (norm + router + experts, the contest winner's design)
+    runs that kernel, the others run the ops in sequence.
+    """
 
     def __init__(self, sizes: Qwen3MoeSizes, opset: ops.OpSet, prefix: str = "") -> None:
         super().__init__()
         self.top_k = sizes.num_experts_per_tok
         self.norm_topk_prob = sizes.norm_topk_prob
         self.tp_size = get_tensor_model_parallel_world_size()
-        self.gate = ReplicatedLinear(sizes.hidden_size, sizes.num_experts, bias=False, prefix=f"{prefix}.gate")
-        self.experts = Qwen3MoeExperts(sizes.num_experts, sizes.hidden_size, sizes.moe_intermediate_size, opset)
+        # The router weight [E, H] as a plain parameter: the ops read it directly (vLLM's CPU linear layers repack
+        # their weight for oneDNN and leave the parameter empty).
+        self.gate = Qwen3MoeRouterGate(sizes.hidden_size, sizes.num_experts)
+        self.experts = Qwen3MoeExperts(sizes.num_experts, sizes.hidden_size, sizes.moe_intermediate_size)
         self.ops = opset
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        router_logits, _ = self.gate(hidden_states)
-        topk_weights, topk_ids = self.ops.router_topk(router_logits, self.top_k, self.norm_topk_prob)
-        out = self.experts(hidden_states, topk_weights, topk_ids)
+    def forward(
+        self, hidden_states: torch.Tensor, residual: torch.Tensor, norm: Qwen3MoeRMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, residual = self.ops.moe_block(
+            hidden_states,
+            residual,
+            norm.weight,
+            norm.eps,
+            self.gate.weight,
+            self.experts.w13_weight,
+            self.experts.w2_weight,
+            self.top_k,
+            self.norm_topk_prob,
+        )
         if self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
-        return out
+        return out, residual
 
 
 class Qwen3MoeAttention(nn.Module):
@@ -185,10 +204,9 @@ class Qwen3MoeAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        num_tokens = q.shape[0]
-        q = self.q_norm(q.reshape(num_tokens, self.num_heads, self.head_dim)).reshape(num_tokens, self.q_size)
-        k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim)).reshape(num_tokens, self.kv_size)
-        q, k = self.ops.apply_rope(q, k, positions, self.cos_sin_cache, self.head_dim)
+        q, k = self.ops.qk_norm_rope(
+            q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions, self.cos_sin_cache, self.head_dim
+        )
         out, _ = self.o_proj(self.attn(q, k, v.contiguous()))
         return out
 
@@ -224,6 +242,8 @@ class Qwen3MoeDecoderLayer(nn.Module):
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states)
+        if isinstance(self.mlp, Qwen3MoeSparseMoeBlock):  # norm + router + experts as one op
+            return self.mlp(hidden_states, residual, self.post_attention_layernorm)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 

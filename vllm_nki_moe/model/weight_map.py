@@ -18,7 +18,9 @@ STACKED_PARAMS: tuple[tuple[str, str, str | int], ...] = (
 
 # Per-expert checkpoint tensors (`mlp.experts.<e>.<proj>.weight`) go into the experts' stacked tensors:
 # gate and up rows into w13 (gate first), down into w2.
-EXPERT_WEIGHT = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+EXPERT_WEIGHT = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
+)
 EXPERT_TARGETS = {"gate_proj": ("w13_weight", 0), "up_proj": ("w13_weight", 1), "down_proj": ("w2_weight", None)}
 
 # Checkpoint tensors the model does not use (rotary caches some exporters write).

@@ -8,7 +8,6 @@ torch (``ops.bind`` logs which). Only this package (through ``ops``) imports ``v
 from __future__ import annotations
 
 import importlib
-from typing import Callable
 
 from .bridge import KernelOp
 
@@ -27,8 +26,3 @@ def all_kernel_ops() -> list[KernelOp]:
             continue
         found.extend(module.kernel_ops())
     return found
-
-
-def kernel_impls(backend: str, strict: bool) -> dict[str, Callable]:
-    """The ops that have an NKI kernel, as torch-signature callables for ``backend`` (``emulator`` or ``nki``)."""
-    return {op.name: op.bind(backend, strict) for op in all_kernel_ops()}

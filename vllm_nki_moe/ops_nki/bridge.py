@@ -28,28 +28,32 @@ def call_kernel(backend: str, kernel, *args: Any, **kwargs: Any):
 class KernelOp:
     """One op of ``ops.OpSet`` implemented by NKI kernel(s).
 
-    ``run(backend, *args)`` computes the op through its kernel(s) with the torch signature of ``ops_torch.<name>``;
+    ``run(backend, *args)`` computes the op through its kernel(s) with the torch signature of the op;
     ``supports(*args)`` returns None, or the reason (a limit and the value that broke it) the kernel cannot take
-    these arguments.
+    these arguments. A ``composite`` op is a fused kernel for something the other ops can also do in sequence
+    (``moe_block``): where it does not apply, the sequence runs, under any backend, and that is not an error.
     """
 
     name: str
     run: Callable[..., Any]
     supports: Callable[..., str | None] = lambda *args, **kwargs: None
+    composite: bool = False
 
-    def bind(self, backend: str, strict: bool) -> Callable:
-        fallback = getattr(ops_torch, self.name)
+    def bind(self, backend: str, strict: bool, fallback: Callable | None = None) -> Callable:
+        """The op for ``backend``; ``fallback`` (default ``ops_torch.<name>``) runs where the kernel cannot."""
+        fallback = fallback or getattr(ops_torch, self.name)
         reported: set[str] = set()
 
         def call(*args, **kwargs):
             reason = self.supports(*args, **kwargs)
             if reason is None:
                 return self.run(backend, *args, **kwargs)
-            if strict:
+            if strict and not self.composite:
                 raise ValueError(f"{self.name}: {reason}")
             if reason not in reported:
                 reported.add(reason)
-                logger.info("vllm_nki_moe.ops: %s runs in torch here: %s", self.name, reason)
+                how = "as separate ops" if self.composite else "in torch"
+                logger.info("vllm_nki_moe.ops: %s runs %s here: %s", self.name, how, reason)
             return fallback(*args, **kwargs)
 
         return call

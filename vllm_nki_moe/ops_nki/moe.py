@@ -43,7 +43,7 @@ class _KernelWeights:
     """
 
     def __init__(self) -> None:
-        self._cache: dict[int, tuple] = {}
+        self._cache: dict[tuple, tuple] = {}
 
     @staticmethod
     def _key(t: torch.Tensor) -> tuple:
@@ -51,14 +51,16 @@ class _KernelWeights:
         step = max(1, flat.numel() // 64)
         return (t.data_ptr(), tuple(t.shape), t.dtype, t._version, flat[::step][:64].float().sum().item())
 
-    def get(self, w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (self._key(w13), self._key(w2))
-        slot = self._cache.get(id(w13))
-        if slot is not None and slot[0] == key and slot[1]() is w13:
+    def get(self, convert, *tensors: torch.Tensor):
+        """``convert(*tensors)``, computed once per live first tensor and version of the contents."""
+        first = tensors[0]
+        key = tuple(self._key(t) for t in tensors)
+        slot = self._cache.get((id(first), convert))
+        if slot is not None and slot[0] == key and slot[1]() is first:
             return slot[2]
-        converted = moe_decode.experts_kernel_layout(w13.detach(), w2.detach())
-        self._cache[id(w13)] = (key, weakref.ref(w13), converted)
-        weakref.finalize(w13, self._cache.pop, id(w13), None)
+        converted = convert(*(t.detach() for t in tensors))
+        self._cache[(id(first), convert)] = (key, weakref.ref(first), converted)
+        weakref.finalize(first, self._cache.pop, (id(first), convert), None)
         return converted
 
 
@@ -108,7 +110,7 @@ def _moe_experts(backend: str, hidden, w13, w2, topk_weights, topk_ids) -> torch
     if T == 0:
         return torch.zeros_like(hidden)
     E, K = w13.shape[0], topk_ids.shape[1]
-    w13k, w2k = _weights.get(w13, w2)
+    w13k, w2k = _weights.get(moe_decode.experts_kernel_layout, w13, w2)
     x = hidden.contiguous()
     weights = topk_weights.float().contiguous()
     if use_decode(T, K, E):
@@ -119,5 +121,42 @@ def _moe_experts(backend: str, hidden, w13, w2, topk_weights, topk_ids) -> torch
     return call_kernel(backend, moe_prefill.moe_prefill, x, w13k, w2k, *meta)
 
 
+MAX8_MIN_EXPERTS, MAX8_MAX_EXPERTS, MAX8_MAX_K = 8, 512, 8  # moe_block_decode's Limits (max8 reads 8..; one tile)
+
+
+def _block_supports(hidden, residual, norm_weight, eps, gate_weight, w13, w2, top_k, renormalize) -> str | None:
+    """Where the fused decode block applies; elsewhere ``moe_block`` runs as separate ops (not an error)."""
+    T, E = hidden.shape[0], w13.shape[0]
+    if not use_decode(T, top_k, E):
+        return f"T={T}; the fused block is a decode kernel (T=1, or T*top_k <= E/16)"
+    if not MAX8_MIN_EXPERTS <= E <= MAX8_MAX_EXPERTS or top_k > MAX8_MAX_K:
+        return f"E={E}, top_k={top_k}; the fused router needs {MAX8_MIN_EXPERTS} <= E <= {MAX8_MAX_EXPERTS}, k <= 8"
+    if residual.dtype != hidden.dtype or norm_weight.dtype != hidden.dtype or gate_weight.dtype != hidden.dtype:
+        return f"dtypes {residual.dtype}, {norm_weight.dtype}, {gate_weight.dtype}; must equal hidden's {hidden.dtype}"
+    ids = torch.zeros(T, top_k, dtype=torch.int32)
+    return _supports(hidden, w13, w2, ids.float(), ids)
+
+
+def _moe_block(backend: str, hidden, residual, norm_weight, eps, gate_weight, w13, w2, top_k, renormalize):
+    w13k, w2k = _weights.get(moe_decode.experts_kernel_layout, w13, w2)
+    router_w = _weights.get(moe_decode.router_kernel_layout, gate_weight)
+    return call_kernel(
+        backend,
+        moe_decode.moe_block_decode,
+        hidden.contiguous(),
+        residual.contiguous(),
+        norm_weight.contiguous(),
+        router_w,
+        w13k,
+        w2k,
+        float(eps),
+        int(top_k),
+        bool(renormalize),
+    )
+
+
 def kernel_ops() -> list[KernelOp]:
-    return [KernelOp(name="moe_experts", run=_moe_experts, supports=_supports)]
+    return [
+        KernelOp(name="moe_experts", run=_moe_experts, supports=_supports),
+        KernelOp(name="moe_block", run=_moe_block, supports=_block_supports, composite=True),
+    ]
