@@ -1,8 +1,11 @@
 """Kernel-check cases for ``kernels/moe_decode.py`` and ``kernels/moe_prefill.py``: the routed experts per MoE layer.
 
 For ``tokens`` T the model's ``moe_experts`` runs the decode kernel while ``ops_nki.moe.use_decode`` says so (few
-tokens) and the prefill kernel otherwise; those cases count once per layer in ``kernels bench``. The fused block
-``moe_block_decode`` is checked and costed too but counts zero calls per layer: the model does not call it yet.
+tokens) and the prefill kernel otherwise; those cases count once per layer in ``kernels bench``. Where
+``ops_nki.moe.fused_block_applies`` (batch-1 decode at Qwen3-30B-A3B sizes), the model's ``moe_block`` op runs the
+fused ``moe_block_decode`` instead (post-attention norm, router and experts in one kernel): then that case counts
+once per layer, and the experts, router and one of the two norms per layer count zero (``cases_norms``,
+``cases_router`` ask the same function).
 
 Routing is fixed per case (seeded here, uniform over experts, distinct experts per token), so ``min_hbm_bytes`` is
 exact: the weights of the distinct experts the tokens select, read once, plus activations in and out and the routing
@@ -26,7 +29,7 @@ install()  # `import nki` in the kernels: the emulator unless the real package i
 
 from ..kernels import moe_decode, moe_prefill  # noqa: E402 - after install()
 from ..kernels.limits import PMAX, TOPK8  # noqa: E402
-from ..ops_nki.moe import prefill_block_size, use_decode  # noqa: E402
+from ..ops_nki.moe import fused_block_applies, prefill_block_size, use_decode  # noqa: E402
 from .registry import KernelCase  # noqa: E402
 from .shapes import KernelShapes, kernel_shapes  # noqa: E402
 
@@ -77,6 +80,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
 
     out: list[KernelCase] = []
     decode = T <= moe_decode.MAX_DECODE_TOKENS and use_decode(T, K, E)
+    fused = fused_block_applies(T, K, E)  # the model's moe_block then runs moe_block_decode instead
     if T <= moe_decode.MAX_DECODE_TOKENS:
 
         def decode_inputs(rng: np.random.Generator) -> tuple:
@@ -92,7 +96,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
                 reference=moe_decode.moe_decode_ref,
                 tolerance=tol,
                 min_hbm_bytes=distinct * expert_bytes + act_bytes + T * K * 8,
-                calls_per_layer=1 if decode else 0,
+                calls_per_layer=1 if decode and not fused else 0,
                 phase="decode",
                 unsupported=unsupported,
             )
@@ -119,7 +123,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
                 reference=moe_decode.moe_block_decode_ref,
                 tolerance=tol,
                 min_hbm_bytes=min(T * K, E) * expert_bytes + 2 * act_bytes + (E * H + H) * item,
-                calls_per_layer=0,
+                calls_per_layer=1 if fused else 0,
                 phase="decode",
                 unsupported=block_unsupported,
             )

@@ -1,9 +1,10 @@
 """Kernel-check cases for ``kernels/rmsnorm.py`` and ``kernels/rope.py`` at one rank's shapes.
 
 Per decoder layer: two fused residual-add + RMSNorms (input and post-attention layernorms; the first layer's plain
-RMSNorm costs the same), the per-head q and k norms, and one RoPE of q and k. ``qk_norm_rope`` (the q/k norms and
-RoPE in one kernel) is checked too and counted 0 times per layer while the model calls the three separately: when
-the model calls ``ops.qk_norm_rope``, set its ``calls_per_layer`` to 1 and those of q_norm, k_norm and rope to 0.
+RMSNorm costs the same), and ``qk_norm_rope`` (the per-head q/k norms and RoPE in one kernel, as the model calls it).
+Where the fused MoE block runs (``ops_nki.moe.fused_block_applies``) it does the post-attention norm itself, so
+``fused_add_rms_norm`` counts once. The separate q_norm, k_norm and rope kernels are checked and costed but count 0
+calls per layer (the model no longer calls them separately).
 
 ``python -m vllm_nki_moe.kernel_check.cases_norms --layouts`` prints the cost-model figures behind the layout
 choices (``kernels/rmsnorm.py`` H_LAYOUT_MAX_TOKEN_BYTES, ``kernels/rope.py`` QK_HEADS_MAX_TOKENS).
@@ -19,6 +20,7 @@ from ..emulator import install
 install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
 
 from ..kernels import rmsnorm, rope  # noqa: E402 - after install()
+from ..ops_nki.moe import fused_block_applies  # noqa: E402
 from ..ops_torch import rope_cos_sin_cache  # noqa: E402
 from .registry import KernelCase  # noqa: E402
 from .shapes import KernelShapes  # noqa: E402
@@ -65,10 +67,10 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             reference=rmsnorm.fused_add_rms_norm_ref,
             tolerance=dtype_key(dt),
             min_hbm_bytes=4 * T * H * item + H * item,
-            calls_per_layer=2,
+            calls_per_layer=1 if fused_block_applies(T, s.top_k, s.experts) else 2,
         ),
-        _norm_case("rms_norm.q_norm", T * s.q_heads, D, s, 1),
-        _norm_case("rms_norm.k_norm", T * s.kv_heads, D, s, 1),
+        _norm_case("rms_norm.q_norm", T * s.q_heads, D, s, 0),
+        _norm_case("rms_norm.k_norm", T * s.kv_heads, D, s, 0),
     ]
     positions = min(s.max_positions, 1 << 16)  # cache rows built for the check; rows beyond are never gathered
 
@@ -92,7 +94,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             tolerance=dtype_key(dt),
             # as rope, plus the two weights
             min_hbm_bytes=2 * T * (s.q_heads + s.kv_heads) * D * item + T * 4 + T * D * 4 + 2 * D * item,
-            calls_per_layer=0,  # see the module docstring
+            calls_per_layer=1,
         )
     )
     out.append(
@@ -105,6 +107,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             tolerance=dtype_key(dt),
             # q and k read and written, the positions read, one fp32 cache row gathered per token
             min_hbm_bytes=2 * T * (s.q_heads + s.kv_heads) * D * item + T * 4 + T * D * 4,
+            calls_per_layer=0,  # inside qk_norm_rope in the model
         )
     )
     return out

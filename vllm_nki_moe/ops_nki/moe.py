@@ -124,13 +124,23 @@ def _moe_experts(backend: str, hidden, w13, w2, topk_weights, topk_ids) -> torch
 MAX8_MIN_EXPERTS, MAX8_MAX_EXPERTS, MAX8_MAX_K = 8, 512, 8  # moe_block_decode's Limits (max8 reads 8..; one tile)
 
 
+def fused_block_applies(num_tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether ``moe_block`` runs the fused decode kernel at these sizes (else the ops in sequence)."""
+    return (
+        use_decode(num_tokens, top_k, num_experts)
+        and MAX8_MIN_EXPERTS <= num_experts <= MAX8_MAX_EXPERTS
+        and top_k <= MAX8_MAX_K
+    )
+
+
 def _block_supports(hidden, residual, norm_weight, eps, gate_weight, w13, w2, top_k, renormalize) -> str | None:
     """Where the fused decode block applies; elsewhere ``moe_block`` runs as separate ops (not an error)."""
     T, E = hidden.shape[0], w13.shape[0]
-    if not use_decode(T, top_k, E):
-        return f"T={T}; the fused block is a decode kernel (T=1, or T*top_k <= E/16)"
-    if not MAX8_MIN_EXPERTS <= E <= MAX8_MAX_EXPERTS or top_k > MAX8_MAX_K:
-        return f"E={E}, top_k={top_k}; the fused router needs {MAX8_MIN_EXPERTS} <= E <= {MAX8_MAX_EXPERTS}, k <= 8"
+    if not fused_block_applies(T, top_k, E):
+        return (
+            f"T={T}, E={E}, top_k={top_k}; the fused block is a decode kernel (T=1 or T*top_k <= E/16) with "
+            f"{MAX8_MIN_EXPERTS} <= E <= {MAX8_MAX_EXPERTS} and top_k <= {MAX8_MAX_K}"
+        )
     if residual.dtype != hidden.dtype or norm_weight.dtype != hidden.dtype or gate_weight.dtype != hidden.dtype:
         return f"dtypes {residual.dtype}, {norm_weight.dtype}, {gate_weight.dtype}; must equal hidden's {hidden.dtype}"
     ids = torch.zeros(T, top_k, dtype=torch.int32)
