@@ -3,7 +3,9 @@
 Every op the Qwen3-MoE model runs outside vLLM's own layers goes through an :class:`OpSet`, bound once per model by
 :func:`bind` from ``VLLM_NKI_MOE_KERNELS``:
 
-- ``torch``: plain PyTorch (``ops_torch``), the default off Neuron;
+- ``torch``: PyTorch, the default off Neuron. Where vLLM's CPU custom ops are loaded (serving on a vLLM CPU build)
+  the norms, RoPE, SiLU and experts run them (``ops_host``: same functions, C++ rounding, prepacked fused MoE);
+  elsewhere, or with ``VLLM_NKI_MOE_HOST_OPS=off``, every op is the plain Hugging Face-exact reference ``ops_torch``;
 - ``emulator``: the NKI kernels in ``vllm_nki_moe.kernels`` executed by the project's NumPy NKI emulator;
 - ``nki``: the same kernels on the real ``nki`` package (Trainium, or AWS's simulator), the default on Neuron;
 - ``auto``: ``nki`` on the Neuron platform or where the real package is importable, else ``torch``.
@@ -118,6 +120,10 @@ def bind(requested: str | None = None) -> OpSet:
     chosen = envs.kernel_backend() if requested is None else requested
     backend = resolve_backend(chosen)
     impls = {name: getattr(ops_torch, name) for name in OP_NAMES}
+    if backend == "torch":
+        from . import ops_host
+
+        impls.update(ops_host.host_ops())
     kernel_ops: dict = {}
     if backend in ("emulator", "nki"):
         from . import ops_nki

@@ -100,6 +100,9 @@ class Qwen3MoeExperts(nn.Module):
             self.w13_weight.data[expert, shard * rows : (shard + 1) * rows].copy_(loaded[start : start + rows])
         else:
             self.w2_weight.data[expert].copy_(loaded[:, start : start + rows])
+        # Copies through .data leave the version counter alone; bump it so caches of derived layouts (ops_host's
+        # prepacked experts) see a reload.
+        torch.autograd.graph.increment_version(getattr(self, param_name))
 
 
 class Qwen3MoeRouterGate(nn.Module):
