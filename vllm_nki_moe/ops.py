@@ -3,9 +3,11 @@
 Every op the Qwen3-MoE model runs outside vLLM's own layers goes through an :class:`OpSet`, bound once per model by
 :func:`bind` from ``VLLM_NKI_MOE_KERNELS``:
 
-- ``torch``: PyTorch, the default off Neuron. Where vLLM's CPU custom ops are loaded (serving on a vLLM CPU build)
-  the norms, RoPE, SiLU and experts run them (``ops_host``: same functions, C++ rounding, prepacked fused MoE);
-  elsewhere, or with ``VLLM_NKI_MOE_HOST_OPS=off``, every op is the plain Hugging Face-exact reference ``ops_torch``;
+- ``torch``: PyTorch, the default off Neuron. Bound from the environment (``bind()``, as the model does) where vLLM's
+  CPU custom ops are loaded (serving on a vLLM CPU build), the norms, RoPE, SiLU and experts run them (``ops_host``:
+  same functions, C++ rounding, prepacked fused MoE); elsewhere, with ``VLLM_NKI_MOE_HOST_OPS=off``, or named in
+  code (``bind("torch")``: the baseline tests and tools compare against), every op is the plain Hugging Face-exact
+  reference ``ops_torch``; ``bind(..., host_ops=True|False)`` chooses explicitly;
 - ``emulator``: the NKI kernels in ``vllm_nki_moe.kernels`` executed by the project's NumPy NKI emulator;
 - ``nki``: the same kernels on the real ``nki`` package (Trainium, or AWS's simulator), the default on Neuron;
 - ``auto``: ``nki`` on the Neuron platform or where the real package is importable, else ``torch``.
@@ -115,12 +117,16 @@ def _sequential_moe_block(impls: dict[str, Callable]) -> Callable:
     return moe_block
 
 
-def bind(requested: str | None = None) -> OpSet:
-    """Bind every op for one backend (see module docstring) and log the choice once."""
+def bind(requested: str | None = None, *, host_ops: bool | None = None) -> OpSet:
+    """Bind every op for one backend (see module docstring) and log the choice once.
+
+    ``host_ops``: whether the ``torch`` backend may use ``ops_host``'s fast path; default: when the backend comes from
+    the environment (``requested`` is None).
+    """
     chosen = envs.kernel_backend() if requested is None else requested
     backend = resolve_backend(chosen)
     impls = {name: getattr(ops_torch, name) for name in OP_NAMES}
-    if backend == "torch":
+    if backend == "torch" and (requested is None if host_ops is None else host_ops):
         from . import ops_host
 
         impls.update(ops_host.host_ops())

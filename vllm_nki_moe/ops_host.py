@@ -6,12 +6,14 @@ step of the layer. This module binds the same functions to the C++ ops that vLLM
 (``torch.ops._C``: ``rms_norm``, ``rotary_embedding``, ``silu_and_mul``, ``cpu_fused_moe`` with weights prepacked by
 ``prepack_moe_weight``), with the ``ops_torch`` signatures, never mutating their inputs.
 
-When it is used: ``ops.bind()`` for the ``torch`` backend (also ``auto`` off Neuron) asks :func:`host_ops`, which
-returns the fast ops when vLLM's CPU custom ops are already loaded in this process (vLLM's CPU platform loads them
-when vLLM's layers are imported, ``vllm/kernels/vllm_c.py``; this module never imports ``vllm._C`` itself: the wrong
-ISA build dies with "Illegal instruction") and ``VLLM_NKI_MOE_HOST_OPS`` is not ``off``; else it logs why once and the
-plain reference runs. Each fast op checks its inputs and runs the ``ops_torch`` function for what the C++ op cannot
-take (a dtype it lacks, hidden size not a multiple of 32 for the fused MoE, ...), logging the reason once.
+When it is used: ``ops.bind()`` (the backend from the environment, as the model binds it) for the ``torch`` backend
+(also ``auto`` off Neuron) asks :func:`host_ops`, which returns the fast ops when vLLM's CPU custom ops are already
+loaded in this process (vLLM's CPU platform loads them when vLLM's layers are imported, ``vllm/kernels/vllm_c.py``;
+this module never imports ``vllm._C`` itself: the wrong ISA build dies with "Illegal instruction") and
+``VLLM_NKI_MOE_HOST_OPS`` is not ``off``; else it logs why once and the plain reference runs. ``ops.bind("torch")``
+named in code stays the plain reference unless called with ``host_ops=True``. Each fast op checks its inputs and
+runs the ``ops_torch`` function for what the C++ op cannot take (a dtype it lacks, hidden size not a multiple of 32
+for the fused MoE, ...), logging the reason once.
 
 Numerics: the C++ ops compute the same functions with another rounding (vectorised sums, FMA): float32 results
 differ from ``ops_torch`` by a few ulp (RMSNorm and RoPE up to ~1e-6 relative; the fused MoE up to ~2e-6 of the
@@ -49,6 +51,13 @@ REQUIRED_C_OPS = ("rms_norm", "rotary_embedding", "silu_and_mul", "prepack_moe_w
 # CPUUnquantizedExperts.output_alignment, vllm/model_executor/layers/fused_moe/experts/cpu_moe.py).
 MOE_ALIGNMENT = 32
 MOE_ISA = "vec"
+# rms_norm and silu_and_mul walk the last axis in 8-element vectors and reject other sizes (TORCH_CHECK in vLLM's
+# csrc/cpu/layernorm.cpp; measured on this AVX2 build: 8, 16, 24... accepted, 2 and 4 rejected); 16 leaves room for a
+# build with 16-wide vectors.
+VEC_ALIGNMENT = 16
+# rotary_embedding vectorises half a head; with a scalar tail (half not a multiple of its vector) the bfloat16 path
+# crashed on this build (head_dim 24: segmentation fault), so the fast path takes head_dim in multiples of 32 only.
+ROPE_HEAD_ALIGNMENT = 32
 C_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _logged: set[str] = set()
@@ -100,8 +109,11 @@ def _same_dtype(*tensors: torch.Tensor) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``ops_torch.rms_norm`` through ``torch.ops._C.rms_norm`` (rows of the last axis; any leading shape)."""
-    if not _same_dtype(x, weight) or x.numel() == 0:
-        _log_once(f"rms_norm: x {x.dtype} / weight {weight.dtype}, {x.numel()} elements; runs ops_torch.rms_norm")
+    if not _same_dtype(x, weight) or x.numel() == 0 or x.shape[-1] % VEC_ALIGNMENT:
+        _log_once(
+            f"rms_norm: x {x.dtype} / weight {weight.dtype}, size={x.shape[-1]}, {x.numel()} elements; the C++ op "
+            f"takes equal dtypes and sizes in multiples of {VEC_ALIGNMENT}; runs ops_torch.rms_norm"
+        )
         return ops_torch.rms_norm(x, weight, eps)
     rows = x.reshape(-1, x.shape[-1])  # a copy when x is not contiguous: the C++ op ignores strides
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
@@ -160,6 +172,8 @@ def _rope_supported(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tenso
         return f"q {q.dtype} / k {k.dtype}"
     if cos_sin_cache.shape[-1] != head_dim:
         return f"cos_sin_cache width={cos_sin_cache.shape[-1]}; rotary over the whole head_dim={head_dim} only"
+    if head_dim % ROPE_HEAD_ALIGNMENT:
+        return f"head_dim={head_dim}; the C++ op is used for multiples of {ROPE_HEAD_ALIGNMENT}"
     if q.numel() == 0:
         return "no tokens"
     return None
@@ -205,8 +219,11 @@ def qk_norm_rope(
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``ops_torch.silu_mul`` through ``torch.ops._C.silu_and_mul``."""
-    if gate_up.dtype not in C_DTYPES or gate_up.numel() == 0:
-        _log_once(f"silu_mul: gate_up {gate_up.dtype}, {gate_up.numel()} elements; runs ops_torch.silu_mul")
+    if gate_up.dtype not in C_DTYPES or gate_up.numel() == 0 or (gate_up.shape[-1] // 2) % VEC_ALIGNMENT:
+        _log_once(
+            f"silu_mul: gate_up {gate_up.dtype}, width={gate_up.shape[-1]}, {gate_up.numel()} elements; the C++ op "
+            f"takes halves in multiples of {VEC_ALIGNMENT}; runs ops_torch.silu_mul"
+        )
         return ops_torch.silu_mul(gate_up)
     out = torch.empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2, dtype=gate_up.dtype, device=gate_up.device)
     torch.ops._C.silu_and_mul(out, gate_up.contiguous())
