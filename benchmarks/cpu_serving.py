@@ -2,10 +2,14 @@
 
 Not a test: it prints figures. Each (implementation, batch) runs in a fresh process (vLLM's engine is process-wide);
 vLLM's own class runs with ``VLLM_PLUGINS=""`` (no plugin loaded at all). Both run eagerly (``enforce_eager``) unless
-``--compile``, so the comparison is of the model code, not of whether torch.compile applies.
+``--compile``, so the comparison is of the model code, not of whether torch.compile applies. Ours runs
+``VLLM_NKI_MOE_KERNELS=torch``: its ops are ``ops_host`` (vLLM's CPU custom ops) unless ``--host-ops off`` selects the
+plain reference ``ops_torch``; the table names which one ran. The 1-minute load average is printed before and after:
+the machine is shared, and figures taken under load are not comparable.
 
     .venv/bin/python benchmarks/cpu_serving.py                 # mid-size checkpoint, batch 1 and 32
     .venv/bin/python benchmarks/cpu_serving.py --batches 1,8,32 --new-tokens 64 --repeats 3
+    .venv/bin/python benchmarks/cpu_serving.py --host-ops off  # our class on the plain-PyTorch reference ops
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ def worker(args: argparse.Namespace) -> None:
         max_num_seqs=max(args.batch, 1),
     )
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    opset = getattr(model, "opset", None)
+    ops_module = opset.moe_experts.__module__.rsplit(".", 1)[-1] if opset is not None else "vllm"
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     prompts = [f"{i} {PROMPT}" for i in range(args.batch)]
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
@@ -61,7 +67,11 @@ def worker(args: argparse.Namespace) -> None:
     print(
         "RESULT "
         + json.dumps(
-            {"class": f"{type(model).__module__}.{type(model).__name__}", "tokens_per_s": statistics.median(rates)}
+            {
+                "class": f"{type(model).__module__}.{type(model).__name__}",
+                "ops": ops_module,
+                "tokens_per_s": statistics.median(rates),
+            }
         )
     )
 
@@ -72,6 +82,7 @@ def run_child(model: Path, batch: int, ours: bool, args: argparse.Namespace) -> 
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_KVCACHE_SPACE": "2",
         "VLLM_NKI_MOE_KERNELS": "torch",
+        "VLLM_NKI_MOE_HOST_OPS": args.host_ops,
     }
     if not ours:
         env["VLLM_PLUGINS"] = ""
@@ -107,6 +118,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--compile", action="store_true", help="let vLLM torch.compile (default: eager)")
     parser.add_argument("--model", help="checkpoint dir (default: a mid-size random checkpoint, built once)")
+    parser.add_argument(
+        "--host-ops", default="auto", choices=["auto", "off"], help="VLLM_NKI_MOE_HOST_OPS for our class (default auto)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -122,14 +136,19 @@ def main() -> None:
         f"{args.new_tokens} new tokens/request, median of {args.repeats}, "
         f"{'torch.compile' if args.compile else 'eager'}, {os.cpu_count()} CPUs"
     )
-    print(f"{'batch':>5} | {'vllm_nki_moe tok/s':>18} | {'vLLM own tok/s':>14} | {'ratio':>5}")
+    print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}")
+    print(f"{'batch':>5} | {'vllm_nki_moe tok/s':>18} | {'ops':>9} | {'vLLM own tok/s':>14} | {'ratio':>5}")
     for batch in (int(b) for b in args.batches.split(",")):
         ours = run_child(model, batch, ours=True, args=args)
         theirs = run_child(model, batch, ours=False, args=args)
         assert ours["class"].startswith("vllm_nki_moe"), ours["class"]
         assert theirs["class"].startswith("vllm.model_executor"), theirs["class"]
         ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
-        print(f"{batch:>5} | {ours['tokens_per_s']:>18.1f} | {theirs['tokens_per_s']:>14.1f} | {ratio:>5.2f}")
+        print(
+            f"{batch:>5} | {ours['tokens_per_s']:>18.1f} | {ours['ops']:>9} | {theirs['tokens_per_s']:>14.1f} | "
+            f"{ratio:>5.2f}"
+        )
+    print(f"load average (1 min) after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
