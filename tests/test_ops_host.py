@@ -208,6 +208,15 @@ def test_rope_with_head_dim_not_a_multiple_of_32_runs_the_reference(dtype):
     )
 
 
+def test_no_tokens_gives_empty_results_as_the_reference():
+    # (ops_torch.qk_norm_rope cannot take 0 tokens either: its per-head view of 0 elements is ambiguous.)
+    x, w = _randn(0, 128), _randn(128)
+    hidden, w13, w2, weights, ids = _moe_inputs(0, 96, 48, 16, 4)
+    assert ops_host.rms_norm(x, w, 1e-6).shape == (0, 128)
+    assert ops_host.silu_mul(x).shape == (0, 64)
+    assert ops_host.moe_experts(hidden, w13, w2, weights, ids).shape == (0, 96)
+
+
 def test_rms_norm_with_a_weight_of_another_dtype_runs_the_reference():
     x, w = _randn(3, 64, dtype=torch.bfloat16), _randn(64)
     assert_close(ops_host.rms_norm(x, w, 1e-6), ops_torch.rms_norm(x, w, 1e-6), "exact")

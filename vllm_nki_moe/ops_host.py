@@ -109,15 +109,17 @@ def _same_dtype(*tensors: torch.Tensor) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``ops_torch.rms_norm`` through ``torch.ops._C.rms_norm`` (rows of the last axis; any leading shape)."""
-    if not _same_dtype(x, weight) or x.numel() == 0 or x.shape[-1] % VEC_ALIGNMENT:
+    if not _same_dtype(x, weight) or x.shape[-1] % VEC_ALIGNMENT:
         _log_once(
-            f"rms_norm: x {x.dtype} / weight {weight.dtype}, size={x.shape[-1]}, {x.numel()} elements; the C++ op "
-            f"takes equal dtypes and sizes in multiples of {VEC_ALIGNMENT}; runs ops_torch.rms_norm"
+            f"rms_norm: x {x.dtype} / weight {weight.dtype}, size={x.shape[-1]}; the C++ op takes equal dtypes and "
+            f"sizes in multiples of {VEC_ALIGNMENT}; runs ops_torch.rms_norm"
         )
+        return ops_torch.rms_norm(x, weight, eps)
+    if x.numel() == 0:
         return ops_torch.rms_norm(x, weight, eps)
     rows = x.reshape(-1, x.shape[-1])  # a copy when x is not contiguous: the C++ op ignores strides
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    torch.ops._C.rms_norm(out, rows.contiguous(), weight, eps)
+    torch.ops._C.rms_norm(out, rows.contiguous(), weight.contiguous(), eps)
     return out.view(x.shape)
 
 
@@ -174,8 +176,6 @@ def _rope_supported(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tenso
         return f"cos_sin_cache width={cos_sin_cache.shape[-1]}; rotary over the whole head_dim={head_dim} only"
     if head_dim % ROPE_HEAD_ALIGNMENT:
         return f"head_dim={head_dim}; the C++ op is used for multiples of {ROPE_HEAD_ALIGNMENT}"
-    if q.numel() == 0:
-        return "no tokens"
     return None
 
 
@@ -184,8 +184,9 @@ def apply_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ops_torch.apply_rope`` through ``torch.ops._C.rotary_embedding`` (neox) on fresh contiguous copies."""
     reason = _rope_supported(q, k, cos_sin_cache, head_dim)
-    if reason is not None:
-        _log_once(f"apply_rope: {reason}; runs ops_torch.apply_rope")
+    if reason is not None or q.numel() == 0:
+        if reason is not None:
+            _log_once(f"apply_rope: {reason}; runs ops_torch.apply_rope")
         return ops_torch.apply_rope(q, k, positions, cos_sin_cache, head_dim)
     q_out = q.clone(memory_format=torch.contiguous_format)
     k_out = k.clone(memory_format=torch.contiguous_format)
@@ -208,8 +209,9 @@ def qk_norm_rope(
     reason = _rope_supported(q, k, cos_sin_cache, head_dim) or (
         None if _same_dtype(q, q_weight, k_weight) else f"weights {q_weight.dtype}/{k_weight.dtype} vs q {q.dtype}"
     )
-    if reason is not None:
-        _log_once(f"qk_norm_rope: {reason}; runs ops_torch.qk_norm_rope")
+    if reason is not None or q.numel() == 0:
+        if reason is not None:
+            _log_once(f"qk_norm_rope: {reason}; runs ops_torch.qk_norm_rope")
         return ops_torch.qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin_cache, head_dim)
     q_out = rms_norm(q.reshape(-1, head_dim), q_weight, eps).view(q.shape)
     k_out = rms_norm(k.reshape(-1, head_dim), k_weight, eps).view(k.shape)
@@ -219,11 +221,13 @@ def qk_norm_rope(
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``ops_torch.silu_mul`` through ``torch.ops._C.silu_and_mul``."""
-    if gate_up.dtype not in C_DTYPES or gate_up.numel() == 0 or (gate_up.shape[-1] // 2) % VEC_ALIGNMENT:
+    if gate_up.dtype not in C_DTYPES or (gate_up.shape[-1] // 2) % VEC_ALIGNMENT:
         _log_once(
-            f"silu_mul: gate_up {gate_up.dtype}, width={gate_up.shape[-1]}, {gate_up.numel()} elements; the C++ op "
-            f"takes halves in multiples of {VEC_ALIGNMENT}; runs ops_torch.silu_mul"
+            f"silu_mul: gate_up {gate_up.dtype}, width={gate_up.shape[-1]}; the C++ op takes halves in multiples of "
+            f"{VEC_ALIGNMENT}; runs ops_torch.silu_mul"
         )
+        return ops_torch.silu_mul(gate_up)
+    if gate_up.numel() == 0:
         return ops_torch.silu_mul(gate_up)
     out = torch.empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2, dtype=gate_up.dtype, device=gate_up.device)
     torch.ops._C.silu_and_mul(out, gate_up.contiguous())
@@ -301,8 +305,6 @@ def moe_experts_unsupported(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.T
         return f"hidden {hidden.dtype} / w13 {w13.dtype} / w2 {w2.dtype}; one of {', '.join(map(str, C_DTYPES))}"
     if hidden.shape[-1] % MOE_ALIGNMENT:
         return f"hidden={hidden.shape[-1]}; cpu_fused_moe needs a multiple of {MOE_ALIGNMENT}"
-    if hidden.shape[0] == 0:
-        return "no tokens"
     return None
 
 
@@ -315,8 +317,9 @@ def moe_experts(
 ) -> torch.Tensor:
     """``ops_torch.moe_experts`` through vLLM's CPU fused MoE (``torch.ops._C.cpu_fused_moe``, prepacked weights)."""
     reason = moe_experts_unsupported(hidden, w13, w2)
-    if reason is not None:
-        _log_once(f"moe_experts: {reason}; runs ops_torch.moe_experts")
+    if reason is not None or hidden.shape[0] == 0:
+        if reason is not None:
+            _log_once(f"moe_experts: {reason}; runs ops_torch.moe_experts")
         return ops_torch.moe_experts(hidden, w13, w2, topk_weights, topk_ids)
     packed13, packed2 = _packed.get(w13, w2)
     out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
