@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from vllm_nki_moe import ops, ops_host, ops_torch
+from vllm_nki_moe import envs, ops, ops_host, ops_torch
 from vllm_nki_moe.envs import KERNELS_ENV
 from vllm_nki_moe.kernel_check.tolerances import assert_close
 
@@ -237,13 +237,13 @@ def test_a_missing_custom_op_binds_the_reference_and_names_it(monkeypatch, caplo
 
 
 def test_host_ops_off_binds_the_reference(monkeypatch):
-    monkeypatch.setenv(ops_host.HOST_OPS_ENV, "off")
+    monkeypatch.setenv(envs.HOST_OPS_ENV, "off")
     monkeypatch.setenv(KERNELS_ENV, "torch")
     assert ops.bind().qk_norm_rope is ops_torch.qk_norm_rope
 
 
 def test_unknown_host_ops_setting_names_the_choices(monkeypatch):
-    monkeypatch.setenv(ops_host.HOST_OPS_ENV, "fast")
+    monkeypatch.setenv(envs.HOST_OPS_ENV, "fast")
     with pytest.raises(ValueError, match="VLLM_NKI_MOE_HOST_OPS='fast'; must be one of auto, off"):
         ops_host.unavailable_reason()
 

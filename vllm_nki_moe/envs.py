@@ -25,3 +25,14 @@ def requested_device() -> str:
     if value not in DEVICES:
         raise ValueError(f"{DEVICE_ENV}={value!r}; must be one of {', '.join(DEVICES)}")
     return value
+
+HOST_OPS_ENV = "VLLM_NKI_MOE_HOST_OPS"
+HOST_OPS_CHOICES = ("auto", "off")
+
+
+def host_ops() -> str:
+    """``VLLM_NKI_MOE_HOST_OPS``: ``auto`` (the torch backend's fast path where vLLM's CPU ops are loaded), ``off``."""
+    value = os.environ.get(HOST_OPS_ENV, "auto").strip().lower() or "auto"
+    if value not in HOST_OPS_CHOICES:
+        raise ValueError(f"{HOST_OPS_ENV}={value!r}; must be one of {', '.join(HOST_OPS_CHOICES)}")
+    return value

@@ -32,18 +32,15 @@ for the reference path); a model-side hook that packs in place after loading wou
 from __future__ import annotations
 
 import logging
-import os
 import weakref
 from typing import Callable
 
 import torch
 
-from . import ops_torch
+from . import envs, ops_torch
 
 logger = logging.getLogger(__name__)
 
-HOST_OPS_ENV = "VLLM_NKI_MOE_HOST_OPS"
-HOST_OPS_CHOICES = ("auto", "off")
 
 # The vLLM CPU custom ops this module calls (csrc/cpu/torch_bindings.cpp of vLLM's CPU build).
 REQUIRED_C_OPS = ("rms_norm", "rotary_embedding", "silu_and_mul", "prepack_moe_weight", "cpu_fused_moe")
@@ -69,14 +66,6 @@ def _log_once(message: str) -> None:
         logger.info("vllm_nki_moe.ops_host: %s", message)
 
 
-def requested() -> str:
-    """``VLLM_NKI_MOE_HOST_OPS``: ``auto`` (default: the fast path where vLLM's CPU ops are loaded) or ``off``."""
-    value = os.environ.get(HOST_OPS_ENV, "auto").strip().lower() or "auto"
-    if value not in HOST_OPS_CHOICES:
-        raise ValueError(f"{HOST_OPS_ENV}={value!r}; must be one of {', '.join(HOST_OPS_CHOICES)}")
-    return value
-
-
 def _c_op(name: str):
     """``torch.ops._C.<name>`` if vLLM's CPU build has registered it in this process, else None."""
     try:
@@ -87,8 +76,8 @@ def _c_op(name: str):
 
 def unavailable_reason() -> str | None:
     """Why the fast path cannot be used in this process, or None if it can."""
-    if requested() == "off":
-        return f"{HOST_OPS_ENV}=off"
+    if envs.host_ops() == "off":
+        return f"{envs.HOST_OPS_ENV}=off"
     missing = [name for name in REQUIRED_C_OPS if _c_op(name) is None]
     if missing:
         return (
@@ -356,5 +345,5 @@ def host_ops() -> dict[str, Callable]:
     if reason is not None:
         _log_once(f"plain torch ops (ops_torch): {reason}")
         return {}
-    _log_once(f"vLLM CPU custom ops for {', '.join(FAST_OPS)} (set {HOST_OPS_ENV}=off for the plain reference)")
+    _log_once(f"vLLM CPU custom ops for {', '.join(FAST_OPS)} (set {envs.HOST_OPS_ENV}=off for the plain reference)")
     return dict(FAST_OPS)
