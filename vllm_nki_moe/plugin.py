@@ -13,5 +13,9 @@ MODEL_CLASS = "vllm_nki_moe.model.qwen3_moe:Qwen3MoeForCausalLM"
 def register_models() -> None:
     from vllm import ModelRegistry
 
+    from .logs import attach_to_vllm_logging
+
+    attach_to_vllm_logging()
+
     # Registering an architecture vLLM already has replaces its class in this process; repeating it is harmless.
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)

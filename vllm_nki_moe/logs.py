@@ -1,0 +1,22 @@
+"""Send this package's log records through vLLM's log handlers, so they appear in `vllm serve`'s output."""
+
+from __future__ import annotations
+
+import logging
+
+PACKAGE_LOGGER = "vllm_nki_moe"
+
+
+def attach_to_vllm_logging() -> None:
+    """Give the ``vllm_nki_moe`` logger vLLM's handlers and level (idempotent; a no-op if vLLM configured none).
+
+    vLLM configures only its own ``vllm`` logger; without this our INFO records (which kernel backend was bound, why
+    an op fell back) would reach no handler in a vLLM process.
+    """
+    ours, theirs = logging.getLogger(PACKAGE_LOGGER), logging.getLogger("vllm")
+    if not theirs.handlers or ours.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level or logging.INFO)
+    ours.propagate = False
