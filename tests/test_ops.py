@@ -157,3 +157,21 @@ def test_torch_moe_block_is_the_ops_in_sequence():
     weights, ids = ops_torch.router_topk(normed @ gate_w.T, top_k, renorm)
     torch.testing.assert_close(new_residual, expected_residual, rtol=0, atol=0)
     torch.testing.assert_close(out, ops_torch.moe_experts(normed, w13, w2, weights, ids), rtol=1e-6, atol=1e-6)
+
+
+def test_router_gate_topk_runs_the_matmul_kernel_where_it_applies(monkeypatch):
+    from vllm_nki_moe.ops_nki import router as router_wrapper
+
+    called = []
+    real = router_wrapper.call_kernel
+    monkeypatch.setattr(router_wrapper, "call_kernel", lambda b, k, *a: called.append(k.__name__) or real(b, k, *a))
+    emulated, reference = ops.bind("emulator"), ops.bind("torch")
+    g = torch.Generator().manual_seed(6)
+    for hidden_size, kernel in ((256, "router_topk_matmul"), (96, "router_topk")):  # 96: H not a multiple of 128
+        called.clear()
+        hidden, gate = torch.randn(5, hidden_size, generator=g), torch.randn(16, hidden_size, generator=g)
+        weights, ids = emulated.router_gate_topk(hidden, gate, 4, True)
+        ref_weights, ref_ids = reference.router_gate_topk(hidden, gate, 4, True)
+        torch.testing.assert_close(ids, ref_ids)
+        torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
+        assert called == [kernel]

@@ -46,8 +46,8 @@ OP_NAMES = (
 
 @dataclass(frozen=True)
 class OpSet:
-    """The ops of one model: torch-in/torch-out callables with the signatures of ``ops_torch.<name>``, except the
-    composite ``moe_block`` (see ``_sequential_moe_block``)."""
+    """The ops of one model: torch-in/torch-out callables with the signatures of ``ops_torch.<name>``, and the
+    composite ops (``COMPOSITE_OPS``), built from the others unless a backend has a fused kernel for them."""
 
     backend: str
     rms_norm: Callable
@@ -59,6 +59,7 @@ class OpSet:
     moe_experts: Callable
     attention_prefill: Callable  # writes the paged KV cache in place; vLLM's Attention does this on the CPU path
     attention_decode: Callable
+    router_gate_topk: Callable  # composite: see _sequential_router_gate_topk
     moe_block: Callable  # composite: see _sequential_moe_block
     kernel_ops: tuple[str, ...] = ()  # which ops run an NKI kernel under this backend
 
@@ -96,6 +97,20 @@ def resolve_backend(requested: str | None = None) -> str:
     return backend
 
 
+def _sequential_router_gate_topk(impls: dict[str, Callable]) -> Callable:
+    """The router with its gate matmul: ``router_topk(hidden @ gate_weight.T, top_k, renormalize)``.
+
+    ``router_gate_topk(hidden [T, H], gate_weight [E, H], top_k, renormalize) -> (weights [T, K] fp32,
+    ids [T, K] int64)``; a backend with a kernel for the whole (``router_topk_matmul``) runs the gate matmul there.
+    """
+    router_topk = impls["router_topk"]
+
+    def router_gate_topk(hidden, gate_weight, top_k, renormalize):
+        return router_topk(F.linear(hidden, gate_weight), top_k, renormalize)
+
+    return router_gate_topk
+
+
 def _sequential_moe_block(impls: dict[str, Callable]) -> Callable:
     """The decoder layer's MoE half from the bound ops: residual add + RMSNorm, gate, router, experts.
 
@@ -103,18 +118,25 @@ def _sequential_moe_block(impls: dict[str, Callable]) -> Callable:
     w2 [E, H, I], top_k, renormalize) -> (experts' output [T, H], new residual [T, H])``; a backend with a fused
     kernel for it (``moe_block_decode``) uses that where it applies and this sequence elsewhere.
     """
-    fused_add_rms_norm, router_topk, moe_experts = (
+    fused_add_rms_norm, router_gate_topk, moe_experts = (
         impls["fused_add_rms_norm"],
-        impls["router_topk"],
+        impls["router_gate_topk"],
         impls["moe_experts"],
     )
 
     def moe_block(hidden, residual, norm_weight, eps, gate_weight, w13, w2, top_k, renormalize):
         normed, residual = fused_add_rms_norm(hidden, residual, norm_weight, eps)
-        topk_weights, topk_ids = router_topk(F.linear(normed, gate_weight), top_k, renormalize)
+        topk_weights, topk_ids = router_gate_topk(normed, gate_weight, top_k, renormalize)
         return moe_experts(normed, w13, w2, topk_weights, topk_ids), residual
 
     return moe_block
+
+
+# Ops built from the others (see OpSet); a backend's kernel for one runs where it applies, the sequence elsewhere.
+_COMPOSITES: dict[str, Callable[[dict[str, Callable]], Callable]] = {
+    "router_gate_topk": _sequential_router_gate_topk,
+    "moe_block": _sequential_moe_block,
+}
 
 
 def bind(requested: str | None = None, *, host_ops: bool | None = None) -> OpSet:
@@ -131,20 +153,21 @@ def bind(requested: str | None = None, *, host_ops: bool | None = None) -> OpSet
 
         impls.update(ops_host.host_ops())
     kernel_ops: dict = {}
+    # A backend named explicitly (argument or VLLM_NKI_MOE_KERNELS) must run its kernels or say why it cannot.
+    strict = chosen != "auto"
     if backend in ("emulator", "nki"):
         from . import ops_nki
 
         kernel_ops = {op.name: op for op in ops_nki.all_kernel_ops()}
-        # A backend named explicitly (argument or VLLM_NKI_MOE_KERNELS) must run its kernels or say why it cannot.
-        strict = chosen != "auto"
         impls.update({name: kernel_ops[name].bind(backend, strict) for name in OP_NAMES if name in kernel_ops})
         missing = [name for name in OP_NAMES if name not in kernel_ops]
         if missing:
             logger.info("vllm_nki_moe.ops: no NKI kernel yet for %s; those ops run in torch", ", ".join(missing))
-    impls["moe_block"] = _sequential_moe_block(impls)
-    if "moe_block" in kernel_ops:
-        impls["moe_block"] = kernel_ops["moe_block"].bind(backend, strict, fallback=impls["moe_block"])
-    names = OP_NAMES + ("moe_block",)
+    for name, sequence in _COMPOSITES.items():  # in order: each may use the ones before it
+        impls[name] = sequence(impls)
+        if name in kernel_ops:
+            impls[name] = kernel_ops[name].bind(backend, strict, fallback=impls[name])
+    names = OP_NAMES + tuple(_COMPOSITES)
     opset = OpSet(backend=backend, kernel_ops=tuple(n for n in names if n in kernel_ops), **impls)
     logger.info("vllm_nki_moe.ops: %s", opset.describe())
     return opset

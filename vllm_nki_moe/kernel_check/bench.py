@@ -30,7 +30,7 @@ PHYSICAL_CORES_PER_CHIP = 8  # Trainium2 chip: 8 NeuronCore-v3 (trainium2.rst)
 
 # Parts of a forward step no kernel case covers yet (vLLM layers or host work): not in the totals.
 NOT_COUNTED = (
-    "qkv_proj / o_proj / router gate matmuls (vLLM linear layers)",
+    "qkv_proj / o_proj matmuls (vLLM linear layers)",
     "embedding, final norm, LM head, sampling",
     "tensor-parallel all-reduces (attention and MoE outputs)",
     "host scheduling, kernel launch and graph boundaries",

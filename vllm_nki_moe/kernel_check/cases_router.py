@@ -1,8 +1,9 @@
 """Kernel-check cases for ``kernels/router.py``: one router top-k per MoE layer at one rank's shapes.
 
-``router_topk`` counts once per MoE layer, except where the fused MoE block runs (``ops_nki.moe.fused_block_applies``:
-the router is inside it). ``router_topk_matmul`` (the gate matmul fused in) is checked and counted 0 times per layer:
-the model's ``moe_block`` runs the gate matmul in torch and then ``ops.router_topk`` when not fused.
+Per MoE layer the model's ``moe_block`` routes once: inside the fused MoE block where that runs
+(``ops_nki.moe.fused_block_applies``), else through ``router_gate_topk``, which is ``router_topk_matmul`` (the gate
+matmul in the kernel) where that kernel takes the shapes and the gate matmul in torch plus ``router_topk`` elsewhere.
+The case that runs counts once; the other is checked and costed but counts 0.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             reference=router.router_topk_ref,
             tolerance="float32",  # fp32 weights; ids compared exactly
             min_hbm_bytes=T * E * dt.itemsize + T * K * (4 + 4),
-            calls_per_layer=0 if fused_block_applies(T, K, E) else 1,
+            calls_per_layer=0 if fused_block_applies(T, K, E) or not matmul_unsupported else 1,
             unsupported=unsupported,
         ),
         KernelCase(
@@ -68,7 +69,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             reference=router.router_topk_matmul_ref,
             tolerance="float32_matmul",  # fp32 logits from an H-term PSUM accumulation; ids compared exactly
             min_hbm_bytes=T * H * dt.itemsize + H * E * dt.itemsize + T * K * (4 + 4),
-            calls_per_layer=0,  # see the module docstring
+            calls_per_layer=0 if fused_block_applies(T, K, E) or matmul_unsupported else 1,
             unsupported=matmul_unsupported,
         ),
     ]

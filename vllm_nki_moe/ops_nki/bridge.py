@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
+
+import torch
 
 from .. import ops_torch
 
@@ -22,6 +25,36 @@ def call_kernel(backend: str, kernel, *args: Any, **kwargs: Any):
     from ..emulator import simulate  # takes torch tensors (bf16 included) and returns torch tensors
 
     return simulate(kernel)(*args, **kwargs)
+
+
+class KernelWeights:
+    """Kernel-layout copies of weight tensors, keyed by the source tensor's identity and contents' version.
+
+    A cached copy is reused while the source is the same live tensor (same storage pointer, shape, dtype) with the
+    same ``_version`` and the same sampled values (a 64-element fingerprint catches in-place reloads through
+    ``.data``, which do not bump ``_version``). Entries die with their source tensor.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple:
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 64)
+        return (t.data_ptr(), tuple(t.shape), t.dtype, t._version, flat[::step][:64].float().sum().item())
+
+    def get(self, convert, *tensors: torch.Tensor):
+        """``convert(*tensors)``, computed once per live first tensor and version of the contents."""
+        first = tensors[0]
+        key = tuple(self._key(t) for t in tensors)
+        slot = self._cache.get((id(first), convert))
+        if slot is not None and slot[0] == key and slot[1]() is first:
+            return slot[2]
+        converted = convert(*(t.detach() for t in tensors))
+        self._cache[(id(first), convert)] = (key, weakref.ref(first), converted)
+        weakref.finalize(first, self._cache.pop, (id(first), convert), None)
+        return converted
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The model keeps its weights as vLLM loads them (``w13 [E, 2I, H]``, ``w2 [E, H, I]``); the kernels want the kernel
 layout of ``moe_decode`` (H and I split into partition tiles, one contiguous run per partition per DMA). The wrapper
-converts each weight tensor once and caches the result (see ``_KernelWeights``): converting per call would move the
+converts each weight tensor once and caches the result (``bridge.KernelWeights``): converting per call would move the
 whole expert tensor, hundreds of MB at Qwen3-30B-A3B sizes, every layer of every step. The better fix, proposed to
 the model's owner: load the experts straight into the kernel layout (the conversion is a fixed permutation of each
 checkpoint tensor, ``experts_kernel_layout``) so no second copy exists.
@@ -17,8 +17,6 @@ prefill above, with a block size near twice the mean tokens per used expert.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from ..emulator import install
@@ -27,44 +25,14 @@ install()  # `import nki` in the kernels: the emulator unless the real package i
 
 from ..kernels import moe_decode, moe_prefill  # noqa: E402 - after install()
 from ..kernels.limits import PMAX  # noqa: E402 - after install()
-from .bridge import KernelOp, call_kernel  # noqa: E402 - after install()
+from .bridge import KernelOp, KernelWeights, call_kernel  # noqa: E402 - after install()
 
 DECODE_SLOTS_PER_EXPERT = 1 / 16  # decode while T*K <= E * this, or T == 1 (see module docstring)
 MIN_PREFILL_BLOCK = 8  # smaller blocks save no Tensor Engine time (MIN_II) and multiply weight reads
 DTYPES = (torch.bfloat16, torch.float32)
 
 
-class _KernelWeights:
-    """Kernel-layout copies of weight tensors, keyed by the source tensor's identity and contents' version.
-
-    A cached copy is reused while the source is the same live tensor (same storage pointer, shape, dtype) with the
-    same ``_version`` and the same sampled values (a 64-element fingerprint catches in-place reloads through
-    ``.data``, which do not bump ``_version``). Entries die with their source tensor.
-    """
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple, tuple] = {}
-
-    @staticmethod
-    def _key(t: torch.Tensor) -> tuple:
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // 64)
-        return (t.data_ptr(), tuple(t.shape), t.dtype, t._version, flat[::step][:64].float().sum().item())
-
-    def get(self, convert, *tensors: torch.Tensor):
-        """``convert(*tensors)``, computed once per live first tensor and version of the contents."""
-        first = tensors[0]
-        key = tuple(self._key(t) for t in tensors)
-        slot = self._cache.get((id(first), convert))
-        if slot is not None and slot[0] == key and slot[1]() is first:
-            return slot[2]
-        converted = convert(*(t.detach() for t in tensors))
-        self._cache[(id(first), convert)] = (key, weakref.ref(first), converted)
-        weakref.finalize(first, self._cache.pop, (id(first), convert), None)
-        return converted
-
-
-_weights = _KernelWeights()
+_weights = KernelWeights()
 
 
 def use_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
