@@ -19,4 +19,4 @@ def attach_to_vllm_logging() -> None:
     for handler in theirs.handlers:
         ours.addHandler(handler)
     ours.setLevel(theirs.level or logging.INFO)
-    ours.propagate = False
+    # Records still propagate to the root logger, which has no handler in a vLLM process (and pytest's caplog there).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import weakref
 from dataclasses import dataclass
@@ -14,14 +16,42 @@ from .. import ops_torch
 logger = logging.getLogger(__name__)
 
 
+# Where vLLM Neuron's NKI higher-order-operator wrapper lives: it moved between releases (docs/neuron.md section 4).
+# Only wrapped kernels are visible to the torch.compile tracing upstream's runner compiles every graph with.
+WRAP_NKI_MODULES = ("libtorch_neuronx_lite.nki.nki_hop", "vllm_neuron.nki.nki_hop", "torch_neuronx")
+
+
+@functools.cache
+def _wrap_nki() -> Callable | None:
+    for module in WRAP_NKI_MODULES:
+        try:
+            return importlib.import_module(module).wrap_nki
+        except (ImportError, AttributeError):
+            continue
+    logger.warning(
+        "vllm_nki_moe.ops: no wrap_nki in %s; NKI kernels are called directly (fine for the nki simulator or eager "
+        "runs, invisible to torch.compile)",
+        ", ".join(WRAP_NKI_MODULES),
+    )
+    return None
+
+
+@functools.cache
+def _device_caller(kernel) -> Callable:
+    """The kernel as the device path calls it: through ``wrap_nki`` once per kernel when that exists."""
+    wrap = _wrap_nki()
+    return kernel if wrap is None else wrap(kernel)
+
+
 def call_kernel(backend: str, kernel, *args: Any, **kwargs: Any):
     """Run ``kernel`` (an ``@nki.jit`` function) on ``args``; tensors in and out are torch tensors.
 
-    ``emulator``: the emulator's ``nki.simulate`` (CPU tensors); ``nki``: the real package takes device tensors.
+    ``emulator``: the emulator's ``nki.simulate`` (CPU tensors); ``nki``: the real package on device tensors, through
+    vLLM Neuron's ``wrap_nki`` where it is installed (one program: our kernels do not use an LNC=2 grid yet).
     Non-tensor arguments pass unchanged. Returns what the kernel returns, as torch tensors.
     """
     if backend == "nki":
-        return kernel(*args, **kwargs)
+        return _device_caller(kernel)(*args, **kwargs)
     from ..emulator import simulate  # takes torch tensors (bf16 included) and returns torch tensors
 
     return simulate(kernel)(*args, **kwargs)
