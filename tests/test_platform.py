@@ -69,3 +69,29 @@ def test_device_neuron_on_cpu_names_where_it_looked(no_neuron, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "no Neuron device found" in err and "/dev/neuron*" in err
+
+
+@pytest.mark.parametrize(
+    "additional, expected",
+    [(None, None), ({}, None), ({"nki_moe": {}}, None), ({"nki_moe": {"kernels": "emulator"}}, "emulator")],
+)
+def test_additional_config_kernels_is_read(additional, expected):
+    from vllm_nki_moe import envs
+
+    assert envs.configured_kernels(additional) == expected
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ("emulator", "additional_config.nki_moe='emulator'; must be a JSON object"),
+        ({"kernel": "nki"}, "additional_config.nki_moe keys ['kernel']; allowed: kernels"),
+        ({"kernels": "cuda"}, "additional_config.nki_moe.kernels='cuda'; must be one of auto, torch, emulator, nki"),
+    ],
+)
+def test_bad_additional_config_is_a_clear_error(section, message):
+    from vllm_nki_moe import envs
+
+    with pytest.raises(ValueError) as err:
+        envs.configured_kernels({"nki_moe": section})
+    assert str(err.value) == message

@@ -7,6 +7,10 @@ import os
 KERNELS_ENV = "VLLM_NKI_MOE_KERNELS"
 KERNEL_BACKENDS = ("auto", "torch", "emulator", "nki")
 
+# --additional-config '{"nki_moe": {...}}': the per-server settings; "kernels" overrides VLLM_NKI_MOE_KERNELS.
+ADDITIONAL_CONFIG_SECTION = "nki_moe"
+ADDITIONAL_CONFIG_KEYS = ("kernels",)
+
 DEVICE_ENV = "VLLM_NKI_MOE_DEVICE"
 DEVICES = ("auto", "cpu", "neuron")
 
@@ -17,6 +21,23 @@ def kernel_backend() -> str:
     if value not in KERNEL_BACKENDS:
         raise ValueError(f"{KERNELS_ENV}={value!r}; must be one of {', '.join(KERNEL_BACKENDS)}")
     return value
+
+
+def configured_kernels(additional_config: dict | None) -> str | None:
+    """``--additional-config``'s ``nki_moe.kernels`` (checked), or None when the section or key is absent."""
+    section = (additional_config or {}).get(ADDITIONAL_CONFIG_SECTION)
+    if section is None:
+        return None
+    where = f"additional_config.{ADDITIONAL_CONFIG_SECTION}"
+    if not isinstance(section, dict):
+        raise ValueError(f"{where}={section!r}; must be a JSON object")
+    unknown = sorted(set(section) - set(ADDITIONAL_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"{where} keys {unknown}; allowed: {', '.join(ADDITIONAL_CONFIG_KEYS)}")
+    kernels = section.get("kernels")
+    if kernels is not None and kernels not in KERNEL_BACKENDS:
+        raise ValueError(f"{where}.kernels={kernels!r}; must be one of {', '.join(KERNEL_BACKENDS)}")
+    return kernels
 
 
 def requested_device() -> str:

@@ -109,4 +109,6 @@ class NkiMoeCpuPlatform(CpuPlatform):
     def check_and_update_config(cls, vllm_config) -> None:
         super().check_and_update_config(vllm_config)
         if vllm_config.model_config is not None:
-            envs.kernel_backend()  # an unknown value fails here, at start-up, not in the first forward pass
+            # Unknown values fail here, at start-up, not in the first forward pass.
+            envs.kernel_backend()
+            envs.configured_kernels(vllm_config.additional_config)

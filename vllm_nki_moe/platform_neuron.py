@@ -68,7 +68,6 @@ PLATFORM_PLUGINS_GROUP = "vllm.platform_plugins"
 
 # The attention kernels put head_dim on the SBUF partitions, at most kernels/limits.PMAX = 128 of them.
 MAX_HEAD_DIM = 128
-NKI_MOE_CONFIG_KEYS = ("kernels",)  # the keys of --additional-config '{"nki_moe": {...}}' (docs/neuron.md section 6)
 WHERE = "vllm_nki_moe (Neuron)"
 
 
@@ -247,7 +246,7 @@ def validate_config(vllm_config) -> None:
         return
     check_kernel_backend()
     additional = getattr(vllm_config, "additional_config", None) or {}
-    _check_nki_moe_config(additional.get("nki_moe"))
+    _check_nki_moe_config(additional)
     ep_degree = (additional.get("neuron_config") or {}).get("ep_degree", 1) or 1
     if ep_degree > 1:
         raise NotImplementedError(
@@ -278,18 +277,12 @@ def validate_config(vllm_config) -> None:
         )
 
 
-def _check_nki_moe_config(section) -> None:
-    if section is None:
-        return
-    if not isinstance(section, dict):
-        raise ValueError(f"{WHERE}: additional_config.nki_moe={section!r}; must be a JSON object")
-    unknown = sorted(set(section) - set(NKI_MOE_CONFIG_KEYS))
-    if unknown:
-        raise ValueError(
-            f"{WHERE}: additional_config.nki_moe keys {unknown}; allowed: {', '.join(NKI_MOE_CONFIG_KEYS)}"
-        )
-    kernels = section.get("kernels")
-    if kernels is not None and (kernels not in envs.KERNEL_BACKENDS or kernels == "emulator"):
+def _check_nki_moe_config(additional: dict) -> None:
+    try:
+        kernels = envs.configured_kernels(additional)
+    except ValueError as err:
+        raise ValueError(f"{WHERE}: {err}") from None
+    if kernels == "emulator":
         allowed = ", ".join(b for b in envs.KERNEL_BACKENDS if b != "emulator")
         raise ValueError(f"{WHERE}: additional_config.nki_moe.kernels={kernels!r}; must be one of {allowed}")
 

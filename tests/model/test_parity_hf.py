@@ -61,10 +61,13 @@ def hf_greedy(model_dir: Path, prompts: list[str], new_tokens: int) -> list[list
     return results
 
 
-def vllm_greedy(model_dir: Path, prompts: list[str], new_tokens: int, kernels: str = "torch") -> dict:
+def vllm_greedy(
+    model_dir: Path, prompts: list[str], new_tokens: int, kernels: str = "torch", additional_config: dict | None = None
+) -> dict:
     env = {**os.environ, "VLLM_NKI_MOE_KERNELS": kernels}
+    extra = [json.dumps(additional_config)] if additional_config else []
     proc = subprocess.run(
-        [sys.executable, str(HELPER), str(model_dir), json.dumps(prompts), str(new_tokens)],
+        [sys.executable, str(HELPER), str(model_dir), json.dumps(prompts), str(new_tokens), *extra],
         capture_output=True,
         text=True,
         env=env,
@@ -84,3 +87,12 @@ def test_vllm_with_our_model_matches_hf_greedy(name, make_model):
     assert got["opset"] == "torch"
     assert all(len(t) == NEW_TOKENS for t in expected)
     assert got["tokens"] == expected
+
+
+def test_additional_config_chooses_the_kernels_over_the_environment(make_model):
+    model_dir = make_model(None)
+    got = vllm_greedy(
+        model_dir, PROMPTS[:2], 8, kernels="torch", additional_config={"nki_moe": {"kernels": "emulator"}}
+    )
+    assert got["opset"] == "emulator"
+    assert got["tokens"] == [t[:8] for t in hf_greedy(model_dir, PROMPTS[:2], 8)]

@@ -32,7 +32,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
 
-from .. import ops
+from .. import envs, ops
 from ..ops_torch import rope_cos_sin_cache
 from . import weight_map
 from .config import Qwen3MoeSizes, read_sizes
@@ -299,7 +299,9 @@ class Qwen3MoeForCausalLM(nn.Module):
                 f"Qwen3MoeForCausalLM (vllm_nki_moe): pipeline_parallel_size={get_pp_group().world_size}; "
                 "only 1 is supported"
             )
-        self.opset = ops.bind()
+        # --additional-config '{"nki_moe": {"kernels": ...}}' overrides VLLM_NKI_MOE_KERNELS for this server.
+        kernels = envs.configured_kernels(vllm_config.additional_config)
+        self.opset = ops.bind(kernels, host_ops=True) if kernels else ops.bind()
         model_prefix = f"{prefix}.model" if prefix else "model"
         self.model = Qwen3MoeModel(
             vllm_config=vllm_config, sizes=self.sizes, opset=self.opset, prefix=model_prefix, attn_factory=attn_factory
