@@ -33,6 +33,7 @@ import nki.language as nl
 import torch
 
 from .limits import GEMM_MOVING_FMAX, PMAX, TOPK8, TOPK8_MAX_ELEMS, TOPK8_MIN_ELEMS, require
+from .router import _softmax_tile
 
 # Decode handles at most one partition-tile of tokens: the fused block's router puts tokens on partitions.
 MAX_DECODE_TOKENS = PMAX
@@ -369,22 +370,8 @@ def moe_block_decode(hidden, residual, gamma, router_w, w13, w2, eps, top_k, nor
         nisa.nc_matmul(dst=lg_ps, stationary=x_sb[:, :, kt], moving=rw_sb[:, kt, :], accumulate=kt > 0)
     logits = nl.ndarray((T, E), dtype=dt, buffer=nl.sbuf)
     nisa.tensor_copy(dst=logits, src=lg_ps)
-    neg_max = nl.ndarray((T, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(dst=neg_max, op=nl.maximum, data=logits, axis=1, negate=True)
     probs = nl.ndarray((T, E), dtype=nl.float32, buffer=nl.sbuf)
-    total = nl.ndarray((T, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(
-        dst=probs,
-        op=nl.exp,
-        data=logits,
-        bias=neg_max,
-        reduce_op=nl.add,
-        reduce_res=total,
-        reduce_cmd=nisa.reduce_cmd.reset_reduce,
-    )
-    inv = nl.ndarray((T, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.reciprocal(dst=inv, data=total)
-    nisa.tensor_scalar(dst=probs, data=probs, op0=nl.multiply, operand0=inv)
+    _softmax_tile(probs, logits, T)  # the router kernel's softmax sub-kernel
 
     # top-k (max8 + nc_find_index8: ties take the lowest id first) and the routing weights [T, K]
     top8 = nl.ndarray((T, TOPK8), dtype=nl.float32, buffer=nl.sbuf)
