@@ -232,3 +232,23 @@ def test_moe_experts_op_reports_unsplittable_hidden_size_as_unsupported():
 @pytest.mark.parametrize("T,expected", [(8, 8), (32, 8), (128, 16), (512, 64), (4096, 128)])
 def test_prefill_block_size_is_a_power_of_two_near_twice_the_mean_tokens_per_expert(T, expected):
     assert moe_op.prefill_block_size(T, 8, 128) == expected
+
+
+def test_routed_block_size_covers_the_busiest_expert_in_one_block_when_that_is_cheapest():
+    ids = torch.tensor([[0, 1]] * 21 + [[2, 3]] * 3, dtype=torch.int32)  # expert 0 and 1: 21 tokens each
+    assert moe_op.routed_block_size(ids, 8, 192) == 24  # 21 rounded up to the step; weights read once
+
+
+def test_routed_block_size_splits_a_hot_expert_when_padding_the_others_costs_more():
+    # expert 0 has 128 tokens, 63 others 1 each: one 128-block pads 63 blocks by 127 slots, 8-blocks cost 16 reads
+    ids = torch.tensor([[0]] * 128 + [[e] for e in range(1, 64)], dtype=torch.int32)
+    b = moe_op.routed_block_size(ids, 64, 8)
+    assert b == moe_op.PREFILL_BLOCK_STEP
+
+
+@pytest.mark.parametrize("T", [1, 131, 512])
+def test_routed_block_size_is_a_step_multiple_the_kernel_accepts(T):
+    g = torch.Generator().manual_seed(T)
+    ids = torch.stack([torch.randperm(128, generator=g)[:8] for _ in range(T)]).to(torch.int32)
+    b = moe_op.routed_block_size(ids, 128, 192)
+    assert b % moe_op.PREFILL_BLOCK_STEP == 0 and moe_op.PREFILL_BLOCK_STEP <= b <= mp.PMAX

@@ -29,7 +29,7 @@ install()  # `import nki` in the kernels: the emulator unless the real package i
 
 from ..kernels import moe_decode, moe_prefill  # noqa: E402 - after install()
 from ..kernels.limits import PMAX, TOPK8  # noqa: E402
-from ..ops_nki.moe import fused_block_applies, prefill_block_size, use_decode  # noqa: E402
+from ..ops_nki.moe import fused_block_applies, routed_block_size, use_decode  # noqa: E402
 from .registry import KernelCase  # noqa: E402
 from .shapes import KernelShapes, kernel_shapes  # noqa: E402
 
@@ -129,7 +129,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             )
         )
 
-    B = prefill_block_size(T, K, E)
+    B = routed_block_size(ids, E, inter) if ids is not None else PMAX
     NB = moe_prefill.max_blocks(T, K, E, B) if K <= E else 0
 
     def prefill_inputs(rng: np.random.Generator) -> tuple:
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             by = {c.kernel: c for c in cases(shapes, T)}
             dec = f"{_estimate(by['moe_decode'])[0] * 1e6:14.1f}" if T <= 16 else f"{'-':>14}"
             pre = _estimate(by["moe_prefill"])[0] * 1e6
-            B = prefill_block_size(T, shapes.top_k, shapes.experts)
+            B = routed_block_size(_routing(T, shapes.experts, shapes.top_k)[1], shapes.experts, shapes.moe_intermediate)
             chosen = "decode" if use_decode(T, shapes.top_k, shapes.experts) else "prefill"
             print(f"{T:>4} {dec} {pre:15.1f} {B:>6}  {chosen}")
         return
