@@ -15,15 +15,8 @@ if __name__ == "__main__":
     from vllm import LLM, SamplingParams
 
     model_dir, prompts, max_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-    additional_config = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
-    llm = LLM(
-        model=model_dir,
-        dtype="float32",
-        max_model_len=512,
-        enforce_eager=True,
-        seed=0,
-        additional_config=additional_config,
-    )
+    extra = {"additional_config": json.loads(sys.argv[4])} if len(sys.argv) > 4 else {}  # vLLM rejects None
+    llm = LLM(model=model_dir, dtype="float32", max_model_len=512, enforce_eager=True, seed=0, **extra)
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
     print(
