@@ -144,7 +144,7 @@ def test_moe_prefill_handles_every_token_routed_to_the_same_expert():
 )
 def test_moe_prefill_matches_ref_at_qwen3_30b_a3b_rank_shapes(name, H, I, E, K):  # noqa: E741
     T = 37  # ragged; touches ~120 of the 128 experts
-    args, _ = _inputs(T, H, I, E, K, torch.bfloat16, moe_op.prefill_block_size(T, K, E))
+    args, _ = _inputs(T, H, I, E, K, torch.bfloat16, 8)  # 8-token blocks: most experts get one, a few two
     assert_close(mp.moe_prefill(*args), mp.moe_prefill_ref(*args), "bfloat16_matmul")
 
 
@@ -227,11 +227,6 @@ def test_moe_experts_op_reports_unsplittable_hidden_size_as_unsupported():
     w13, w2 = torch.zeros(8, 128, 257), torch.zeros(8, 257, 64)
     reason = moe_op._supports(torch.zeros(1, 257), w13, w2, torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.long))
     assert reason is not None and reason.startswith("H=257")
-
-
-@pytest.mark.parametrize("T,expected", [(8, 8), (32, 8), (128, 16), (512, 64), (4096, 128)])
-def test_prefill_block_size_is_a_power_of_two_near_twice_the_mean_tokens_per_expert(T, expected):
-    assert moe_op.prefill_block_size(T, 8, 128) == expected
 
 
 def test_routed_block_size_covers_the_busiest_expert_in_one_block_when_that_is_cheapest():

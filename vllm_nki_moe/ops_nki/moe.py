@@ -28,7 +28,6 @@ from ..kernels.limits import PMAX  # noqa: E402 - after install()
 from .bridge import KernelOp, KernelWeights, call_kernel  # noqa: E402 - after install()
 
 DECODE_SLOTS_PER_EXPERT = 1 / 16  # decode while T*K <= E * this, or T == 1 (see module docstring)
-MIN_PREFILL_BLOCK = 8  # smaller blocks save no Tensor Engine time (MIN_II) and multiply weight reads
 DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -42,19 +41,6 @@ def use_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
     return num_tokens == 1 or num_tokens * top_k <= num_experts * DECODE_SLOTS_PER_EXPERT
 
 
-def prefill_block_size(num_tokens: int, top_k: int, num_experts: int) -> int:
-    """Power of two >= twice the mean tokens per used expert, clamped to [MIN_PREFILL_BLOCK, PMAX].
-
-    Twice the mean leaves room for the busier experts (one block each) without paying for padding slots
-    (cost model, TP=4 shapes: T=128 -> 16-token blocks 950 us vs 1429 us at 128; T=512 -> 64: 1155 us vs 1433 us).
-    """
-    mean = num_tokens * top_k / max(1, min(num_experts, num_tokens * top_k))
-    b = MIN_PREFILL_BLOCK
-    while b < 2 * mean and b < PMAX:
-        b *= 2
-    return b
-
-
 PREFILL_BLOCK_STEP = 8  # block sizes a multiple of this: at most PMAX / 8 = 16 kernel shapes per token count
 
 
@@ -64,9 +50,9 @@ def routed_block_size(topk_ids: torch.Tensor, num_experts: int, intermediate: in
     Each used block reads its expert's weights (3 * H * I elements) and gathers, then scatter-adds (read-modify-write),
     B token rows, padding included (3 * B * H elements): the HBM traffic is proportional to
     ``sum_e ceil(count_e / B) * (I + B)``, minimised here (ties: the smaller B). Usually B = the busiest expert's
-    count rounded up, so every expert's weights are read once and padding is the least (cost model, kernel-check
-    routing, vs ``prefill_block_size``: TP=4 T=131 B=16 vs 32: 943 vs 1012 us; T=256 24 vs 32: 986 vs 1013;
-    T=512 40 vs 64: 1084 vs 1155; TP=8 T=512 40 vs 64: 649 vs 734).
+    count rounded up, so every expert's weights are read once and padding is the least. Cost model, kernel-check
+    routing, vs the earlier rule (a power of two >= twice the mean tokens per expert): TP=4 T=131 B=16 vs 32: 943 vs
+    1012 us; T=256 24 vs 32: 986 vs 1013; T=512 40 vs 64: 1084 vs 1155; TP=8 T=512 40 vs 64: 649 vs 734.
     """
     counts = torch.bincount(topk_ids.reshape(-1).long(), minlength=num_experts)
     counts = counts[counts > 0]
