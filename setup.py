@@ -31,7 +31,7 @@ setup(
     version="0.1.0",
     description="vLLM plugin serving Qwen3-MoE on AWS Trainium with NKI kernels (and on CPU for development)",
     python_requires=">=3.10",
-    packages=find_packages(include=["vllm_nki_moe", "vllm_nki_moe.*"]) + ["vllm_nki_moe.kernels"],
+    packages=find_packages(include=["vllm_nki_moe", "vllm_nki_moe.*", "nki_emulator", "nki_emulator.*"]) + ["vllm_nki_moe.kernels"],
     package_dir={"vllm_nki_moe.kernels": "kernels"},
     package_data={"vllm_nki_moe.kernels": ["*.md"]},
     install_requires=[

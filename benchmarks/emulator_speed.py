@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from vllm_nki_moe import emulator
+import nki_emulator as emulator
 
 emulator.install()
 

@@ -34,7 +34,7 @@ def test_wheel_contains_kernels_as_a_subpackage_and_the_entry_points(tmp_path):
     assert "vllm_nki_moe/kernels/__init__.py" in names
     assert "vllm_nki_moe/kernels/limits.py" in names
     assert not any(n.startswith("kernels/") for n in names), "no top-level `kernels` package (PyPI name clash)"
-    assert "vllm_nki_moe/emulator/__init__.py" in names
+    assert "nki_emulator/__init__.py" in names
     entry_txt = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_txt).decode()
     assert "[vllm.platform_plugins]\nnki_moe = vllm_nki_moe.platform:register_platform" in text

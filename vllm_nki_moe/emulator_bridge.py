@@ -5,6 +5,6 @@ from __future__ import annotations
 
 def real_nki_available() -> bool:
     """True when ``import nki`` gives AWS's package rather than nothing, the placeholder, or our emulator."""
-    from .emulator import is_real_nki
+    from nki_emulator import is_real_nki
 
     return is_real_nki()

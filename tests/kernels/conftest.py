@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_nki_moe import emulator
+import nki_emulator as emulator
 
 emulator.install()  # kernels do `import nki`; collected test modules import them at module level
 

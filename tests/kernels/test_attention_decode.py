@@ -9,7 +9,7 @@ from vllm_nki_moe.kernels import attention_decode as ad
 from vllm_nki_moe.kernels.limits import PMAX
 
 from vllm_nki_moe import ops, ops_torch
-from vllm_nki_moe.emulator import run
+from nki_emulator import run
 from vllm_nki_moe.kernel_check.tolerances import assert_close
 
 from .conftest import randn

@@ -7,7 +7,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vllm_nki_moe import emulator, ops_torch
+import nki_emulator as emulator
+from vllm_nki_moe import ops_torch
 
 emulator.install()
 

@@ -11,7 +11,7 @@ from vllm_nki_moe.kernels import router
 from vllm_nki_moe.kernels.limits import PMAX
 
 from vllm_nki_moe import ops, ops_torch
-from vllm_nki_moe.emulator import run
+from nki_emulator import run
 from vllm_nki_moe.kernel_check.tolerances import assert_close
 
 from .conftest import SEED, randn

@@ -141,7 +141,7 @@ def test_cpu_mode_keeps_nxdi_and_hugging_face_layers(written, harness):
 def test_kernel_rmsnorm_module_matches_hugging_face_rmsnorm_in_the_emulator(written, harness, shape):
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
 
-    from vllm_nki_moe import emulator
+    import nki_emulator as emulator
 
     if not emulator.install():
         pytest.skip("the real nki package is installed: this test runs the kernels in the emulator")

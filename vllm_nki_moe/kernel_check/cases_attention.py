@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..emulator import install
+from nki_emulator import install
 
 install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
 

@@ -23,7 +23,7 @@ import functools
 import numpy as np
 import torch
 
-from ..emulator import install
+from nki_emulator import install
 
 install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
 
@@ -155,8 +155,8 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
 
 
 def _estimate(case: KernelCase) -> tuple[float, float]:
-    from ..emulator import run
-    from ..emulator.cost import HBM_BYTES_PER_S_PER_CORE
+    from nki_emulator import run
+    from nki_emulator.cost import HBM_BYTES_PER_S_PER_CORE
 
     _, rep = run(case.kernel_fn, *case.build_inputs(np.random.default_rng(0)))
     return rep.estimated_seconds, case.min_hbm_bytes / HBM_BYTES_PER_S_PER_CORE

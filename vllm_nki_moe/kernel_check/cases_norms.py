@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..emulator import install
+from nki_emulator import install
 
 install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
 
@@ -115,7 +115,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
 
 def layout_table() -> str:
     """Cost-model estimates of both layouts of fused_add_rms_norm and qk_norm_rope at Qwen3-30B-A3B sizes."""
-    from ..emulator import run
+    from nki_emulator import run
 
     rng = np.random.default_rng(0)
     lines = ["fused_add_rms_norm H=2048: est us rows vs h"]

@@ -40,7 +40,7 @@ def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _backend_ready(backend: str) -> str | None:
     if backend == "emulator":
-        from ..emulator import install
+        from nki_emulator import install
 
         install()
         return None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..emulator.cost import HBM_BYTES_PER_S_PER_CORE, TENSOR_CLOCK_HZ
+from nki_emulator.cost import HBM_BYTES_PER_S_PER_CORE, TENSOR_CLOCK_HZ
 from ..kernels.limits import PE_COLS, PE_ROWS
 from .registry import KernelCase
 from .tolerances import compare, tolerance_for
@@ -52,7 +52,7 @@ def _roofline(case: KernelCase, programs: int) -> dict:
 
 def _run_kernel(case: KernelCase, inputs: tuple, backend: str):
     if backend == "emulator":
-        from ..emulator import run
+        from nki_emulator import run
 
         return run(case.kernel_fn, *inputs)
     if backend == "nki":

@@ -52,7 +52,7 @@ def call_kernel(backend: str, kernel, *args: Any, **kwargs: Any):
     """
     if backend == "nki":
         return _device_caller(kernel)(*args, **kwargs)
-    from ..emulator import simulate  # takes torch tensors (bf16 included) and returns torch tensors
+    from nki_emulator import simulate  # takes torch tensors (bf16 included) and returns torch tensors
 
     return simulate(kernel)(*args, **kwargs)
 

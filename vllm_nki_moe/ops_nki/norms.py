@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..emulator import install
+from nki_emulator import install
 
 install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
 

@@ -7,7 +7,7 @@ import nki.language as nl
 import numpy as np
 import pytest
 
-from vllm_nki_moe.emulator import run
+from nki_emulator import run
 
 SEED = 1234
 PMAX = nl.tile_size.pmax

@@ -10,9 +10,9 @@ import nki.language as nl
 import numpy as np
 import pytest
 
-from vllm_nki_moe.emulator import CostReport, cost, install, is_real_nki, run
+from nki_emulator import CostReport, cost, install, is_real_nki, run
 
-install_mod = importlib.import_module("vllm_nki_moe.emulator.install")
+install_mod = importlib.import_module("nki_emulator.install")
 
 
 @nki.jit

@@ -6,7 +6,7 @@ import nki.language as nl
 import numpy as np
 import pytest
 
-from vllm_nki_moe.emulator import NkiEmulatorError, run
+from nki_emulator import NkiEmulatorError, run
 
 SEED = 11
 

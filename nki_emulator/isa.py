@@ -12,7 +12,7 @@ from enum import Enum
 
 import numpy as np
 
-from vllm_nki_moe.kernels.limits import (
+from .hardware import (
     DMA_COMPUTE_MAX_SRCS,
     GEMM_MOVING_FMAX,
     GEMM_STATIONARY_FMAX,

@@ -67,7 +67,7 @@ def install() -> bool:
     from . import isa, language, runtime
 
     nki = types.ModuleType("nki")
-    nki.__doc__ = "vllm_nki_moe.emulator registered as nki (the real Neuron SDK package is not importable)."
+    nki.__doc__ = "nki_emulator registered as nki (the real Neuron SDK package is not importable)."
     nki.__path__ = []  # a package, so `import nki.language` resolves through sys.modules
     nki.__nki_emulator__ = True
     nki.jit = runtime.jit

@@ -5,7 +5,7 @@ import nki.language as nl
 import numpy as np
 import pytest
 
-from vllm_nki_moe.emulator import run, runtime
+from nki_emulator import run, runtime
 
 
 def test_single_threaded_blas_inside_a_kernel_and_restored_after():

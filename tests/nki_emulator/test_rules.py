@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from vllm_nki_moe.kernels.limits import SBUF_PARTITION_BYTES
 
-from vllm_nki_moe.emulator import NkiEmulatorError, run
+from nki_emulator import NkiEmulatorError, run
 
 SEED = 7
 

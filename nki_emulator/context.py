@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from vllm_nki_moe.kernels.limits import PMAX, PSUM_BANK_BYTES, PSUM_NUM_BANKS, SBUF_PARTITION_BYTES
+from .hardware import PMAX, PSUM_BANK_BYTES, PSUM_NUM_BANKS, SBUF_PARTITION_BYTES
 
 from . import dtypes
 from .cost import CostCounter

@@ -1,5 +1,5 @@
 """Emulator tests import kernels with the real NKI import lines: register the emulator as ``nki`` first."""
 
-from vllm_nki_moe import emulator
+import nki_emulator as emulator
 
 emulator.install()

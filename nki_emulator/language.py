@@ -13,7 +13,7 @@ import contextlib
 
 import numpy as np
 
-from vllm_nki_moe.kernels.limits import (
+from .hardware import (
     GEMM_MOVING_FMAX,
     GEMM_STATIONARY_FMAX,
     PMAX,

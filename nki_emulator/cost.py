@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 
-from vllm_nki_moe.kernels.limits import PE_COLS, PE_ROWS, PMAX
+from .hardware import PE_COLS, PE_ROWS, PMAX
 
 # --- trn2 numbers; sources in aws-neuron/aws-neuron-sdk (research/nki.md section 2) --------------------------------
 TENSOR_CLOCK_HZ = 2.4e9  # nki/guides/architecture/trainium2_arch.rst, "Compute Engine Specifications"
