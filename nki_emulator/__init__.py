@@ -1,7 +1,10 @@
 """A strict NumPy emulator of the NKI API (``nki``, ``nki.language``, ``nki.isa``) with a trn2 cost model.
 
 Public API:
-    install() -> bool           register as ``nki`` unless the real package is importable (idempotent)
+    install(nki_version=None)   register as ``nki`` unless the real package is importable (idempotent); the NKI
+                                release to imitate ('0.2'..'0.6', default $VLLM_NKI_MOE_NKI_VERSION or 0.6)
+    set_nki_version(v), nki_version()   switch / read the imitated release
+    language_rules              check(fn, version) -> [Violation], oldest_release(fn) -> str | None
     is_real_nki() -> bool       whether ``import nki`` is the real Neuron SDK package
     run(kernel, *args, **kw)    -> (outputs, CostReport)
     jit, simulate               the ``nki.jit`` / ``nki.simulate`` entry points
@@ -10,21 +13,25 @@ Public API:
 See docs/emulator.md.
 """
 
-from . import isa, language
+from . import isa, language, language_rules
 from .cost import CostReport
 from .errors import NkiEmulatorError
-from .install import install, is_real_nki
-from .runtime import Kernel, jit, run, simulate
+from .install import install, is_real_nki, nki_version, set_nki_version
+from .runtime import Kernel, NkiLanguageWarning, jit, run, simulate
 
 __all__ = [
     "CostReport",
     "Kernel",
     "NkiEmulatorError",
+    "NkiLanguageWarning",
     "install",
     "is_real_nki",
     "isa",
     "jit",
     "language",
+    "language_rules",
+    "nki_version",
     "run",
+    "set_nki_version",
     "simulate",
 ]

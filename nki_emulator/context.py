@@ -7,114 +7,279 @@ SBUF/PSUM). Code that allocates outside any kernel (tests, a REPL) gets a defaul
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
-
-from .hardware import PMAX, PSUM_BANK_BYTES, PSUM_NUM_BANKS, SBUF_PARTITION_BYTES
 
 from . import dtypes
 from .cost import CostCounter
 from .errors import NkiEmulatorError, check
-from .tensor import HBM, MemoryRegion, NkiTensor, Storage, tensor_finalizer
+from .hardware import PMAX, PSUM_BANK_BYTES, PSUM_NUM_BANKS, SBUF_PARTITION_BYTES
+from .tensor import HBM, MemoryRegion, NkiTensor, Storage
+
+QUADRANT = 32  # partitions per quadrant: engines start at partition 0/32/64/96 (nc_stream_shuffle doc, isa docs)
+SBUF_AREA = PMAX * SBUF_PARTITION_BYTES  # usable partition-bytes of one core's SBUF
+PSUM_CELLS = PSUM_NUM_BANKS * (PMAX // QUADRANT)  # PSUM in (bank, quadrant) cells: 8 banks x 4 quadrants
 
 
 class MemoryTracker:
-    """Live SBUF bytes per partition and live PSUM banks; allocations are released when their storage dies.
+    """SBUF and PSUM capacity of one program, checked over the tiles' live ranges when the program ends.
 
-    Accounting model (documented in docs/emulator.md): an SBUF tensor ``[P, f...]`` occupies
-    ``prod(f) * itemsize`` bytes in every partition (the allocator reserves the same free range on all partitions);
-    a PSUM tensor occupies one whole 2 KiB bank per partition, however small (matmul accumulation groups are
-    bank-granular), and may not exceed one bank.
+    Accounting model (docs/emulator.md, "On-chip memory"):
+    - A tile is live from its first to its last access (instruction clock, ``tensor.CLOCK``): what the compiler's
+      allocator sees in a fully unrolled kernel. A tile allocated in a loop is not charged while the previous
+      iteration's tile (dead, but still bound to a Python name) is; tiles never accessed cost nothing.
+    - SBUF: a tile ``[P, f...]`` occupies ``prod(f) * itemsize`` bytes on ``ceil(P / 32) * 32`` partitions (whole
+      quadrants); the check is the live partition-bytes against 128 x the usable bytes per partition (the allocator
+      may place tiles on fewer partitions side by side), and each tile alone within the usable bytes per partition.
+    - PSUM: a tile occupies a whole 2 KiB bank (accumulation groups are bank-granular) on its quadrants; at most
+      8 banks x 4 quadrants are live.
+    - ``address=(partition, byte offset)`` placements: every handle at the same placement with the same footprint is
+      one allocation (the handles alias, the bytes are charged once); PSUM placements are charged per (bank,
+      quadrant) they touch. Two different placements whose bytes overlap while both are live are rejected.
     """
 
-    def __init__(self) -> None:
-        self.sbuf_bytes = 0
-        self.psum_banks = 0
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.records: list[list] = []
+        self.placements: dict[tuple, Storage] = {}
         self.peak_sbuf_bytes = 0
         self.peak_psum_banks = 0
 
-    def allocate(self, tensor: NkiTensor) -> None:
-        where = f"nl.ndarray({tensor.describe()})"
+    def allocate(self, tensor: NkiTensor, address=None) -> Storage | None:
+        """Check the tile's static limits and start tracking it; returns an existing storage the tile aliases."""
         buf = tensor.buffer
         if buf not in (MemoryRegion.sbuf, MemoryRegion.psum):
-            return
-        check(
-            tensor.ndim >= 1 and tensor.shape[0] <= PMAX,
-            where,
-            f"partition dim={tensor.shape[0]}; exceeds pmax={PMAX} (tiling-overview.rst, Tile-Size Constraint #1)",
-        )
+            check(address is None, f"nl.ndarray({tensor.describe()})", f"address={address!r}; only SBUF and PSUM")
+            return None
+        p = tensor.shape[0]
         per_partition = tensor.free_size * tensor.dtype.itemsize
-        if buf is MemoryRegion.sbuf:
+        sbuf = buf is MemoryRegion.sbuf
+        if not (p <= PMAX and per_partition <= (SBUF_PARTITION_BYTES if sbuf else PSUM_BANK_BYTES)):
+            where = f"nl.ndarray({tensor.describe()})"
             check(
-                self.sbuf_bytes + per_partition <= SBUF_PARTITION_BYTES,
+                p <= PMAX,
                 where,
-                f"SBUF bytes per partition={self.sbuf_bytes + per_partition} ({self.sbuf_bytes} live + "
-                f"{per_partition} new); exceeds the usable {SBUF_PARTITION_BYTES} B per partition "
-                "(limits.SBUF_PARTITION_BYTES: 224 KiB minus the compiler's reserve)",
+                f"partition dim={p}; exceeds pmax={PMAX} (tiling-overview.rst, Tile-Size Constraint #1)",
             )
-            self.sbuf_bytes += per_partition
-            self.peak_sbuf_bytes = max(self.peak_sbuf_bytes, self.sbuf_bytes)
-            tensor_finalizer(tensor._storage, self._release_sbuf, per_partition)
+            check(
+                not sbuf,
+                where,
+                f"SBUF bytes per partition={per_partition}; exceeds the usable {SBUF_PARTITION_BYTES} B per "
+                "partition (limits.SBUF_PARTITION_BYTES: 224 KiB minus the compiler's reserve)",
+            )
+            raise NkiEmulatorError(
+                f"{where}: PSUM bytes per partition={per_partition}; exceeds one {PSUM_BANK_BYTES} B bank "
+                "(tiling-overview.rst, Tile-Size Constraint #2: psum_bank_fmax=512 fp32)"
+            )
+        placement = None
+        if address is not None:
+            where = f"nl.ndarray({tensor.describe()})"
+            placement = self._placement(tensor, address, per_partition, where)
+            key = (buf, placement[0], placement[2])
+            old = self.placements.get(key)
+            if old is not None and old.span[6] == placement:
+                return old  # same placement, same footprint: the new handle aliases the old one
+        if not self.enabled:
+            return None
+        q0 = 0 if placement is None else placement[0] // QUADRANT
+        q1 = -(-(p if placement is None else placement[1]) // QUADRANT)
+        if buf is MemoryRegion.sbuf:
+            area, cells = (q1 - q0) * QUADRANT * per_partition, None
+        elif placement is None:
+            area, cells = q1 - q0, None
+        else:
+            b0, b1 = placement[2] // PSUM_BANK_BYTES, (placement[3] - 1) // PSUM_BANK_BYTES
+            cells = tuple((b, q) for b in range(b0, b1 + 1) for q in range(q0, q1))
+            area = len(cells)
+        # [first access, last access, buffer, area, cells, (name, shape, dtype), placement]
+        record = [-1, -1, buf, area, cells, (tensor.name, tensor.shape, tensor.dtype.name), placement]
+        tensor._storage.span = record
+        self.records.append(record)
+        if placement is not None:
+            self.placements[(buf, placement[0], placement[2])] = tensor._storage
+        return None
+
+    @staticmethod
+    def _placement(tensor: NkiTensor, address, per_partition: int, where: str) -> tuple[int, int, int, int]:
+        """(first partition, end partition, first byte, end byte) of an ``address=(partition, byte)`` tile."""
+        try:
+            p0, off = (int(a) for a in address)
+        except (TypeError, ValueError):
+            raise NkiEmulatorError(
+                f"{where}: address={address!r}; must be (partition_offset, free_offset) "
+                "(nki.language.ndarray doc, 'address')"
+            ) from None
+        p1, end = p0 + tensor.shape[0], off + per_partition
+        check(
+            0 <= p0 and p1 <= PMAX,
+            where,
+            f"address={address!r}: partitions [{p0}, {p1}); must lie within [0, {PMAX}) (tiling-overview.rst #1)",
+        )
+        if tensor.buffer is MemoryRegion.sbuf:
+            check(
+                0 <= off and end <= SBUF_PARTITION_BYTES,
+                where,
+                f"address={address!r}: bytes [{off}, {end}); must lie within the usable {SBUF_PARTITION_BYTES} B "
+                "per partition (limits.SBUF_PARTITION_BYTES)",
+            )
         else:
             check(
-                per_partition <= PSUM_BANK_BYTES,
+                0 <= off
+                and end <= PSUM_NUM_BANKS * PSUM_BANK_BYTES
+                and off // PSUM_BANK_BYTES == (end - 1) // PSUM_BANK_BYTES,
                 where,
-                f"PSUM bytes per partition={per_partition}; exceeds one {PSUM_BANK_BYTES} B bank "
-                "(tiling-overview.rst, Tile-Size Constraint #2: psum_bank_fmax=512 fp32)",
+                f"address={address!r}: bytes [{off}, {end}); a PSUM tile must lie within one {PSUM_BANK_BYTES} B "
+                f"bank of the {PSUM_NUM_BANKS} (tiling-overview.rst, Tile-Size Constraint #2)",
             )
-            check(
-                self.psum_banks + 1 <= PSUM_NUM_BANKS,
-                where,
-                f"live PSUM banks={self.psum_banks + 1}; exceeds the {PSUM_NUM_BANKS} banks per partition "
-                "(tile_size.psum_num_banks; free PSUM tiles by dropping references)",
+        return (p0, p1, off, end)
+
+    def finish(self, where: str) -> None:
+        """Sweep the live ranges: record the peaks and reject a program whose live tiles exceed SBUF or PSUM."""
+        if not self.enabled or not self.records:
+            return
+        used = [r for r in self.records if r[0] >= 0]
+        self._check_overlaps(used, where)
+        events = []
+        for r in used:
+            events.append((r[0], 1, r))
+            events.append((r[1] + 1, 0, r))
+        events.sort(key=lambda e: (e[0], e[1]))
+        sbuf = psum = 0
+        cells: dict[tuple, int] = {}
+        live: set[int] = set()
+        peak_sbuf = peak_psum = 0
+        for t, add, r in events:
+            sign = 1 if add else -1
+            if add:
+                live.add(id(r))
+            else:
+                live.discard(id(r))
+            if r[2] is MemoryRegion.sbuf:
+                sbuf += sign * r[3]
+                peak_sbuf = max(peak_sbuf, sbuf)
+                if add and sbuf > SBUF_AREA:
+                    self._fail(where, "sbuf", t, used, live, sbuf)
+            else:
+                if r[4] is None:
+                    psum += sign * r[3]
+                else:
+                    for c in r[4]:
+                        n = cells.get(c, 0) + sign
+                        if n:
+                            cells[c] = n
+                        else:
+                            del cells[c]
+                total = psum + len(cells)
+                peak_psum = max(peak_psum, total)
+                if add and total > PSUM_CELLS:
+                    self._fail(where, "psum", t, used, live, total)
+        self.peak_sbuf_bytes = max(self.peak_sbuf_bytes, -(-peak_sbuf // PMAX))
+        self.peak_psum_banks = max(self.peak_psum_banks, -(-peak_psum // (PMAX // QUADRANT)))
+
+    @staticmethod
+    def _label(r: list) -> str:
+        name, shape, dt = r[5]
+        at = "" if r[6] is None else f" at address=({r[6][0]}, {r[6][2]})"
+        return f"{name or 'tensor'}{list(shape)} {dt}@{r[2].value}{at}"
+
+    def _fail(self, where: str, kind: str, t: int, used: list, live: set, total: int) -> None:
+        tiles = sorted((r for r in used if id(r) in live and r[2].value == kind), key=lambda r: -r[3])
+        listed = ", ".join(self._label(r) for r in tiles[:4]) + (", ..." if len(tiles) > 4 else "")
+        if kind == "sbuf":
+            raise NkiEmulatorError(
+                f"{where}: SBUF bytes per partition={-(-total // PMAX)} at instruction #{t} ({len(tiles)} live tiles: "
+                f"{listed}); exceeds the usable {SBUF_PARTITION_BYTES} B per partition (limits.SBUF_PARTITION_BYTES: "
+                "224 KiB minus the compiler's reserve; live = first to last access)"
             )
-            self.psum_banks += 1
-            self.peak_psum_banks = max(self.peak_psum_banks, self.psum_banks)
-            tensor_finalizer(tensor._storage, self._release_psum)
+        banks = total / (PMAX // QUADRANT)
+        raise NkiEmulatorError(
+            f"{where}: live PSUM banks={banks:g} at instruction #{t} ({len(tiles)} live tiles: {listed}); exceeds the "
+            f"{PSUM_NUM_BANKS} banks per partition (tile_size.psum_num_banks; a tile holds a whole bank on its "
+            "quadrants; live = first to last access)"
+        )
 
-    def _release_sbuf(self, nbytes: int) -> None:
-        self.sbuf_bytes -= nbytes
-
-    def _release_psum(self) -> None:
-        self.psum_banks -= 1
+    def _check_overlaps(self, used: list, where: str) -> None:
+        placed = [r for r in used if r[6] is not None]
+        for i, a in enumerate(placed):
+            for b in placed[i + 1 :]:
+                pa, pb = a[6], b[6]
+                if a[2] is not b[2] or pa[0] >= pb[1] or pb[0] >= pa[1] or pa[2] >= pb[3] or pb[2] >= pa[3]:
+                    continue
+                if a[0] <= b[1] and b[0] <= a[1]:
+                    raise NkiEmulatorError(
+                        f"{where}: {self._label(a)} and {self._label(b)}; overlapping placements are live at the "
+                        f"same time (instructions #{max(a[0], b[0])}..#{min(a[1], b[1])}): each overwrites the "
+                        "other's bytes (nki.language.ndarray doc, 'address'; same placement and footprint = alias)"
+                    )
 
 
 class ProgramContext:
     """State of one program (one NeuronCore) of a kernel launch."""
 
-    def __init__(self, program_id: int = 0, num_programs: int = 1, shared: list | None = None) -> None:
+    def __init__(self, program_id: int = 0, num_programs: int = 1, launch: Launch | None = None) -> None:
         self.program_id = program_id
         self.num_programs = num_programs
         # nl.shared_hbm tensors are one tensor for all programs of a launch: the j-th shared_hbm allocation of
-        # every program maps to the same storage (``shared`` is the launch-wide list).
-        self.shared = shared
+        # every program maps to the same storage (``launch.shared`` is the launch-wide list).
+        self.launch = launch
+        self.shared = None if launch is None else launch.shared
         self.shared_index = 0
-        self.memory = MemoryTracker()
+        self.memory = MemoryTracker(enabled=launch is not None)
         self.cost = CostCounter()
         # Scalar Engine reduce registers (nisa.activation doc: one 32-bit register per lane, 128 lanes) and the
         # Vector Engine accumulator registers (tensor_scalar_cumulative doc). Unset registers read as NaN.
         self.act_regs = np.full(PMAX, np.nan, dtype=np.float32)
+        self.sendrecv_seq: dict[tuple, int] = {}  # sequence numbers of sendrecv messages per (pipe, from, to)
+        self.in_no_reorder = 0  # depth of nl.no_reorder() blocks (fori_loop / while_loop may not sit inside)
         self.vec_regs = np.full(PMAX, np.nan, dtype=np.float32)
 
 
+class PartnerFailed(NkiEmulatorError):
+    """Raised in a program waiting at a barrier or sendrecv for a partner program that failed."""
+
+
+class Launch:
+    """State shared by the programs of one launch (``kernel[n]``), which run concurrently, one thread each, as the
+    NeuronCores of a logical core do: the shared-HBM tensors, the ``core_barrier`` barrier and the ``sendrecv``
+    mailboxes (the official simulator also runs LNC=2 as two threads: research/nki.md 3.1)."""
+
+    TIMEOUT_S = 120.0  # a program waiting this long at a barrier or sendrecv has a partner that never arrives
+
+    def __init__(self, num_programs: int) -> None:
+        self.num_programs = num_programs
+        self.shared: list[Storage] = []
+        self.lock = threading.Lock()
+        self.barrier = threading.Barrier(num_programs)
+        self.cond = threading.Condition()
+        self.mailbox: dict[tuple, list] = {}
+        self.failed = False
+
+    def abort(self) -> None:
+        """Wake every waiting program (one program failed)."""
+        self.failed = True
+        self.barrier.abort()
+        with self.cond:
+            self.cond.notify_all()
+
+
 _DEFAULT = ProgramContext()
-_current: ProgramContext = _DEFAULT
+_local = threading.local()
 
 
 def current() -> ProgramContext:
-    """The running program's context (or the default one outside kernels)."""
-    return _current
+    """The running program's context (or the default one outside kernels); one per thread."""
+    return getattr(_local, "ctx", _DEFAULT)
 
 
 def set_current(ctx: ProgramContext | None) -> ProgramContext:
-    """Install ``ctx`` (None: the default) and return the previous context."""
-    global _current
-    prev = _current
-    _current = _DEFAULT if ctx is None else ctx
+    """Install ``ctx`` (None: the default) for this thread and return the previous context."""
+    prev = getattr(_local, "ctx", _DEFAULT)
+    _local.ctx = _DEFAULT if ctx is None else ctx
     return prev
 
 
-def allocate(shape, dtype, buffer, name: str = "", fill=None) -> NkiTensor:
+def allocate(shape, dtype, buffer, name: str = "", fill=None, address=None) -> NkiTensor:
     """Allocate a tensor; fresh memory reads as NaN (floats) or ``INT_FRESH_SENTINEL`` unless ``fill`` is given."""
     if isinstance(shape, int):
         shape = (shape,)
@@ -128,26 +293,44 @@ def allocate(shape, dtype, buffer, name: str = "", fill=None) -> NkiTensor:
     )
     ctx = current()
     if buffer is MemoryRegion.shared_hbm and ctx.shared is not None:
-        j = ctx.shared_index
-        ctx.shared_index += 1
-        if j < len(ctx.shared):
-            st = ctx.shared[j]
-            check(
-                st.shape == shape and st.data.dtype == dt,
-                f"nl.ndarray(name={name!r})",
-                f"shape={shape} dtype={dt.name}; shared_hbm allocation #{j} differs between programs "
-                f"({st.shape} {st.data.dtype.name})",
-            )
-            return NkiTensor(shape, dt, st)
+        with ctx.launch.lock:  # programs run concurrently: the j-th allocation is created once
+            j = ctx.shared_index
+            ctx.shared_index += 1
+            if j < len(ctx.shared):
+                st = ctx.shared[j]
+                check(
+                    st.shape == shape and st.data.dtype == dt,
+                    f"nl.ndarray(name={name!r})",
+                    f"shape={shape} dtype={dt.name}; shared_hbm allocation #{j} differs between programs "
+                    f"({st.shape} {st.data.dtype.name})",
+                )
+                return NkiTensor(shape, dt, st)
+            t = _fresh(shape, dt, buffer, name, fill, ctx, address)
+            ctx.shared.append(t._storage)
+            return t
+    return _fresh(shape, dt, buffer, name, fill, ctx, address)
+
+
+def _fresh(shape, dt, buffer, name, fill, ctx, address) -> NkiTensor:
+    if address is not None and buffer in (MemoryRegion.sbuf, MemoryRegion.psum):
+        probe = NkiTensor(shape, dt, Storage(np.empty(0, dtype=dt), buffer, name, shape))
+        alias = ctx.memory.allocate(probe, address)
+        if alias is not None:
+            return NkiTensor(shape, dt, alias)
+    else:
+        probe = None
     if fill is None:
         fill = np.nan if dtypes.is_float(dt) else dtypes.INT_FRESH_SENTINEL
     data = np.empty(math.prod(shape), dtype=dt)
     data[...] = dtypes.convert(np.asarray(fill, dtype=np.float32), dt) if dtypes.is_float(dt) else fill
     storage = Storage(data, buffer, name, shape)
     t = NkiTensor(shape, dt, storage)
-    ctx.memory.allocate(t)
-    if buffer is MemoryRegion.shared_hbm and ctx.shared is not None:
-        ctx.shared.append(storage)
+    if probe is None:
+        ctx.memory.allocate(t, address)
+    else:  # already checked and recorded through the probe: move its record to the real storage
+        storage.span = probe._storage.span
+        if storage.span is not None and storage.span[6] is not None:
+            ctx.memory.placements[(buffer, storage.span[6][0], storage.span[6][2])] = storage
     return t
 
 

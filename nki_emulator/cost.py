@@ -21,6 +21,7 @@ import dataclasses
 from collections import defaultdict
 
 from .hardware import PE_COLS, PE_ROWS, PMAX
+from .tensor import CLOCK
 
 # --- trn2 numbers; sources in aws-neuron/aws-neuron-sdk (research/nki.md section 2) --------------------------------
 TENSOR_CLOCK_HZ = 2.4e9  # nki/guides/architecture/trainium2_arch.rst, "Compute Engine Specifications"
@@ -66,6 +67,7 @@ class CostCounter:
 
     def compute(self, engine: str, op: str, elements: int, work_cycles: float) -> None:
         """One compute instruction on ``engine`` processing ``elements`` elements in ``work_cycles`` cycles."""
+        CLOCK[0] += 1
         self.instructions[engine] += 1
         self.elements[engine] += int(elements)
         self.cycles[engine] += max(MIN_II_CYCLES, work_cycles)
@@ -73,6 +75,7 @@ class CostCounter:
 
     def dma(self, op: str, nbytes: int, hbm_read: int, hbm_write: int) -> None:
         """One DMA instruction moving ``nbytes`` bytes, of which ``hbm_read``/``hbm_write`` touch HBM."""
+        CLOCK[0] += 1
         self.instructions["dma"] += 1
         self.elements["dma"] += int(nbytes)
         self.by_op[op] += 1

@@ -27,6 +27,15 @@ float8_e4m3fn = np.dtype(ml_dtypes.float8_e4m3fn)  # OCP e4m3, no inf, max 448
 float8_e5m2 = np.dtype(ml_dtypes.float8_e5m2)
 float8_e8m0fnu = np.dtype(ml_dtypes.float8_e8m0fnu)
 
+# MX packed types: 4 elements per container, "custom data type for nki.isa.nc_matmul_mx and nki.isa.quantize_mx on
+# NeuronCore-v4" (nki.api.shared.rst, note [#2]). Opaque containers here (fp8 x4 = 4 bytes, fp4 x4 = 2 bytes): they can
+# be allocated, DMA-copied bit-exactly and zero-filled by memset (NKI 0.3.0 migration guide: x4 memset value must be 0);
+# the trn3 instructions that compute on them are not emulated.
+float8_e4m3fn_x4 = np.dtype([("float8_e4m3fn_x4", np.uint8, (4,))])
+float8_e5m2_x4 = np.dtype([("float8_e5m2_x4", np.uint8, (4,))])
+float4_e2m1fn_x4 = np.dtype([("float4_e2m1fn_x4", np.uint16)])
+PACKED_DTYPES = frozenset({float8_e4m3fn_x4, float8_e5m2_x4, float4_e2m1fn_x4})
+
 FLOAT_DTYPES = frozenset({float16, float32, bfloat16, float8_e4m3, float8_e4m3fn, float8_e5m2, float8_e8m0fnu})
 FP8_DTYPES = frozenset({float8_e4m3, float8_e4m3fn, float8_e5m2})
 INT_DTYPES = frozenset({int8, int16, int32, uint8, uint16, uint32})
@@ -46,7 +55,7 @@ def as_dtype(dtype: object, where: str = "dtype") -> np.dtype:
     except TypeError:
         dt = None
     check(
-        dt is not None and (dt in FLOAT_DTYPES or dt in INT_DTYPES),
+        dt is not None and (dt in FLOAT_DTYPES or dt in INT_DTYPES or dt in PACKED_DTYPES),
         where,
         f"dtype={dtype!r}; not a supported NKI dtype (nki.api.shared.rst, 'Supported Data Types')",
     )

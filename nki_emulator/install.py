@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import types
 
-_MODULES = ("nki", "nki.language", "nki.isa", "nki.typing")
+import numpy as np
+
+_MODULES = ("nki", "nki.language", "nki.isa", "nki.isa.constants", "nki.typing")
 _state = {"installed": False, "real": None}
 
 
@@ -57,10 +60,120 @@ def _typing_module() -> types.ModuleType:
     return mod
 
 
-def install() -> bool:
+ENV_VERSION = "VLLM_NKI_MOE_NKI_VERSION"  # which NKI release the emulator imitates (language_rules.RELEASES)
+_version = {"release": None, "strict": False}
+_proxies: dict[str, types.ModuleType] = {}
+
+
+def nki_version() -> str:
+    """The NKI release the emulator imitates: ``install(nki_version=...)``, else $VLLM_NKI_MOE_NKI_VERSION, else 0.6."""
+    if _version["release"] is None:
+        _select(None)
+    return _version["release"]
+
+
+def strict() -> bool:
+    """Whether language-rule violations raise (a release was chosen explicitly) or only warn (the default 0.6)."""
+    if _version["release"] is None:
+        _select(None)
+    return _version["strict"]
+
+
+def set_nki_version(version: str | None) -> str:
+    """Select the NKI release to imitate (None: $VLLM_NKI_MOE_NKI_VERSION, else the default 0.6, warnings only).
+
+    Returns the release now imitated. Kernels imported earlier see the change (the modules are rebuilt in place)."""
+    _select(version)
+    return _version["release"]
+
+
+def _select(version: str | None) -> None:
+    from . import language_rules
+
+    chosen = version if version is not None else os.environ.get(ENV_VERSION) or None
+    release = language_rules.normalize_release(chosen if chosen else language_rules.DEFAULT_RELEASE)
+    _version["release"], _version["strict"] = release, chosen is not None
+    _populate(release)
+
+
+def _hidden(module_key: str, release: str) -> dict[str, str]:
+    """Names of the emulator module absent from ``release`` -> why (release notes citation)."""
+    from . import language_rules
+
+    out = {}
+    for name in language_rules.NAMES.get(module_key, {}):
+        ok, source = language_rules.name_available(module_key, name, release)
+        if not ok:
+            out[name] = source
+    return out
+
+
+def _proxy(public: str, real: types.ModuleType, key: str, release: str) -> types.ModuleType:
+    """``nki.language`` / ``nki.isa`` for ``release``: the emulator module's names minus those the release lacks."""
+    mod = _proxies.get(public)
+    if mod is None:
+        mod = types.ModuleType(public)
+        _proxies[public] = mod
+    hidden = _hidden(key, release)
+    keep = {"__name__", "__spec__", "__loader__", "__path__", "__package__"}
+    for name in [n for n in mod.__dict__ if n not in keep]:
+        del mod.__dict__[name]
+    mod.__dict__.update({k: v for k, v in real.__dict__.items() if k not in hidden and k not in keep})
+    mod.__name__ = public
+    mod.__nki_emulator__ = True
+    mod.__nki_release__ = release
+
+    def __getattr__(name: str):
+        if name in hidden:
+            raise AttributeError(f"{public}.{name}: not in NKI {release} ({hidden[name]})")
+        raise AttributeError(f"module {public!r} has no attribute {name!r}")
+
+    mod.__getattr__ = __getattr__
+    return mod
+
+
+def _populate(release: str) -> None:
+    """(Re)build the registered modules for ``release`` (in place, so kernels imported earlier see the change)."""
+    from . import isa, language, runtime, tensor
+
+    tensor.set_view_methods(release)
+    if not _state["installed"]:
+        return
+    nl = _proxy("nki.language", language, "language", release)
+    nisa = _proxy("nki.isa", isa, "isa", release)
+    nisa.__path__ = []  # a package: `from nki.isa.constants import oob_mode`
+    nisa.constants = sys.modules["nki.isa.constants"]
+    nki = sys.modules["nki"]
+    nki.language, nki.isa = nl, nisa
+    nki.jit = runtime.jit
+    nki.simulate = runtime.simulate
+    sys.modules["nki.language"] = nl
+    sys.modules["nki.isa"] = nisa
+
+
+def _constants_module() -> types.ModuleType:
+    """``nki.isa.constants``: the ISA enums (nki-library imports ``from nki.isa.constants import oob_mode``)."""
+    from . import isa
+
+    mod = types.ModuleType("nki.isa.constants")
+    for name in ("engine", "reduce_cmd", "dge_mode", "oob_mode", "matmul_perf_mode", "nc_version", "dma_engine"):
+        setattr(mod, name, getattr(isa, name))
+    mod.__nki_emulator__ = True
+    return mod
+
+
+def install(nki_version: str | None = None) -> bool:
     """Install the emulator as ``nki`` unless the real package is importable. Returns True if the emulator is (now)
-    the ``nki`` in ``sys.modules``. Idempotent."""
+    the ``nki`` in ``sys.modules``. Idempotent.
+
+    ``nki_version`` ('0.2' to '0.6'; default $VLLM_NKI_MOE_NKI_VERSION, else 0.6) selects the NKI release imitated:
+    names the release lacks are absent from ``nki.language`` / ``nki.isa`` / ``NkiTensor``, and ``nki.jit`` kernels
+    are checked against its language rules (``language_rules``) when launched. A release chosen explicitly (argument
+    or environment) makes violations errors; under the default they are warnings.
+    """
     if _state["installed"]:
+        if nki_version is not None:
+            _select(nki_version)
         return True
     if is_real_nki():
         return False
@@ -75,11 +188,12 @@ def install() -> bool:
     nki.language = language
     nki.isa = isa
     nki.typing = _typing_module()
+    nki.dtype = np.dtype  # `nki.dtype` annotations (nki-library); every NKI dtype is a numpy.dtype here
     sys.modules["nki"] = nki
-    sys.modules["nki.language"] = language
-    sys.modules["nki.isa"] = isa
     sys.modules["nki.typing"] = nki.typing
+    sys.modules["nki.isa.constants"] = _constants_module()
     language.__nki_emulator__ = True
     isa.__nki_emulator__ = True
     _state["installed"] = True
+    _select(nki_version)
     return True

@@ -7,11 +7,14 @@ Every function follows its docstring in ``aws-neuron-sdk:nki/api/nki/isa/__init_
 
 from __future__ import annotations
 
+import functools
 import math
 from enum import Enum
 
 import numpy as np
 
+from . import context, cost, dtypes
+from .errors import NkiEmulatorError, check
 from .hardware import (
     DMA_COMPUTE_MAX_SRCS,
     GEMM_MOVING_FMAX,
@@ -24,9 +27,6 @@ from .hardware import (
     TOPK8_MAX_ELEMS,
     TOPK8_MIN_ELEMS,
 )
-
-from . import context, cost, dtypes
-from .errors import NkiEmulatorError, check
 from .ops import OPS, MathOp
 from .tensor import (
     HBM,
@@ -86,10 +86,20 @@ class matmul_perf_mode(Enum):
     double_row = "double_row"
 
 
+@functools.total_ordering
 class nc_version(Enum):
+    """NeuronCore generation; ordered, as kernels compare ``get_nc_version() >= nc_version.gen3`` (nki-library)."""
+
     gen2 = 2
     gen3 = 3
     gen4 = 4
+
+    def __lt__(self, other):
+        if not isinstance(other, nc_version):
+            return NotImplemented
+        return self.value < other.value
+
+    __hash__ = Enum.__hash__
 
 
 class dma_engine(Enum):
@@ -112,6 +122,7 @@ class VirtualRegister:
 
     def __init__(self, state=None, frozen=False):
         self.value = 0 if state is None else int(state)
+        self.frozen = bool(frozen)  # a loop induction variable: read-only (nki-language-guide.rst, registers)
 
     def __int__(self) -> int:
         return self.value
@@ -275,7 +286,11 @@ def dma_copy(
         where,
         f"dst{list(dst.shape)} has {dst.size} elements, src{list(src.shape)} has {src.size}; counts must match",
     )
-    check(not (dst.is_indirect() and src.is_indirect()), where, "dst and src both indirect; at most one may be")
+    check(
+        not (dst._indirect is not None and src._indirect is not None),
+        where,
+        "dst and src both indirect; at most one may be",
+    )
     skip = oob_mode is globals()["oob_mode"].skip
     vals = src.read_raw()
     mask = src.oob_mask()
@@ -330,7 +345,7 @@ def dma_compute(dst, srcs, reduce_op, scales=None, unique_indices=True, oob_mode
     for i, s in enumerate(srcs):
         _dma_check(s, where, f"srcs[{i}]")
         check(s.size == dst.size, where, f"srcs[{i}] has {s.size} elements, dst {dst.size}; counts must match")
-        if s.is_indirect() and s._indirect.kind == "vector":
+        if s._indirect is not None and s._indirect.kind == "vector":
             idx = s._indirect.index.read_raw().reshape(-1).astype(np.int64)
             if skip:  # skipped (out-of-bounds) indices touch nothing, so only in-bounds ones must be unique
                 idx = idx[(idx >= 0) & (idx < s._indirect.bound)]
@@ -457,15 +472,14 @@ def nc_matmul(
             check(
                 np.all(np.isin(state, (PSUM_MATMUL, PSUM_MATMUL_READ))),
                 where,
-                f"dst={dst.describe()}: accumulate=True onto PSUM not initialised by a matmul; undefined behaviour",
+                f"dst={dst.describe()}: accumulate=True onto PSUM not initialised by a matmul; undefined behaviour "
+                "(nc_matmul doc, 'Accumulation mode': only valid after a matmul with accumulate=False; accumulating "
+                "onto memset / tensor_copy values is undefined on NeuronCore-v2/v3)",
             )
         if acc is None:
-            check(
-                not np.any(state == PSUM_OTHER),
-                where,
-                f"dst={dst.describe()}: accumulating onto PSUM written by a non-matmul instruction; undefined on "
-                "trn2 (nc_matmul doc, 'Accumulation mode' note)",
-            )
+            # None: "the compiler automatically infers the correct flag - first write overwrites, subsequent writes
+            # accumulate" (nc_matmul doc, 'Accumulation mode'; NKI 0.3.0 release notes): the first matmul onto
+            # memory a memset / tensor_copy initialised (PSUM_OTHER) overwrites it, as onto fresh memory.
             check(
                 not np.any(state == PSUM_MATMUL_READ),
                 where,
@@ -542,7 +556,15 @@ def memset(dst, value, engine=engine.unknown, name=None):
     _on_chip(dst, where, "dst")
     eng = _engine_of(engine, globals()["engine"].vector)
     _no_gpsimd_psum(eng, where, dst)
-    if dtypes.is_float(dst.dtype):
+    if dst.dtype in dtypes.PACKED_DTYPES:
+        check(
+            value == 0,
+            where,
+            f"value={value!r} on {dst.dtype.names[0]}; x4 packed types take value=0 only (NKI 0.3.0 migration guide, "
+            "'nisa.memset - x4 packed type restriction')",
+        )
+        vals = np.zeros(dst.shape, dtype=dst.dtype)
+    elif dtypes.is_float(dst.dtype):
         vals = dtypes.convert(np.full(dst.shape, value, dtype=np.float32), dst.dtype)
     else:
         vals = np.full(dst.shape, int(value)).astype(dst.dtype)
@@ -1018,11 +1040,22 @@ def register_alloc(x=None) -> VirtualRegister:
     return VirtualRegister(x)
 
 
+def _writable(reg, where: str) -> None:
+    check(
+        not getattr(reg, "frozen", False),
+        where,
+        "dst is a loop induction variable; it is read-only (nki-language-guide.rst; NKI 0.4 release notes: writes "
+        "raise at trace time)",
+    )
+
+
 def register_move(dst: VirtualRegister, src) -> None:
+    _writable(dst, "nisa.register_move")
     dst.value = int(src.value if isinstance(src, VirtualRegister) else src)
 
 
 def register_load(dst: VirtualRegister, src) -> None:
+    _writable(dst, "nisa.register_load")
     check(isinstance(src, NkiTensor) and src.size == 1, "nisa.register_load", f"src={src!r}; must be a 1x1 tile")
     dst.value = (
         int(dtypes.to_fp32(src.read_raw()).reshape(-1)[0])
@@ -1038,3 +1071,418 @@ def register_store(dst, src) -> None:
             dst.shape
         )
     )
+
+
+# ----- predicated copy, scans, cross-partition movement, gathers, statistics --------------------------------------
+FP32_MIN = float(np.finfo(np.float32).min)  # range_select's only legal on_false_value (-3.4028235e+38, isa doc)
+_COMPARE_OPS = ("equal", "less", "less_equal", "greater", "greater_equal")  # range_select comp_op0/comp_op1 (doc)
+GPSIMD_PARTITIONS_PER_CORE = 16  # each of the 8 GpSimd cores reaches 16 partitions (local_gather doc)
+LOCAL_GATHER_ELEMS = (1, 2, 4, 8, 16, 32)  # local_gather num_elem_per_idx (doc, constraint 2)
+LOCAL_GATHER_MAX_INDICES = 4096  # indices per GpSimd core (local_gather doc, constraint 3)
+SHUFFLE_QUADRANT = 32  # nc_stream_shuffle works within quadrants of 32 partitions (doc)
+SHUFFLE_KEEP = 255  # shuffle_mask value: leave the output partition unmodified (doc)
+BN_STATS_FMAX = 512  # bn_stats: elements per partition (doc; nl.tile_size.bn_stats_fmax)
+SENDRECV_GPSIMD_BYTES = {4: 1024, 2: 512, 1: 256}  # sendrecv gpsimd_dma: bytes per partition by element size (doc)
+
+
+def _start_partition(t: NkiTensor) -> int:
+    """First partition a view of an on-chip tensor accesses."""
+    return t.offset // t.strides[0] if t.strides and t.strides[0] > 0 else 0
+
+
+def tensor_copy_predicated(dst, src, predicate, reverse_pred=False, name=None):
+    """Vector Engine: ``dst = src`` where ``predicate`` is non-zero (zero with ``reverse_pred``); elsewhere ``dst`` is
+    unmodified (isa doc ``tensor_copy_predicated``: same partitions and elements; predicate uint8/16/32; src and dst
+    share a dtype; src and predicate not both in PSUM)."""
+    where = "nisa.tensor_copy_predicated"
+    _on_chip(dst, where, "dst")
+    _on_chip(predicate, where, "predicate")
+    _same_layout(dst, predicate, where, "dst", "predicate")
+    check(
+        predicate.dtype in (dtypes.uint8, dtypes.uint16, dtypes.uint32),
+        where,
+        f"predicate dtype={predicate.dtype.name}; must be uint8, uint16 or uint32 (tensor_copy_predicated doc)",
+    )
+    pred = _read2d(predicate) != 0
+    if reverse_pred:
+        pred = ~pred
+    if isinstance(src, NkiTensor):
+        _on_chip(src, where, "src")
+        _same_layout(dst, src, where, "dst", "src")
+        _not_both_psum(src, predicate, where)
+        check(
+            src.dtype == dst.dtype,
+            where,
+            f"src dtype={src.dtype.name}, dst dtype={dst.dtype.name}; must be equal (tensor_copy_predicated doc)",
+        )
+        vals = _read2d(src)
+    else:
+        check(isinstance(src, (int, float, np.integer, np.floating)), where, f"src={src!r}; must be a tile or number")
+        vals = dtypes.convert(np.full(pred.shape, src, dtype=np.float32), dst.dtype)
+    old = dst.read_raw().reshape(pred.shape)
+    _write(dst, np.where(pred, vals, old), exact=True)
+    return _count(globals()["engine"].vector, "tensor_copy_predicated", dst, all16=_is16(dst))
+
+
+def tensor_tensor_scan(dst, data0, data1, initial, op0, op1, reverse0=False, reverse1=False, name=None):
+    """Vector Engine scan along the free axis: ``r[i] = op1(op0(data0[i], r[i-1]), data1[i])``, ``r[-1] = initial``
+    (isa doc ``tensor_tensor_scan``; fp32 math, reverse0/1 swap the operands of op0/op1)."""
+    where = "nisa.tensor_tensor_scan"
+    for nm, t in (("dst", dst), ("data0", data0), ("data1", data1)):
+        _on_chip(t, where, nm)
+    _same_layout(dst, data0, where, "dst", "data0")
+    _same_layout(dst, data1, where, "dst", "data1")
+    _not_both_psum(data0, data1, where)
+    op0 = _op(op0, where, ("arith",), "op0")
+    op1 = _op(op1, where, ("arith",), "op1")
+    a, b = _read32(data0), _read32(data1)
+    prev = np.broadcast_to(
+        np.asarray(_scalar_or_vector(initial, data0, where, "initial", require_fp32=False), dtype=np.float32),
+        (a.shape[0], 1),
+    ).reshape(-1)
+    out = np.empty_like(a)
+    with np.errstate(all="ignore"):
+        for i in range(a.shape[1]):
+            x = op0.fn(prev, a[:, i]) if reverse0 else op0.fn(a[:, i], prev)
+            x = op1.fn(b[:, i], x) if reverse1 else op1.fn(x, b[:, i])
+            prev = np.asarray(x, dtype=np.float32)
+            out[:, i] = prev
+    _write(dst, out)
+    return _count(globals()["engine"].vector, "tensor_tensor_scan", dst, all16=_is16(dst, data0, data1))
+
+
+def nc_stream_shuffle(dst, src, shuffle_mask, name=None):
+    """Vector Engine: within every quadrant of 32 partitions, output partition i copies input partition
+    ``shuffle_mask[i]`` (255: unmodified) (isa doc ``nc_stream_shuffle``: same dtype and elements per partition; start
+    partitions 0 for 96/128 active partitions, 0/64 for 64, a multiple of 32 for 32)."""
+    where = "nisa.nc_stream_shuffle"
+    _on_chip(dst, where, "dst")
+    _on_chip(src, where, "src")
+    check(src.dtype == dst.dtype, where, f"src dtype={src.dtype.name}, dst dtype={dst.dtype.name}; must be equal")
+    check(
+        src.free_size == dst.free_size,
+        where,
+        f"src{list(src.shape)} vs dst{list(dst.shape)}; must have the same number of elements per partition",
+    )
+    mask = [int(m) for m in shuffle_mask]
+    check(len(mask) == SHUFFLE_QUADRANT, where, f"shuffle_mask has {len(mask)} entries; must have {SHUFFLE_QUADRANT}")
+    active = -(-max(src.shape[0], dst.shape[0]) // SHUFFLE_QUADRANT) * SHUFFLE_QUADRANT
+    allowed = {128: (0,), 96: (0,), 64: (0, 64), 32: (0, 32, 64, 96)}[active]
+    for nm, t in (("src", src), ("dst", dst)):
+        sp = _start_partition(t)
+        check(
+            sp in allowed,
+            where,
+            f"{nm} start partition={sp} with {active} active partitions; must be one of {allowed} "
+            "(nc_stream_shuffle doc)",
+        )
+    for i, m in enumerate(mask):
+        check(
+            m == SHUFFLE_KEEP or 0 <= m < SHUFFLE_QUADRANT,
+            where,
+            f"shuffle_mask[{i}]={m}; must be a partition in [0, 32) of the quadrant or 255 (keep)",
+        )
+    x = _read2d(src)
+    out = dst.read_raw().reshape(dst.shape[0], -1).copy()
+    for q in range(0, active, SHUFFLE_QUADRANT):
+        for i, m in enumerate(mask):
+            p, sp = q + i, q + m
+            if m == SHUFFLE_KEEP or p >= out.shape[0]:
+                continue
+            check(sp < x.shape[0], where, f"shuffle_mask[{i}]={m}: source partition {sp} beyond src{list(src.shape)}")
+            out[p] = x[sp]
+    _write(dst, out, exact=True)
+    return _count(globals()["engine"].vector, "nc_stream_shuffle", dst, all16=_is16(dst))
+
+
+def local_gather(dst, src_buffer, index, num_elem_per_idx=1, num_valid_indices=None, name=None):
+    """GpSimd: each core (16 partitions) flattens its ``index`` slice partition-first and, in every one of its
+    partitions, gathers ``num_elem_per_idx`` contiguous elements starting at each index (an element offset into the
+    partition's flattened free dims) (isa doc ``local_gather`` and its NumPy reference,
+    ``aws-neuron-sdk:nki/test/test_nki_isa_local_gather.py``)."""
+    where = "nisa.local_gather"
+    for nm, t in (("dst", dst), ("src_buffer", src_buffer), ("index", index)):
+        _on_chip(t, where, nm, allow_psum=False)
+    p = src_buffer.shape[0]
+    check(
+        index.shape[0] == p and p % GPSIMD_PARTITIONS_PER_CORE == 0,
+        where,
+        f"src_buffer partitions={p}, index partitions={index.shape[0]}; must be equal and a multiple of 16 (doc #1)",
+    )
+    n = int(num_elem_per_idx)
+    check(n in LOCAL_GATHER_ELEMS, where, f"num_elem_per_idx={n}; must be one of {LOCAL_GATHER_ELEMS} (doc #2)")
+    check(index.dtype == dtypes.uint16, where, f"index dtype={index.dtype.name}; must be uint16 (local_gather doc)")
+    check(dst.dtype == src_buffer.dtype, where, f"dst dtype={dst.dtype.name}; must equal src {src_buffer.dtype.name}")
+    per_core = GPSIMD_PARTITIONS_PER_CORE * index.free_size
+    valid = per_core if num_valid_indices is None else int(num_valid_indices)
+    check(
+        0 < valid <= per_core and valid <= LOCAL_GATHER_MAX_INDICES,
+        where,
+        f"num_valid_indices={valid}; must be in 1..min({per_core} indices per core, {LOCAL_GATHER_MAX_INDICES}) "
+        "(doc #3)",
+    )
+    check(
+        dst.shape[0] == p and dst.free_size == valid * n,
+        where,
+        f"dst{list(dst.shape)}; must be [{p}, {valid} x {n} elements]",
+    )
+    data = _read2d(src_buffer)
+    idx = _read2d(index).astype(np.int64)
+    out = np.empty((p, valid * n), dtype=data.dtype)
+    cols = np.arange(n, dtype=np.int64)
+    for c in range(0, p, GPSIMD_PARTITIONS_PER_CORE):
+        flat = idx[c : c + GPSIMD_PARTITIONS_PER_CORE].flatten(order="F")[:valid]
+        pos = (flat[:, None] + cols[None, :]).reshape(-1)
+        check(
+            np.all((pos >= 0) & (pos < data.shape[1])),
+            where,
+            f"index out of range for core {c // GPSIMD_PARTITIONS_PER_CORE}: elements must be < {data.shape[1]} "
+            "(out-of-bound access is undefined behaviour)",
+        )
+        out[c : c + GPSIMD_PARTITIONS_PER_CORE] = data[c : c + GPSIMD_PARTITIONS_PER_CORE][:, pos]
+    _write(dst, out, exact=True)
+    return _count(globals()["engine"].gpsimd, "local_gather", dst)
+
+
+def nc_n_gather(dst, data, indices, name=None):
+    """GpSimd: ``dst[p, j] = data[p].flatten()[indices[p, j]]`` within each partition (isa doc ``nc_n_gather``: SBUF
+    only, dst dtype = data dtype, uint32 indices in range)."""
+    where = "nisa.nc_n_gather"
+    for nm, t in (("dst", dst), ("data", data), ("indices", indices)):
+        _on_chip(t, where, nm, allow_psum=False)
+    check(
+        dst.shape[0] == data.shape[0] == indices.shape[0],
+        where,
+        f"partitions dst={dst.shape[0]}, data={data.shape[0]}, indices={indices.shape[0]}; must be equal",
+    )
+    check(
+        indices.dtype == dtypes.uint32, where, f"indices dtype={indices.dtype.name}; must be uint32 (nc_n_gather doc)"
+    )
+    check(dst.dtype == data.dtype, where, f"dst dtype={dst.dtype.name}; must equal data dtype {data.dtype.name}")
+    check(
+        dst.free_size == indices.free_size,
+        where,
+        f"dst{list(dst.shape)} vs indices{list(indices.shape)}; must have the same elements per partition",
+    )
+    x = _read2d(data)
+    idx = _read2d(indices).astype(np.int64)
+    check(
+        np.all(idx < x.shape[1]),
+        where,
+        f"indices max={int(idx.max())}; must be in [0, {x.shape[1]}) (data elements per partition, nc_n_gather doc)",
+    )
+    _write(dst, np.take_along_axis(x, idx, axis=1), exact=True)
+    return _count(globals()["engine"].gpsimd, "nc_n_gather", dst)
+
+
+def bn_stats(dst, data, name=None):
+    """Vector Engine: per partition (count, mean, variance x count) of the even and of the odd elements, 6 values
+    (isa doc ``bn_stats``; at most 512 elements per partition; fp32 math)."""
+    where = "nisa.bn_stats"
+    _on_chip(dst, where, "dst")
+    _on_chip(data, where, "data")
+    f = data.free_size
+    check(f <= BN_STATS_FMAX, where, f"data{list(data.shape)} has {f} elements per partition; must be <= 512")
+    check(dst.shape[0] == data.shape[0] and dst.free_size == 6, where, f"dst{list(dst.shape)}; must be [P, 6]")
+    x = _read32(data).astype(np.float64)
+    out = np.zeros((x.shape[0], 6), dtype=np.float64)
+    for k, part in enumerate((x[:, 0::2], x[:, 1::2])):
+        c = part.shape[1]
+        if c:
+            m = part.mean(axis=1)
+            out[:, 3 * k] = c
+            out[:, 3 * k + 1] = m
+            out[:, 3 * k + 2] = ((part - m[:, None]) ** 2).sum(axis=1)
+    _write(dst, out.astype(np.float32))
+    return _count(globals()["engine"].vector, "bn_stats", data, all16=_is16(data))
+
+
+def bn_aggr(dst, data, name=None):
+    """Vector Engine: mean and (population) variance per partition from ``bn_stats`` triples (isa doc ``bn_aggr``:
+    elements per partition a multiple of 3)."""
+    where = "nisa.bn_aggr"
+    _on_chip(dst, where, "dst")
+    _on_chip(data, where, "data")
+    check(data.free_size % 3 == 0, where, f"data{list(data.shape)}: {data.free_size} elements; must be a multiple of 3")
+    check(dst.shape[0] == data.shape[0] and dst.free_size == 2, where, f"dst{list(dst.shape)}; must be [P, 2]")
+    t = _read32(data).astype(np.float64).reshape(data.shape[0], -1, 3)
+    c, m, m2 = t[..., 0], t[..., 1], t[..., 2]
+    n = c.sum(axis=1)
+    with np.errstate(all="ignore"):
+        mean = (c * m).sum(axis=1) / n
+        var = (m2 + c * (m - mean[:, None]) ** 2).sum(axis=1) / n
+    _write(dst, np.stack([mean, var], axis=1).astype(np.float32))
+    return _count(globals()["engine"].vector, "bn_aggr", data)
+
+
+def range_select(
+    dst,
+    on_true_tile,
+    comp_op0,
+    comp_op1,
+    bound0,
+    bound1,
+    reduce_cmd=reduce_cmd.reset_reduce,
+    reduce_res=None,
+    reduce_op=OPS["maximum"],
+    range_start=0,
+    on_false_value=FP32_MIN,
+    name=None,
+):
+    """Vector Engine: keep elements whose free index + ``range_start`` satisfies both comparisons with the per-partition
+    bounds, else ``on_false_value`` (FP32_MIN); max-reduce into the accumulator registers (isa doc ``range_select``)."""
+    where = "nisa.range_select"
+    _on_chip(dst, where, "dst")
+    _on_chip(on_true_tile, where, "on_true_tile")
+    _same_layout(dst, on_true_tile, where, "dst", "on_true_tile")
+    check(dtypes.is_float(on_true_tile.dtype), where, f"on_true_tile dtype={on_true_tile.dtype.name}; must be float")
+    for nm, op in (("comp_op0", comp_op0), ("comp_op1", comp_op1)):
+        check(
+            isinstance(op, MathOp) and op.name in _COMPARE_OPS,
+            where,
+            f"{nm}={op!r}; must be one of nl.{', nl.'.join(_COMPARE_OPS)} (range_select doc)",
+        )
+    check(reduce_op is OPS["maximum"], where, f"reduce_op={reduce_op!r}; only nl.maximum is supported (doc)")
+    check(
+        float(on_false_value) == FP32_MIN,
+        where,
+        f"on_false_value={on_false_value!r}; must be FP32_MIN ({FP32_MIN:.7e}) (range_select doc)",
+    )
+    p = dst.shape[0]
+    bounds = []
+    for nm, b in (("bound0", bound0), ("bound1", bound1)):
+        _tensor(b, where, nm)
+        _on_chip(b, where, nm)
+        check(b.shape[0] == p and b.free_size == 1, where, f"{nm}{list(b.shape)}; must be ({p}, 1)")
+        check(b.dtype == dtypes.float32, where, f"{nm} dtype={b.dtype.name}; must be float32 (range_select doc)")
+        bounds.append(_read32(b))
+    idx = (np.float32(int(range_start)) + np.arange(dst.free_size, dtype=np.float32))[None, :]
+    mask = (comp_op0.fn(idx, bounds[0]) != 0) & (comp_op1.fn(idx, bounds[1]) != 0)
+    y = np.where(mask, _read32(on_true_tile), np.float32(FP32_MIN)).astype(np.float32)
+    _write(dst, y)
+    _vector_accumulate(reduce_op, y, reduce_cmd, reduce_res, p, where)
+    return _count(globals()["engine"].vector, "range_select", dst, all16=_is16(dst, on_true_tile))
+
+
+def _vector_accumulate(reduce_op: MathOp, y: np.ndarray, cmd, reduce_res, p: int, where: str) -> None:
+    """Vector Engine accumulator registers: reset / reduce / reset_reduce with the free-axis reduction of ``y``."""
+    regs = context.current().vec_regs
+    rc = globals()["reduce_cmd"]
+    part = reduce_op.reduce(y, 1).astype(np.float32)
+    if cmd is rc.reset_reduce:
+        regs[:p] = part
+    elif cmd is rc.reduce:
+        regs[:p] = reduce_op.fn(regs[:p], part)
+    elif cmd is rc.reset:
+        regs[:p] = np.float32(reduce_op.identity if reduce_op.identity is not None else 0.0)
+    if reduce_res is not None:
+        _on_chip(reduce_res, where, "reduce_res")
+        check(
+            reduce_res.shape[0] == p and reduce_res.free_size == 1,
+            where,
+            f"reduce_res{list(reduce_res.shape)}; must be ({p}, 1)",
+        )
+        _write(reduce_res, regs[:p].reshape(p, 1))
+
+
+def nonzero_with_count(dst, src, index_offset=0, padding_val=-1, name=None):
+    """GpSimd: on partitions 0, 16, ..., 112 only, the indices (+ ``index_offset``) of the non-zero elements, then
+    ``padding_val``, then the count in the extra last element (isa doc ``nonzero_with_count``)."""
+    where = "nisa.nonzero_with_count"
+    _on_chip(dst, where, "dst", allow_psum=False)
+    _on_chip(src, where, "src", allow_psum=False)
+    check(src.dtype in (dtypes.float32, dtypes.int32), where, f"src dtype={src.dtype.name}; must be float32 or int32")
+    check(dst.dtype == dtypes.int32, where, f"dst dtype={dst.dtype.name}; must be int32 (nonzero_with_count doc)")
+    check(dst.shape[0] == src.shape[0], where, f"dst partitions={dst.shape[0]}; must equal src's {src.shape[0]}")
+    f = src.free_size
+    check(dst.free_size == f + 1, where, f"dst{list(dst.shape)}; must have src's {f} elements + 1 per partition")
+    x = _read2d(src)
+    out = dst.read_raw().reshape(dst.shape[0], -1).copy()
+    for p in range(0, src.shape[0], GPSIMD_PARTITIONS_PER_CORE):
+        nz = np.flatnonzero(x[p] != 0)
+        row = np.full(f + 1, int(padding_val), dtype=np.int64)
+        row[: nz.size] = nz + int(index_offset)
+        row[f] = nz.size
+        out[p] = row.astype(np.int32)
+    _write(dst, out, exact=True)
+    return _count(globals()["engine"].gpsimd, "nonzero_with_count", dst)
+
+
+# ----- LNC=2: cross-core synchronisation and exchange --------------------------------------------------------------
+def _lnc2(where: str):
+    ctx = context.current()
+    launch = ctx.launch
+    check(
+        launch is not None and launch.num_programs == 2,
+        where,
+        f"num_programs={ctx.num_programs}; only allowed with LNC=2 (kernel[2]), NeuronCore-v3 or newer (isa doc)",
+    )
+    return ctx, launch
+
+
+def core_barrier(data, cores, engine=engine.gpsimd, name=None):
+    """Wait until both NeuronCores of an LNC=2 launch reach the barrier (isa doc ``core_barrier``: ``cores=(0, 1)``
+    only; ``data`` the shared-HBM tensor both cores write)."""
+    where = "nisa.core_barrier"
+    ctx, launch = _lnc2(where)
+    _tensor(data, where, "data")
+    check(
+        data.buffer is MemoryRegion.shared_hbm,
+        where,
+        f"data={data.describe()}; must be in shared HBM (core_barrier doc)",
+    )
+    check(tuple(int(c) for c in cores) == (0, 1), where, f"cores={tuple(cores)}; only (0, 1) is supported")
+    _count(_engine_of(engine, globals()["engine"].gpsimd), "core_barrier", data)
+    try:
+        launch.barrier.wait(timeout=launch.TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - BrokenBarrierError: the partner failed or never arrived
+        raise context.PartnerFailed(
+            f"{where}: program {ctx.program_id} waited for its partner at the barrier; the partner failed or never "
+            f"reached a core_barrier (within {launch.TIMEOUT_S:.0f} s)"
+        ) from None
+    return NkiInstruction("core_barrier")
+
+
+def sendrecv(src, dst, send_to_rank, recv_from_rank, pipe_id, dma_engine=dma_engine.dma, name=None):
+    """Send ``src`` to core ``send_to_rank``'s ``dst`` while receiving core ``recv_from_rank``'s ``src`` into ``dst``
+    (isa doc ``sendrecv``: SBUF tiles of the same dtype and shape; ranks 0 or 1; gpsimd_dma size limits)."""
+    where = "nisa.sendrecv"
+    ctx, launch = _lnc2(where)
+    for nm, t in (("src", src), ("dst", dst)):
+        _on_chip(t, where, nm, allow_psum=False)
+    check(src.dtype == dst.dtype, where, f"src dtype={src.dtype.name}, dst dtype={dst.dtype.name}; must be equal")
+    check(src.shape == dst.shape, where, f"src{list(src.shape)} vs dst{list(dst.shape)}; must have the same shape")
+    for nm, r in (("send_to_rank", send_to_rank), ("recv_from_rank", recv_from_rank)):
+        check(int(r) in (0, 1), where, f"{nm}={r}; must be 0 or 1 (the two cores of the LNC)")
+    if dma_engine is globals()["dma_engine"].gpsimd_dma:
+        limit = SENDRECV_GPSIMD_BYTES.get(src.dtype.itemsize, 0)
+        nbytes = src.free_size * src.dtype.itemsize
+        check(
+            nbytes <= limit,
+            where,
+            f"{nbytes} bytes per partition with dma_engine=gpsimd_dma; at most {limit} for "
+            f"{8 * src.dtype.itemsize}-bit types (sendrecv doc)",
+        )
+    me = ctx.program_id
+    seq_key = (pipe_id, me, int(send_to_rank))
+    seq = ctx.sendrecv_seq.get(seq_key, 0)
+    ctx.sendrecv_seq[seq_key] = seq + 1
+    recv_key = (pipe_id, int(recv_from_rank), me)
+    rseq = ctx.sendrecv_seq.get(("recv",) + recv_key, 0)
+    ctx.sendrecv_seq[("recv",) + recv_key] = rseq + 1
+    payload = src.read_raw()
+    with launch.cond:
+        launch.mailbox[seq_key + (seq,)] = payload
+        launch.cond.notify_all()
+        ok = launch.cond.wait_for(
+            lambda: launch.failed or recv_key + (rseq,) in launch.mailbox, timeout=launch.TIMEOUT_S
+        )
+        if not ok or launch.failed:
+            raise context.PartnerFailed(
+                f"{where}: program {me} waited for core {recv_from_rank} on pipe_id={pipe_id}; the partner failed "
+                f"or sent nothing (within {launch.TIMEOUT_S:.0f} s)"
+            )
+        data = launch.mailbox.pop(recv_key + (rseq,))
+    dst.write_raw(data.reshape(dst.shape))
+    context.current().cost.dma("sendrecv", src.size * src.dtype.itemsize, 0, 0)
+    return NkiInstruction("sendrecv")

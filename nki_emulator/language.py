@@ -13,24 +13,16 @@ import contextlib
 
 import numpy as np
 
-from .hardware import (
-    GEMM_MOVING_FMAX,
-    GEMM_STATIONARY_FMAX,
-    PMAX,
-    PSUM_BANK_BYTES,
-    PSUM_BANK_FMAX,
-    PSUM_NUM_BANKS,
-    SBUF_PARTITION_BYTES,
-    SBUF_PARTITION_BYTES_PHYSICAL,
-)
-
 from . import context, isa
 from .dtypes import (  # noqa: F401  (re-exported as nl.<dtype>)
     bfloat16,
     bool_,
+    float4_e2m1fn_x4,
     float8_e4m3,
     float8_e4m3fn,
+    float8_e4m3fn_x4,
     float8_e5m2,
+    float8_e5m2_x4,
     float8_e8m0fnu,
     float16,
     float32,
@@ -43,10 +35,59 @@ from .dtypes import (  # noqa: F401  (re-exported as nl.<dtype>)
     uint32,
 )
 from .errors import NkiEmulatorError, check
+from .hardware import (
+    GEMM_MOVING_FMAX,
+    GEMM_STATIONARY_FMAX,
+    PMAX,
+    PSUM_BANK_BYTES,
+    PSUM_BANK_FMAX,
+    PSUM_NUM_BANKS,
+    SBUF_PARTITION_BYTES,
+    SBUF_PARTITION_BYTES_PHYSICAL,
+)
 from .ops import OPS, MathOp
-from .tensor import DynamicSlice, MemoryRegion, NkiTensor
+from .tensor import _VIEW_IMPLS, DynamicSlice, MemoryRegion, NkiTensor
 
-NKIObject = object
+
+class NKIObject:
+    """Base of classes used inside kernels (nki-language-guide.rst, "Class Support").
+
+    As the compiler does, a subclass gets an initialiser if it has none: annotated fields in order, positionally or by
+    keyword, each defaulting to its class value or None ("fields without values"), then ``__post_init__``. Fields
+    without a value get the class default None before ``@dataclass`` sees the class, so AWS's config dataclasses
+    (required fields after defaulted ones) construct as under the compiler.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in cls.__dict__.get("__annotations__", {}):
+            if name not in cls.__dict__:
+                setattr(cls, name, None)
+
+    @classmethod
+    def _nki_fields(cls) -> list[str]:
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            for n in klass.__dict__.get("__annotations__", {}):
+                if n not in names:
+                    names.append(n)
+        return names
+
+    def __init__(self, *args, **kwargs):
+        fields = self._nki_fields()
+        if len(args) > len(fields):
+            raise TypeError(f"{type(self).__name__}: {len(args)} positional arguments; it has {len(fields)} fields")
+        values = dict(zip(fields, args))
+        for k, v in kwargs.items():
+            if k not in fields or k in values:
+                raise TypeError(f"{type(self).__name__}: unexpected or repeated field {k!r} (fields: {fields})")
+            values[k] = v
+        for f in fields:
+            object.__setattr__(self, f, values[f] if f in values else getattr(type(self), f, None))
+        post = getattr(self, "__post_init__", None)
+        if post is not None:
+            post()
+
 
 sbuf = MemoryRegion.sbuf
 psum = MemoryRegion.psum
@@ -100,8 +141,11 @@ def is_sbuf(buffer) -> bool:
 
 # ----- creation ----------------------------------------------------------------------------------------------------
 def ndarray(shape, dtype, buffer=sbuf, name="", address=None) -> NkiTensor:
-    """A new tensor; its contents read as NaN (floats) until written, as in the official simulator."""
-    return context.allocate(shape, dtype, buffer, name)
+    """A new tensor; its contents read as NaN (floats) until written, as in the official simulator.
+
+    ``address=(partition_offset, byte_offset)`` places an SBUF/PSUM tile explicitly; handles at the same placement
+    with the same footprint alias one allocation (context.MemoryTracker)."""
+    return context.allocate(shape, dtype, buffer, name, address=address)
 
 
 def _filled(shape, value, dtype, buffer, name) -> NkiTensor:
@@ -175,15 +219,35 @@ def dynamic_range(start, stop=None, step=1):
     return builtins.range(s, int(stop), step) if stop is not None else builtins.range(s)
 
 
+_LOOP_RULES = "nki/migration/index.rst, 'Rules for migrated loops' (NKI 0.6)"
+
+
 def fori_loop(lower, upper, body_fun, step=1) -> None:
+    """Runtime counted loop: ``body_fun(i)`` for i in range(lower, upper, step) with i a read-only register."""
+    where = "nl.fori_loop"
+    check(
+        isinstance(step, (int, np.integer)) and not isinstance(step, bool) and step > 0,
+        where,
+        f"step={step!r}; must be a positive compile-time integer ({_LOOP_RULES})",
+    )
+    check(context.current().in_no_reorder == 0, where, f"inside nl.no_reorder(); not allowed ({_LOOP_RULES})")
     for i in builtins.range(int(lower), int(upper), int(step)):
-        body_fun(isa.VirtualRegister(i))
+        res = body_fun(isa.VirtualRegister(i, frozen=True))
+        check(res is None, where, f"body returned {res!r}; the fori_loop body cannot return a value ({_LOOP_RULES})")
 
 
 def while_loop(init, body_fun) -> None:
+    """Runtime while loop: runs ``body_fun(reg)`` while the register is non-zero; the body returns the condition."""
+    where = "nl.while_loop"
+    check(context.current().in_no_reorder == 0, where, f"inside nl.no_reorder(); not allowed ({_LOOP_RULES})")
     r = init
     while int(r) != 0:
         r = body_fun(r)
+        check(
+            isinstance(r, isa.VirtualRegister),
+            where,
+            f"body returned {r!r}; the while_loop body returns only the next condition register ({_LOOP_RULES})",
+        )
 
 
 def program_id(axis=0) -> int:
@@ -201,7 +265,12 @@ def program_ndim() -> int:
 
 @contextlib.contextmanager
 def no_reorder():
-    yield
+    ctx = context.current()
+    ctx.in_no_reorder += 1
+    try:
+        yield
+    finally:
+        ctx.in_no_reorder -= 1
 
 
 def device_print(print_prefix, tensor) -> None:
@@ -381,7 +450,7 @@ def where(condition, x, y, dtype=None) -> NkiTensor:
 
 
 def expand_dims(x: NkiTensor, axis) -> NkiTensor:
-    return x.expand_dim(axis)
+    return _VIEW_IMPLS["expand_dim"](x, axis)
 
 
 def broadcast_to(x: NkiTensor, shape, dtype=None) -> NkiTensor:

@@ -13,6 +13,8 @@ import ctypes
 import functools
 import glob
 import os
+import threading
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -59,6 +61,10 @@ def single_threaded_blas():
         set_(before)
 
 
+class NkiLanguageWarning(UserWarning):
+    """A kernel breaks a language rule of the default NKI release (an error when a release is chosen explicitly)."""
+
+
 class Kernel:
     """A ``@nki.jit`` kernel; ``kernel(*args)`` runs it in the emulator, ``kernel[n](*args)`` with ``n`` programs."""
 
@@ -66,14 +72,45 @@ class Kernel:
         self.fn = fn
         self.grid = int(grid)
         self.options = options
+        self._checked: str | None = None  # the NKI version whose language rules this kernel passed
         functools.update_wrapper(self, fn)
+
+    def check_language(self) -> None:
+        """Reject Python the selected NKI release's compiler rejects (language_rules), once per kernel and version.
+
+        Under the default release (none chosen explicitly) violations are a ``NkiLanguageWarning`` instead, once per
+        kernel, so kernels that still break a rule keep running while they are fixed (docs/emulator.md).
+        """
+        from . import language_rules
+        from .install import ENV_VERSION, nki_version, strict
+
+        version = nki_version()
+        if self._checked == version:
+            return
+        if strict():
+            language_rules.enforce(self.fn, version)
+        else:
+            found = language_rules.check(self.fn, version)
+            if found:
+                warnings.warn(
+                    NkiLanguageWarning(
+                        f"kernel {getattr(self.fn, '__name__', 'kernel')}: "
+                        + found[0].format(version)
+                        + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
+                        + f"; an error once a release is chosen (install(nki_version=...) or ${ENV_VERSION})"
+                    ),
+                    stacklevel=3,
+                )
+        self._checked = version
 
     def __getitem__(self, grid) -> Kernel:
         if isinstance(grid, tuple):
             check(len(grid) == 1, "kernel[grid]", f"grid={grid}; the emulator supports 1-D grids")
             grid = grid[0]
         check(int(grid) >= 1, "kernel[grid]", f"grid={grid}; must be >= 1")
-        return Kernel(self.fn, int(grid), **self.options)
+        k = Kernel(self.fn, int(grid), **self.options)
+        k._checked = self._checked
+        return k
 
     def __call__(self, *args, **kwargs):
         return run(self, *args, **kwargs)[0]
@@ -155,42 +192,84 @@ def _returned_storages(out: Any) -> set[int]:
     return set()
 
 
+def _run_program(k: Kernel, pid: int, launch: context.Launch, wargs, wkwargs, inputs, torch_out, where, results):
+    """One program of a launch, in the calling thread; stores (output, cost, memory) or the exception."""
+    ctx = context.ProgramContext(pid, k.grid, launch)
+    prev = context.set_current(ctx)
+    try:
+        out = k.fn(*wargs, **wkwargs)
+        ctx.memory.finish(where if k.grid == 1 else f"{where} (program {pid})")
+        returned = _returned_storages(out)
+        for st in inputs:
+            if st.written and id(st) not in returned:
+                raise NkiEmulatorError(
+                    f"{where}: input {st.name}{list(st.shape)} was written; kernel arguments are read-only "
+                    "unless the kernel also returns them as outputs"
+                )
+        results[pid] = (out, ctx)
+    except BaseException as e:  # noqa: BLE001 - re-raised by run() in the caller's thread
+        results[pid] = e
+        launch.abort()
+    finally:
+        context.set_current(prev)
+
+
+def _run_grid(k: Kernel, launch: context.Launch, wargs, wkwargs, inputs, torch_out, where, results) -> None:
+    if k.grid == 1:
+        _run_program(k, 0, launch, wargs, wkwargs, inputs, torch_out, where, results)
+        return
+    name = getattr(k.fn, "__name__", "kernel")
+    threads = [
+        threading.Thread(
+            target=_run_program,
+            args=(k, pid, launch, wargs, wkwargs, inputs, torch_out, where, results),
+            name=f"{name}[program {pid}]",
+            daemon=True,
+        )
+        for pid in range(k.grid)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def run(kernel, *args, **kwargs) -> tuple[Any, CostReport]:
     """Run ``kernel`` (an ``@nki.jit`` kernel, ``kernel[n]`` or a plain function) in the emulator.
 
     Returns ``(outputs, report)``: outputs as the kernel returned them, tensors converted to NumPy arrays (torch
-    tensors if any argument was one), and the trn2 ``CostReport`` of the call. For a grid of n programs the programs run
-    one after another; the j-th ``nl.shared_hbm`` allocation of each program is the same tensor, so programs that
-    each write their share of an output produce the whole output (the last program's return value is returned).
+    tensors if any argument was one), and the trn2 ``CostReport`` of the call. A grid of n programs runs them
+    concurrently, one thread each (``core_barrier`` and ``sendrecv`` synchronise them as on hardware); the j-th
+    ``nl.shared_hbm`` allocation of each program is the same tensor, so programs that each write their share of an
+    output produce the whole output (program 0's return value is returned).
     """
     k = kernel if isinstance(kernel, Kernel) else Kernel(kernel)
-    name = getattr(k.fn, "__name__", "kernel")
-    where = f"kernel {name}"
+    where = f"kernel {getattr(k.fn, '__name__', 'kernel')}"
+    k.check_language()
+    from . import language_rules
+    from .install import nki_version, strict
+
+    if strict():
+        language_rules.check_arguments(args, kwargs, nki_version(), where)
     torch_out = any(_is_torch(a) for a in list(args) + list(kwargs.values()))
     inputs: list[Storage] = []
     wargs = [_wrap_arg(a, i, inputs) for i, a in enumerate(args)]
     wkwargs = {key: _wrap_arg(v, key, inputs) for key, v in kwargs.items()}
-    counters, peak_sbuf, peak_psum = [], 0, 0
-    result = None
-    shared: list[Storage] = []
+    launch = context.Launch(k.grid)
+    results: list[Any] = [None] * k.grid
     with single_threaded_blas():  # only around the kernel: the rest of the process keeps its BLAS threads
-        for pid in range(k.grid):
-            ctx = context.ProgramContext(pid, k.grid, shared)
-            prev = context.set_current(ctx)
-            try:
-                out = k.fn(*wargs, **wkwargs)
-                returned = _returned_storages(out)
-                for st in inputs:
-                    if st.written and id(st) not in returned:
-                        raise NkiEmulatorError(
-                            f"{where}: input {st.name}{list(st.shape)} was written; kernel arguments are read-only "
-                            "unless the kernel also returns them as outputs"
-                        )
-                result = _unwrap(out, torch_out, where)
-                del out
-            finally:
-                context.set_current(prev)
-            counters.append(ctx.cost)
-            peak_sbuf = max(peak_sbuf, ctx.memory.peak_sbuf_bytes)
-            peak_psum = max(peak_psum, ctx.memory.peak_psum_banks)
-    return result, build_report(counters, peak_sbuf, peak_psum)
+        _run_grid(k, launch, wargs, wkwargs, inputs, torch_out, where, results)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        # the first real failure, not a partner's broken barrier caused by it
+        real = [e for e in errors if not isinstance(e, (threading.BrokenBarrierError, context.PartnerFailed))]
+        raise (real or errors)[0]
+    result = _unwrap(results[0][0], torch_out, where)
+    for r in results[1:]:
+        _unwrap(r[0], torch_out, where)  # every program's outputs must be in shared HBM
+    ctxs = [r[1] for r in results]
+    return result, build_report(
+        [c.cost for c in ctxs],
+        max(c.memory.peak_sbuf_bytes for c in ctxs),
+        max(c.memory.peak_psum_banks for c in ctxs),
+    )

@@ -37,11 +37,16 @@ PSUM_MATMUL = 1  # last written by nc_matmul (an open accumulation group)
 PSUM_OTHER = 2  # last written by a non-matmul instruction (matmul accumulation onto it is undefined on v2/v3)
 PSUM_MATMUL_READ = 3  # written by nc_matmul and since read by another engine (group presumably closed)
 
+# Instruction clock: advanced once per instruction by the cost counter. On-chip storages record the clock of their
+# first and last access, which gives each tile its live range (first use .. last use), the way the compiler's
+# allocator sees an unrolled kernel (context.MemoryTracker sweeps the ranges for the SBUF/PSUM capacity checks).
+CLOCK = [0]
+
 
 class Storage:
     """One allocation: a flat NumPy array plus the bookkeeping the strict checks need."""
 
-    __slots__ = ("data", "buffer", "name", "shape", "psum_state", "is_input", "written", "__weakref__")
+    __slots__ = ("data", "buffer", "name", "shape", "psum_state", "is_input", "written", "span", "__weakref__")
 
     def __init__(self, data: np.ndarray, buffer: MemoryRegion, name: str, shape: tuple[int, ...]):
         self.data = data
@@ -51,6 +56,7 @@ class Storage:
         self.psum_state = np.zeros(data.size, dtype=np.uint8) if buffer is MemoryRegion.psum else None
         self.is_input = False
         self.written = False
+        self.span = None  # on-chip: [first access, last access, ...] record kept by context.MemoryTracker
 
 
 class _Indirect:
@@ -164,6 +170,9 @@ class NkiTensor:
     # ----- queries ----------------------------------------------------------------------------------------------
     def is_contiguous(self) -> bool:
         """Row-major contiguity of the view; for on-chip tensors only the free dims count (isa docs)."""
+        return self._contiguous()
+
+    def _contiguous(self) -> bool:
         start = 1 if self.on_chip else 0
         expected = 1
         for n, s in zip(reversed(self.shape[start:]), reversed(self.strides[start:])):
@@ -181,32 +190,36 @@ class NkiTensor:
 
     # ----- indexing ---------------------------------------------------------------------------------------------
     def __getitem__(self, key) -> NkiTensor:
+        # Hot path (every tile view): messages are only formatted when a check fails.
         if not isinstance(key, tuple):
             key = (key,)
         if any(k is Ellipsis for k in key):
             i = next(j for j, k in enumerate(key) if k is Ellipsis)
             fill = self.ndim - (len(key) - 1)
             key = key[:i] + (slice(None),) * fill + key[i + 1 :]
-        check(len(key) <= self.ndim, self._where("__getitem__"), f"indices={len(key)}; more than ndim={self.ndim}")
+        if len(key) > self.ndim:
+            self._index_error(f"indices={len(key)}; more than ndim={self.ndim}")
         key = key + (slice(None),) * (self.ndim - len(key))
         shape, strides, offset = [], [], self.offset
+        indirect = self._indirect
         for dim, (k, n, s) in enumerate(zip(key, self.shape, self.strides)):
             if isinstance(k, DynamicSlice):
                 k = slice(k.start, k.start + k.size)
             if isinstance(k, slice):
                 start, stop, step = k.start, k.stop, k.step
                 step = 1 if step is None else int(step)
-                check(step >= 1, self._where("__getitem__"), f"step={step} on dim {dim}; must be >= 1")
+                if step < 1:
+                    self._index_error(f"step={step} on dim {dim}; must be >= 1")
                 start = 0 if start is None else int(start)
                 stop = n if stop is None else int(stop)
                 start = start + n if start < 0 else start
                 stop = stop + n if stop < 0 else stop
-                check(
-                    0 <= start < stop <= n,
-                    self._where("__getitem__"),
-                    f"slice={start}:{stop} on dim {dim}; must satisfy 0 <= start < stop <= {n} (no clamping)",
-                )
-                self._check_indirect_dim(dim, "slice", start != 0 or stop != n or step != 1)
+                if not 0 <= start < stop <= n:
+                    self._index_error(
+                        f"slice={start}:{stop} on dim {dim}; must satisfy 0 <= start < stop <= {n} (no clamping)"
+                    )
+                if indirect is not None:
+                    self._check_indirect_dim(dim, "slice", start != 0 or stop != n or step != 1)
                 shape.append(len(range(start, stop, step)))
                 strides.append(s * step)
                 offset += start * s
@@ -214,12 +227,12 @@ class NkiTensor:
                 try:
                     idx = int(k)
                 except TypeError:
-                    raise NkiEmulatorError(
-                        f"{self._where('__getitem__')}: index={k!r} on dim {dim}; use int, slice or nl.ds(start, size)"
-                    ) from None
+                    self._index_error(f"index={k!r} on dim {dim}; use int, slice or nl.ds(start, size)")
                 idx = idx + n if idx < 0 else idx
-                check(0 <= idx < n, self._where("__getitem__"), f"index={idx} on dim {dim}; out of range [0, {n})")
-                self._check_indirect_dim(dim, "select", True)
+                if not 0 <= idx < n:
+                    self._index_error(f"index={idx} on dim {dim}; out of range [0, {n})")
+                if indirect is not None:
+                    self._check_indirect_dim(dim, "select", True)
                 offset += idx * s
                 if dim == 0 and self.on_chip:
                     shape.append(1)  # the partition dim is kept (NkiTensor.__getitem__ doc)
@@ -227,6 +240,9 @@ class NkiTensor:
         if not shape:  # HBM scalar selection: keep at least 1-D
             shape, strides = [1], [1]
         return self._derive(shape, strides, offset)
+
+    def _index_error(self, message: str):
+        raise NkiEmulatorError(f"{self._where('__getitem__')}: {message}") from None
 
     def __setitem__(self, key, value):
         raise NkiEmulatorError(
@@ -347,11 +363,11 @@ class NkiTensor:
                 where,
                 f"shape[0]={shape[0]}; on-chip reshape must keep the partition dim {self.shape[0]}",
             )
-            check(self.is_contiguous(), where, "free dims not contiguous; reshape needs a contiguous layout")
+            check(self._contiguous(), where, "free dims not contiguous; reshape needs a contiguous layout")
             base = self.strides[-1] if len(self.shape) > 1 and self.shape[-1] > 1 else 1
             strides = (self.strides[0],) + tuple(s * base for s in _row_major_strides(shape[1:]))
             return self._derive(shape, strides, self.offset)
-        check(self.is_contiguous(), where, "view not contiguous; reshape needs a contiguous layout")
+        check(self._contiguous(), where, "view not contiguous; reshape needs a contiguous layout")
         return self._derive(shape, _row_major_strides(shape), self.offset)
 
     def rearrange(self, src_pattern: tuple, dst_pattern: tuple, fixed_sizes: dict | None = None) -> NkiTensor:
@@ -520,6 +536,11 @@ class NkiTensor:
 
     def read_raw(self, valid: np.ndarray | None = None) -> np.ndarray:
         """A copy of the view's elements in its own dtype (invalid indirect elements read as 0)."""
+        span = self._storage.span
+        if span is not None:
+            if span[0] < 0:
+                span[0] = CLOCK[0]
+            span[1] = CLOCK[0]
         if self._indirect is None:
             return np.array(self._array())
         addr, ok = self._addresses()
@@ -536,6 +557,11 @@ class NkiTensor:
         storage = self._storage
         if storage.is_input:
             storage.written = True
+        span = storage.span
+        if span is not None:
+            if span[0] < 0:
+                span[0] = CLOCK[0]
+            span[1] = CLOCK[0]
         if self._indirect is None:
             check(
                 all(s != 0 or n == 1 for s, n in zip(self.strides, self.shape)),
@@ -559,6 +585,40 @@ class NkiTensor:
         return np.lib.stride_tricks.as_strided(
             st[self.offset :], shape=self.shape, strides=self.strides, writeable=True
         )
+
+
+_VIEW_METHODS_0_5 = (
+    "slice",
+    "select",
+    "permute",
+    "broadcast",
+    "expand_dim",
+    "squeeze_dim",
+    "reshape_dim",
+    "flatten_dims",
+    "rearrange",
+    "vector_select",
+    "is_contiguous",
+    "is_indirect",
+)
+_VIEW_IMPLS = {n: NkiTensor.__dict__[n] for n in _VIEW_METHODS_0_5}
+
+
+def _absent_method(name: str, release: str):
+    def absent(self, *args, **kwargs):
+        raise NkiEmulatorError(
+            f"NkiTensor.{name}({self.describe()}): not in NKI {release}; the NkiTensor view and query methods arrive "
+            "in NKI 0.5 (release-notes/components/nki.rst 0.5.0, 'New NkiTensor view primitives')"
+        )
+
+    return absent
+
+
+def set_view_methods(release: str) -> None:
+    """Expose the 0.5 view methods only for releases that have them (class attributes: no per-call cost)."""
+    new = tuple(int(p) for p in release.split(".")) >= (0, 5)
+    for name, impl in _VIEW_IMPLS.items():
+        setattr(NkiTensor, name, impl if new else _absent_method(name, release))
 
 
 def _is_register(x: Any) -> bool:

@@ -4,9 +4,10 @@ the project; kernels run without the emulator on hardware): every fact the kerne
 import ast
 from pathlib import Path
 
+from vllm_nki_moe.kernels import limits
+
 import nki_emulator
 from nki_emulator import hardware
-from vllm_nki_moe.kernels import limits
 
 REPO = Path(__file__).resolve().parents[2]
 

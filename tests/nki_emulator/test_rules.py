@@ -49,7 +49,10 @@ def test_ndarray_rejects_psum_tile_over_one_bank():
 def test_ndarray_rejects_more_than_8_psum_banks_live():
     def kern():
         tiles = [_ps((128, 512)) for _ in range(9)]
-        return tiles
+        for t in tiles:  # all written, then all read: nine banks live at once
+            nisa.memset(t, 0.0)
+        for t in tiles:
+            nisa.tensor_copy(dst=_sb((128, 512)), src=t)
 
     _raises("live PSUM banks=9", kern)
 
@@ -58,9 +61,15 @@ def test_ndarray_rejects_sbuf_over_capacity():
     def kern():
         a = _sb((128, SBUF_PARTITION_BYTES // 4 - 8))
         b = _sb((128, 16))
-        return a, b
+        nisa.memset(a, 0.0)
+        nisa.memset(b, 0.0)
+        nisa.tensor_copy(dst=a[:, 0:16], src=b)  # a and b live together
 
     _raises(f"exceeds the usable {SBUF_PARTITION_BYTES} B", kern)
+
+
+def test_ndarray_rejects_single_tile_over_sbuf_partition():
+    _raises(f"exceeds the usable {SBUF_PARTITION_BYTES} B", lambda: _sb((1, SBUF_PARTITION_BYTES // 4 + 1)))
 
 
 def test_ndarray_frees_dead_tiles_so_loops_do_not_leak():
@@ -156,7 +165,7 @@ def _mm(
 ):
     def kern():
         dst = nl.ndarray(dst_shape, dtype=dst_dtype, buffer=dst_buf)
-        st = _filled(st_shape, st_dtype) if st_buf is nl.sbuf else nl.ndarray(st_shape, st_dtype, buffer=st_buf)
+        st = _filled(st_shape, st_dtype) if st_buf == nl.sbuf else nl.ndarray(st_shape, st_dtype, buffer=st_buf)
         mv = _filled(mv_shape, mv_dtype)
         nisa.nc_matmul(dst=dst, stationary=st, moving=mv, **kw)
 
@@ -200,13 +209,14 @@ def test_nc_matmul_rejects_accumulate_true_on_fresh_psum():
     _raises("accumulate=True onto PSUM not initialised", _mm((4, 8), (16, 4), (16, 8), accumulate=True))
 
 
-def test_nc_matmul_rejects_accumulating_onto_memset_psum():
+def test_nc_matmul_rejects_accumulate_true_onto_memset_psum():
     def kern():
         dst = _ps((4, 8))
         nisa.memset(dst, 0.0)
-        nisa.nc_matmul(dst=dst, stationary=_filled((16, 4), nl.bfloat16), moving=_filled((16, 8), nl.bfloat16))
+        a, b = _filled((16, 4), nl.bfloat16), _filled((16, 8), nl.bfloat16)
+        nisa.nc_matmul(dst=dst, stationary=a, moving=b, accumulate=True)
 
-    _raises("written by a non-matmul instruction", kern)
+    _raises("accumulate=True onto PSUM not initialised by a matmul", kern)
 
 
 def test_nc_matmul_rejects_ambiguous_accumulate_after_readout():

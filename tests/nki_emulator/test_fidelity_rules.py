@@ -1,0 +1,217 @@
+"""Rules fixed to match the documented compiler (issue 12): accumulate=None inference, address= placement and aliasing,
+live-range SBUF/PSUM accounting, NKIObject classes, ordered nc_version, nki.isa.constants, nki.dtype, x4 dtypes.
+Each accepted AWS-style pattern has a negative twin that must still be rejected."""
+
+import dataclasses
+
+import nki
+import nki.isa as nisa
+import nki.language as nl
+import numpy as np
+import pytest
+
+from nki_emulator import NkiEmulatorError, run
+
+SEED = 12
+PSUM_BANK_BYTES = 2048  # tile_size.psum_bank_fmax_bytes
+
+
+def _sb(shape, dtype=nl.float32, **kw):
+    return nl.ndarray(shape, dtype=dtype, buffer=nl.sbuf, **kw)
+
+
+def _ps(shape, dtype=nl.float32, **kw):
+    return nl.ndarray(shape, dtype=dtype, buffer=nl.psum, **kw)
+
+
+def _load(x):
+    t = _sb(x.shape, x.dtype)
+    nisa.dma_copy(dst=t, src=x)
+    return t
+
+
+def _store(t):
+    out = nl.ndarray(t.shape, dtype=t.dtype, buffer=nl.shared_hbm)
+    sb = t
+    if t.buffer == nl.psum:
+        sb = _sb(t.shape, t.dtype)
+        nisa.tensor_copy(dst=sb, src=t)
+    nisa.dma_copy(dst=out, src=sb)
+    return out
+
+
+# --- (a) accumulate=None after memset: first matmul write overwrites ------------------------------------------------
+def test_nc_matmul_accumulate_none_after_memset_overwrites():
+    rng = np.random.default_rng(SEED)
+    a = rng.standard_normal((16, 4)).astype(np.float32)
+    b = rng.standard_normal((16, 8)).astype(np.float32)
+
+    def kern(a, b):
+        dst = _ps((4, 8))
+        nisa.memset(dst, 7.0)
+        sa, sbt = _load(a), _load(b)
+        nisa.nc_matmul(dst=dst, stationary=sa, moving=sbt)  # overwrites the memset values
+        nisa.nc_matmul(dst=dst, stationary=sa, moving=sbt)  # then accumulates
+        return _store(dst)
+
+    out, _ = run(nki.jit(kern), a, b)
+    np.testing.assert_allclose(out, 2 * a.T @ b, rtol=1e-5, atol=1e-5)
+
+
+# --- (b) address= placement: aliasing, one charge per placement, overlaps ----------------------------------------
+def test_ndarray_same_address_aliases_and_reads_the_data():
+    x = np.arange(128 * 8, dtype=np.float32).reshape(128, 8)
+
+    def kern(x):
+        first = _sb((128, 8), address=(0, 4096))
+        nisa.dma_copy(dst=first, src=x)
+        second = _sb((128, 8), address=(0, 4096))  # a second handle on the same bytes
+        return _store(second)
+
+    out, _ = run(nki.jit(kern), x)
+    np.testing.assert_array_equal(out, x)
+
+
+def test_ndarray_circular_psum_buffers_charge_each_bank_once():
+    """Flash-attention style: 16 PSUM handles over 4 addressed banks plus 4 compiler-placed tiles fit 8 banks."""
+
+    def kern():
+        keep = [_ps((128, 512)) for _ in range(4)]
+        for t in keep:
+            nisa.memset(t, 0.0)
+        for i in range(16):
+            p = _ps((128, 512), address=(0, (i % 4) * PSUM_BANK_BYTES))
+            nisa.memset(p, float(i))
+            nisa.tensor_copy(dst=_sb((128, 512)), src=p)
+        for t in keep:
+            nisa.tensor_copy(dst=_sb((128, 512)), src=t)
+
+    _, rep = run(nki.jit(kern))
+    assert rep.peak_psum_banks == 8
+
+
+def test_ndarray_rejects_overlapping_placements_live_together():
+    def kern():
+        a = _sb((128, 64), address=(0, 0))
+        b = _sb((128, 64), address=(0, 128))  # bytes 128..384 overlap a's 0..256
+        nisa.memset(a, 1.0)
+        nisa.memset(b, 2.0)
+        nisa.tensor_copy(dst=_sb((128, 64)), src=a)
+
+    with pytest.raises(NkiEmulatorError, match="overlapping placements are live at the same time"):
+        run(nki.jit(kern))
+
+
+def test_ndarray_rejects_psum_placement_across_a_bank():
+    with pytest.raises(NkiEmulatorError, match="must lie within one 2048 B bank"):
+        run(nki.jit(lambda: _ps((128, 512), address=(0, 1024))))
+
+
+def test_ndarray_rejects_malformed_address():
+    with pytest.raises(NkiEmulatorError, match=r"address=5; must be \(partition_offset, free_offset\)"):
+        run(nki.jit(lambda: _sb((128, 4), address=5)))
+
+
+# --- (c) live-range accounting --------------------------------------------------------------------------------------
+def test_loop_allocated_tiles_are_not_charged_twice():
+    """Two 100 KiB tiles per iteration; the previous iteration's tiles are dead (bound to names, never used again)."""
+    n = 100 * 1024 // 4
+
+    def kern():
+        for _ in range(3):
+            a = _sb((128, n))
+            nisa.memset(a, 1.0)
+            b = _sb((128, n))
+            nisa.tensor_copy(dst=b, src=a)
+
+    _, rep = run(nki.jit(kern))
+    assert rep.peak_sbuf_bytes_per_partition == 2 * n * 4
+
+
+def test_small_partition_tiles_are_charged_on_their_quadrants():
+    """Four [32, 200 KiB] tiles live together fit: each occupies one quadrant, not all 128 partitions."""
+    n = 200 * 1024 // 4
+
+    def kern():
+        tiles = [_sb((32, n)) for _ in range(4)]
+        for t in tiles:
+            nisa.memset(t, 0.0)
+        for t in tiles:
+            nisa.tensor_copy(dst=t, src=t)
+
+    _, rep = run(nki.jit(kern))
+    assert rep.peak_sbuf_bytes_per_partition == n * 4
+
+
+def test_small_partition_tiles_still_rejected_when_quadrants_overflow():
+    n = 200 * 1024 // 4
+
+    def kern():
+        tiles = [_sb((32, n)) for _ in range(5)]
+        for t in tiles:
+            nisa.memset(t, 0.0)
+        for t in tiles:
+            nisa.tensor_copy(dst=t, src=t)
+
+    with pytest.raises(NkiEmulatorError, match="SBUF bytes per partition=.*exceeds the usable"):
+        run(nki.jit(kern))
+
+
+# --- (d) NKIObject, nc_version, namespaces --------------------------------------------------------------------------
+def test_nkiobject_dataclass_with_fields_without_values():
+    @dataclasses.dataclass
+    class Config(nl.NKIObject):
+        tile: int = 128
+        dtype: object  # no value after a defaulted field: the compiler gives it None
+
+    c = Config(dtype=nl.bfloat16)
+    assert (c.tile, c.dtype) == (128, nl.bfloat16)
+    assert Config().dtype is None
+
+
+def test_nkiobject_plain_class_keyword_construction():
+    class Params(nl.NKIObject):
+        a: int
+        b: float = 0.5
+
+        def __post_init__(self):
+            self.c = 2 * self.b
+
+    p = Params(3, b=1.5)
+    assert (p.a, p.b, p.c) == (3, 1.5, 3.0)
+    with pytest.raises(TypeError, match="unexpected or repeated field 'z'"):
+        Params(z=1)
+
+
+def test_nc_version_is_ordered():
+    assert nisa.get_nc_version() >= nisa.nc_version.gen3
+    assert nisa.nc_version.gen2 < nisa.nc_version.gen4
+    assert not nisa.get_nc_version() >= nisa.nc_version.gen4
+    with pytest.raises(TypeError):
+        nisa.nc_version.gen3 < 3  # noqa: B015 - only versions compare
+
+
+def test_isa_constants_and_nki_dtype():
+    from nki.isa.constants import dge_mode, oob_mode
+
+    assert oob_mode.skip is nisa.oob_mode.skip and dge_mode.swdge is nisa.dge_mode.swdge
+    assert isinstance(nl.bfloat16, nki.dtype)
+
+
+def test_packed_x4_dtypes_allocate_copy_and_zero_fill():
+    def kern():
+        t = _sb((128, 16), nl.float8_e4m3fn_x4)
+        nisa.memset(t, 0)
+        u = _sb((128, 16), nl.float8_e4m3fn_x4)
+        nisa.tensor_copy(dst=u, src=t)
+        assert t.dtype.itemsize == 4 and nl.float4_e2m1fn_x4.itemsize == 2 and nl.float8_e5m2_x4.itemsize == 4
+
+    run(nki.jit(kern))
+
+
+def test_memset_rejects_non_zero_on_packed_x4():
+    def kern():
+        nisa.memset(_sb((128, 16), nl.float8_e5m2_x4), 1)
+
+    with pytest.raises(NkiEmulatorError, match="x4 packed types take value=0 only"):
+        run(nki.jit(kern))
