@@ -14,7 +14,14 @@ import numpy as np
 from . import dtypes
 from .cost import CostCounter
 from .errors import NkiEmulatorError, check
-from .hardware import PMAX, PSUM_BANK_BYTES, PSUM_NUM_BANKS, SBUF_PARTITION_BYTES
+from .hardware import (
+    PMAX,
+    PSUM_BANK_BYTES,
+    PSUM_NUM_BANKS,
+    PSUM_PARTITION_BYTES,
+    SBUF_PARTITION_BYTES,
+    SBUF_PARTITION_BYTES_PHYSICAL,
+)
 from .tensor import HBM, MemoryRegion, NkiTensor, Storage
 
 QUADRANT = 32  # partitions per quadrant: engines start at partition 0/32/64/96 (nc_stream_shuffle doc, isa docs)
@@ -34,9 +41,10 @@ class MemoryTracker:
       may place tiles on fewer partitions side by side), and each tile alone within the usable bytes per partition.
     - PSUM: a tile occupies a whole 2 KiB bank (accumulation groups are bank-granular) on its quadrants; at most
       8 banks x 4 quadrants are live.
-    - ``address=(partition, byte offset)`` placements: every handle at the same placement with the same footprint is
-      one allocation (the handles alias, the bytes are charged once); PSUM placements are charged per (bank,
-      quadrant) they touch. Two different placements whose bytes overlap while both are live are rejected.
+    - ``address=(partition, byte offset)`` placements are views of the program's byte-addressed SBUF / PSUM
+      (``_placed``): overlapping placements share bytes as on hardware. Every handle at the same placement with the
+      same footprint is one allocation (one live range, charged once); PSUM placements are charged per (bank,
+      quadrant) they touch.
     """
 
     def __init__(self, enabled: bool = True) -> None:
@@ -45,6 +53,14 @@ class MemoryTracker:
         self.placements: dict[tuple, Storage] = {}
         self.peak_sbuf_bytes = 0
         self.peak_psum_banks = 0
+        self._arenas: dict[MemoryRegion, np.ndarray] = {}
+
+    def arena(self, buffer: MemoryRegion, row_bytes: int) -> np.ndarray:
+        """The program's byte-addressed SBUF or PSUM (allocated on the first ``address=`` tile)."""
+        a = self._arenas.get(buffer)
+        if a is None:
+            a = self._arenas[buffer] = np.full(PMAX * row_bytes, 0xFF, dtype=np.uint8)
+        return a
 
     def allocate(self, tensor: NkiTensor, address=None) -> Storage | None:
         """Check the tile's static limits and start tracking it; returns an existing storage the tile aliases."""
@@ -139,7 +155,6 @@ class MemoryTracker:
         if not self.enabled or not self.records:
             return
         used = [r for r in self.records if r[0] >= 0]
-        self._check_overlaps(used, where)
         events = []
         for r in used:
             events.append((r[0], 1, r))
@@ -198,20 +213,6 @@ class MemoryTracker:
             f"{PSUM_NUM_BANKS} banks per partition (tile_size.psum_num_banks; a tile holds a whole bank on its "
             "quadrants; live = first to last access)"
         )
-
-    def _check_overlaps(self, used: list, where: str) -> None:
-        placed = [r for r in used if r[6] is not None]
-        for i, a in enumerate(placed):
-            for b in placed[i + 1 :]:
-                pa, pb = a[6], b[6]
-                if a[2] is not b[2] or pa[0] >= pb[1] or pb[0] >= pa[1] or pa[2] >= pb[3] or pb[2] >= pa[3]:
-                    continue
-                if a[0] <= b[1] and b[0] <= a[1]:
-                    raise NkiEmulatorError(
-                        f"{where}: {self._label(a)} and {self._label(b)}; overlapping placements are live at the "
-                        f"same time (instructions #{max(a[0], b[0])}..#{min(a[1], b[1])}): each overwrites the "
-                        "other's bytes (nki.language.ndarray doc, 'address'; same placement and footprint = alias)"
-                    )
 
 
 class ProgramContext:
@@ -316,9 +317,15 @@ def _fresh(shape, dt, buffer, name, fill, ctx, address) -> NkiTensor:
         probe = NkiTensor(shape, dt, Storage(np.empty(0, dtype=dt), buffer, name, shape))
         alias = ctx.memory.allocate(probe, address)
         if alias is not None:
-            return NkiTensor(shape, dt, alias)
+            return NkiTensor(shape, dt, alias, _strides=_arena_strides(shape, dt, buffer))
     else:
         probe = None
+    span = None if probe is None else probe._storage.span
+    if span is not None and span[6] is not None:
+        t = _placed(shape, dt, buffer, name, ctx, span[6])
+        t._storage.span = span
+        ctx.memory.placements[(buffer, span[6][0], span[6][2])] = t._storage
+        return t
     if fill is None:
         fill = np.nan if dtypes.is_float(dt) else dtypes.INT_FRESH_SENTINEL
     data = np.empty(math.prod(shape), dtype=dt)
@@ -332,6 +339,38 @@ def _fresh(shape, dt, buffer, name, fill, ctx, address) -> NkiTensor:
         if storage.span is not None and storage.span[6] is not None:
             ctx.memory.placements[(buffer, storage.span[6][0], storage.span[6][2])] = storage
     return t
+
+
+ARENA_ROW_BYTES = {MemoryRegion.sbuf: SBUF_PARTITION_BYTES_PHYSICAL, MemoryRegion.psum: PSUM_PARTITION_BYTES}
+
+
+def _placed(shape, dt, buffer, name, ctx, placement) -> NkiTensor:
+    """A tile at an explicit ``address=``: a view of the program's byte-addressed SBUF/PSUM, so placements that
+    overlap share their bytes as on hardware (a new handle reads what is there; fresh memory is 0xFF bytes: NaN for
+    floats, -1 for signed integers)."""
+    p0, p1, off, _end = placement
+    isz = dt.itemsize
+    check(
+        off % isz == 0,
+        f"nl.ndarray(name={name!r})",
+        f"address byte offset={off}; must be a multiple of the {isz}-byte element size",
+    )
+    row = ARENA_ROW_BYTES[buffer]
+    arena = ctx.memory.arena(buffer, row)
+    free = math.prod(shape[1:])
+    start = p0 * row + off
+    data = arena[start : start + (p1 - p0 - 1) * row + free * isz].view(dt)
+    storage = Storage(data, buffer, name, shape)
+    return NkiTensor(shape, dt, storage, _strides=_arena_strides(shape, dt, buffer))
+
+
+def _arena_strides(shape, dt, buffer) -> tuple[int, ...]:
+    """Element strides of a placed tile: partitions one arena row apart, free dims row-major."""
+    free_strides, acc = [], 1
+    for n in reversed(shape[1:]):
+        free_strides.append(acc)
+        acc *= n
+    return (ARENA_ROW_BYTES[buffer] // dt.itemsize, *reversed(free_strides))
 
 
 def _as_buffer(buffer) -> MemoryRegion:

@@ -13,7 +13,7 @@ import types
 import numpy as np
 
 _MODULES = ("nki", "nki.language", "nki.isa", "nki.isa.constants", "nki.typing")
-_state = {"installed": False, "real": None}
+_state = {"installed": False, "real": None, "mutable": None}
 
 
 def _real_nki_importable() -> bool:
@@ -55,7 +55,15 @@ def _typing_module() -> types.ModuleType:
         def __getitem__(self, shape):
             return shape
 
+    class _MutableTensorType:
+        """``nt.mutable_tensor``: marks a kernel argument the kernel writes in place (nki-library router_topk)."""
+
+        def __getitem__(self, shape):
+            return self
+
     mod.tensor = _TensorType()
+    mod.mutable_tensor = MUTABLE_TENSOR = _MutableTensorType()
+    _state["mutable"] = MUTABLE_TENSOR
     mod.__nki_emulator__ = True
     return mod
 

@@ -479,13 +479,10 @@ def nc_matmul(
         if acc is None:
             # None: "the compiler automatically infers the correct flag - first write overwrites, subsequent writes
             # accumulate" (nc_matmul doc, 'Accumulation mode'; NKI 0.3.0 release notes): the first matmul onto
-            # memory a memset / tensor_copy initialised (PSUM_OTHER) overwrites it, as onto fresh memory.
-            check(
-                not np.any(state == PSUM_MATMUL_READ),
-                where,
-                f"dst={dst.describe()}: accumulate=None onto a matmul result that was already read out; ambiguous "
-                "(pass accumulate=False to start a new group, or allocate the PSUM tile inside the loop)",
-            )
+            # memory a memset / tensor_copy initialised (PSUM_OTHER) overwrites it, as onto fresh memory; so does
+            # the first matmul after the result was read out (PSUM_MATMUL_READ): a new accumulation group. AWS's
+            # kernels rely on this for PSUM tiles reused across unrolled iterations (nki-library 2.29
+            # mlp_cte_projection gate_proj_psum, attention_tkg), so it is the inference the compiler makes.
             add = state == PSUM_MATMUL
         else:
             add = np.full((m, n), acc, dtype=bool)
@@ -1344,7 +1341,7 @@ def range_select(
         )
     check(reduce_op is OPS["maximum"], where, f"reduce_op={reduce_op!r}; only nl.maximum is supported (doc)")
     check(
-        float(on_false_value) == FP32_MIN,
+        np.float32(on_false_value) == np.float32(FP32_MIN),
         where,
         f"on_false_value={on_false_value!r}; must be FP32_MIN ({FP32_MIN:.7e}) (range_select doc)",
     )

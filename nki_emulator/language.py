@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import copy as _copy
+import dataclasses
 
 import numpy as np
 
@@ -60,9 +62,21 @@ class NKIObject:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        for name in cls.__dict__.get("__annotations__", {}):
+        ann = dict(cls.__dict__.get("__annotations__", {}))
+        for name in ann:
             if name not in cls.__dict__:
                 setattr(cls, name, None)
+        # Plain class attributes are fields too (the compiler builds __init__ from the object dictionary; nki-library's
+        # `@dataclass class SectionParams(nl.NKIObject): section_idx = None` is constructed by keyword).
+        for name, value in list(cls.__dict__.items()):
+            if name.startswith("_") or name in ann or callable(value):
+                continue
+            if isinstance(value, (staticmethod, classmethod, property)):
+                continue
+            ann[name] = object
+            if isinstance(value, (list, dict, set)):
+                setattr(cls, name, dataclasses.field(default_factory=lambda v=value: _copy.copy(v)))
+        cls.__annotations__ = ann
 
     @classmethod
     def _nki_fields(cls) -> list[str]:

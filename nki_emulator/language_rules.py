@@ -404,12 +404,8 @@ class _Checker(ast.NodeVisitor):
                     self.flag("name-unavailable", node, f"name=nki.{mod}.{node.attr} ({source})")
             elif node.value.id == "neuronxcc":
                 self.flag("neuronxcc-namespace", node, f"name={ast.unparse(node)}")
-        if release_key(self.version) < (0, 5) and node.attr in TENSOR_METHODS_0_5 and isinstance(node.ctx, ast.Load):
-            self.flag(
-                "name-unavailable",
-                node,
-                f"NkiTensor.{node.attr} ({TENSOR_METHODS_SOURCE}: available from NKI 0.5)",
-            )
+        # NkiTensor's 0.5 methods are checked when called (tensor.set_view_methods), not here: other classes share
+        # their names (nki-library's TensorView has slice/permute/select), so a static check would misfire.
         self.generic_visit(node)
 
     def visit_Call(self, node: ast.Call) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import functools
 import glob
+import inspect
 import os
 import threading
 import warnings
@@ -113,6 +114,10 @@ class Kernel:
         return k
 
     def __call__(self, *args, **kwargs):
+        if context.current().launch is not None:
+            # called from a running kernel: inlined into the caller's program, as the compiler inlines calls
+            # (nki-language-guide.rst, "Compilation model"); nki-library's moe_cte calls its @nki.jit variants so
+            return self.fn(*args, **kwargs)
         return run(self, *args, **kwargs)[0]
 
 
@@ -214,6 +219,23 @@ def _run_program(k: Kernel, pid: int, launch: context.Launch, wargs, wkwargs, in
         context.set_current(prev)
 
 
+def _allow_mutable_arguments(fn, wargs, wkwargs) -> None:
+    """Arguments annotated ``nt.mutable_tensor`` may be written in place without being returned."""
+    from .install import _state
+
+    marker = _state.get("mutable")
+    ann = getattr(fn, "__annotations__", {}) or {}
+    if marker is None or not any(v is marker for v in ann.values()):
+        return
+    names = list(inspect.signature(fn).parameters)
+    for i, a in enumerate(wargs):
+        if i < len(names) and ann.get(names[i]) is marker and isinstance(a, NkiTensor):
+            a._storage.is_input = False
+    for key, a in wkwargs.items():
+        if ann.get(key) is marker and isinstance(a, NkiTensor):
+            a._storage.is_input = False
+
+
 def _run_grid(k: Kernel, launch: context.Launch, wargs, wkwargs, inputs, torch_out, where, results) -> None:
     if k.grid == 1:
         _run_program(k, 0, launch, wargs, wkwargs, inputs, torch_out, where, results)
@@ -255,6 +277,7 @@ def run(kernel, *args, **kwargs) -> tuple[Any, CostReport]:
     inputs: list[Storage] = []
     wargs = [_wrap_arg(a, i, inputs) for i, a in enumerate(args)]
     wkwargs = {key: _wrap_arg(v, key, inputs) for key, v in kwargs.items()}
+    _allow_mutable_arguments(k.fn, wargs, wkwargs)
     launch = context.Launch(k.grid)
     results: list[Any] = [None] * k.grid
     with single_threaded_blas():  # only around the kernel: the rest of the process keeps its BLAS threads

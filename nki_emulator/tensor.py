@@ -155,7 +155,7 @@ class NkiTensor:
         return f"NkiTensor({self.describe()})"
 
     def _derive(self, shape, strides, offset, dtype=None, indirect: Any = "keep") -> NkiTensor:
-        return NkiTensor(
+        out = NkiTensor(
             shape,
             self.dtype if dtype is None else dtype,
             self._storage,
@@ -163,6 +163,9 @@ class NkiTensor:
             _offset=offset,
             _indirect=self._indirect if indirect == "keep" else indirect,
         )
+        if self._ap_where is not None:
+            out._ap_where = self._ap_where
+        return out
 
     def _where(self, op: str) -> str:
         return f"NkiTensor.{op}({self.describe()})"
@@ -465,7 +468,9 @@ class NkiTensor:
                 stride = stride * self.dtype.itemsize // new_dtype.itemsize
             indirect = _Indirect(kind, index, stride, self.shape[indirect_dim], indirect_dim)
         out = NkiTensor(shape, new_dtype, self._storage, _strides=strides, _offset=base, _indirect=indirect)
-        out._check_static_bounds(where)
+        # Checked when the view is first read or written, not when built: kernels build views they then skip
+        # (nki-library 2.29 output_projection_tkg builds the stationary .ap before `if h_2_idx < h_2_size`).
+        out._ap_where = where
         return out
 
     def indirect(self, index, num_elem=None) -> NkiTensor:
@@ -534,8 +539,16 @@ class NkiTensor:
         """Per-element validity of an indirect view now (None: all valid or not indirect)."""
         return None if self._indirect is None else self._addresses()[1]
 
+    _ap_where: str | None = None  # an .ap() view whose bounds are checked at first access
+
+    def _check_ap(self) -> None:
+        where, self._ap_where = self._ap_where, None
+        self._check_static_bounds(where)
+
     def read_raw(self, valid: np.ndarray | None = None) -> np.ndarray:
         """A copy of the view's elements in its own dtype (invalid indirect elements read as 0)."""
+        if self._ap_where is not None:
+            self._check_ap()
         span = self._storage.span
         if span is not None:
             if span[0] < 0:
@@ -553,6 +566,8 @@ class NkiTensor:
 
     def write_raw(self, values: np.ndarray, skip_invalid: bool = False) -> None:
         """Store ``values`` (already in this view's dtype) into the view."""
+        if self._ap_where is not None:
+            self._check_ap()
         values = np.broadcast_to(np.asarray(values, dtype=self.dtype), self.shape)
         storage = self._storage
         if storage.is_input:
@@ -563,11 +578,19 @@ class NkiTensor:
                 span[0] = CLOCK[0]
             span[1] = CLOCK[0]
         if self._indirect is None:
-            check(
-                all(s != 0 or n == 1 for s, n in zip(self.strides, self.shape)),
-                self._where("write"),
-                f"strides={self.strides}; cannot write through a broadcast view",
-            )
+            if any(s == 0 and n > 1 for s, n in zip(self.strides, self.shape)):
+                # A 0-stride access pattern as destination (nki-library 2.29 qkv_cte writes a scratch activation
+                # through `.ap([[1, n], [0, H]])`): elements are written in pattern order, the last write stays.
+                addr = np.full(self.shape, self.offset, dtype=np.int64)
+                for d, (n, st) in enumerate(zip(self.shape, self.strides)):
+                    shp = [1] * self.ndim
+                    shp[d] = n
+                    addr += (np.arange(n, dtype=np.int64) * st).reshape(shp)
+                flat = self._flat()
+                last = {a: i for i, a in enumerate(addr.ravel().tolist())}
+                idx = np.fromiter(last.values(), dtype=np.int64)
+                flat[np.fromiter(last.keys(), dtype=np.int64)] = values.reshape(-1)[idx]
+                return
             self._array(writeable=True)[...] = values
             return
         addr, ok = self._addresses()
@@ -579,6 +602,8 @@ class NkiTensor:
     # ----- PSUM accumulation state ------------------------------------------------------------------------------
     def psum_state(self) -> np.ndarray:
         """Writable per-element PSUM state view (uint8), laid out like this view."""
+        if self._ap_where is not None:
+            self._check_ap()
         st = self._storage.psum_state
         ratio = self.dtype.itemsize / self._storage.data.dtype.itemsize
         check(ratio == 1, self._where("psum_state"), "PSUM view with a reinterpreted dtype; not supported")
