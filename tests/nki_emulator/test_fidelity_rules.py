@@ -59,7 +59,7 @@ def test_nc_matmul_accumulate_none_after_memset_overwrites():
 
 
 def test_nc_matmul_accumulate_none_after_readout_starts_a_new_group():
-    """A PSUM tile reused after its result was copied out: the next matmul overwrites (nki-library 2.29 relies on it)."""
+    """A PSUM tile reused after its result was copied out: the next matmul overwrites (nki-library 2.29 does so)."""
     rng = np.random.default_rng(SEED)
     a = rng.standard_normal((16, 4)).astype(np.float32)
     b = rng.standard_normal((16, 8)).astype(np.float32)
