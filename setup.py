@@ -53,9 +53,9 @@ setup(
     },
     entry_points={
         # Loaded lazily by vLLM in every process, the first time the current platform is resolved.
-        "vllm.platform_plugins": ["nki_moe = vllm_nki_moe.platform:register_platform"],
+        "vllm.platform_plugins": ["nki_moe = vllm_nki_moe.platforms:register_platform"],
         # Loaded once per vLLM process (API server, engine core, workers): registers our model class.
         "vllm.general_plugins": ["nki_moe_models = vllm_nki_moe.plugin:register_models"],
-        "console_scripts": ["vllm-nki-moe = vllm_nki_moe.cli:main"],
+        "console_scripts": ["vllm-nki-moe = vllm_nki_moe.tools.cli:main"],
     },
 )

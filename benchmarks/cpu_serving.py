@@ -3,9 +3,9 @@
 Not a test: it prints figures. Each (implementation, batch) runs in a fresh process (vLLM's engine is process-wide);
 vLLM's own class runs with ``VLLM_PLUGINS=""`` (no plugin loaded at all). Both run eagerly (``enforce_eager``) unless
 ``--compile``, so the comparison is of the model code, not of whether torch.compile applies. Ours runs
-``VLLM_NKI_MOE_KERNELS=torch``: its ops are ``ops_host`` (vLLM's CPU custom ops) unless ``--host-ops off`` selects the
-plain reference ``ops_torch``; the table names which one ran. The 1-minute load average is printed before and after:
-the machine is shared, and figures taken under load are not comparable.
+``VLLM_NKI_MOE_KERNELS=torch``: its ops are the ``*_host`` fast path (vLLM's CPU custom ops, ``ops.host``) unless
+``--host-ops off`` selects the plain references; the table names which one ran. The 1-minute load average is printed
+before and after: the machine is shared, and figures taken under load are not comparable.
 
     .venv/bin/python benchmarks/cpu_serving.py                 # mid-size checkpoint, batch 1 and 32
     .venv/bin/python benchmarks/cpu_serving.py --batches 1,8,32 --new-tokens 64 --repeats 3
@@ -128,7 +128,7 @@ def main() -> None:
         worker(args)
         return
 
-    from vllm_nki_moe.tiny_model import make_tiny_model
+    from vllm_nki_moe.tools.tiny_model import make_tiny_model
 
     model = Path(args.model) if args.model else make_tiny_model(Path(tempfile.mkdtemp()) / "mid", MID_SIZE)
     print(

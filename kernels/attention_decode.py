@@ -31,7 +31,9 @@ from .attention_prefill import (
     _softmax_probs,
     _SoftmaxState,
     _write_kv_cache,
+    write_kv_cache_ref,
 )
+from .attention_ref import attend_decode
 from .limits import GEMM_MOVING_FMAX, PMAX, PSUM_BANK_FMAX, SBUF_PARTITION_BYTES, require
 
 BLOCKS_PER_TILE = PMAX  # cache blocks gathered per DMA: one per partition
@@ -259,20 +261,7 @@ def attention_decode_ref(
     context_lens: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain fp32: write the new K/V, then per sequence gather its context from the cache and attend."""
-    from .attention_prefill import write_kv_cache_ref
-
+    """Plain fp32: write the new K/V, then per sequence gather its context from the cache and attend
+    (``attention_ref``)."""
     k_cache, v_cache = write_kv_cache_ref(k_cache, v_cache, k, v, slot_mapping)
-    _, hk, bs, d = k_cache.shape
-    hq = q.shape[1] // d
-    outs = []
-    for b in range(q.shape[0]):
-        length = int(context_lens[b])
-        pos = torch.arange(length)
-        blocks = block_tables[b].long()[pos // bs]
-        keys = k_cache[blocks, :, pos % bs, :].float().transpose(0, 1).repeat_interleave(hq // hk, dim=0)
-        values = v_cache[blocks, :, pos % bs, :].float().transpose(0, 1).repeat_interleave(hq // hk, dim=0)
-        qb = q[b].float().reshape(hq, 1, d)
-        probs = torch.softmax((qb @ keys.transpose(1, 2)) * scale, dim=-1)
-        outs.append((probs @ values).reshape(hq * d))
-    return torch.stack(outs).to(q.dtype), k_cache, v_cache
+    return attend_decode(q, k_cache, v_cache, block_tables, context_lens, scale), k_cache, v_cache

@@ -15,6 +15,7 @@ import nki.isa as nisa
 import nki.language as nl
 import torch
 
+from .attention_ref import attend_prefill, write_kv_cache_
 from .limits import GEMM_MOVING_FMAX, PMAX, PSUM_BANK_FMAX, SBUF_PARTITION_BYTES, require
 
 Q_ROWS_PER_TILE = PMAX  # query rows per tile: one per partition of the score tile
@@ -338,12 +339,7 @@ def _probs_times_values(probs, v_sb, k0: int, d: int):
 def write_kv_cache_ref(k_cache, v_cache, k, v, slot_mapping) -> tuple[torch.Tensor, torch.Tensor]:
     """New caches with rows ``k``/``v`` [T, Hk*D] written at ``slot_mapping`` (negative slots skipped)."""
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
-    _, hk, bs, d = k_cache.shape
-    slots = slot_mapping.long()
-    keep = slots >= 0
-    blocks, offsets = slots[keep] // bs, slots[keep] % bs
-    k_cache[blocks, :, offsets, :] = k[keep].reshape(-1, hk, d).to(k_cache.dtype)
-    v_cache[blocks, :, offsets, :] = v[keep].reshape(-1, hk, d).to(v_cache.dtype)
+    write_kv_cache_(k_cache, v_cache, k, v, slot_mapping)
     return k_cache, v_cache
 
 
@@ -356,16 +352,6 @@ def attention_prefill_ref(
     slot_mapping: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain fp32 causal GQA attention over the sequence, plus the cache write; same signature and outputs."""
+    """Plain fp32 causal GQA attention over the sequence (``attention_ref``), plus the cache write."""
     k_cache, v_cache = write_kv_cache_ref(k_cache, v_cache, k, v, slot_mapping)
-    T = q.shape[0]
-    d = k_cache.shape[-1]
-    hq, hk = q.shape[1] // d, k.shape[1] // d
-    qh = q.float().reshape(T, hq, d).transpose(0, 1)
-    kh = k.float().reshape(T, hk, d).transpose(0, 1).repeat_interleave(hq // hk, dim=0)
-    vh = v.float().reshape(T, hk, d).transpose(0, 1).repeat_interleave(hq // hk, dim=0)
-    scores = (qh @ kh.transpose(1, 2)) * scale
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-    out = (probs @ vh).transpose(0, 1).reshape(T, hq * d)
-    return out.to(q.dtype), k_cache, v_cache
+    return attend_prefill(q, k, v, k_cache.shape[-1], scale), k_cache, v_cache

@@ -34,7 +34,8 @@ _TILES_FUSED = 5
 
 LAYOUTS = ("auto", "rows", "h")
 # ``auto`` takes the h layout when H % PMAX == 0, H >= H_LAYOUT_MIN_H and T * itemsize <= H_LAYOUT_MAX_TOKEN_BYTES.
-# Cost model, est us of fused_add_rms_norm rows vs h (``python -m vllm_nki_moe.kernel_check.cases_norms --layouts``):
+# Cost model, est us of fused_add_rms_norm rows vs h
+# (``python -m vllm_nki_moe.tools.kernel_check.cases_norms --layouts``):
 #   H=2048 bf16: T=1 3.52 vs 0.24, T=8 3.52 vs 0.56, T=32 3.52 vs 1.65, T=48 3.52 vs 2.37, T=64 3.52 vs 3.09;
 #   H=2048 fp32: T=1 3.52 vs 0.30, T=16 3.52 vs 1.66, T=32 3.52 vs 3.10;  H=128 bf16: T=1 0.33 vs 0.21, T=8 equal.
 # The model never prefers rows (both become DMA-bound), but it does not see DMA efficiency: the h layout moves

@@ -5,7 +5,7 @@ For each head ``x = [x1, x2]`` (halves of head_dim D): ``out = [x1 * cos - x2 * 
 by an indirect DMA on the positions, so the wrapper passes vLLM's cache and positions unchanged.
 
 Rounding follows torch's: cos/sin are cast to the activation dtype, every product and sum is rounded to it. For fp32
-the result is bit-identical to ``ops_torch.apply_rope``; for bf16 too (bf16 x bf16 products are exact in fp32, and
+the result is bit-identical to ``rope.apply_rope``; for bf16 too (bf16 x bf16 products are exact in fp32, and
 torch adds bf16 in fp32 then rounds, as the engines do).
 """
 
@@ -24,7 +24,7 @@ QK_LAYOUTS = ("auto", "heads", "tokens")
 # 128 // (Hq + Hk) tokens, so q and k share every instruction and each streams D elements per lane (decode).
 # "tokens": one token per partition, all heads of q (then of k) in the free axis, 128 tokens per tile (prefill).
 # auto = heads while T <= QK_HEADS_MAX_TOKENS. Cost model, est us heads vs tokens, Qwen3-30B-A3B bf16 per rank
-# (``python -m vllm_nki_moe.kernel_check.cases_norms --layouts``): TP=4 T=1 0.40 vs 2.27, T=32 2.03 vs 2.27,
+# (``python -m vllm_nki_moe.tools.kernel_check.cases_norms --layouts``): TP=4 T=1 0.40 vs 2.27, T=32 2.03 vs 2.27,
 # T=48 2.88 vs 2.27; TP=1 T=1 0.47 vs 7.53, T=32 7.79 vs 7.53; TP=8 T=32 1.24 vs 1.47, T=48 1.53 vs 1.47. The
 # crossover is at T ~ 30-45; 32 keeps decode batch 32 on heads (3% behind at TP=1, 11% ahead at TP=4).
 QK_HEADS_MAX_TOKENS = 32
@@ -96,7 +96,7 @@ def rope(q, k, positions, cos_sin_cache):
     Dimensions: T tokens, Hq / Hk q / kv heads (per rank), D head_dim, P cache positions.
 
     Args:    q [T, Hq*D] bf16|fp32 HBM; k [T, Hk*D] same dtype HBM; positions [T] int32 HBM;
-             cos_sin_cache [P, D] fp32 HBM (cos in the first D/2 columns, sin in the last; ops_torch layout).
+             cos_sin_cache [P, D] fp32 HBM (cos in the first D/2 columns, sin in the last; ops.rope layout).
     Returns: (q_out [T, Hq*D], k_out [T, Hk*D]) in q's dtype, nl.shared_hbm.
     Tiling:  T by ROWS_PER_TILE tokens on partitions; per tile: positions load, one indirect-DMA gather of the
              cache rows (shared by q and k), a cast to the activation dtype (Vector), then per tensor one load,
@@ -257,7 +257,7 @@ def qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin_cache, *, lay
     Dimensions: T tokens, Hq / Hk q / kv heads (per rank), D head_dim, P cache positions.
 
     Args:    q [T, Hq*D] bf16|fp32 HBM; k [T, Hk*D] same dtype HBM; q_weight, k_weight [D] HBM; eps float;
-             positions [T] int32 HBM; cos_sin_cache [P, D] fp32 HBM (cos | sin halves, ops_torch layout);
+             positions [T] int32 HBM; cos_sin_cache [P, D] fp32 HBM (cos | sin halves, ops.rope layout);
              layout "auto" | "heads" | "tokens" (keyword-only; auto = heads while T <= QK_HEADS_MAX_TOKENS).
     Returns: (q_out [T, Hq*D], k_out [T, Hk*D]) in q's dtype, nl.shared_hbm.
     Tiling:  heads: tiles of 128 // (Hq+Hk) tokens, their (token, head) rows on partitions (q rows, then k rows),

@@ -23,7 +23,7 @@ SERVER_START_TIMEOUT_S = 240  # observed 20-45 s on a 2-core machine; generous f
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The default tiny Qwen3-MoE checkpoint (what `scripts/serve.sh` serves)."""
-    from vllm_nki_moe.tiny_model import make_tiny_model
+    from vllm_nki_moe.tools.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-default"), seed=0)
 
@@ -31,7 +31,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def make_model(tmp_path_factory):
     """Factory: a tiny checkpoint with the given Qwen3MoeConfig overrides (cached per overrides)."""
-    from vllm_nki_moe.tiny_model import make_tiny_model
+    from vllm_nki_moe.tools.tiny_model import make_tiny_model
 
     cache: dict[str, Path] = {}
 

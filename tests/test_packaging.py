@@ -37,9 +37,9 @@ def test_wheel_contains_kernels_as_a_subpackage_and_the_entry_points(tmp_path):
     assert "nki_emulator/__init__.py" in names
     entry_txt = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_txt).decode()
-    assert "[vllm.platform_plugins]\nnki_moe = vllm_nki_moe.platform:register_platform" in text
+    assert "[vllm.platform_plugins]\nnki_moe = vllm_nki_moe.platforms:register_platform" in text
     assert "[vllm.general_plugins]\nnki_moe_models = vllm_nki_moe.plugin:register_models" in text
-    assert "vllm-nki-moe = vllm_nki_moe.cli:main" in text
+    assert "vllm-nki-moe = vllm_nki_moe.tools.cli:main" in text
 
 
 def test_installed_entry_points_resolve():

@@ -47,6 +47,7 @@ def requested_device() -> str:
         raise ValueError(f"{DEVICE_ENV}={value!r}; must be one of {', '.join(DEVICES)}")
     return value
 
+
 HOST_OPS_ENV = "VLLM_NKI_MOE_HOST_OPS"
 HOST_OPS_CHOICES = ("auto", "off")
 

@@ -2,20 +2,39 @@
 
 vLLM loads ``vllm.general_plugins`` entry points once in every process (API server, engine core, workers), so this
 must be idempotent and cheap: the class is registered lazily as ``"module:Class"`` and imported only when used.
+On our Neuron platform the class registered is the runner-contract subclass
+(``models.qwen3_moe_neuron.model.NeuronQwen3MoeForCausalLM``, with the ``from_configs`` vllm-neuron's runner calls);
+elsewhere the vLLM-style class. The base class never refers to its Neuron subclass.
 """
 
 from __future__ import annotations
 
+import sys
+
 ARCHITECTURE = "Qwen3MoeForCausalLM"
-MODEL_CLASS = "vllm_nki_moe.model.qwen3_moe:Qwen3MoeForCausalLM"
+MODEL_CLASS = "vllm_nki_moe.models.qwen3_moe:Qwen3MoeForCausalLM"
+NEURON_MODEL_CLASS = "vllm_nki_moe.models.qwen3_moe_neuron.model:NeuronQwen3MoeForCausalLM"
+
+
+def serving_on_neuron() -> bool:
+    """Whether this process serves on our Neuron platform.
+
+    Asks vLLM's platform (resolving it if this process has not yet: vLLM resolves it before it builds a model anyway)
+    and then our Neuron platform module through ``sys.modules``, so the CPU path never imports the Neuron path.
+    """
+    from vllm.platforms import current_platform
+
+    current_platform.device_type  # noqa: B018 - resolves the platform (our platform plugin builds its class then)
+    neuron = sys.modules.get("vllm_nki_moe.platforms.neuron")
+    return neuron is not None and neuron.platform_active()
 
 
 def register_models() -> None:
     from vllm import ModelRegistry
 
-    from .logs import attach_to_vllm_logging
+    from vllm_nki_moe.logs import attach_to_vllm_logging
 
     attach_to_vllm_logging()
 
     # Registering an architecture vLLM already has replaces its class in this process; repeating it is harmless.
-    ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    ModelRegistry.register_model(ARCHITECTURE, NEURON_MODEL_CLASS if serving_on_neuron() else MODEL_CLASS)

@@ -8,9 +8,10 @@ import torch
 from vllm_nki_moe.kernels import attention_decode as ad
 from vllm_nki_moe.kernels.limits import PMAX
 
-from vllm_nki_moe import ops, ops_torch
 from nki_emulator import run
-from vllm_nki_moe.kernel_check.tolerances import assert_close
+from vllm_nki_moe import ops
+from vllm_nki_moe.ops import attention
+from vllm_nki_moe.tools.kernel_check.tolerances import assert_close
 
 from .conftest import randn
 
@@ -126,7 +127,7 @@ def test_ops_attention_decode_runs_the_kernel_and_updates_the_callers_cache(dtyp
     q, k, v, k_cache, v_cache, slots, tables, ctx, scale = _inputs(rng, [7, 70], 8, 1, HEAD_DIM, dtype)
     k2, v2 = k_cache.clone(), v_cache.clone()
     got = opset.attention_decode(q, k, v, k_cache, v_cache, slots.long(), tables.long(), ctx.long(), scale)
-    want = ops_torch.attention_decode(q, k, v, k2, v2, slots.long(), tables.long(), ctx.long(), scale)
+    want = attention.attention_decode(q, k, v, k2, v2, slots.long(), tables.long(), ctx.long(), scale)
     assert_close(got, want, TOLERANCE[dtype])
     assert torch.equal(k_cache, k2) and torch.equal(v_cache, v2)
 
@@ -183,9 +184,9 @@ def test_ops_attention_decode_explicit_backend_raises_the_kernel_limit(rng):
 
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_kernel_check_attention_cases_pass_at_qwen3_30b_a3b_tp8(tokens):
-    from vllm_nki_moe.kernel_check import cases_attention
-    from vllm_nki_moe.kernel_check.runner import run_cases
-    from vllm_nki_moe.kernel_check.shapes import kernel_shapes
+    from vllm_nki_moe.tools.kernel_check import cases_attention
+    from vllm_nki_moe.tools.kernel_check.runner import run_cases
+    from vllm_nki_moe.tools.kernel_check.shapes import kernel_shapes
 
     cases = cases_attention.cases(kernel_shapes(None, tp=8), tokens)
     assert [c.kernel for c in cases] == ["attention_prefill", "attention_decode", "attention_decode"]

@@ -10,9 +10,10 @@ import torch
 from vllm_nki_moe.kernels import attention_prefill as ap
 from vllm_nki_moe.kernels.limits import PMAX
 
-from vllm_nki_moe import ops, ops_torch
 from nki_emulator import run
-from vllm_nki_moe.kernel_check.tolerances import assert_close
+from vllm_nki_moe import ops
+from vllm_nki_moe.ops import attention
+from vllm_nki_moe.tools.kernel_check.tolerances import assert_close
 
 from .conftest import randn
 
@@ -21,7 +22,8 @@ QWEN3_30B_A3B_TP = {1: (32, 4), 4: (8, 1), 8: (4, 1)}  # tp -> (q heads, kv head
 BLOCK_SIZE = 32  # the vLLM Neuron plugin's default block size
 # 1 token; PMAX + 1 (a second query tile of one row); 300 (ragged query and PV tiles); 600 (two 512-key score tiles)
 TOKENS = [1, PMAX + 1, 300, 600]
-# Tolerances (kernel_check/tolerances.py): fp32 goes through QK^T and PV contractions; bf16 rounds P to bf16 before PV.
+# Tolerances (tools/kernel_check/tolerances.py): fp32 goes through QK^T and PV contractions; bf16 rounds P to bf16
+# before PV.
 # TP 1 (32 heads) only at short lengths: the long ones run the same tiles, 4-8x slower in the emulator
 RANK_CASES = [(T, tp) for T in TOKENS for tp in sorted(QWEN3_30B_A3B_TP) if tp > 1 or T <= PMAX + 1]
 TOLERANCE = {torch.float32: "float32_matmul", torch.bfloat16: "bfloat16_matmul"}
@@ -104,7 +106,7 @@ def test_ops_attention_prefill_runs_the_kernel_and_updates_the_callers_cache(dty
     q, k, v, k_cache, v_cache, slots, scale = _inputs(rng, 45, 8, 1, HEAD_DIM, dtype, pad_every=4)
     k2, v2 = k_cache.clone(), v_cache.clone()
     got = opset.attention_prefill(q, k, v, k_cache, v_cache, slots.long(), scale)
-    want = ops_torch.attention_prefill(q, k, v, k2, v2, slots.long(), scale)
+    want = attention.attention_prefill(q, k, v, k2, v2, slots.long(), scale)
     assert_close(got, want, TOLERANCE[dtype])
     assert torch.equal(k_cache, k2) and torch.equal(v_cache, v2)
 

@@ -8,13 +8,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nki_emulator as emulator
-from vllm_nki_moe import ops_torch
 
 emulator.install()
 
 from vllm_nki_moe.kernels import moe_decode as md  # noqa: E402
 
-from vllm_nki_moe.kernel_check.tolerances import assert_close  # noqa: E402
+from vllm_nki_moe.ops import moe, norms  # noqa: E402
+from vllm_nki_moe.ops import router as router_ops  # noqa: E402
+from vllm_nki_moe.tools.kernel_check.tolerances import assert_close  # noqa: E402
 
 SEED = 0
 EPS = 1e-6  # Qwen3-30B-A3B rms_norm_eps
@@ -134,7 +135,7 @@ def test_moe_decode_matches_ref_at_qwen3_30b_a3b_rank_shapes(name, H, I, E, K): 
 def test_moe_decode_matches_the_models_torch_experts_in_float32():
     args, (w13, w2) = _decode_inputs(5, 200, 96, 16, 4, torch.float32)
     x, _, _, wts, ids = args
-    assert_close(md.moe_decode(*args), ops_torch.moe_experts(x, w13, w2, wts, ids.long()), "float32_matmul")
+    assert_close(md.moe_decode(*args), moe.moe_experts(x, w13, w2, wts, ids.long()), "float32_matmul")
 
 
 def test_moe_decode_handles_every_token_routed_to_the_same_expert():
@@ -199,10 +200,10 @@ def test_moe_decode_rejects_invalid_arguments(case, over, match):
 
 # ----- moe_block_decode -------------------------------------------------------------------------------------------
 def _model_block(x, res, gamma, router, w13, w2, top_k, norm):
-    """The model's decode MoE path through ops_torch: fused add + RMSNorm, gate, router_topk, experts."""
-    h, r = ops_torch.fused_add_rms_norm(x, res, gamma, EPS)
-    weights, ids = ops_torch.router_topk(h @ router.T, top_k, norm)
-    return ops_torch.moe_experts(h, w13, w2, weights, ids), r
+    """The model's decode MoE path through the reference ops: fused add + RMSNorm, gate, router_topk, experts."""
+    h, r = norms.fused_add_rms_norm(x, res, gamma, EPS)
+    weights, ids = router_ops.router_topk(h @ router.T, top_k, norm)
+    return moe.moe_experts(h, w13, w2, weights, ids), r
 
 
 @pytest.mark.parametrize("norm", [True, False])

@@ -8,15 +8,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nki_emulator as emulator
-from vllm_nki_moe import ops, ops_torch
+from vllm_nki_moe import ops
 
 emulator.install()
 
 from vllm_nki_moe.kernels import moe_decode as md  # noqa: E402
 from vllm_nki_moe.kernels import moe_prefill as mp  # noqa: E402
 
-from vllm_nki_moe.kernel_check.tolerances import assert_close  # noqa: E402
-from vllm_nki_moe.ops_nki import moe as moe_op  # noqa: E402
+from vllm_nki_moe.ops import moe  # noqa: E402
+from vllm_nki_moe.tools.kernel_check.tolerances import assert_close  # noqa: E402
 
 SEED = 0
 
@@ -114,7 +114,7 @@ def test_moe_prefill_matches_ref_for_each_block_size(B):
 def test_moe_prefill_matches_the_models_torch_experts_in_float32():
     name, H, I, E, K = SMALL  # noqa: E741
     args, (w13, w2, wts, ids) = _inputs(131, H, I, E, K, torch.float32, 16)
-    assert_close(mp.moe_prefill(*args), ops_torch.moe_experts(args[0], w13, w2, wts, ids), "float32_matmul")
+    assert_close(mp.moe_prefill(*args), moe.moe_experts(args[0], w13, w2, wts, ids), "float32_matmul")
 
 
 def test_moe_prefill_skips_experts_without_tokens():
@@ -200,7 +200,7 @@ def test_moe_prefill_rejects_an_expert_id_out_of_range():
         mp.moe_prefill(*args)
 
 
-# ----- the moe_experts op (ops_nki/moe.py) --------------------------------------------------------------------------
+# ----- the moe_experts op (ops/moe.py)  --------------------------------------------------------------------------
 @pytest.mark.parametrize("T", [1, 2, 3, 40])
 def test_moe_experts_op_matches_torch_on_both_kernels(T):
     H, I, E, K = 128, 64, 8, 2  # noqa: E741 - the tiny model; T=1 runs the decode kernel, 2, 3 and 40 prefill
@@ -208,9 +208,9 @@ def test_moe_experts_op_matches_torch_on_both_kernels(T):
     w13, w2 = (torch.nn.Parameter(w, requires_grad=False) for w in _experts(H, I, E, torch.float32))
     wts, ids = _routing(T, E, K)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(3))
-    assert moe_op.use_decode(T, K, E) == (T == 1)
+    assert moe.use_decode(T, K, E) == (T == 1)
     out = opset.moe_experts(x, w13, w2, wts, ids)
-    assert_close(out, ops_torch.moe_experts(x, w13, w2, wts, ids), "float32_matmul")
+    assert_close(out, moe.moe_experts(x, w13, w2, wts, ids), "float32_matmul")
 
 
 def test_moe_experts_op_reconverts_weights_reloaded_in_place():
@@ -221,30 +221,32 @@ def test_moe_experts_op_reconverts_weights_reloaded_in_place():
     x = torch.randn(1, H)
     opset.moe_experts(x, w13, w2, wts, ids)
     w13.data.mul_(-1.5)  # as a weight loader's .data copy_: no _version bump on the parameter
-    assert_close(opset.moe_experts(x, w13, w2, wts, ids), ops_torch.moe_experts(x, w13, w2, wts, ids), "float32_matmul")
+    assert_close(opset.moe_experts(x, w13, w2, wts, ids), moe.moe_experts(x, w13, w2, wts, ids), "float32_matmul")
 
 
 def test_moe_experts_op_reports_unsplittable_hidden_size_as_unsupported():
     w13, w2 = torch.zeros(8, 128, 257), torch.zeros(8, 257, 64)
-    reason = moe_op._supports(torch.zeros(1, 257), w13, w2, torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.long))
+    reason = moe._moe_experts_supports(
+        torch.zeros(1, 257), w13, w2, torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.long)
+    )
     assert reason is not None and reason.startswith("H=257")
 
 
 def test_routed_block_size_covers_the_busiest_expert_in_one_block_when_that_is_cheapest():
     ids = torch.tensor([[0, 1]] * 21 + [[2, 3]] * 3, dtype=torch.int32)  # expert 0 and 1: 21 tokens each
-    assert moe_op.routed_block_size(ids, 8, 192) == 24  # 21 rounded up to the step; weights read once
+    assert moe.routed_block_size(ids, 8, 192) == 24  # 21 rounded up to the step; weights read once
 
 
 def test_routed_block_size_splits_a_hot_expert_when_padding_the_others_costs_more():
     # expert 0 has 128 tokens, 63 others 1 each: one 128-block pads 63 blocks by 127 slots, 8-blocks cost 16 reads
     ids = torch.tensor([[0]] * 128 + [[e] for e in range(1, 64)], dtype=torch.int32)
-    b = moe_op.routed_block_size(ids, 64, 8)
-    assert b == moe_op.PREFILL_BLOCK_STEP
+    b = moe.routed_block_size(ids, 64, 8)
+    assert b == moe.PREFILL_BLOCK_STEP
 
 
 @pytest.mark.parametrize("T", [1, 131, 512])
 def test_routed_block_size_is_a_step_multiple_the_kernel_accepts(T):
     g = torch.Generator().manual_seed(T)
     ids = torch.stack([torch.randperm(128, generator=g)[:8] for _ in range(T)]).to(torch.int32)
-    b = moe_op.routed_block_size(ids, 128, 192)
-    assert b % moe_op.PREFILL_BLOCK_STEP == 0 and moe_op.PREFILL_BLOCK_STEP <= b <= mp.PMAX
+    b = moe.routed_block_size(ids, 128, 192)
+    assert b % moe.PREFILL_BLOCK_STEP == 0 and moe.PREFILL_BLOCK_STEP <= b <= mp.PMAX

@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from vllm_nki_moe.kernels import rmsnorm
 from vllm_nki_moe.kernels.limits import PMAX
 
-from vllm_nki_moe import ops, ops_torch
 from nki_emulator import run
-from vllm_nki_moe.kernel_check.tolerances import assert_close, dtype_key
+from vllm_nki_moe import ops
+from vllm_nki_moe.ops import norms
+from vllm_nki_moe.tools.kernel_check.tolerances import assert_close, dtype_key
 
 from .conftest import SEED, randn
 
@@ -61,9 +62,9 @@ def test_rms_norm_matches_ref_odd_sizes(T, H, dtype, rng):
 
 @pytest.mark.parametrize("T", TOKENS)
 def test_rms_norm_bf16_is_bit_identical_to_hf_rounding(T, rng):
-    """bf16: the normalised value is rounded before the weight multiply, exactly as ops_torch / Hugging Face do."""
+    """bf16: the normalised value is rounded before the weight multiply, exactly as ops.norms.rms_norm / HF do."""
     x, w, out = _check_rms(T, HIDDEN, torch.bfloat16, rng)
-    assert torch.equal(out, ops_torch.rms_norm(x, w, EPS))
+    assert torch.equal(out, norms.rms_norm(x, w, EPS))
 
 
 @settings(max_examples=25, deadline=None)
@@ -85,7 +86,7 @@ def test_fused_add_rms_norm_matches_ref(T, H, dtype, rng):
     assert torch.equal(new_res, ref_res)  # one add, rounded once: bit exact
     assert_close(out, ref_out, dtype_key(dtype))
     if dtype == torch.bfloat16:
-        hf_out, hf_res = ops_torch.fused_add_rms_norm(x, r, w, EPS)
+        hf_out, hf_res = norms.fused_add_rms_norm(x, r, w, EPS)
         assert torch.equal(out, hf_out) and torch.equal(new_res, hf_res)
 
 
@@ -104,10 +105,10 @@ def test_ops_rms_norm_takes_tokens_by_heads_and_matches_torch(dtype, rng):
     x, w = randn(rng, (3, 8, HEAD_DIM), dtype), _weight(rng, HEAD_DIM, dtype)
     out = opset.rms_norm(x, w, EPS)
     assert out.shape == x.shape
-    assert_close(out, ops_torch.rms_norm(x, w, EPS), dtype_key(dtype))
+    assert_close(out, norms.rms_norm(x, w, EPS), dtype_key(dtype))
     r = randn(rng, (3, 8, HEAD_DIM), dtype)
     got = opset.fused_add_rms_norm(x, r, w, EPS)
-    assert_close(got, ops_torch.fused_add_rms_norm(x, r, w, EPS), dtype_key(dtype))
+    assert_close(got, norms.fused_add_rms_norm(x, r, w, EPS), dtype_key(dtype))
 
 
 def test_ops_rms_norm_explicit_backend_raises_the_unsupported_reason(rng):
@@ -181,7 +182,7 @@ def test_rms_norm_h_layout_bf16_decode_is_bit_identical_to_hf_rounding(rng):
         _weight(rng, HIDDEN, torch.bfloat16),
     )
     (out, new_res), _ = run(rmsnorm.fused_add_rms_norm, x, r, w, EPS, layout="h")
-    hf_out, hf_res = ops_torch.fused_add_rms_norm(x, r, w, EPS)
+    hf_out, hf_res = norms.fused_add_rms_norm(x, r, w, EPS)
     assert torch.equal(out, hf_out) and torch.equal(new_res, hf_res)
 
 

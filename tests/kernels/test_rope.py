@@ -1,4 +1,4 @@
-"""kernels/rope.py: neox RoPE of q and k is bit-identical to ops_torch.apply_rope (Hugging Face's numerics); the fused
+"""kernels/rope.py: neox RoPE of q and k is bit-identical to rope_ops.apply_rope (Hugging Face's numerics); the fused
 per-head q/k RMSNorm + RoPE (qk_norm_rope) matches its reference in both layouts."""
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 from vllm_nki_moe.kernels import rmsnorm, rope
 from vllm_nki_moe.kernels.limits import PMAX
 
-from vllm_nki_moe import ops, ops_torch
 from nki_emulator import run
-from vllm_nki_moe.kernel_check.tolerances import assert_close, dtype_key
+from vllm_nki_moe import ops
+from vllm_nki_moe.ops import norms
+from vllm_nki_moe.ops import rope as rope_ops
+from vllm_nki_moe.tools.kernel_check.tolerances import assert_close, dtype_key
 
 from .conftest import SEED, randn
 
@@ -23,7 +25,7 @@ POSITIONS = 4096  # cache rows for the tests (the model builds max_position_embe
 QWEN3_30B_A3B_TP = {1: (32, 4), 4: (8, 1), 8: (4, 1)}  # tp -> (q heads, kv heads) per rank
 TOKENS = [1, PMAX - 1, PMAX + 1]
 DTYPES = [torch.bfloat16, torch.float32]
-CACHE = ops_torch.rope_cos_sin_cache(HEAD_DIM, POSITIONS, THETA)
+CACHE = rope_ops.rope_cos_sin_cache(HEAD_DIM, POSITIONS, THETA)
 
 
 def _inputs(rng, T, hq, hk, D, dtype, positions=POSITIONS):
@@ -34,7 +36,7 @@ def _inputs(rng, T, hq, hk, D, dtype, positions=POSITIONS):
 
 def _check(q, k, pos, cache, D):
     (q_out, k_out), _ = run(rope.rope, q, k, pos.to(torch.int32), cache)
-    q_ref, k_ref = ops_torch.apply_rope(q, k, pos, cache, D)
+    q_ref, k_ref = rope_ops.apply_rope(q, k, pos, cache, D)
     assert q_out.dtype == q.dtype and q_out.shape == q.shape and k_out.shape == k.shape
     assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
     q_ref2, k_ref2 = rope.rope_ref(q, k, pos.to(torch.int32), cache)
@@ -60,7 +62,7 @@ def test_rope_is_bit_identical_to_torch_qwen3_30b_a3b_per_rank(T, tp, dtype, rng
 def test_rope_is_bit_identical_to_torch_any_shape(T, hq, hk, half, bf16):
     rng = np.random.default_rng(SEED)
     D = 2 * half
-    cache = ops_torch.rope_cos_sin_cache(D, 300, 10000.0)
+    cache = rope_ops.rope_cos_sin_cache(D, 300, 10000.0)
     dtype = torch.bfloat16 if bf16 else torch.float32
     _check(*_inputs(rng, T, hq, hk, D, dtype, positions=300), cache, D)
 
@@ -79,7 +81,7 @@ def test_ops_apply_rope_runs_the_kernel_and_matches_torch(rng):
     assert "apply_rope" in opset.kernel_ops
     q, k, pos = _inputs(rng, 7, 4, 1, HEAD_DIM, torch.float32)
     got = opset.apply_rope(q, k, pos, CACHE, HEAD_DIM)
-    ref = ops_torch.apply_rope(q, k, pos, CACHE, HEAD_DIM)
+    ref = rope_ops.apply_rope(q, k, pos, CACHE, HEAD_DIM)
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
 
 
@@ -204,20 +206,20 @@ def test_qk_norm_rope_matches_ref_qwen3_30b_a3b_per_rank(T, tp, dtype, layout, r
 @pytest.mark.parametrize("layout", ["heads", "tokens"])
 @pytest.mark.parametrize("T", [1, 5, PMAX + 1])
 def test_qk_norm_rope_bf16_is_bit_identical_to_rms_norm_then_apply_rope(T, layout, rng):
-    """bf16: the same rounding points as ops_torch's rms_norm followed by apply_rope (Hugging Face's order)."""
+    """bf16: the same rounding points as ops.norms.rms_norm followed by apply_rope (Hugging Face's order)."""
     q, k, wq, wk, pos = _qk_inputs(rng, T, 8, 1, torch.bfloat16)
     out, _ = _check_qk(q, k, wq, wk, pos, torch.bfloat16, layout=layout)
-    ref = ops_torch.qk_norm_rope(q, k, wq, wk, EPS, pos, CACHE, HEAD_DIM)
+    ref = rope_ops.qk_norm_rope(q, k, wq, wk, EPS, pos, CACHE, HEAD_DIM)
     assert all(torch.equal(a, b) for a, b in zip(out, ref))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ops_torch_qk_norm_rope_is_rms_norm_then_apply_rope_bit_for_bit(dtype, rng):
     q, k, wq, wk, pos = _qk_inputs(rng, 7, 8, 1, dtype)
-    qn = ops_torch.rms_norm(q.view(7, 8, HEAD_DIM), wq, EPS).reshape(q.shape)
-    kn = ops_torch.rms_norm(k.view(7, 1, HEAD_DIM), wk, EPS).reshape(k.shape)
-    expected = ops_torch.apply_rope(qn, kn, pos, CACHE, HEAD_DIM)
-    got = ops_torch.qk_norm_rope(q, k, wq, wk, EPS, pos, CACHE, HEAD_DIM)
+    qn = norms.rms_norm(q.view(7, 8, HEAD_DIM), wq, EPS).reshape(q.shape)
+    kn = norms.rms_norm(k.view(7, 1, HEAD_DIM), wk, EPS).reshape(k.shape)
+    expected = rope_ops.apply_rope(qn, kn, pos, CACHE, HEAD_DIM)
+    got = rope_ops.qk_norm_rope(q, k, wq, wk, EPS, pos, CACHE, HEAD_DIM)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
@@ -226,7 +228,7 @@ def test_ops_torch_qk_norm_rope_is_rms_norm_then_apply_rope_bit_for_bit(dtype, r
 def test_qk_norm_rope_matches_ref_any_shape(T, hq, hk, half, bf16):
     rng = np.random.default_rng(SEED)
     D = 2 * half
-    cache = ops_torch.rope_cos_sin_cache(D, 300, 10000.0)
+    cache = rope_ops.rope_cos_sin_cache(D, 300, 10000.0)
     dtype = torch.bfloat16 if bf16 else torch.float32
     q, k, pos = _inputs(rng, T, hq, hk, D, dtype, positions=300)
     wq, wk = _weight(rng, D, dtype), _weight(rng, D, dtype)
@@ -259,7 +261,7 @@ def test_ops_qk_norm_rope_runs_the_kernel_and_matches_torch(dtype, rng):
     assert "qk_norm_rope" in opset.kernel_ops
     q, k, wq, wk, pos = _qk_inputs(rng, 3, 4, 1, dtype)
     got = opset.qk_norm_rope(q, k, wq, wk, EPS, pos, CACHE, HEAD_DIM)
-    assert_close(got, ops_torch.qk_norm_rope(q, k, wq, wk, EPS, pos, CACHE, HEAD_DIM), dtype_key(dtype))
+    assert_close(got, rope_ops.qk_norm_rope(q, k, wq, wk, EPS, pos, CACHE, HEAD_DIM), dtype_key(dtype))
 
 
 def test_ops_qk_norm_rope_explicit_backend_raises_the_unsupported_reason(rng):
@@ -303,7 +305,7 @@ def test_qk_norm_rope_rejects_unknown_layout(rng):
 
 def test_qk_norm_rope_rejects_heads_layout_with_more_than_128_heads_per_token(rng):
     args = _qk_args(rng, T=1, hq=129, hk=1, D=2)  # head_dim 2 keeps the SBUF check quiet
-    args[6] = ops_torch.rope_cos_sin_cache(2, 10, THETA)
+    args[6] = rope_ops.rope_cos_sin_cache(2, 10, THETA)
     with pytest.raises(ValueError, match=r"qk_norm_rope: q heads \+ k heads=130; layout='heads' needs <= 128"):
         run(rope.qk_norm_rope, *args, layout="heads")
 

@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from vllm_nki_moe.kernels import router
 from vllm_nki_moe.kernels.limits import PMAX
 
-from vllm_nki_moe import ops, ops_torch
 from nki_emulator import run
-from vllm_nki_moe.kernel_check.tolerances import assert_close
+from vllm_nki_moe import ops
+from vllm_nki_moe.ops import router as router_ops
+from vllm_nki_moe.tools.kernel_check.tolerances import assert_close
 
 from .conftest import SEED, randn
 
@@ -42,11 +43,11 @@ def test_router_topk_matches_ref_qwen3_30b_a3b(T, tp, dtype, rng):
 
 @pytest.mark.parametrize("T", TOKENS)
 def test_router_topk_fp32_matches_torch_topk_without_ties(T, rng):
-    """Distinct fp32 probabilities: the same experts as ops_torch (torch.topk) and the same weights."""
+    """Distinct fp32 probabilities: the same experts as ops.router.router_topk (torch.topk) and the same weights."""
     E, K, renorm = QWEN3_30B_A3B
     logits = randn(rng, (T, E), torch.float32, 2.0)
     w, ids = _check(logits, K, renorm)
-    tw, tids = ops_torch.router_topk(logits, K, renorm)
+    tw, tids = router_ops.router_topk(logits, K, renorm)
     assert torch.equal(ids.long(), tids)
     assert_close(w, tw, "float32")
 
@@ -90,7 +91,7 @@ def test_ops_router_topk_runs_the_kernel_and_returns_int64_ids(rng):
     assert "router_topk" in opset.kernel_ops
     logits = randn(rng, (9, 16), torch.float32, 2.0)
     w, ids = opset.router_topk(logits, 4, True)
-    tw, tids = ops_torch.router_topk(logits, 4, True)
+    tw, tids = router_ops.router_topk(logits, 4, True)
     assert ids.dtype == torch.int64 and torch.equal(ids, tids)
     assert_close(w, tw, "float32")
 

@@ -1,0 +1,1 @@
+"""Fake libtorch-neuronx-lite: importable, nothing more."""

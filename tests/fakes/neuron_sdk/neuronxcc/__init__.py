@@ -1,0 +1,1 @@
+"""Fake neuronx-cc: installed, never imported by vllm_nki_moe."""

@@ -1,0 +1,1 @@
+raise ImportError("fake nki: on sys.path for the SDK check only")

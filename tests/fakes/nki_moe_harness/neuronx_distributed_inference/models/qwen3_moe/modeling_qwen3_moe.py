@@ -1,0 +1,98 @@
+"""Fake NxDI Qwen3-MoE model module (src/neuronx_distributed_inference/models/qwen3_moe/modeling_qwen3_moe.py)."""
+
+import torch
+from neuronx_distributed.utils import cpu_mode
+from torch import nn
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
+
+class CustomRMSNorm(nn.Module):
+    def __init__(self, hidden_size=None, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+
+def get_rmsnorm_cls():
+    return Qwen3MoeRMSNorm if cpu_mode() else CustomRMSNorm
+
+
+class MoENeuronConfig:
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+class Qwen3MoeInferenceConfig:
+    def __init__(self, neuron_config, load_config=None, **kwargs):
+        self.neuron_config = neuron_config
+        self.__dict__.update(kwargs)
+
+    @classmethod
+    def get_neuron_config_cls(cls):
+        return MoENeuronConfig
+
+
+class NeuronQwen3MoEAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.q_layernorm = get_rmsnorm_cls()(config.head_dim, config.rms_norm_eps)
+        self.k_layernorm = get_rmsnorm_cls()(config.head_dim, config.rms_norm_eps)
+
+
+class NeuronQwen3MoeDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.self_attn = NeuronQwen3MoEAttention(config)
+        self.moe_fused_nki_kernel_enabled = getattr(config, "moe_fused_nki_kernel_enabled", False)
+        self.input_layernorm = get_rmsnorm_cls()(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = get_rmsnorm_cls()(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class NeuronBaseModel(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.setup_attr_for_model(config)
+        self.init_model(config)
+
+
+class NeuronQwen3MoeModel(NeuronBaseModel):
+    def setup_attr_for_model(self, config):
+        self.hidden_size = config.hidden_size
+
+    def init_model(self, config):
+        self.layers = nn.ModuleList([NeuronQwen3MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = get_rmsnorm_cls()(self.hidden_size, eps=config.rms_norm_eps)
+
+
+class NeuronBaseForCausalLM:
+    _model_cls = None
+
+    def __init__(self, model_path, config=None):
+        self.model_path = model_path
+        self.config = config
+
+    @classmethod
+    def get_config_cls(cls):
+        raise NotImplementedError
+
+    @classmethod
+    def get_neuron_config_cls(cls):
+        return cls.get_config_cls().get_neuron_config_cls()
+
+    def build_model(self):  # stands in for NxDI building _model_cls inside compile()/load()
+        return self._model_cls(self.config)
+
+    def compile(self, compiled_model_path, debug=False):
+        self.compiled = (compiled_model_path, debug)
+
+    def load(self, compiled_model_path):
+        self.loaded = compiled_model_path
+
+
+class NeuronQwen3MoeForCausalLM(NeuronBaseForCausalLM):
+    _model_cls = NeuronQwen3MoeModel
+
+    @classmethod
+    def get_config_cls(cls):
+        return Qwen3MoeInferenceConfig

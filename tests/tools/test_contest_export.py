@@ -1,0 +1,205 @@
+"""``vllm-nki-moe export-contest``: the written qwen_with_nki.py imports against fakes of the nki-moe harness's imports
+(tests/fakes/nki_moe_harness), exposes what main.py uses, and carries our kernels byte for byte."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests import fakes
+from vllm_nki_moe.tools import cli
+from vllm_nki_moe.tools.contest_export import ExportError, export_contest, kernels_dir
+from vllm_nki_moe.tools.kernel_check.tolerances import tolerance_for
+
+MODULE = "qwen_with_nki"  # the name main.py imports with --enable-nki (aws-neuron/nki-moe main.py)
+# A small Qwen3-MoE body for the fake NxDI model (the drop-in reads only these fields itself).
+TINY = dict(hidden_size=64, head_dim=16, rms_norm_eps=1e-6, num_hidden_layers=2)
+
+
+def _forget(prefix: str) -> None:
+    for name in [m for m in sys.modules if m == prefix or m.startswith(prefix + "_kernels")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def harness(tmp_path, monkeypatch):
+    """Fakes of the harness's imports on sys.path, and ``load(out)`` importing a written module as main.py would."""
+    install = fakes.FakeInstall(tmp_path / "harness-site", fakes.HARNESS_FILES)
+    loaded: list[str] = []
+    added: list[str] = []
+
+    def load(out, name: str = MODULE):
+        # Not monkeypatch.syspath_prepend: its undo restores the sys.path it saved, fake site included.
+        sys.path.insert(0, str(out.parent))
+        added.append(str(out.parent))
+        with monkeypatch.context() as block:
+            block.setitem(sys.modules, "vllm_nki_moe", None)  # any import of our package now fails
+            module = importlib.import_module(name)
+        loaded.append(name)
+        return module
+
+    yield SimpleNamespace(load=load, utils=lambda: sys.modules["neuronx_distributed.utils"])
+    for name in loaded:
+        _forget(name)
+    for path in added:
+        while path in sys.path:
+            sys.path.remove(path)
+    install.remove()
+
+
+@pytest.fixture
+def written(tmp_path):
+    out = tmp_path / "contest" / f"{MODULE}.py"
+    assert cli.main(["export-contest", str(out)]) == 0
+    return out
+
+
+def tiny_config(**extra):
+    return SimpleNamespace(**TINY, **extra)
+
+
+def test_written_module_imports_against_harness_fakes_and_exposes_what_main_py_uses(written, harness):
+    qwen = harness.load(written)
+    nxdi = sys.modules["neuronx_distributed_inference.models.qwen3_moe.modeling_qwen3_moe"]
+    cls = qwen.NeuronQwen3MoeForCausalLM
+    assert issubclass(cls, nxdi.NeuronQwen3MoeForCausalLM)
+    # prepare_inference: get_neuron_config_cls()(**kwargs), get_config_cls()(neuron_config, load_config=...),
+    # cls(model_path, config), compile(path, debug=...), load(path).
+    neuron_config = cls.get_neuron_config_cls()(tp_degree=4, batch_size=1)
+    config = cls.get_config_cls()(neuron_config, load_config=None)
+    model = cls("/models/Qwen3-30B-A3B", config)
+    model.compile("/tmp/traced", debug=False)
+    model.load("/tmp/traced")
+    assert cls._model_cls is qwen.NeuronQwen3MoeModel
+
+
+def test_written_module_imports_nothing_from_vllm_nki_moe(written):
+    text = written.read_text()
+    tree = ast.parse(text)
+    namespace: dict = {}
+    for node in tree.body:  # the embedded kernel sources are data: parse them too
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "KERNEL_FILES":
+            namespace = ast.literal_eval(node.value)
+    assert namespace, "KERNEL_FILES not found"
+    for source in [text, *namespace.values()]:
+        for node in ast.walk(ast.parse(source)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] == "vllm_nki_moe" for n in names)
+
+
+def test_embedded_kernels_are_the_kernel_files_byte_for_byte(written, harness):
+    qwen = harness.load(written)
+    files = {p.stem: p.read_text() for p in kernels_dir().glob("*.py") if p.name != "__init__.py"}
+    assert qwen.KERNEL_FILES == files
+    order = qwen.KERNEL_LOAD_ORDER
+    importers = [stem for stem, source in files.items() if "from .limits import" in source]
+    assert importers and all(order.index("limits") < order.index(stem) for stem in importers)  # dependencies first
+
+
+def test_on_device_every_rmsnorm_is_the_kernel_module(written, harness):
+    qwen = harness.load(written)
+    if "rmsnorm" not in qwen.HOOKS:
+        pytest.skip("kernels/rmsnorm.py is not present at export time")
+    body = qwen.NeuronQwen3MoeForCausalLM("/m", tiny_config()).build_model()
+    norms = [body.norm] + [
+        m
+        for layer in body.layers
+        for m in (
+            layer.input_layernorm,
+            layer.post_attention_layernorm,
+            layer.self_attn.q_layernorm,
+            layer.self_attn.k_layernorm,
+        )
+    ]
+    assert all(type(m) is qwen.NkiRMSNorm for m in norms)
+    assert [tuple(m.weight.shape) for m in norms[1:5]] == [(64,), (64,), (16,), (16,)]  # checkpoint-shaped "weight"
+
+
+def test_nxdi_fused_moe_kernel_keeps_its_post_attention_norm(written, harness):
+    qwen = harness.load(written)
+    body = qwen.NeuronQwen3MoeForCausalLM("/m", tiny_config(moe_fused_nki_kernel_enabled=True)).build_model()
+    assert type(body.layers[0].post_attention_layernorm).__name__ == "CustomRMSNorm"
+
+
+def test_cpu_mode_keeps_nxdi_and_hugging_face_layers(written, harness):
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
+    qwen = harness.load(written)
+    harness.utils().CPU_MODE[0] = True
+    body = qwen.NeuronQwen3MoeForCausalLM("/m", tiny_config()).build_model()
+    assert type(body.norm) is Qwen3MoeRMSNorm and type(body.layers[1].input_layernorm) is Qwen3MoeRMSNorm
+    assert not any(name.startswith(f"{MODULE}_kernels") for name in sys.modules)  # no nki needed on CPU
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (3, 7, 64), (2, 4, 5, 16)], ids=["1-token", "batch-seq", "heads"])
+def test_kernel_rmsnorm_module_matches_hugging_face_rmsnorm_in_the_emulator(written, harness, shape):
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
+    import nki_emulator as emulator
+
+    if not emulator.install():
+        pytest.skip("the real nki package is installed: this test runs the kernels in the emulator")
+    qwen = harness.load(written)
+    if "rmsnorm" not in qwen.HOOKS:
+        pytest.skip("kernels/rmsnorm.py is not present at export time")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen)
+    ours, hf = qwen.NkiRMSNorm(shape[-1], eps=1e-6), Qwen3MoeRMSNorm(shape[-1], eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(shape[-1], generator=gen) + 0.5)
+        hf.weight.copy_(ours.weight)
+        tol = tolerance_for("float32")
+        torch.testing.assert_close(ours(x), hf(x), atol=tol.atol, rtol=tol.rtol)
+    # nki.jit reads the kernel's source; the embedded file must be visible to inspect.
+    kernel = qwen.kernel("rmsnorm")
+    assert "def rms_norm(" in inspect.getsource(getattr(kernel, "__wrapped__", kernel))
+
+
+def test_an_edited_embedded_kernel_is_refused(written, harness):
+    qwen = harness.load(written)
+    qwen.KERNEL_FILES["limits"] += "\n# edited\n"
+    with pytest.raises(ImportError, match="embedded kernels/limits.py was edited; regenerate"):
+        qwen.load_kernels()
+    assert f"{MODULE}_kernels" not in sys.modules  # a failed load leaves no half package
+
+
+def test_a_missing_kernel_file_leaves_nxdis_module_and_says_why(tmp_path, harness):
+    kdir = tmp_path / "kernels"
+    kdir.mkdir()
+    (kdir / "limits.py").write_text((kernels_dir() / "limits.py").read_text())
+    result = export_contest(tmp_path / "out" / "qwen_min.py", kdir)
+    assert result.hooks == {"rmsnorm": "kernels/rmsnorm.py is not present"}
+    qwen = harness.load(result.path, "qwen_min")
+    assert qwen.HOOKS == {} and qwen.get_rmsnorm_cls().__name__ == "CustomRMSNorm"
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({}, "limits.py not found"),
+        ({"limits.py": "", "bad.py": "from vllm_nki_moe import ops\n"}, "imports vllm_nki_moe"),
+        ({"limits.py": "", "a.py": "from .b import x\n", "b.py": "from .a import y\n"}, "import cycle"),
+        ({"limits.py": "", "a.py": "from .missing import x\n"}, "kernels/missing.py, which does not exist"),
+    ],
+    ids=["no-limits", "imports-project", "cycle", "missing-sibling"],
+)
+def test_export_rejects_kernel_files_the_drop_in_cannot_carry(tmp_path, files, message):
+    kdir = tmp_path / "kernels"
+    kdir.mkdir()
+    for name, text in files.items():
+        (kdir / name).write_text(text)
+    with pytest.raises(ExportError, match=message):
+        export_contest(tmp_path / "qwen_with_nki.py", kdir)
+
+
+def test_export_contest_cli_rejects_a_non_python_target(tmp_path, capsys):
+    assert cli.main(["export-contest", str(tmp_path / "qwen_with_nki.txt")]) == 2
+    assert "must be a .py file" in capsys.readouterr().err

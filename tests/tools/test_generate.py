@@ -1,0 +1,81 @@
+"""`vllm-nki-moe generate`: our Qwen3-MoE modules with every op through `ops` (NKI kernels in the emulator, or torch)
+and our paged KV cache give exactly Hugging Face transformers' greedy tokens (float32, EOS ignored).
+
+In-process: the harness builds vLLM's distributed state for one process once and reuses it across models.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_nki_moe.tools import cli
+from vllm_nki_moe.tools import generate as gen
+
+PROMPTS = ["Hello world, the quick brown fox", "def is_palindrome(text):", "A"]
+NEW_TOKENS = 32
+CONFIGS = {
+    "default": None,
+    # dense MLP layers (mlp_only_layers) and un-normalised routing weights
+    "dense-layers-no-renorm": {"num_hidden_layers": 3, "mlp_only_layers": [1], "norm_topk_prob": False},
+}
+
+
+@pytest.fixture(scope="module")
+def hf_tokens(make_model):
+    cache: dict[str, list[list[int]]] = {}
+
+    def get(name: str) -> list[list[int]]:
+        if name not in cache:
+            cache[name] = gen.hf_greedy(make_model(CONFIGS[name]), PROMPTS, NEW_TOKENS)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_generate_on_emulated_nki_kernels_matches_hf_greedy(name, make_model, hf_tokens):
+    harness = gen.Harness(make_model(CONFIGS[name]), "emulator")
+    assert {"attention_prefill", "attention_decode"} <= set(harness.opset.kernel_ops)
+    got = [harness.generate(p, NEW_TOKENS).tokens for p in PROMPTS]
+    assert got == hf_tokens(name)
+
+
+def test_generate_on_torch_ops_matches_hf_greedy(make_model, hf_tokens):
+    harness = gen.Harness(make_model(CONFIGS["default"]), "torch")
+    assert harness.opset.kernel_ops == ()
+    assert [harness.generate(p, NEW_TOKENS).tokens for p in PROMPTS] == hf_tokens("default")
+
+
+def test_paged_cache_scatters_a_sequences_blocks_out_of_order():
+    cache = gen.PagedKVCache(num_layers=1, kv_heads=1, head_dim=4, block_size=4, max_tokens=64, dtype=torch.float32)
+    positions, slots = cache.append(13)
+    assert positions.tolist() == list(range(13))
+    assert len(cache.blocks) == 4 and cache.num_blocks > 2 * len(cache.blocks)
+    assert sorted(cache.blocks) != cache.blocks or any(b - a != 1 for a, b in zip(cache.blocks, cache.blocks[1:]))
+    assert slots.tolist() == [cache.blocks[p // 4] * 4 + p % 4 for p in range(13)]
+    assert cache.step["phase"] == "prefill"
+    _, slots = cache.append(1)
+    assert cache.step["phase"] == "decode" and cache.step["context_lens"].tolist() == [14]
+    assert slots.tolist() == [cache.blocks[3] * 4 + 1]
+
+
+def test_cli_generate_compare_hf_prints_match_and_exits_zero(tiny_model_dir, capsys):
+    argv = ["generate", "--model", str(tiny_model_dir), "--kernels", "torch", "--prompt", "A", "--max-new-tokens", "8"]
+    assert cli.main([*argv, "--compare-hf"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "Hugging Face: match (8 tokens)" in out
+
+
+def test_cli_generate_compare_hf_names_the_first_mismatch_and_exits_nonzero(tiny_model_dir, capsys, monkeypatch):
+    real = gen.hf_greedy
+
+    def altered(*args, **kwargs):
+        tokens = real(*args, **kwargs)
+        tokens[0][5] += 1
+        return tokens
+
+    monkeypatch.setattr(gen, "hf_greedy", altered)
+    argv = ["generate", "--model", str(tiny_model_dir), "--kernels", "torch", "--prompt", "A", "--max-new-tokens", "8"]
+    assert cli.main([*argv, "--compare-hf"]) == 1
+    assert "MISMATCH at new token 5" in capsys.readouterr().out

@@ -1,0 +1,359 @@
+"""Qwen3-MoE for vLLM with every norm, RoPE, router and expert op going through ``vllm_nki_moe.ops``.
+
+Classes follow vLLM's ``qwen3_moe.py`` in forward order and naming. vLLM's own parallel linears, embedding, LM head
+and ``Attention`` (the paged KV cache and its backend) are reused; the ops this project writes NKI kernels for
+(RMSNorm, fused residual-add + RMSNorm, q/k norm, RoPE, router top-k, experts) are bound once per model by
+``ops.bind()`` and called without knowing the backend. Parameter names are checkpoint names, except the fusions
+listed in ``weight_map``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.distributed import (
+    get_pp_group,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.sequence import IntermediateTensors
+
+from vllm_nki_moe import envs, ops
+from vllm_nki_moe.models import weight_map
+from vllm_nki_moe.models.config import Qwen3MoeSizes, read_sizes
+from vllm_nki_moe.ops.rope import rope_cos_sin_cache
+
+logger = logging.getLogger(__name__)
+
+# Builds a layer's attention module in place of vLLM's ``Attention``: ``factory(attention, layer_idx) -> module`` with
+# ``module(q [T, Hq*D], k, v [T, Hk*D]) -> [T, Hq*D]``; ``attention`` is the Qwen3MoeAttention being built (its head
+# counts and head_dim are set). The Neuron runner adapter (``models/qwen3_moe_neuron/``) uses it for the runner-owned
+# paged cache.
+AttentionFactory = Callable[["Qwen3MoeAttention", int], nn.Module]
+
+
+class Qwen3MoeRMSNorm(nn.Module):
+    """RMSNorm over the last axis, optionally fused with the residual add (``forward(x, residual)``)."""
+
+    def __init__(self, size: int, eps: float, opset: ops.OpSet) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+        self.ops = opset
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class Qwen3MoeMLP(nn.Module):
+    """Dense SwiGLU MLP, for the layers listed in ``mlp_only_layers`` or off ``decoder_sparse_step``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, opset: ops.OpSet, prefix: str = "") -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size] * 2, bias=False, prefix=f"{prefix}.gate_up_proj"
+        )
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False, prefix=f"{prefix}.down_proj")
+        self.ops = opset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        out, _ = self.down_proj(self.ops.silu_mul(gate_up))
+        return out
+
+
+class Qwen3MoeExperts(nn.Module):
+    """The routed experts of one layer, stacked: ``w13 [E, 2*I_tp, H]`` (gate rows, then up rows), ``w2 [E, H, I_tp]``.
+
+    Tensor parallelism splits the intermediate size I across ranks (I_tp = I / tp); each rank's partial sums are
+    all-reduced by the caller.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        self.tp_rank = get_tensor_model_parallel_rank()
+        self.intermediate_per_rank = intermediate_size // tp_size
+        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate_per_rank, hidden_size))
+        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, self.intermediate_per_rank))
+
+    def load_expert_weight(self, param_name: str, expert: int, shard: int | None, loaded: torch.Tensor) -> None:
+        """Copy one checkpoint tensor (``gate_proj``/``up_proj`` ``[I, H]`` or ``down_proj`` ``[H, I]``) into place."""
+        rows = self.intermediate_per_rank
+        start = self.tp_rank * rows
+        if param_name == "w13_weight":
+            self.w13_weight.data[expert, shard * rows : (shard + 1) * rows].copy_(loaded[start : start + rows])
+        else:
+            self.w2_weight.data[expert].copy_(loaded[:, start : start + rows])
+        # Copies through .data leave the version counter alone; bump it so caches of derived layouts (ops.host
+        # prepacked experts) see a reload.
+        torch.autograd.graph.increment_version(getattr(self, param_name))
+
+
+class Qwen3MoeRouterGate(nn.Module):
+    """Holds the router weight ``[E, H]`` under its checkpoint name (``mlp.gate.weight``), replicated on every rank."""
+
+    def __init__(self, hidden_size: int, num_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False)
+
+
+class Qwen3MoeSparseMoeBlock(nn.Module):
+    """Router (``gate``: logits -> softmax -> top-k -> optional renormalisation) and the routed experts.
+
+    Called with the decoder layer's residual and post-attention norm, so that the whole MoE half of the layer is one
+    op (``moe_block``): a backend with a fused kernel for it (norm + router + experts, the contest winner's design)
+    runs that kernel, the others run the ops in sequence.
+    """
+
+    def __init__(self, sizes: Qwen3MoeSizes, opset: ops.OpSet, prefix: str = "") -> None:
+        super().__init__()
+        self.top_k = sizes.num_experts_per_tok
+        self.norm_topk_prob = sizes.norm_topk_prob
+        self.tp_size = get_tensor_model_parallel_world_size()
+        # The router weight [E, H] as a plain parameter: the ops read it directly (vLLM's CPU linear layers repack
+        # their weight for oneDNN and leave the parameter empty).
+        self.gate = Qwen3MoeRouterGate(sizes.hidden_size, sizes.num_experts)
+        self.experts = Qwen3MoeExperts(sizes.num_experts, sizes.hidden_size, sizes.moe_intermediate_size)
+        self.ops = opset
+
+    def forward(
+        self, hidden_states: torch.Tensor, residual: torch.Tensor, norm: Qwen3MoeRMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, residual = self.ops.moe_block(
+            hidden_states,
+            residual,
+            norm.weight,
+            norm.eps,
+            self.gate.weight,
+            self.experts.w13_weight,
+            self.experts.w2_weight,
+            self.top_k,
+            self.norm_topk_prob,
+        )
+        if self.tp_size > 1:
+            out = tensor_model_parallel_all_reduce(out)
+        return out, residual
+
+
+class Qwen3MoeAttention(nn.Module):
+    """GQA attention with per-head q/k RMSNorm before neox RoPE; the KV cache and kernel are vLLM's ``Attention``."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        sizes: Qwen3MoeSizes,
+        opset: ops.OpSet,
+        prefix: str = "",
+        *,
+        layer_idx: int = 0,
+        attn_factory: AttentionFactory | None = None,
+    ) -> None:
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        self.head_dim = sizes.head_dim
+        self.num_heads = sizes.num_attention_heads // tp_size
+        # Fewer kv heads than ranks: each rank keeps a replica (vLLM's QKVParallelLinear does the same).
+        self.num_kv_heads = max(1, sizes.num_key_value_heads // tp_size)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            sizes.hidden_size,
+            self.head_dim,
+            sizes.num_attention_heads,
+            sizes.num_key_value_heads,
+            bias=sizes.attention_bias,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            sizes.num_attention_heads * self.head_dim, sizes.hidden_size, bias=False, prefix=f"{prefix}.o_proj"
+        )
+        self.q_norm = Qwen3MoeRMSNorm(self.head_dim, sizes.rms_norm_eps, opset)
+        self.k_norm = Qwen3MoeRMSNorm(self.head_dim, sizes.rms_norm_eps, opset)
+        # A buffer, not a parameter: derived from the config, never loaded from the checkpoint.
+        self.register_buffer(
+            "cos_sin_cache",
+            rope_cos_sin_cache(self.head_dim, sizes.max_position_embeddings, sizes.rope_theta),
+            persistent=False,
+        )
+        if attn_factory is not None:
+            self.attn = attn_factory(self, layer_idx)
+        else:
+            self.attn = Attention(
+                self.num_heads,
+                self.head_dim,
+                self.head_dim**-0.5,
+                num_kv_heads=self.num_kv_heads,
+                cache_config=vllm_config.cache_config,
+                prefix=f"{prefix}.attn",
+            )
+        self.ops = opset
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.ops.qk_norm_rope(
+            q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions, self.cos_sin_cache, self.head_dim
+        )
+        out, _ = self.o_proj(self.attn(q, k, v.contiguous()))
+        return out
+
+
+class Qwen3MoeDecoderLayer(nn.Module):
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        sizes: Qwen3MoeSizes,
+        layer_idx: int,
+        opset: ops.OpSet,
+        prefix: str = "",
+        *,
+        attn_factory: AttentionFactory | None = None,
+    ) -> None:
+        super().__init__()
+        self.self_attn = Qwen3MoeAttention(
+            vllm_config, sizes, opset, prefix=f"{prefix}.self_attn", layer_idx=layer_idx, attn_factory=attn_factory
+        )
+        if sizes.is_moe_layer(layer_idx):
+            self.mlp: nn.Module = Qwen3MoeSparseMoeBlock(sizes, opset, prefix=f"{prefix}.mlp")
+        else:
+            self.mlp = Qwen3MoeMLP(sizes.hidden_size, sizes.intermediate_size, opset, prefix=f"{prefix}.mlp")
+        self.input_layernorm = Qwen3MoeRMSNorm(sizes.hidden_size, sizes.rms_norm_eps, opset)
+        self.post_attention_layernorm = Qwen3MoeRMSNorm(sizes.hidden_size, sizes.rms_norm_eps, opset)
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states)
+        if isinstance(self.mlp, Qwen3MoeSparseMoeBlock):  # norm + router + experts as one op
+            return self.mlp(hidden_states, residual, self.post_attention_layernorm)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+class Qwen3MoeModel(nn.Module):
+    def __init__(
+        self,
+        *,
+        vllm_config: VllmConfig,
+        sizes: Qwen3MoeSizes,
+        opset: ops.OpSet,
+        prefix: str = "",
+        attn_factory: AttentionFactory | None = None,
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(sizes.vocab_size, sizes.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(
+            Qwen3MoeDecoderLayer(vllm_config, sizes, i, opset, prefix=f"{prefix}.layers.{i}", attn_factory=attn_factory)
+            for i in range(sizes.num_hidden_layers)
+        )
+        self.norm = Qwen3MoeRMSNorm(sizes.hidden_size, sizes.rms_norm_eps, opset)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+class Qwen3MoeForCausalLM(nn.Module):
+    """vLLM's text-generation model interface (``vllm/model_executor/models/interfaces_base.py``) for Qwen3-MoE."""
+
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(
+        self, *, vllm_config: VllmConfig, prefix: str = "", attn_factory: AttentionFactory | None = None
+    ) -> None:
+        super().__init__()
+        hf_config = vllm_config.model_config.hf_text_config
+        self.sizes = read_sizes(hf_config, tp_size=get_tensor_model_parallel_world_size())
+        if get_pp_group().world_size > 1:
+            raise NotImplementedError(
+                f"Qwen3MoeForCausalLM (vllm_nki_moe): pipeline_parallel_size={get_pp_group().world_size}; "
+                "only 1 is supported"
+            )
+        # --additional-config '{"nki_moe": {"kernels": ...}}' overrides VLLM_NKI_MOE_KERNELS for this server.
+        kernels = envs.configured_kernels(vllm_config.additional_config)
+        self.opset = ops.bind(kernels, host_ops=True) if kernels else ops.bind()
+        model_prefix = f"{prefix}.model" if prefix else "model"
+        self.model = Qwen3MoeModel(
+            vllm_config=vllm_config, sizes=self.sizes, opset=self.opset, prefix=model_prefix, attn_factory=attn_factory
+        )
+        self.lm_head = ParallelLMHead(self.sizes.vocab_size, self.sizes.hidden_size, prefix="lm_head")
+        if self.sizes.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(self.sizes.vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,  # [num_tokens] int64, all scheduled tokens of the step, flattened
+        positions: torch.Tensor,  # [num_tokens] int64, each token's position in its sequence
+        intermediate_tensors: IntermediateTensors | None = None,  # pipeline parallelism only: unused
+        inputs_embeds: torch.Tensor | None = None,  # [num_tokens, hidden] instead of input_ids
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load Hugging Face checkpoint tensors; returns the parameter names filled (vLLM checks none is missing)."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.endswith(weight_map.IGNORED_SUFFIXES):
+                continue
+            if self.sizes.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            expert = weight_map.EXPERT_WEIGHT.match(name)
+            if expert:
+                param_name, shard = weight_map.EXPERT_TARGETS[expert["proj"]]
+                experts: Qwen3MoeExperts = self.get_submodule(expert["prefix"])
+                experts.load_expert_weight(param_name, int(expert["expert"]), shard, tensor)
+                loaded.add(f"{expert['prefix']}.{param_name}")
+                continue
+            for fused, piece, shard_id in weight_map.STACKED_PARAMS:
+                if piece in name:
+                    target = name.replace(piece, fused)
+                    if target in params:
+                        params[target].weight_loader(params[target], tensor, shard_id)
+                        loaded.add(target)
+                        break
+            else:
+                if name not in params:
+                    raise ValueError(f"Qwen3MoeForCausalLM.load_weights: checkpoint tensor {name!r} has no parameter")
+                param = params[name]
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+                loaded.add(name)
+        return loaded

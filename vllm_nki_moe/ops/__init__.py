@@ -1,0 +1,148 @@
+"""The one dispatch point between the model and its kernels.
+
+Every op the Qwen3-MoE model runs outside vLLM's own layers goes through an :class:`OpSet`, bound once per model by
+:func:`bind` from ``VLLM_NKI_MOE_KERNELS``. Each op is declared once, in its family module (``norms``, ``rope``,
+``router``, ``moe``, ``attention``; see ``spec.OpSpec``): its reference (the signature), a vLLM-CPU fast path, an NKI
+kernel with its ``supports`` check. The backends:
+
+- ``torch``: PyTorch, the default off Neuron. Bound from the environment (``bind()``, as the model does) where vLLM's
+  CPU custom ops are loaded (serving on a vLLM CPU build), the norms, RoPE, SiLU and experts run them (``host``:
+  same functions, C++ rounding, prepacked fused MoE); elsewhere, with ``VLLM_NKI_MOE_HOST_OPS=off``, or named in
+  code (``bind("torch")``: the baseline tests and tools compare against), every op is its plain Hugging Face-exact
+  reference; ``bind(..., host_ops=True|False)`` chooses explicitly;
+- ``emulator``: the NKI kernels in ``vllm_nki_moe.kernels`` executed by the project's NumPy NKI emulator;
+- ``nki``: the same kernels on the real ``nki`` package (Trainium, or AWS's simulator), the default on Neuron;
+- ``auto``: ``nki`` on the Neuron platform or where the real package is importable, else ``torch``.
+
+An op without an NKI kernel yet runs its torch implementation under every backend, and the binding logs that once.
+A kernel that exists but cannot take the given shapes says why through its ``supports`` check: under ``auto`` the op
+falls back to torch and logs the reason once; under an explicitly chosen backend the reason is raised.
+The model never branches on the backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from vllm_nki_moe import envs
+from vllm_nki_moe.ops import attention, host, kernel_call, moe, norms, rope, router
+from vllm_nki_moe.ops.spec import OpSpec
+
+logger = logging.getLogger(__name__)
+
+FAMILIES = (norms, rope, router, moe, attention)
+SPECS: dict[str, OpSpec] = {spec.name: spec for family in FAMILIES for spec in family.SPECS}
+# The ops in the order a decoder layer runs them.
+OP_NAMES = (
+    "rms_norm",
+    "fused_add_rms_norm",
+    "apply_rope",
+    "qk_norm_rope",
+    "silu_mul",
+    "router_topk",
+    "moe_experts",
+    "attention_prefill",
+    "attention_decode",
+)
+# Ops built from the others, in order (each may use the ones before it); a kernel for one runs where it applies.
+COMPOSITE_OPS = ("router_gate_topk", "moe_block")
+assert set(SPECS) == set(OP_NAMES + COMPOSITE_OPS), sorted(SPECS)
+# The ops with a vLLM-CPU fast path (``ops.host``) and those implementations.
+HOST_FAST_OPS: dict[str, Callable] = {name: spec.host for name, spec in SPECS.items() if spec.host is not None}
+
+
+@dataclass(frozen=True)
+class OpSet:
+    """The ops of one model: torch-in/torch-out callables with the signatures of the family modules' references, and
+    the composite ops (``COMPOSITE_OPS``), built from the others unless a backend has a fused kernel for them."""
+
+    backend: str
+    rms_norm: Callable
+    fused_add_rms_norm: Callable
+    apply_rope: Callable
+    qk_norm_rope: Callable  # per-head q/k RMSNorm + RoPE in one call (Qwen3 attention)
+    silu_mul: Callable
+    router_topk: Callable
+    moe_experts: Callable
+    attention_prefill: Callable  # writes the paged KV cache in place; vLLM's Attention does this on the CPU path
+    attention_decode: Callable
+    router_gate_topk: Callable  # composite: see router.router_gate_topk_sequence
+    moe_block: Callable  # composite: see moe.moe_block_sequence
+    kernel_ops: tuple[str, ...] = ()  # which ops run an NKI kernel under this backend
+
+    def describe(self) -> str:
+        kernel_ops = ", ".join(self.kernel_ops) or "none"
+        return f"kernels={self.backend} (NKI kernels for: {kernel_ops})"
+
+
+def resolve_backend(requested: str | None = None) -> str:
+    """The backend to bind: ``requested``, else ``VLLM_NKI_MOE_KERNELS``; ``auto`` becomes ``nki`` or ``torch``."""
+    backend = envs.kernel_backend() if requested is None else requested
+    if backend not in envs.KERNEL_BACKENDS:
+        raise ValueError(f"ops: kernels={backend!r}; must be one of {', '.join(envs.KERNEL_BACKENDS)}")
+    # Serving on our Neuron platform (platforms.neuron built its class in this process; asked without importing it):
+    # auto means nki there, and the NumPy emulator cannot run inside the compiled Neuron graph.
+    neuron_platform = sys.modules.get("vllm_nki_moe.platforms.neuron")
+    on_neuron = neuron_platform is not None and neuron_platform.platform_active()
+    if backend == "emulator" and on_neuron:
+        raise ValueError(
+            f"ops: kernels=emulator on the Neuron platform; the NumPy emulator cannot run in the compiled graph, "
+            f"set {envs.KERNELS_ENV}=nki (the default there) or torch"
+        )
+    if backend == "auto":
+        backend = "nki" if on_neuron or kernel_call.real_nki_available() else "torch"
+    if backend == "nki" and not kernel_call.real_nki_available():
+        raise RuntimeError(
+            f"ops: kernels=nki but the real `nki` package is not importable; install the Neuron SDK's nki "
+            f"(AWS's Neuron pip index), or set {envs.KERNELS_ENV}=emulator (NumPy NKI emulator) or torch"
+        )
+    return backend
+
+
+def host_fast_ops() -> dict[str, Callable]:
+    """The ops of the ``torch`` backend that have a vLLM-CPU fast path (``ops.host``): empty, with the reason logged
+    once, when the fast path is unavailable in this process."""
+    reason = host.unavailable_reason()
+    if reason is not None:
+        host.log_once(f"plain torch ops (the references): {reason}")
+        return {}
+    host.log_once(
+        f"vLLM CPU custom ops for {', '.join(HOST_FAST_OPS)} (set {envs.HOST_OPS_ENV}=off for the plain reference)"
+    )
+    return dict(HOST_FAST_OPS)
+
+
+def bind(requested: str | None = None, *, host_ops: bool | None = None) -> OpSet:
+    """Bind every op for one backend (see module docstring) and log the choice once.
+
+    ``host_ops``: whether the ``torch`` backend may use the vLLM-CPU fast path; default: when the backend comes from
+    the environment (``requested`` is None).
+    """
+    chosen = envs.kernel_backend() if requested is None else requested
+    backend = resolve_backend(chosen)
+    impls = {name: SPECS[name].reference for name in OP_NAMES}
+    if backend == "torch" and (requested is None if host_ops is None else host_ops):
+        impls.update(host_fast_ops())
+    # A backend named explicitly (argument or VLLM_NKI_MOE_KERNELS) must run its kernels or say why it cannot.
+    strict = chosen != "auto"
+    with_kernels = backend in ("emulator", "nki")
+    if with_kernels:
+        for name in OP_NAMES:
+            if SPECS[name].kernel is not None:
+                impls[name] = SPECS[name].bind_kernel(backend, strict, fallback=impls[name])
+        missing = [name for name in OP_NAMES if SPECS[name].kernel is None]
+        if missing:
+            logger.info("vllm_nki_moe.ops: no NKI kernel yet for %s; those ops run in torch", ", ".join(missing))
+    for name in COMPOSITE_OPS:
+        spec = SPECS[name]
+        impls[name] = spec.compose(impls)
+        if with_kernels and spec.kernel is not None:
+            impls[name] = spec.bind_kernel(backend, strict, fallback=impls[name])
+    names = OP_NAMES + COMPOSITE_OPS
+    kernel_ops = tuple(n for n in names if with_kernels and SPECS[n].kernel is not None)
+    opset = OpSet(backend=backend, kernel_ops=kernel_ops, **impls)
+    logger.info("vllm_nki_moe.ops: %s", opset.describe())
+    return opset

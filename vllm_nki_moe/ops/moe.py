@@ -1,0 +1,308 @@
+"""Expert ops: ``silu_mul``, ``moe_experts`` (routed SwiGLU experts) and ``moe_block`` (the decoder layer's MoE half:
+residual add + RMSNorm, router, experts; a composite op).
+
+Kernels: ``kernels/moe_decode.py`` (few tokens; also the fused ``moe_block_decode``) and ``kernels/moe_prefill.py``
+(many tokens). The model keeps its weights as vLLM loads them (``w13 [E, 2I, H]``, ``w2 [E, H, I]``); the kernels
+want ``moe_decode``'s kernel layout (H and I split into partition tiles, one contiguous run per partition per DMA),
+made once per weight tensor (``ops.weight_cache``). The host fast path packs them once for ``cpu_fused_moe``.
+
+Choice of kernel (trn2 cost model, Qwen3-30B-A3B TP=4, E=128, K=8; figures from
+``python -m vllm_nki_moe.tools.kernel_check.cases_moe --select``): the decode kernel reads T*K experts, one per
+(token, slot); the prefill kernel reads each used expert once but pays per-block gathers and scatters. Estimates
+(decode vs prefill with 8-token blocks): T=1 53.5 vs 56.7 us, T=2 106.8 vs 106.3, T=4 213.4 vs 205.4, T=8 426.6
+vs 361.2. So decode runs for one token (its K experts are distinct: nothing to share) and while T*K <= E/16,
+prefill above, with the block size ``routed_block_size`` picks from the routing (least weight + padding traffic).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from vllm_nki_moe.ops import host
+from vllm_nki_moe.ops.kernel_call import call_kernel, load_kernels
+from vllm_nki_moe.ops.spec import KernelImpl, OpSpec
+from vllm_nki_moe.ops.weight_cache import WeightCache
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up [T, 2I]`` holding gate in the first half; returns ``[T, I]``."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def moe_experts(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Routed SwiGLU experts: ``sum_k w_k * down_e(silu(gate_e(x)) * up_e(x))`` for each token's experts ``e``.
+
+    hidden ``[T, H]``; w13 ``[E, 2I, H]`` (gate rows then up rows); w2 ``[E, H, I]``; topk_* ``[T, K]``.
+    Token slots are sorted by expert (stably) so each selected expert runs one matmul over a contiguous run of its
+    tokens; unselected experts cost nothing. Routing weights are cast to the activation dtype before the multiply, as
+    Hugging Face does, and one ``index_add_`` over the expert-sorted slots adds each token's contributions in
+    ascending expert order: Hugging Face's summation order, so float32 results match it bit for bit.
+    """
+    num_experts, top_k = w13.shape[0], topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    token_of_slot = order // top_k
+    x_sorted = hidden.index_select(0, token_of_slot)
+    y_sorted = torch.empty_like(x_sorted)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            end = start + count
+            y_sorted[start:end] = F.linear(silu_mul(F.linear(x_sorted[start:end], w13[expert])), w2[expert])
+            start = end
+    y_sorted.mul_(topk_weights.reshape(-1)[order].to(hidden.dtype)[:, None])
+    return torch.zeros_like(hidden).index_add_(0, token_of_slot, y_sorted)
+
+
+def moe_block_sequence(impls: dict[str, Callable]) -> Callable:
+    """The decoder layer's MoE half from the bound ops: residual add + RMSNorm, gate, router, experts.
+
+    ``moe_block(hidden [T, H], residual [T, H], norm_weight [H], eps, gate_weight [E, H], w13 [E, 2I, H],
+    w2 [E, H, I], top_k, renormalize) -> (experts' output [T, H], new residual [T, H])``; a backend with a fused
+    kernel for it (``moe_block_decode``) uses that where it applies and this sequence elsewhere.
+    """
+    fused_add_rms_norm, router_gate_topk, experts = (
+        impls["fused_add_rms_norm"],
+        impls["router_gate_topk"],
+        impls["moe_experts"],
+    )
+
+    def moe_block(hidden, residual, norm_weight, eps, gate_weight, w13, w2, top_k, renormalize):
+        normed, residual = fused_add_rms_norm(hidden, residual, norm_weight, eps)
+        topk_weights, topk_ids = router_gate_topk(normed, gate_weight, top_k, renormalize)
+        return experts(normed, w13, w2, topk_weights, topk_ids), residual
+
+    return moe_block
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Host fast path (ops.host): vLLM's CPU fused MoE
+
+# cpu_fused_moe's portable "vec" grouped GEMM: output and reduction dims in multiples of 32 (vLLM's
+# CPUUnquantizedExperts.output_alignment, vllm/model_executor/layers/fused_moe/experts/cpu_moe.py).
+MOE_ALIGNMENT = 32
+MOE_ISA = "vec"
+
+
+def silu_mul_host(gate_up: torch.Tensor) -> torch.Tensor:
+    """:func:`silu_mul` through ``torch.ops._C.silu_and_mul``."""
+    if gate_up.dtype not in host.C_DTYPES or (gate_up.shape[-1] // 2) % host.VEC_ALIGNMENT:
+        host.log_once(
+            f"silu_mul: gate_up {gate_up.dtype}, width={gate_up.shape[-1]}; the C++ op takes halves in multiples of "
+            f"{host.VEC_ALIGNMENT}; runs ops.moe.silu_mul"
+        )
+        return silu_mul(gate_up)
+    if gate_up.numel() == 0:
+        return silu_mul(gate_up)
+    out = torch.empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2, dtype=gate_up.dtype, device=gate_up.device)
+    torch.ops._C.silu_and_mul(out, gate_up.contiguous())
+    return out
+
+
+def _pad_intermediate(w13: torch.Tensor, w2: torch.Tensor, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad I to ``padded``: gate rows [0, I), up rows [padded, padded + I) of w13; columns of w2. Exact: a zero
+    gate and up row gives silu(0) * 0 = 0, and its w2 column is zero."""
+    num_experts, two_i, hidden = w13.shape
+    inter = two_i // 2
+    if padded == inter:
+        return w13, w2
+    new_w13 = w13.new_zeros(num_experts, 2 * padded, hidden)
+    new_w13[:, :inter] = w13[:, :inter]
+    new_w13[:, padded : padded + inter] = w13[:, inter:]
+    new_w2 = w2.new_zeros(num_experts, hidden, padded)
+    new_w2[:, :, :inter] = w2
+    return new_w13, new_w2
+
+
+def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cpu_fused_moe``'s weights: intermediate size padded to a multiple of 32, each tensor prepacked."""
+    inter = w13.shape[1] // 2
+    padded = -(-inter // MOE_ALIGNMENT) * MOE_ALIGNMENT
+    w13, w2 = _pad_intermediate(w13.detach().contiguous(), w2.detach().contiguous(), padded)
+    packed = []
+    for w in (w13, w2):
+        out = torch.empty_like(w)
+        torch.ops._C.prepack_moe_weight(w, out, MOE_ISA)
+        packed.append(out)
+    return packed[0], packed[1]
+
+
+# Packed copies of (w13, w2), rebuilt when either is another tensor, moved to other storage, or changed in place
+# through autograd-visible ops (the version counter; the model bumps it when it loads expert weights).
+_packed_experts = WeightCache(fingerprint=False)
+
+
+def moe_experts_unsupported(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> str | None:
+    """Why ``cpu_fused_moe`` cannot take these operands (naming the limit and value), or None."""
+    if not host.same_dtype(hidden, w13, w2):
+        return f"hidden {hidden.dtype} / w13 {w13.dtype} / w2 {w2.dtype}; one of {', '.join(map(str, host.C_DTYPES))}"
+    if hidden.shape[-1] % MOE_ALIGNMENT:
+        return f"hidden={hidden.shape[-1]}; cpu_fused_moe needs a multiple of {MOE_ALIGNMENT}"
+    return None
+
+
+def moe_experts_host(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`moe_experts` through vLLM's CPU fused MoE (``torch.ops._C.cpu_fused_moe``, prepacked weights)."""
+    reason = moe_experts_unsupported(hidden, w13, w2)
+    if reason is not None or hidden.shape[0] == 0:
+        if reason is not None:
+            host.log_once(f"moe_experts: {reason}; runs ops.moe.moe_experts")
+        return moe_experts(hidden, w13, w2, topk_weights, topk_ids)
+    packed13, packed2 = _packed_experts.get(pack_experts, w13, w2)
+    out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+    torch.ops._C.cpu_fused_moe(
+        out,
+        hidden.contiguous(),
+        packed13,
+        packed2,
+        None,
+        None,
+        topk_weights.to(torch.float32).contiguous(),  # the op reads raw fp32 / int32 buffers, ignoring strides
+        topk_ids.to(torch.int32).contiguous(),
+        False,  # skip_weighted: the op applies the routing weights
+        "silu",
+        MOE_ISA,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# NKI kernels (kernels/moe_decode.py, kernels/moe_prefill.py)
+
+DECODE_SLOTS_PER_EXPERT = 1 / 16  # decode while T*K <= E * this, or T == 1 (see module docstring)
+PREFILL_BLOCK_STEP = 8  # block sizes a multiple of this: at most PMAX / 8 = 16 kernel shapes per token count
+MAX8_MIN_EXPERTS, MAX8_MAX_EXPERTS, MAX8_MAX_K = 8, 512, 8  # moe_block_decode's Limits (max8 reads 8..; one tile)
+
+_kernel_weights = WeightCache()
+
+
+def use_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether ``moe_experts`` runs the decode kernel (else prefill) for these sizes (module docstring)."""
+    if num_tokens > load_kernels("moe_decode").MAX_DECODE_TOKENS:
+        return False
+    return num_tokens == 1 or num_tokens * top_k <= num_experts * DECODE_SLOTS_PER_EXPERT
+
+
+def routed_block_size(topk_ids: torch.Tensor, num_experts: int, intermediate: int) -> int:
+    """Block size in [PREFILL_BLOCK_STEP, PMAX], a multiple of PREFILL_BLOCK_STEP, for this routing (host counts).
+
+    Each used block reads its expert's weights (3 * H * I elements) and gathers, then scatter-adds (read-modify-write),
+    B token rows, padding included (3 * B * H elements): the HBM traffic is proportional to
+    ``sum_e ceil(count_e / B) * (I + B)``, minimised here (ties: the smaller B). Usually B = the busiest expert's
+    count rounded up, so every expert's weights are read once and padding is the least. Cost model, kernel-check
+    routing, vs the earlier rule (a power of two >= twice the mean tokens per expert): TP=4 T=131 B=16 vs 32: 943 vs
+    1012 us; T=256 24 vs 32: 986 vs 1013; T=512 40 vs 64: 1084 vs 1155; TP=8 T=512 40 vs 64: 649 vs 734.
+    """
+    pmax = load_kernels("limits").PMAX
+    counts = torch.bincount(topk_ids.reshape(-1).long(), minlength=num_experts)
+    counts = counts[counts > 0]
+    best, best_cost = pmax, None
+    for b in range(PREFILL_BLOCK_STEP, pmax + 1, PREFILL_BLOCK_STEP):
+        cost = int(((counts + b - 1) // b).sum()) * (intermediate + b)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = b, cost
+    return best
+
+
+def _moe_experts_supports(hidden, w13, w2, topk_weights, topk_ids) -> str | None:
+    if hidden.dtype not in KERNEL_DTYPES:
+        return f"hidden.dtype={hidden.dtype}; the kernels take bfloat16 or float32"
+    if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
+        return f"w13.dtype={w13.dtype}, w2.dtype={w2.dtype}; must equal hidden.dtype={hidden.dtype}"
+    if hidden.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        return f"hidden {tuple(hidden.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}; must be 2-D, 3-D, 3-D"
+    pmax = load_kernels("limits").PMAX
+    H = hidden.shape[1]
+    E, I2, _ = w13.shape
+    for what, n in (("H", H), ("I", I2 // 2)):
+        tiles = -(-n // pmax)
+        if n % tiles:
+            return f"{what}={n}; must split into ceil({what}/{pmax})={tiles} equal partition tiles"
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != hidden.shape[0]:
+        return f"topk_ids.shape={tuple(topk_ids.shape)}; must be [T={hidden.shape[0]}, K]"
+    return None
+
+
+def _moe_experts_kernel(backend: str, hidden, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    T = hidden.shape[0]
+    if T == 0:
+        return torch.zeros_like(hidden)
+    moe_decode, moe_prefill = load_kernels("moe_decode"), load_kernels("moe_prefill")
+    E, K = w13.shape[0], topk_ids.shape[1]
+    w13k, w2k = _kernel_weights.get(moe_decode.experts_kernel_layout, w13, w2)
+    x = hidden.contiguous()
+    weights = topk_weights.float().contiguous()
+    if use_decode(T, K, E):
+        ids = topk_ids.to(torch.int32).contiguous()
+        return call_kernel(backend, moe_decode.moe_decode, x, w13k, w2k, weights, ids)
+    block = routed_block_size(topk_ids, E, w13.shape[1] // 2)
+    meta = moe_prefill.prefill_block_metadata(topk_ids, weights, E, block)
+    return call_kernel(backend, moe_prefill.moe_prefill, x, w13k, w2k, *meta)
+
+
+def fused_block_applies(num_tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether ``moe_block`` runs the fused decode kernel at these sizes (else the ops in sequence)."""
+    return (
+        use_decode(num_tokens, top_k, num_experts)
+        and MAX8_MIN_EXPERTS <= num_experts <= MAX8_MAX_EXPERTS
+        and top_k <= MAX8_MAX_K
+    )
+
+
+def _moe_block_supports(hidden, residual, norm_weight, eps, gate_weight, w13, w2, top_k, renormalize) -> str | None:
+    """Where the fused decode block applies; elsewhere ``moe_block`` runs as separate ops (not an error)."""
+    T, E = hidden.shape[0], w13.shape[0]
+    if not fused_block_applies(T, top_k, E):
+        return (
+            f"T={T}, E={E}, top_k={top_k}; the fused block is a decode kernel (T=1 or T*top_k <= E/16) with "
+            f"{MAX8_MIN_EXPERTS} <= E <= {MAX8_MAX_EXPERTS} and top_k <= {MAX8_MAX_K}"
+        )
+    if residual.dtype != hidden.dtype or norm_weight.dtype != hidden.dtype or gate_weight.dtype != hidden.dtype:
+        return f"dtypes {residual.dtype}, {norm_weight.dtype}, {gate_weight.dtype}; must equal hidden's {hidden.dtype}"
+    ids = torch.zeros(T, top_k, dtype=torch.int32)
+    return _moe_experts_supports(hidden, w13, w2, ids.float(), ids)
+
+
+def _moe_block_kernel(backend: str, hidden, residual, norm_weight, eps, gate_weight, w13, w2, top_k, renormalize):
+    moe_decode = load_kernels("moe_decode")
+    w13k, w2k = _kernel_weights.get(moe_decode.experts_kernel_layout, w13, w2)
+    router_w = _kernel_weights.get(moe_decode.router_kernel_layout, gate_weight)
+    return call_kernel(
+        backend,
+        moe_decode.moe_block_decode,
+        hidden.contiguous(),
+        residual.contiguous(),
+        norm_weight.contiguous(),
+        router_w,
+        w13k,
+        w2k,
+        float(eps),
+        int(top_k),
+        bool(renormalize),
+    )
+
+
+SPECS = (
+    OpSpec("silu_mul", silu_mul, silu_mul_host),
+    OpSpec("moe_experts", moe_experts, moe_experts_host, KernelImpl(_moe_experts_kernel, _moe_experts_supports)),
+    OpSpec("moe_block", kernel=KernelImpl(_moe_block_kernel, _moe_block_supports), compose=moe_block_sequence),
+)

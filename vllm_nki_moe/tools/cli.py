@@ -1,0 +1,88 @@
+"""The vllm-nki-moe command: developer tools around the plugin (serving itself is `vllm serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from vllm_nki_moe.tools.tiny_model import TinyModelConfigError, load_config_overrides, make_tiny_model
+
+    try:
+        overrides = load_config_overrides(args.config) if args.config else None
+        out = make_tiny_model(args.dir, overrides, seed=args.seed)
+    except TinyModelConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote a random-weight Qwen3-MoE checkpoint to {out}")
+    return 0
+
+
+def _kernels(args: argparse.Namespace) -> int:
+    from vllm_nki_moe.tools.kernel_check.cli import run_kernels_command
+
+    return run_kernels_command(args)
+
+
+def _export_contest(args: argparse.Namespace) -> int:
+    from vllm_nki_moe.tools.contest_export import ExportError, export_contest
+
+    try:
+        result = export_contest(args.out)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {result.path}: kernels/{{{', '.join(result.kernel_files)}}}.py embedded")
+    for hook, reason in result.hooks.items():
+        print(f"  {hook}: {'wired' if reason is None else 'not wired, ' + reason}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from vllm_nki_moe.tools.generate import run_generate
+
+    return run_generate(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-nki-moe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser(
+        "make-tiny-model", help="write a random-weight Qwen3-MoE checkpoint that vLLM and transformers load"
+    )
+    tiny.add_argument("dir", help="output directory (created if missing)")
+    tiny.add_argument("--config", help="JSON file of Qwen3MoeConfig fields overriding the defaults")
+    tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    tiny.set_defaults(handler=_make_tiny_model)
+
+    kernels = sub.add_parser("kernels", help="check NKI kernels against their references; cost-model benchmark")
+    from vllm_nki_moe.tools.kernel_check.cli import add_kernels_arguments
+
+    add_kernels_arguments(kernels)
+    kernels.set_defaults(handler=_kernels)
+
+    contest = sub.add_parser(
+        "export-contest", help="write our kernels as one drop-in qwen_with_nki.py for aws-neuron/nki-moe's main.py"
+    )
+    contest.add_argument("out", help="the module to write, e.g. qwen_with_nki.py")
+    contest.set_defaults(handler=_export_contest)
+
+    gen = sub.add_parser(
+        "generate", help="greedy prefill + decode over our Qwen3-MoE modules with a paged KV cache (no vLLM engine)"
+    )
+    from vllm_nki_moe.tools.generate import add_arguments as add_generate_arguments
+
+    add_generate_arguments(gen)
+    gen.set_defaults(handler=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""``vllm-nki-moe export-contest OUT.py``: our kernels as one drop-in ``qwen_with_nki.py`` for the nki-moe harness.
+
+The harness (``aws-neuron/nki-moe`` at f742418, ``main.py``) imports the submission as ``qwen_with_nki``
+(``--enable-nki``) or by ``--qwen NAME``, and uses exactly one name from it, ``NeuronQwen3MoeForCausalLM``:
+``get_neuron_config_cls()``, ``get_config_cls()``, ``cls(model_path, config)``, ``.compile(path, debug=...)``,
+``.load(path)`` (``prepare_inference``); the submission must be one Python file (README, "Submission guidelines").
+The written module therefore:
+
+- subclasses NxDI's stock Qwen3-MoE (``neuronx_distributed_inference.models.qwen3_moe.modeling_qwen3_moe``, what
+  ``main.py`` uses as its baseline), replacing modules where one of our kernels plugs in (:data:`HOOKS`) and inheriting
+  everything else (config, weight conversion, compiler arguments), instead of copying the ~600-line model file;
+- embeds the source of every kernel file in ``kernels/`` at export time, byte for byte with its sha256, executed on
+  first use as the package ``<module>_kernels`` (so the files' ``from .limits import ...`` lines work unchanged);
+- falls back to NxDI's own layers under ``neuronx_distributed.utils.cpu_mode()``, as the harness's ``qwen_with_nki.py``
+  does (its ``get_rmsnorm_cls``), so the module imports and runs on CPU without ``nki``;
+- imports nothing from ``vllm_nki_moe``.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+HARNESS = "aws-neuron/nki-moe@f742418 (main.py, qwen_with_nki.py)"
+HARNESS_ENTRY_POINT = "NeuronQwen3MoeForCausalLM"  # the one name main.py takes from the submission module
+
+
+@dataclass(frozen=True)
+class Hook:
+    """Where one of our kernels replaces a module of NxDI's Qwen3-MoE in the written file."""
+
+    name: str
+    file: str  # kernel file stem in kernels/
+    kernel: str  # the @nki.jit function
+    positional: tuple[str, ...]  # how the written module calls it
+    replaces: str  # for the written module's docstring
+
+
+HOOKS = (
+    Hook(
+        name="rmsnorm",
+        file="rmsnorm",
+        kernel="rms_norm",
+        positional=("x", "weight", "eps"),
+        replaces="every RMSNorm (input, post-attention unless NxDI's fused MoE kernel owns it, per-head q/k, final)",
+    ),
+)
+
+
+class ExportError(ValueError):
+    pass
+
+
+def kernels_dir() -> Path:
+    """The installed ``vllm_nki_moe.kernels`` folder (the repository's ``kernels/``), located without importing it."""
+    spec = importlib.util.find_spec("vllm_nki_moe.kernels")
+    if spec is None or not spec.submodule_search_locations:
+        raise ExportError("export-contest: package vllm_nki_moe.kernels not found; reinstall vllm-nki-moe")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _relative_imports(stem: str, source: str) -> set[str]:
+    """Sibling kernel files ``source`` imports (``from .x import``, ``from . import x``); project imports fail."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source, filename=f"kernels/{stem}.py")):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+        elif isinstance(node, ast.ImportFrom) and node.level > 1:
+            raise ExportError(f"export-contest: kernels/{stem}.py imports from outside kernels/ (level {node.level})")
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        module = node.module if isinstance(node, ast.ImportFrom) and node.level == 0 else None
+        if any(n.split(".")[0] == "vllm_nki_moe" for n in [*names, module or ""]):
+            raise ExportError(f"export-contest: kernels/{stem}.py imports vllm_nki_moe; the drop-in must not")
+    return found
+
+
+def _load_order(sources: dict[str, str]) -> list[str]:
+    deps = {stem: _relative_imports(stem, src) for stem, src in sources.items()}
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(stem: str) -> None:
+        if stem in order:
+            return
+        if stem in visiting:
+            raise ExportError(f"export-contest: import cycle among kernel files through kernels/{stem}.py")
+        if stem not in sources:
+            raise ExportError(f"export-contest: a kernel file imports kernels/{stem}.py, which does not exist")
+        visiting.add(stem)
+        for dep in sorted(deps[stem]):
+            visit(dep)
+        visiting.discard(stem)
+        order.append(stem)
+
+    for stem in sorted(sources):
+        visit(stem)
+    return order
+
+
+def _hook_status(hook: Hook, sources: dict[str, str]) -> str | None:
+    """None when ``hook`` can be wired, else why not (reported by the CLI; the NxDI module then stays)."""
+    source = sources.get(hook.file)
+    if source is None:
+        return f"kernels/{hook.file}.py is not present"
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef) and node.name == hook.kernel:
+            names = tuple(a.arg for a in node.args.posonlyargs + node.args.args)
+            if names[: len(hook.positional)] != hook.positional:
+                return f"{hook.file}.{hook.kernel}{names} does not take {hook.positional} first"
+            return None
+    return f"kernels/{hook.file}.py defines no {hook.kernel}"
+
+
+def _git_commit(path: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    kernel_files: tuple[str, ...]
+    hooks: dict[str, str | None]  # hook name -> None (wired) or the reason it is not
+
+
+def render(kdir: Path | None = None) -> tuple[str, ExportResult]:
+    """The text of the module and what went into it (``path`` in the result is unset: ``Path()``)."""
+    from vllm_nki_moe import __version__
+
+    kdir = kdir or kernels_dir()
+    files = sorted(p for p in kdir.glob("*.py") if p.name != "__init__.py")
+    sources = {p.stem: p.read_text() for p in files}
+    if "limits" not in sources:
+        raise ExportError(f"export-contest: {kdir}/limits.py not found; the kernels import it")
+    order = _load_order(sources)
+    hooks = {hook.name: _hook_status(hook, sources) for hook in HOOKS}
+    wired = {h.name: (h.file, h.kernel) for h in HOOKS if hooks[h.name] is None}
+    digests = {stem: hashlib.sha256(src.encode()).hexdigest() for stem, src in sources.items()}
+    hook_lines = "\n".join(
+        f"- {h.name}: kernels/{h.file}.py {h.kernel}, replacing {h.replaces}"
+        if hooks[h.name] is None
+        else f"- {h.name}: not wired ({hooks[h.name]}); NxDI's module runs"
+        for h in HOOKS
+    )
+    file_lines = "\n".join(f"- kernels/{stem}.py sha256 {digests[stem]}" for stem in sorted(sources))
+    text = _TEMPLATE.format(
+        version=__version__,
+        commit=_git_commit(kdir),
+        harness=HARNESS,
+        hook_lines=hook_lines,
+        file_lines=file_lines,
+        sources=_literal(sources),
+        digests=_literal(digests),
+        order=repr(tuple(order)),
+        hooks=repr(wired),
+    )
+    compile(text, "qwen_with_nki.py", "exec")  # a syntax error here is ours, not the harness's
+    return text, ExportResult(path=Path(), kernel_files=tuple(sorted(sources)), hooks=hooks)
+
+
+def _literal(mapping: dict[str, str]) -> str:
+    lines = ["{"]
+    lines += [f"    {key!r}: {value!r}," for key, value in sorted(mapping.items())]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def export_contest(out: str | Path, kdir: Path | None = None) -> ExportResult:
+    """Write the drop-in module to ``out`` (a ``.py`` file; its stem is the module name the harness imports)."""
+    out = Path(out)
+    if out.suffix != ".py":
+        raise ExportError(f"export-contest: OUT={str(out)!r}; must be a .py file (main.py imports it by module name)")
+    text, result = render(kdir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return ExportResult(path=out, kernel_files=result.kernel_files, hooks=result.hooks)
+
+
+_TEMPLATE = '''\
+"""Qwen3-30B-A3B with vllm-nki-moe's NKI kernels, a drop-in for the nki-moe harness's qwen_with_nki.py.
+
+Generated by `vllm-nki-moe export-contest` from vllm-nki-moe {version} (git {commit}); regenerate, do not edit.
+Harness: {harness}. main.py uses NeuronQwen3MoeForCausalLM from this module: get_neuron_config_cls(),
+get_config_cls(), NeuronQwen3MoeForCausalLM(model_path, config), compile(path), load(path).
+
+The model is NxDI's stock Qwen3-MoE (neuronx_distributed_inference.models.qwen3_moe.modeling_qwen3_moe), subclassed;
+our kernels replace these modules on device:
+{hook_lines}
+Under neuronx_distributed.utils.cpu_mode() NxDI's own layers run. Embedded kernel files, executed on first use as the
+package <this module>_kernels:
+{file_lines}
+"""
+
+import hashlib
+import linecache
+import sys
+import types
+
+import torch
+from neuronx_distributed.utils import cpu_mode
+from neuronx_distributed_inference.models.qwen3_moe import modeling_qwen3_moe as _nxdi
+from torch import nn
+
+KERNEL_FILES = {sources}
+KERNEL_SHA256 = {digests}
+KERNEL_LOAD_ORDER = {order}
+# Wired hooks: name -> (kernel file, @nki.jit function).
+HOOKS = {hooks}
+KERNEL_PACKAGE = __name__ + "_kernels"
+
+Qwen3MoeInferenceConfig = _nxdi.Qwen3MoeInferenceConfig
+
+
+def load_kernels():
+    """The embedded kernel files as modules of KERNEL_PACKAGE (imports nki; only called on device)."""
+    package = sys.modules.get(KERNEL_PACKAGE)
+    if package is not None:
+        return package
+    package = types.ModuleType(KERNEL_PACKAGE)
+    package.__path__ = []
+    package.__package__ = KERNEL_PACKAGE
+    sys.modules[KERNEL_PACKAGE] = package
+    try:
+        for stem in KERNEL_LOAD_ORDER:
+            source = KERNEL_FILES[stem]
+            if hashlib.sha256(source.encode()).hexdigest() != KERNEL_SHA256[stem]:
+                raise ImportError(f"{{__name__}}: embedded kernels/{{stem}}.py was edited; regenerate this file")
+            name = f"{{KERNEL_PACKAGE}}.{{stem}}"
+            filename = f"<{{__name__}}: kernels/{{stem}}.py>"
+            # nki.jit reads a kernel's source through inspect, which finds it in linecache.
+            linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+            module = types.ModuleType(name)
+            module.__file__ = filename
+            module.__package__ = KERNEL_PACKAGE
+            sys.modules[name] = module
+            exec(compile(source, filename, "exec"), module.__dict__)
+            setattr(package, stem, module)
+    except BaseException:
+        for name in [m for m in sys.modules if m == KERNEL_PACKAGE or m.startswith(KERNEL_PACKAGE + ".")]:
+            del sys.modules[name]
+        raise
+    return package
+
+
+def kernel(hook):
+    file, function = HOOKS[hook]
+    return getattr(getattr(load_kernels(), file), function)
+
+
+class NkiRMSNorm(nn.Module):
+    """RMSNorm over the last axis by the rms_norm kernel; parameter and attribute names as NxDI's CustomRMSNorm."""
+
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.variance_epsilon = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, hidden_states):
+        shape = hidden_states.shape
+        out = kernel("rmsnorm")(hidden_states.reshape(-1, shape[-1]), self.weight.view(-1), self.variance_epsilon)
+        return out.reshape(shape)
+
+
+def get_rmsnorm_cls():
+    """NxDI's choice under cpu_mode() or when the rmsnorm hook is not wired, else NkiRMSNorm."""
+    if cpu_mode() or "rmsnorm" not in HOOKS:
+        return _nxdi.get_rmsnorm_cls()
+    return NkiRMSNorm
+
+
+def _swap_norms(layer, config):
+    norm = get_rmsnorm_cls()
+    layer.input_layernorm = norm(config.hidden_size, eps=config.rms_norm_eps)
+    if not getattr(layer, "moe_fused_nki_kernel_enabled", False):  # else NxDI's fused MoE kernel holds this norm
+        layer.post_attention_layernorm = norm(config.hidden_size, eps=config.rms_norm_eps)
+    layer.self_attn.q_layernorm = norm(config.head_dim, config.rms_norm_eps)
+    layer.self_attn.k_layernorm = norm(config.head_dim, config.rms_norm_eps)
+
+
+class NeuronQwen3MoeModel(_nxdi.NeuronQwen3MoeModel):
+    """NxDI's traced Qwen3-MoE body with our kernels' modules swapped in after it is built."""
+
+    def init_model(self, config):
+        super().init_model(config)
+        if get_rmsnorm_cls() is NkiRMSNorm:
+            for layer in self.layers:
+                _swap_norms(layer, config)
+            self.norm = NkiRMSNorm(self.hidden_size, eps=config.rms_norm_eps)
+
+
+class NeuronQwen3MoeForCausalLM(_nxdi.NeuronQwen3MoeForCausalLM):
+    """The class main.py builds, compiles and benchmarks; everything but the model body is NxDI's."""
+
+    _model_cls = NeuronQwen3MoeModel
+'''

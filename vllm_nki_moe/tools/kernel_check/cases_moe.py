@@ -1,0 +1,190 @@
+"""Kernel-check cases for ``kernels/moe_decode.py`` and ``kernels/moe_prefill.py``: the routed experts per MoE layer.
+
+For ``tokens`` T the model's ``moe_experts`` runs the decode kernel while ``ops.moe.use_decode`` says so (few
+tokens) and the prefill kernel otherwise; those cases count once per layer in ``kernels bench``. Where
+``ops.moe.fused_block_applies`` (batch-1 decode at Qwen3-30B-A3B sizes), the model's ``moe_block`` op runs the
+fused ``moe_block_decode`` instead (post-attention norm, router and experts in one kernel): then that case counts
+once per layer, and the experts, router and one of the two norms per layer count zero (``cases_norms``,
+``cases_router`` ask the same function).
+
+Routing is fixed per case (seeded here, uniform over experts, distinct experts per token), so ``min_hbm_bytes`` is
+exact: the weights of the distinct experts the tokens select, read once, plus activations in and out and the routing
+data. The decode kernel reads one expert per (token, slot), so duplicates among a batch's slots are charged to it.
+
+Figures: ``python -m vllm_nki_moe.tools.kernel_check.cases_moe``
+prints the batch-1 roofline table at Qwen3-30B-A3B TP=4;
+``--select`` prints the decode-vs-prefill estimates behind ``ops.moe.use_decode``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import numpy as np
+import torch
+
+from nki_emulator import install
+
+install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
+
+from vllm_nki_moe.kernels import moe_decode, moe_prefill  # noqa: E402 - after install()
+from vllm_nki_moe.kernels.limits import PMAX, TOPK8  # noqa: E402
+from vllm_nki_moe.ops.moe import fused_block_applies, routed_block_size, use_decode  # noqa: E402
+from vllm_nki_moe.tools.kernel_check.registry import KernelCase  # noqa: E402
+from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes, kernel_shapes  # noqa: E402
+
+_DT_NAMES = {"bfloat16": "bf16", "float32": "fp32"}
+ROUTING_SEED = 1  # routing (expert ids, weights) of every case; activations come from the runner's rng
+WEIGHT_SEED = 2  # expert weights: generated once per shape and reused by the module's cases
+
+
+def _split_reason(n: int, what: str) -> str | None:
+    tiles = -(-n // PMAX)
+    return None if n % tiles == 0 else f"{what}={n}; must split into ceil({what}/{PMAX})={tiles} equal partition tiles"
+
+
+@functools.lru_cache(maxsize=1)
+def _expert_weights(E: int, H: int, inter: int, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel-layout expert weights, one copy per shape (Qwen3-30B-A3B TP=4 is 300 MB of bf16)."""
+    rng = np.random.default_rng(WEIGHT_SEED)
+    dt = getattr(torch, dtype)
+    w13 = torch.from_numpy(rng.standard_normal((E, 2 * inter, H), dtype=np.float32) * H**-0.5).to(dt)
+    w2 = torch.from_numpy(rng.standard_normal((E, H, inter), dtype=np.float32) * inter**-0.5).to(dt)
+    return moe_decode.experts_kernel_layout(w13, w2)
+
+
+def _routing(T: int, E: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(ROUTING_SEED)
+    ids = np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int32)
+    w = rng.random((T, K), dtype=np.float32) + 0.1
+    return torch.from_numpy(w / w.sum(-1, keepdims=True)), torch.from_numpy(ids)
+
+
+def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
+    s, T, E, K, H, inter = shapes, tokens, shapes.experts, shapes.top_k, shapes.hidden, shapes.moe_intermediate
+    dt = s.torch_dtype
+    item = dt.itemsize
+    tol = "bfloat16_matmul" if s.dtype == "bfloat16" else "float32_matmul"
+    unsupported = _split_reason(H, "H") or _split_reason(inter, "I")
+    weights, ids = _routing(T, E, K) if K <= E else (None, None)
+    distinct = len(torch.unique(ids)) if ids is not None else 0
+    expert_bytes = 3 * H * inter * item
+    act_bytes = 2 * T * H * item  # hidden in, out
+    dts = _DT_NAMES[s.dtype]
+
+    def experts():
+        return _expert_weights(E, H, inter, s.dtype)
+
+    def hidden(rng: np.random.Generator, n: int = 1) -> list[torch.Tensor]:
+        return [torch.from_numpy(rng.standard_normal((T, H), dtype=np.float32)).to(dt) for _ in range(n)]
+
+    out: list[KernelCase] = []
+    decode = T <= moe_decode.MAX_DECODE_TOKENS and use_decode(T, K, E)
+    fused = fused_block_applies(T, K, E)  # the model's moe_block then runs moe_block_decode instead
+    if T <= moe_decode.MAX_DECODE_TOKENS:
+
+        def decode_inputs(rng: np.random.Generator) -> tuple:
+            w13k, w2k = experts()
+            return (hidden(rng)[0], w13k, w2k, weights, ids)
+
+        out.append(
+            KernelCase(
+                kernel="moe_decode",
+                shapes=f"T={T} H={H} I={inter} E={E} k={K} {dts}",
+                build_inputs=decode_inputs,
+                kernel_fn=moe_decode.moe_decode,
+                reference=moe_decode.moe_decode_ref,
+                tolerance=tol,
+                min_hbm_bytes=distinct * expert_bytes + act_bytes + T * K * 8,
+                calls_per_layer=1 if decode and not fused else 0,
+                phase="decode",
+                unsupported=unsupported,
+            )
+        )
+        block_unsupported = unsupported
+        if not TOPK8 >= K or not 8 <= E <= moe_decode.MAX_ROUTER_EXPERTS:
+            block_unsupported = f"E={E}, top_k={K}; the fused block needs 8 <= E <= 512 and top_k <= 8"
+
+        def block_inputs(rng: np.random.Generator) -> tuple:
+            w13k, w2k = experts()
+            x, res = hidden(rng, 2)
+            gamma = torch.from_numpy(1 + 0.1 * rng.standard_normal(H, dtype=np.float32)).to(dt)
+            router = torch.from_numpy(rng.standard_normal((E, H), dtype=np.float32) * 4 * H**-0.5).to(dt)
+            rw = moe_decode.router_kernel_layout(router)
+            return (x, res, gamma, rw, w13k, w2k, s.rms_eps, K, s.norm_topk_prob)
+
+        # The router picks the experts here, so the minimum counts T*K experts (distinct for T = 1).
+        out.append(
+            KernelCase(
+                kernel="moe_block_decode",
+                shapes=f"T={T} H={H} I={inter} E={E} k={K} {dts}",
+                build_inputs=block_inputs,
+                kernel_fn=moe_decode.moe_block_decode,
+                reference=moe_decode.moe_block_decode_ref,
+                tolerance=tol,
+                min_hbm_bytes=min(T * K, E) * expert_bytes + 2 * act_bytes + (E * H + H) * item,
+                calls_per_layer=1 if fused else 0,
+                phase="decode",
+                unsupported=block_unsupported,
+            )
+        )
+
+    B = routed_block_size(ids, E, inter) if ids is not None else PMAX
+    NB = moe_prefill.max_blocks(T, K, E, B) if K <= E else 0
+
+    def prefill_inputs(rng: np.random.Generator) -> tuple:
+        w13k, w2k = experts()
+        meta = moe_prefill.prefill_block_metadata(ids, weights, E, B)
+        return (hidden(rng)[0], w13k, w2k, *meta)
+
+    out.append(
+        KernelCase(
+            kernel="moe_prefill",
+            shapes=f"T={T} H={H} I={inter} E={E} k={K} B={B} {dts}",
+            build_inputs=prefill_inputs,
+            kernel_fn=moe_prefill.moe_prefill,
+            reference=moe_prefill.moe_prefill_ref,
+            tolerance=tol,
+            min_hbm_bytes=distinct * expert_bytes + act_bytes + NB * (B * 8 + 4) + 4,
+            calls_per_layer=0 if decode else 1,
+            phase="prefill" if decode else "any",
+            unsupported=unsupported or (f"top_k={K} > E={E}" if K > E else None),
+        )
+    )
+    return out
+
+
+def _estimate(case: KernelCase) -> tuple[float, float]:
+    from nki_emulator import run
+    from nki_emulator.cost import HBM_BYTES_PER_S_PER_CORE
+
+    _, rep = run(case.kernel_fn, *case.build_inputs(np.random.default_rng(0)))
+    return rep.estimated_seconds, case.min_hbm_bytes / HBM_BYTES_PER_S_PER_CORE
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tp", type=int, default=4)
+    p.add_argument("--select", action="store_true", help="decode vs prefill estimates for 1..32 tokens")
+    args = p.parse_args(argv)
+    shapes = kernel_shapes(None, tp=args.tp)
+    print(shapes.describe())
+    if args.select:
+        print(f"{'T':>4} {'moe_decode us':>14} {'moe_prefill us':>15} {'block':>6}  chosen")
+        for T in (1, 2, 4, 8, 16, 32):
+            by = {c.kernel: c for c in cases(shapes, T)}
+            dec = f"{_estimate(by['moe_decode'])[0] * 1e6:14.1f}" if T <= 16 else f"{'-':>14}"
+            pre = _estimate(by["moe_prefill"])[0] * 1e6
+            B = routed_block_size(_routing(T, shapes.experts, shapes.top_k)[1], shapes.experts, shapes.moe_intermediate)
+            chosen = "decode" if use_decode(T, shapes.top_k, shapes.experts) else "prefill"
+            print(f"{T:>4} {dec} {pre:15.1f} {B:>6}  {chosen}")
+        return
+    print(f"{'kernel':18s} {'shapes':40s} {'estimated us':>12} {'roofline us':>12} {'% roofline':>10}")
+    for case in cases(shapes, 1):
+        est, roof = _estimate(case)
+        print(f"{case.kernel:18s} {case.shapes:40s} {est * 1e6:12.2f} {roof * 1e6:12.2f} {100 * roof / est:9.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Arguments and handler of ``vllm-nki-moe kernels check|bench`` (wired into ``vllm_nki_moe.tools.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_TOKENS = "1,5,131"  # one token, a small decode batch, one full 128-token tile plus a ragged tail
+
+
+def _tokens(text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tokens={text!r}; must be comma-separated positive integers") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--tokens={text!r}; must be comma-separated positive integers")
+    return values
+
+
+def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="kernels_command", required=True)
+    check = sub.add_parser("check", help="run every kernel at the model's per-rank shapes against its reference")
+    bench = sub.add_parser("bench", help="cost-model time of a decode step (batch 1/8/32) and a 512-token prefill")
+    for p in (check, bench):
+        p.add_argument("--config", help="Hugging Face Qwen3-MoE config.json (default: Qwen3-30B-A3B's values)")
+        p.add_argument("--tp", type=int, default=4, help="tensor-parallel degree the shapes are split by (default 4)")
+        p.add_argument(
+            "--kernels",
+            choices=("emulator", "nki"),
+            default="emulator",
+            help="run in the NumPy NKI emulator (default) or on the real nki package",
+        )
+        p.add_argument(
+            "--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="activation dtype (default bfloat16)"
+        )
+    check.add_argument("--tokens", type=_tokens, default=_tokens(DEFAULT_TOKENS), help=f"default {DEFAULT_TOKENS}")
+    check.add_argument("--only", help="kernel names (comma-separated; substrings match) to run")
+
+
+def _backend_ready(backend: str) -> str | None:
+    if backend == "emulator":
+        from nki_emulator import install
+
+        install()
+        return None
+    from vllm_nki_moe.ops.kernel_call import real_nki_available
+
+    if not real_nki_available():
+        return "kernels=nki but the real `nki` package is not importable here; use --kernels emulator"
+    return None
+
+
+def run_kernels_command(args: argparse.Namespace) -> int:
+    from vllm_nki_moe.tools.kernel_check.shapes import ShapesError, kernel_shapes
+
+    problem = _backend_ready(args.kernels)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        shapes = kernel_shapes(args.config, args.tp, args.dtype)
+    except ShapesError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.kernels_command == "bench":
+        from vllm_nki_moe.tools.kernel_check.bench import bench, format_bench
+
+        steps = bench(shapes, args.kernels)
+        print(format_bench(shapes, steps))
+        return 1 if any(st.failed for st in steps) else 0
+
+    from vllm_nki_moe.tools.kernel_check.registry import all_cases
+    from vllm_nki_moe.tools.kernel_check.runner import format_rows, run_cases
+
+    print(f"kernels check: {shapes.describe()}; kernels={args.kernels}")
+    rows = []
+    for tokens in args.tokens:
+        cases = all_cases(shapes, tokens, args.only)
+        rows.extend(run_cases(cases, args.kernels))
+    if not rows:
+        print(f"error: no kernel case matches --only={args.only!r}", file=sys.stderr)
+        return 2
+    print(format_rows(rows))
+    failed = [r for r in rows if not r.passed]
+    print(f"{len(rows) - len(failed)} of {len(rows)} passed")
+    return 1 if failed else 0

@@ -1,0 +1,139 @@
+"""Run kernel cases in the emulator (or on the real ``nki``), compare with their references, cost them.
+
+Each case gives one ``CheckRow``. A case that is unsupported at its shapes, or whose kernel raises (a ``require``
+limit, an emulator rule), becomes a failing row carrying the reason, never a crash of the whole check.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from nki_emulator.cost import HBM_BYTES_PER_S_PER_CORE, TENSOR_CLOCK_HZ
+from vllm_nki_moe.kernels.limits import PE_COLS, PE_ROWS
+from vllm_nki_moe.tools.kernel_check.registry import KernelCase
+from vllm_nki_moe.tools.kernel_check.tolerances import compare, tolerance_for
+
+SEED = 0  # inputs of every case come from numpy.random.default_rng(SEED)
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    kernel: str
+    shapes: str
+    max_abs_err: float
+    max_rel_err: float
+    tolerance: str  # "key (atol, rtol)"
+    passed: bool
+    estimated_seconds: float | None  # emulator cost model; None on real nki or when the kernel did not run
+    roofline_seconds: float  # the larger of min_hbm_bytes at HBM bandwidth and min_macs at Tensor Engine peak
+    bound: str = "hbm"  # which of the two sets roofline_seconds
+    reason: str = ""  # why it failed or is unsupported
+    wall_seconds: float = 0.0  # host time of the emulator run (not a kernel time)
+    calls_per_layer: int = 1
+    phase: str = "any"
+
+    @property
+    def roofline_pct(self) -> float | None:
+        if not self.estimated_seconds:
+            return None
+        return 100.0 * self.roofline_seconds / self.estimated_seconds
+
+
+def _roofline(case: KernelCase, programs: int) -> dict:
+    """The case's roofline on ``programs`` cores: HBM time for its bytes or Tensor Engine time for its MACs (at the
+    bf16 peak, 128 x 128 MACs per cycle; emulator/cost.py cites the source), whichever is longer."""
+    hbm = case.min_hbm_bytes / (HBM_BYTES_PER_S_PER_CORE * programs)
+    pe = case.min_macs / (PE_ROWS * PE_COLS * TENSOR_CLOCK_HZ * programs)
+    return {"roofline_seconds": max(hbm, pe), "bound": "pe" if pe > hbm else "hbm"}
+
+
+def _run_kernel(case: KernelCase, inputs: tuple, backend: str):
+    if backend == "emulator":
+        from nki_emulator import run
+
+        return run(case.kernel_fn, *inputs)
+    if backend == "nki":
+        return case.kernel_fn(*inputs), None
+    raise ValueError(f"kernel_check: kernels={backend!r}; must be emulator or nki")
+
+
+def run_case(case: KernelCase, backend: str = "emulator", seed: int = SEED) -> CheckRow:
+    tol = tolerance_for(case.tolerance)
+    tol_text = f"{case.tolerance} ({tol.atol:g}, {tol.rtol:g})"
+    common = dict(
+        kernel=case.kernel,
+        shapes=case.shapes,
+        tolerance=tol_text,
+        calls_per_layer=case.calls_per_layer,
+        phase=case.phase,
+    )
+    nan = float("nan")
+    if case.unsupported:
+        return CheckRow(
+            max_abs_err=nan,
+            max_rel_err=nan,
+            passed=False,
+            estimated_seconds=None,
+            **_roofline(case, programs=1),
+            reason=f"unsupported: {case.unsupported}",
+            **common,
+        )
+    inputs = case.build_inputs(np.random.default_rng(seed))
+    start = time.perf_counter()
+    try:
+        out, report = _run_kernel(case, inputs, backend)
+    except Exception as err:  # noqa: BLE001 - any kernel failure becomes a failing row with its message
+        return CheckRow(
+            max_abs_err=nan,
+            max_rel_err=nan,
+            passed=False,
+            estimated_seconds=None,
+            **_roofline(case, programs=1),
+            reason=f"{type(err).__name__}: {err}",
+            wall_seconds=time.perf_counter() - start,
+            **common,
+        )
+    wall = time.perf_counter() - start
+    ref = case.reference(*inputs)
+    cmp = compare(out, ref, tol)
+    programs = report.num_programs if report is not None else 1
+    return CheckRow(
+        max_abs_err=cmp.max_abs_err,
+        max_rel_err=cmp.max_rel_err,
+        passed=cmp.passed,
+        estimated_seconds=report.estimated_seconds if report is not None else None,
+        **_roofline(case, programs),
+        reason=cmp.detail,
+        wall_seconds=wall,
+        **common,
+    )
+
+
+def run_cases(cases: list[KernelCase], backend: str = "emulator", seed: int = SEED) -> list[CheckRow]:
+    return [run_case(c, backend, seed) for c in cases]
+
+
+def _us(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e6:.2f}"
+
+
+def format_rows(rows: list[CheckRow]) -> str:
+    """The check table; failing rows are followed by their reason."""
+    header = (
+        f"{'kernel':<22} {'shapes':<40} {'max abs err':>11} {'max rel err':>11} {'tolerance':<26} {'pass':<4} "
+        f"{'est us':>9} {'roof us':>9} {'% roof':>6} {'bound':<5}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        pct = r.roofline_pct
+        lines.append(
+            f"{r.kernel:<22} {r.shapes:<40} {r.max_abs_err:>11.3g} {r.max_rel_err:>11.3g} {r.tolerance:<26} "
+            f"{'ok' if r.passed else 'FAIL':<4} {_us(r.estimated_seconds):>9} {_us(r.roofline_seconds):>9} "
+            f"{'-' if pct is None else f'{pct:.0f}':>6} {r.bound:<5}"
+        )
+        if r.reason and not r.passed:
+            lines.append(f"    reason: {r.reason}")
+    return "\n".join(lines)
