@@ -17,7 +17,7 @@ import nki_emulator as emulator
 emulator.install()
 
 import torch  # noqa: E402
-from vllm_nki_moe.kernels import moe_decode, rmsnorm, router  # noqa: E402
+from vllm_nki_moe.kernels import moe_common, moe_decode, rmsnorm, router  # noqa: E402
 
 HIDDEN = 2048  # hidden_size
 NUM_EXPERTS = 128  # num_experts
@@ -55,7 +55,7 @@ def main() -> None:
     x = torch.randn(1, HIDDEN, generator=g).to(bf16)
     w13 = (torch.randn(NUM_EXPERTS, 2 * INTER_PER_RANK, HIDDEN, generator=g) * 0.02).to(bf16)
     w2 = (torch.randn(NUM_EXPERTS, HIDDEN, INTER_PER_RANK, generator=g) * 0.02).to(bf16)
-    w13k, w2k = moe_decode.experts_kernel_layout(w13, w2)
+    w13k, w2k = moe_common.experts_kernel_layout(w13, w2)
     ids = torch.randperm(NUM_EXPERTS, generator=g)[:TOP_K].to(torch.int32)[None, :]
     wts = torch.softmax(torch.randn(1, TOP_K, generator=g), dim=-1)
     args = (x, w13k, w2k, wts, ids)

@@ -21,7 +21,7 @@ import nki.language as nl
 import torch
 
 from .limits import GEMM_MOVING_FMAX, PMAX, PSUM_BANK_BYTES, require
-from .moe_decode import _check_experts, _slots_ref, experts_model_layout
+from .moe_common import check_experts, experts_model_layout, slots_ref
 
 DEFAULT_BLOCK_SIZE = PMAX  # one gather / transpose / scatter sub-block per expert block
 # Blocks larger than a partition tile are processed as sub-blocks of PMAX tokens (gather, transpose, down, scatter);
@@ -101,7 +101,7 @@ def moe_prefill(hidden, w13, w2, block_expert, block_tokens, block_weights, num_
              fails its DMA; a token id in [0, T) may appear at most once per block).
     """
     where = "moe_prefill"
-    T, H, E, HP, KT, IP, IT = _check_experts(where, hidden, w13, w2, MAX_PREFILL_TOKENS)
+    T, H, E, HP, KT, IP, IT = check_experts(where, hidden, w13, w2, MAX_PREFILL_TOKENS)
     require(len(block_tokens.shape) == 2, where, f"block_tokens.shape={tuple(block_tokens.shape)}; must be [NB, B]")
     NB, B = block_tokens.shape
     require(
@@ -249,4 +249,4 @@ def moe_prefill_ref(
     valid = tokens < T
     experts = block_expert[:n].long()[:, None].expand_as(tokens)
     w13m, w2m = experts_model_layout(w13, w2)
-    return _slots_ref(hidden, w13m, w2m, tokens[valid], experts[valid], block_weights[:n][valid])
+    return slots_ref(hidden, w13m, w2m, tokens[valid], experts[valid], block_weights[:n][valid])

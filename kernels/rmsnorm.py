@@ -19,12 +19,9 @@ import nki.language as nl
 import torch
 
 from .limits import GEMM_MOVING_FMAX, PMAX, SBUF_PARTITION_BYTES, require
+from .subkernels import broadcast_weight
 
 ROWS_PER_TILE = PMAX  # one row (token, or token x head) per partition
-# Weight broadcast: a ones[1, P] x weight[1, N] matmul writes the weight row to all P partitions of a PSUM bank,
-# so the weight is read from HBM once (a stride-0 DMA would read it once per partition). N per matmul is capped by
-# the moving free size (512), which is also one 2 KiB PSUM bank of fp32.
-BROADCAST_COLS = GEMM_MOVING_FMAX
 # SBUF per partition: x, the normalised row, the output (activation dtype) and the broadcast weight (weight dtype),
 # plus for the fused kernel the residual input and new residual (activation dtype); at most 4 B each. Checked
 # against limits.SBUF_PARTITION_BYTES with the actual dtypes, so fp32 H <= 8,864 and bf16 H <= 17,728 for the
@@ -69,26 +66,6 @@ def _check_args(where: str, x, weight, eps: float, tiles: int) -> None:
         where,
         f"H={H} ({x.dtype}) needs {per_partition} B of SBUF per partition; must fit {SBUF_PARTITION_BYTES} B",
     )
-
-
-def _broadcast_weight(weight, rows: int):
-    """SBUF [rows, H] copy of ``weight [H]`` on every partition: one HBM read, Tensor Engine broadcast.
-
-    Tensor: ones[1, rows]^T @ w[1, cols] per BROADCAST_COLS columns into PSUM (exact: x1.0 in fp32);
-    Vector: PSUM -> SBUF copies in the weight dtype (exact).
-    """
-    (H,) = weight.shape
-    w_row = nl.ndarray((1, H), dtype=weight.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=w_row, src=weight.reshape((1, H)))
-    ones = nl.ndarray((1, rows), dtype=weight.dtype, buffer=nl.sbuf)
-    nisa.memset(dst=ones, value=1.0)
-    w_all = nl.ndarray((rows, H), dtype=weight.dtype, buffer=nl.sbuf)
-    for c0 in range(0, H, BROADCAST_COLS):
-        cols = min(BROADCAST_COLS, H - c0)
-        acc = nl.ndarray((rows, cols), dtype=nl.float32, buffer=nl.psum)
-        nisa.nc_matmul(dst=acc, stationary=ones, moving=w_row[:, c0 : c0 + cols], accumulate=False)
-        nisa.tensor_copy(dst=w_all[:, c0 : c0 + cols], src=acc)
-    return w_all
 
 
 def _rms_norm_tile(out_tile, x_tile, w_tile, eps_tile, inv_h: float) -> None:
@@ -202,7 +179,7 @@ def rms_norm(x, weight, eps, *, layout="auto"):
     Args:    x [T, H] bf16|fp32 HBM; weight [H] bf16|fp32 HBM; eps float;
              layout "auto" | "rows" | "h" (keyword-only; auto = h for few tokens, see H_LAYOUT_MAX_TOKEN_BYTES).
     Returns: [T, H] in x's dtype, nl.shared_hbm.
-    Tiling:  rows: weight broadcast to all partitions once (_broadcast_weight: Tensor + Vector); T by ROWS_PER_TILE
+    Tiling:  rows: weight broadcast to all partitions once (broadcast_weight: Tensor + Vector); T by ROWS_PER_TILE
              rows on partitions, H whole in the free axis; per tile one load, Scalar square+reduce, rsqrt, scale,
              Vector weight multiply, one store.
              h: x loaded as [128, T, F] (partition p holds h = p*F .. p*F+F-1 of every token), weight as [128, F];
@@ -219,7 +196,7 @@ def rms_norm(x, weight, eps, *, layout="auto"):
         _rms_norm_h(out, None, x, None, weight, eps)
         return out
     rows = min(T, ROWS_PER_TILE)
-    w_all = _broadcast_weight(weight, rows)
+    w_all = broadcast_weight(weight, rows)
     eps_all = _eps_tile(eps, rows)
     for r0 in range(0, T, ROWS_PER_TILE):
         n = min(ROWS_PER_TILE, T - r0)
@@ -263,7 +240,7 @@ def fused_add_rms_norm(x, residual, weight, eps, *, layout="auto"):
         _rms_norm_h(out, new_residual, x, residual, weight, eps)
         return out, new_residual
     rows = min(T, ROWS_PER_TILE)
-    w_all = _broadcast_weight(weight, rows)
+    w_all = broadcast_weight(weight, rows)
     eps_all = _eps_tile(eps, rows)
     for r0 in range(0, T, ROWS_PER_TILE):
         n = min(ROWS_PER_TILE, T - r0)

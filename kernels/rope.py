@@ -15,7 +15,8 @@ import nki.language as nl
 import torch
 
 from .limits import PMAX, SBUF_PARTITION_BYTES, require
-from .rmsnorm import _broadcast_weight, rms_norm_ref  # weight broadcast: one HBM read, Tensor Engine copy
+from .rmsnorm import rms_norm_ref
+from .subkernels import broadcast_weight  # one HBM read, Tensor Engine copy
 
 ROWS_PER_TILE = PMAX  # one token per partition; all heads of the token in the free axis
 
@@ -231,8 +232,8 @@ def _qk_norm_rope_tokens(q_out, k_out, q, k, q_weight, k_weight, eps, positions,
     T = q.shape[0]
     D = cos_sin_cache.shape[1]
     rows = min(T, ROWS_PER_TILE)
-    wq = _broadcast_weight(q_weight, rows)
-    wk = _broadcast_weight(k_weight, rows)
+    wq = broadcast_weight(q_weight, rows)
+    wk = broadcast_weight(k_weight, rows)
     eps_t = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=eps_t, value=float(eps), engine=nisa.gpsimd_engine)
     for r0 in range(0, T, ROWS_PER_TILE):

@@ -16,6 +16,7 @@ import nki.language as nl
 import torch
 
 from .limits import GEMM_MOVING_FMAX, PMAX, SBUF_PARTITION_BYTES, TOPK8, TOPK8_MAX_ELEMS, TOPK8_MIN_ELEMS, require
+from .subkernels import softmax_rows
 
 ROWS_PER_TILE = PMAX  # one token per partition, all experts in the free axis
 # max8 / nc_find_index8 read at least 8 elements per partition: fewer experts are padded with -inf logits
@@ -36,31 +37,12 @@ def _check_router_args(where: str, logits, top_k: int) -> None:
     require(top_k <= E, where, f"top_k={top_k}; must not exceed E={E}")
 
 
-def _softmax_tile(probs, x, n: int) -> None:
-    """probs[n, C] fp32 = softmax(x) along the free axis. Vector: max, reciprocal, scale; Scalar: exp + sum."""
-    neg_max = nl.ndarray((n, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_reduce(dst=neg_max, op=nl.maximum, data=x, axis=1, negate=True)
-    total = nl.ndarray((n, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(
-        dst=probs,
-        op=nl.exp,
-        data=x,
-        bias=neg_max,
-        reduce_op=nl.add,
-        reduce_res=total,
-        reduce_cmd=nisa.reduce_cmd.reset_reduce,
-    )
-    inv = nl.ndarray((n, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.reciprocal(dst=inv, data=total)
-    nisa.tensor_scalar(dst=probs, data=probs, op0=nl.multiply, operand0=inv)
-
-
 def _topk_tile(weights, ids, r0: int, x, top_k: int, renormalize: bool) -> None:
     """Softmax, top-k and renormalisation of one logits tile ``x [n, C]`` (SBUF, or PSUM when C >= MIN_COLS);
     stores rows r0..r0+n of ``weights`` and ``ids``. Vector max8 + nc_find_index8, Vector/Scalar softmax."""
     n, cols = x.shape
     probs = nl.ndarray((n, cols), dtype=nl.float32, buffer=nl.sbuf)
-    _softmax_tile(probs, x, n)
+    softmax_rows(probs, x, n)
     top = nl.ndarray((n, TOPK8), dtype=nl.float32, buffer=nl.sbuf)
     nisa.max8(dst=top, src=probs)
     idx = nl.ndarray((n, TOPK8), dtype=nl.uint32, buffer=nl.sbuf)

@@ -12,7 +12,7 @@ from vllm_nki_moe import ops
 
 emulator.install()
 
-from vllm_nki_moe.kernels import moe_decode as md  # noqa: E402
+from vllm_nki_moe.kernels import moe_common as mc  # noqa: E402
 from vllm_nki_moe.kernels import moe_prefill as mp  # noqa: E402
 
 from vllm_nki_moe.ops import moe  # noqa: E402
@@ -59,7 +59,7 @@ def _inputs(T, H, I, E, K, dtype, B, **routing):  # noqa: E741
     g = torch.Generator().manual_seed(SEED + 2)
     x = torch.randn(T, H, generator=g).to(dtype)
     w13, w2 = _experts(H, I, E, dtype)
-    w13k, w2k = md.experts_kernel_layout(w13, w2)
+    w13k, w2k = mc.experts_kernel_layout(w13, w2)
     wts, ids = _routing(T, E, K, **routing)
     meta = mp.prefill_block_metadata(ids, wts, E, B)
     return (x, w13k, w2k, *meta), (w13, w2, wts, ids)

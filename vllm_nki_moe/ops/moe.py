@@ -1,10 +1,11 @@
 """Expert ops: ``silu_mul``, ``moe_experts`` (routed SwiGLU experts) and ``moe_block`` (the decoder layer's MoE half:
 residual add + RMSNorm, router, experts; a composite op).
 
-Kernels: ``kernels/moe_decode.py`` (few tokens; also the fused ``moe_block_decode``) and ``kernels/moe_prefill.py``
-(many tokens). The model keeps its weights as vLLM loads them (``w13 [E, 2I, H]``, ``w2 [E, H, I]``); the kernels
-want ``moe_decode``'s kernel layout (H and I split into partition tiles, one contiguous run per partition per DMA),
-made once per weight tensor (``ops.weight_cache``). The host fast path packs them once for ``cpu_fused_moe``.
+Kernels: ``kernels/moe_decode.py`` (few tokens), ``kernels/moe_prefill.py`` (many tokens) and the fused
+``kernels/moe_block.py``, all on ``kernels/moe_common.py``'s weight layout. The model keeps its weights as vLLM loads
+them (``w13 [E, 2I, H]``, ``w2 [E, H, I]``); the kernels want the kernel layout (H and I split into partition tiles,
+one contiguous run per partition per DMA), made once per weight tensor (``ops.weight_cache``). The host fast path
+packs them once for ``cpu_fused_moe``.
 
 Choice of kernel (trn2 cost model, Qwen3-30B-A3B TP=4, E=128, K=8; figures from
 ``python -m vllm_nki_moe.tools.kernel_check.cases_moe --select``): the decode kernel reads T*K experts, one per
@@ -186,7 +187,7 @@ def moe_experts_host(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# NKI kernels (kernels/moe_decode.py, kernels/moe_prefill.py)
+# NKI kernels (kernels/moe_decode.py, moe_prefill.py, moe_block.py)
 
 DECODE_SLOTS_PER_EXPERT = 1 / 16  # decode while T*K <= E * this, or T == 1 (see module docstring)
 PREFILL_BLOCK_STEP = 8  # block sizes a multiple of this: at most PMAX / 8 = 16 kernel shapes per token count
@@ -246,9 +247,9 @@ def _moe_experts_kernel(backend: str, hidden, w13, w2, topk_weights, topk_ids) -
     T = hidden.shape[0]
     if T == 0:
         return torch.zeros_like(hidden)
-    moe_decode, moe_prefill = load_kernels("moe_decode"), load_kernels("moe_prefill")
+    moe_common, moe_decode, moe_prefill = (load_kernels(n) for n in ("moe_common", "moe_decode", "moe_prefill"))
     E, K = w13.shape[0], topk_ids.shape[1]
-    w13k, w2k = _kernel_weights.get(moe_decode.experts_kernel_layout, w13, w2)
+    w13k, w2k = _kernel_weights.get(moe_common.experts_kernel_layout, w13, w2)
     x = hidden.contiguous()
     weights = topk_weights.float().contiguous()
     if use_decode(T, K, E):
@@ -283,12 +284,12 @@ def _moe_block_supports(hidden, residual, norm_weight, eps, gate_weight, w13, w2
 
 
 def _moe_block_kernel(backend: str, hidden, residual, norm_weight, eps, gate_weight, w13, w2, top_k, renormalize):
-    moe_decode = load_kernels("moe_decode")
-    w13k, w2k = _kernel_weights.get(moe_decode.experts_kernel_layout, w13, w2)
-    router_w = _kernel_weights.get(moe_decode.router_kernel_layout, gate_weight)
+    moe_common, moe_block = load_kernels("moe_common"), load_kernels("moe_block")
+    w13k, w2k = _kernel_weights.get(moe_common.experts_kernel_layout, w13, w2)
+    router_w = _kernel_weights.get(moe_common.router_kernel_layout, gate_weight)
     return call_kernel(
         backend,
-        moe_decode.moe_block_decode,
+        moe_block.moe_block_decode,
         hidden.contiguous(),
         residual.contiguous(),
         norm_weight.contiguous(),

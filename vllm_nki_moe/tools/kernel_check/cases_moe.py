@@ -28,7 +28,7 @@ from nki_emulator import install
 
 install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
 
-from vllm_nki_moe.kernels import moe_decode, moe_prefill  # noqa: E402 - after install()
+from vllm_nki_moe.kernels import moe_block, moe_common, moe_decode, moe_prefill  # noqa: E402 - after install()
 from vllm_nki_moe.kernels.limits import PMAX, TOPK8  # noqa: E402
 from vllm_nki_moe.ops.moe import fused_block_applies, routed_block_size, use_decode  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.registry import KernelCase  # noqa: E402
@@ -51,7 +51,7 @@ def _expert_weights(E: int, H: int, inter: int, dtype: str) -> tuple[torch.Tenso
     dt = getattr(torch, dtype)
     w13 = torch.from_numpy(rng.standard_normal((E, 2 * inter, H), dtype=np.float32) * H**-0.5).to(dt)
     w2 = torch.from_numpy(rng.standard_normal((E, H, inter), dtype=np.float32) * inter**-0.5).to(dt)
-    return moe_decode.experts_kernel_layout(w13, w2)
+    return moe_common.experts_kernel_layout(w13, w2)
 
 
 def _routing(T: int, E: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +103,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             )
         )
         block_unsupported = unsupported
-        if not TOPK8 >= K or not 8 <= E <= moe_decode.MAX_ROUTER_EXPERTS:
+        if not TOPK8 >= K or not 8 <= E <= moe_block.MAX_ROUTER_EXPERTS:
             block_unsupported = f"E={E}, top_k={K}; the fused block needs 8 <= E <= 512 and top_k <= 8"
 
         def block_inputs(rng: np.random.Generator) -> tuple:
@@ -111,7 +111,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             x, res = hidden(rng, 2)
             gamma = torch.from_numpy(1 + 0.1 * rng.standard_normal(H, dtype=np.float32)).to(dt)
             router = torch.from_numpy(rng.standard_normal((E, H), dtype=np.float32) * 4 * H**-0.5).to(dt)
-            rw = moe_decode.router_kernel_layout(router)
+            rw = moe_common.router_kernel_layout(router)
             return (x, res, gamma, rw, w13k, w2k, s.rms_eps, K, s.norm_topk_prob)
 
         # The router picks the experts here, so the minimum counts T*K experts (distinct for T = 1).
@@ -120,8 +120,8 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
                 kernel="moe_block_decode",
                 shapes=f"T={T} H={H} I={inter} E={E} k={K} {dts}",
                 build_inputs=block_inputs,
-                kernel_fn=moe_decode.moe_block_decode,
-                reference=moe_decode.moe_block_decode_ref,
+                kernel_fn=moe_block.moe_block_decode,
+                reference=moe_block.moe_block_decode_ref,
                 tolerance=tol,
                 min_hbm_bytes=min(T * K, E) * expert_bytes + 2 * act_bytes + (E * H + H) * item,
                 calls_per_layer=1 if fused else 0,
