@@ -97,7 +97,7 @@ def test_experts_handle_every_token_on_one_expert_and_idle_experts():
 def test_bind_torch_uses_torch_for_every_op():
     opset = ops.bind("torch")
     assert opset.backend == "torch" and opset.kernel_ops == ()
-    assert opset.moe_experts is moe.moe_experts
+    assert opset.implementations["moe_experts"] is moe.moe_experts
 
 
 def test_unknown_backend_names_the_choices(monkeypatch):

@@ -230,7 +230,9 @@ def test_a_missing_custom_op_binds_the_reference_and_names_it(monkeypatch, caplo
     assert "torch.ops._C lacks cpu_fused_moe" in host.unavailable_reason()
     with caplog.at_level(logging.INFO, logger="vllm_nki_moe.ops.host"):
         opset = ops.bind()
-    assert opset.moe_experts is moe.moe_experts and opset.rms_norm is norms.rms_norm
+    assert (
+        opset.implementations["moe_experts"] is moe.moe_experts and opset.implementations["rms_norm"] is norms.rms_norm
+    )
     assert any(
         "plain torch ops (the references)" in r.getMessage() and "cpu_fused_moe" in r.getMessage()
         for r in caplog.records
@@ -240,7 +242,7 @@ def test_a_missing_custom_op_binds_the_reference_and_names_it(monkeypatch, caplo
 def test_host_ops_off_binds_the_reference(monkeypatch):
     monkeypatch.setenv(envs.HOST_OPS_ENV, "off")
     monkeypatch.setenv(KERNELS_ENV, "torch")
-    assert ops.bind().qk_norm_rope is rope.qk_norm_rope
+    assert ops.bind().implementations["qk_norm_rope"] is rope.qk_norm_rope
 
 
 def test_unknown_host_ops_setting_names_the_choices(monkeypatch):
@@ -259,18 +261,21 @@ def test_the_backend_from_the_environment_binds_the_fast_ops(env, monkeypatch):
     monkeypatch.setattr("vllm_nki_moe.ops.kernel_call.real_nki_available", lambda: False)
     opset = ops.bind()
     assert opset.backend == "torch"
-    assert {name: getattr(opset, name) for name in ops.HOST_FAST_OPS} == ops.HOST_FAST_OPS
-    assert opset.router_topk is router.router_topk and opset.attention_decode is attention.attention_decode
+    assert {name: opset.implementations[name] for name in ops.HOST_FAST_OPS} == ops.HOST_FAST_OPS
+    assert (
+        opset.implementations["router_topk"] is router.router_topk
+        and opset.implementations["attention_decode"] is attention.attention_decode
+    )
 
 
 def test_torch_named_in_code_is_the_plain_reference_unless_asked():
-    assert ops.bind("torch").moe_experts is moe.moe_experts
-    assert ops.bind("torch", host_ops=True).moe_experts is moe.moe_experts_host
+    assert ops.bind("torch").implementations["moe_experts"] is moe.moe_experts
+    assert ops.bind("torch", host_ops=True).implementations["moe_experts"] is moe.moe_experts_host
 
 
 def test_emulator_backend_keeps_the_reference_for_ops_without_kernels():
     opset = ops.bind("emulator")
-    assert all(getattr(opset, name) is not fast for name, fast in ops.HOST_FAST_OPS.items())
+    assert all(opset.implementations[name] is not fast for name, fast in ops.HOST_FAST_OPS.items())
 
 
 @pytest.mark.parametrize("tokens", [1, 37])

@@ -79,3 +79,33 @@ def test_cli_generate_compare_hf_names_the_first_mismatch_and_exits_nonzero(tiny
     argv = ["generate", "--model", str(tiny_model_dir), "--kernels", "torch", "--prompt", "A", "--max-new-tokens", "8"]
     assert cli.main([*argv, "--compare-hf"]) == 1
     assert "MISMATCH at new token 5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kernels", ["torch", "emulator"])
+def test_cli_generate_compile_reports_one_graph_per_bucket_and_matches_hf(kernels, make_model, capsys):
+    # The MQA config with a dense layer: more shape buckets (a 2-block prompt, decode growing to a third block).
+    model = make_model(CONFIGS["dense-layers-no-renorm"])
+    argv = ["generate", "--model", str(model), "--kernels", kernels, "--prompt", PROMPTS[1], "--max-new-tokens", "6"]
+    assert cli.main([*argv, "--block-size", "4", "--compile", "--compare-hf"]) == 0
+    out = capsys.readouterr().out
+    reports = [line for line in out.splitlines() if line.startswith("compile: ")]
+    assert any(" prefill " in line for line in reports) and any(" decode " in line for line in reports)
+    assert all(line.endswith(": 1 graph(s), 0 graph break(s)") for line in reports), reports
+    assert "Hugging Face: match (6 tokens)" in out
+
+
+def test_cli_generate_compile_exits_nonzero_on_a_graph_break(tiny_model_dir, capsys, monkeypatch):
+    from vllm_nki_moe.models.qwen3_moe import Qwen3MoeForCausalLM
+
+    real = Qwen3MoeForCausalLM.forward
+
+    def forward_with_a_break(self, *args, **kwargs):
+        hidden = real(self, *args, **kwargs)
+        torch._dynamo.graph_break()  # what a .item() or a print in forward would do
+        return hidden + 0
+
+    monkeypatch.setattr(Qwen3MoeForCausalLM, "forward", forward_with_a_break)
+    argv = ["generate", "--model", str(tiny_model_dir), "--kernels", "torch", "--prompt", "A", "--max-new-tokens", "2"]
+    assert cli.main([*argv, "--compile"]) == 1
+    reports = [line for line in capsys.readouterr().out.splitlines() if line.startswith("compile: ")]
+    assert reports and all(line.endswith("graph(s), 1 graph break(s)") for line in reports), reports

@@ -17,18 +17,19 @@ kernel with its ``supports`` check. The backends:
 An op without an NKI kernel yet runs its torch implementation under every backend, and the binding logs that once.
 A kernel that exists but cannot take the given shapes says why through its ``supports`` check: under ``auto`` the op
 falls back to torch and logs the reason once; under an explicitly chosen backend the reason is raised.
-The model never branches on the backend.
+The model never branches on the backend. Every op of an :class:`OpSet` is a registered torch custom op
+(``torch.ops.nki_moe.<op>``, ``custom_ops``), so the model traces as one graph whatever runs inside.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from vllm_nki_moe import envs
-from vllm_nki_moe.ops import attention, host, kernel_call, moe, norms, rope, router
+from vllm_nki_moe.ops import attention, custom_ops, host, kernel_call, moe, norms, rope, router
 from vllm_nki_moe.ops.spec import OpSpec
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ class OpSet:
     router_gate_topk: Callable  # composite: see router.router_gate_topk_sequence
     moe_block: Callable  # composite: see moe.moe_block_sequence
     kernel_ops: tuple[str, ...] = ()  # which ops run an NKI kernel under this backend
+    # What each op's custom op runs in this binding (reference, *_host, or the kernel binding): for inspection.
+    implementations: dict[str, Callable] = field(default_factory=dict, repr=False, compare=False)
+    binding: str = ""  # the key the custom ops take (``torch.ops.nki_moe.<op>(*args, binding)``)
 
     def describe(self) -> str:
         kernel_ops = ", ".join(self.kernel_ops) or "none"
@@ -143,6 +147,10 @@ def bind(requested: str | None = None, *, host_ops: bool | None = None) -> OpSet
             impls[name] = spec.bind_kernel(backend, strict, fallback=impls[name])
     names = OP_NAMES + COMPOSITE_OPS
     kernel_ops = tuple(n for n in names if with_kernels and SPECS[n].kernel is not None)
-    opset = OpSet(backend=backend, kernel_ops=kernel_ops, **impls)
+    signatures = {name: SPECS[name].reference for name in OP_NAMES}
+    for name in COMPOSITE_OPS:  # a composite's signature is its sequence's
+        signatures[name] = SPECS[name].compose(signatures)
+    key, callers = custom_ops.register(impls, signatures)
+    opset = OpSet(backend=backend, kernel_ops=kernel_ops, implementations=impls, binding=key, **callers)
     logger.info("vllm_nki_moe.ops: %s", opset.describe())
     return opset

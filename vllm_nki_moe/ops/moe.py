@@ -81,7 +81,17 @@ def moe_block_sequence(impls: dict[str, Callable]) -> Callable:
         impls["moe_experts"],
     )
 
-    def moe_block(hidden, residual, norm_weight, eps, gate_weight, w13, w2, top_k, renormalize):
+    def moe_block(
+        hidden: torch.Tensor,
+        residual: torch.Tensor,
+        norm_weight: torch.Tensor,
+        eps: float,
+        gate_weight: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        top_k: int,
+        renormalize: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         normed, residual = fused_add_rms_norm(hidden, residual, norm_weight, eps)
         topk_weights, topk_ids = router_gate_topk(normed, gate_weight, top_k, renormalize)
         return experts(normed, w13, w2, topk_weights, topk_ids), residual

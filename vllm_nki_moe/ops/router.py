@@ -39,7 +39,9 @@ def router_gate_topk_sequence(impls: dict[str, Callable]) -> Callable:
     """
     bound_router_topk = impls["router_topk"]
 
-    def router_gate_topk(hidden, gate_weight, top_k, renormalize):
+    def router_gate_topk(
+        hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return bound_router_topk(F.linear(hidden, gate_weight), top_k, renormalize)
 
     return router_gate_topk

@@ -17,7 +17,7 @@ import glob
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -86,6 +86,8 @@ class Generation:
     text: str
     prefill_seconds: float
     decode_seconds: float
+    # --compile: per shape bucket (phase, tokens, block-table width), (graphs, graph breaks) of the traced forward
+    graphs: dict[tuple, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -124,7 +126,13 @@ class Harness:
     """A loaded model with paged attention, ready to generate; built once per (model, kernels, block size)."""
 
     def __init__(
-        self, model_dir: str | Path, kernels: str, *, block_size: int = DEFAULT_BLOCK_SIZE, max_tokens: int = 512
+        self,
+        model_dir: str | Path,
+        kernels: str,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        max_tokens: int = 512,
+        compile: bool = False,
     ) -> None:
         from safetensors.torch import load_file
         from transformers import AutoTokenizer
@@ -158,10 +166,31 @@ class Harness:
             attn = layer.self_attn
             layer.self_attn.attn = PagedAttention(self.cache, i, attn.head_dim**-0.5, self.opset)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        # --compile: every step through torch.compile(fullgraph=True), as vLLM Neuron's runner compiles each bucket;
+        # aot_eager traces through AOTAutograd (functionalisation of the cache writes included) without codegen.
+        self.compiled = (
+            torch.compile(self.model, fullgraph=True, backend="aot_eager", dynamic=False) if compile else None
+        )
+        self.graphs: dict[tuple, tuple[int, int]] = {}
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None:
+            return self.model(input_ids, positions)
+        step = self.cache.step
+        bucket = (step["phase"], input_ids.shape[0], step["block_tables"].shape[1])
+        if bucket not in self.graphs:  # explain runs the forward too: it writes the same K/V at the same slots
+            explained = torch._dynamo.explain(self.model.forward)(input_ids, positions)
+            self.graphs[bucket] = (explained.graph_count, explained.graph_break_count)
+        if self.graphs[bucket] == (1, 0):
+            try:
+                return self.compiled(input_ids, positions)
+            except torch._dynamo.exc.Unsupported:  # a break explain does not count (e.g. before the first op)
+                self.graphs[bucket] = (self.graphs[bucket][0], 1)
+        return self.model(input_ids, positions)  # reported by run_generate (exit status 1); generation goes on
 
     def _next_token(self, input_ids: torch.Tensor) -> int:
         positions, _ = self.cache.append(input_ids.shape[0])
-        hidden = self.model(input_ids, positions)
+        hidden = self._forward(input_ids, positions)
         logits = self.model.compute_logits(hidden[-1:])
         return int(logits[0].argmax())
 
@@ -181,7 +210,7 @@ class Harness:
                 tokens.append(self._next_token(torch.tensor(tokens[-1:])))
             decode = time.perf_counter() - start
         text = self.tokenizer.decode(tokens)
-        return Generation(prompt, prompt_ids, tokens, text, prefill, decode)
+        return Generation(prompt, prompt_ids, tokens, text, prefill, decode, dict(self.graphs))
 
 
 def hf_greedy(model_dir: str | Path, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
@@ -219,7 +248,9 @@ def run_generate(args) -> int:
     """The ``generate`` subcommand; exit status 1 when ``--compare-hf`` finds a mismatch."""
     prompts = args.prompt or ["Hello world, the quick brown fox"]
     try:
-        harness = Harness(args.model, args.kernels, block_size=args.block_size, max_tokens=args.max_model_len)
+        harness = Harness(
+            args.model, args.kernels, block_size=args.block_size, max_tokens=args.max_model_len, compile=args.compile
+        )
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}")
         return 2
@@ -232,10 +263,15 @@ def run_generate(args) -> int:
         )
         print(f"    text: {r.text!r}")
         print(f"    tokens: {r.tokens}")
-    if not args.compare_hf:
-        return 0
-    expected = hf_greedy(args.model, prompts, args.max_new_tokens)
     status = 0
+    if args.compile:
+        for (phase, tokens, width), (graphs, breaks) in sorted(harness.graphs.items()):
+            print(f"compile: {phase} T={tokens} block-table width {width}: {graphs} graph(s), {breaks} graph break(s)")
+            if graphs != 1 or breaks:
+                status = 1
+    if not args.compare_hf:
+        return status
+    expected = hf_greedy(args.model, prompts, args.max_new_tokens)
     for i, (r, ref) in enumerate(zip(results, expected)):
         at = first_mismatch(r.tokens, ref)
         if at is None:
@@ -254,5 +290,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt", action="append", help="prompt text (repeat for several; run one at a time)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (EOS ignored)")
     parser.add_argument("--compare-hf", action="store_true", help="check against Hugging Face greedy generate")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run every step through torch.compile(fullgraph=True, backend=aot_eager); print graphs and graph breaks "
+        "per shape bucket; exit status 1 on any break",
+    )
     parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="KV-cache block size (tokens)")
     parser.add_argument("--max-model-len", type=int, default=512, help="prompt + new tokens, at most")
