@@ -361,6 +361,7 @@ def _placed(shape, dt, buffer, name, ctx, placement) -> NkiTensor:
     start = p0 * row + off
     data = arena[start : start + (p1 - p0 - 1) * row + free * isz].view(dt)
     storage = Storage(data, buffer, name, shape)
+    storage.row_bytes = row
     return NkiTensor(shape, dt, storage, _strides=_arena_strides(shape, dt, buffer))
 
 

@@ -46,7 +46,18 @@ CLOCK = [0]
 class Storage:
     """One allocation: a flat NumPy array plus the bookkeeping the strict checks need."""
 
-    __slots__ = ("data", "buffer", "name", "shape", "psum_state", "is_input", "written", "span", "__weakref__")
+    __slots__ = (
+        "data",
+        "buffer",
+        "name",
+        "shape",
+        "psum_state",
+        "is_input",
+        "written",
+        "span",
+        "row_bytes",
+        "__weakref__",
+    )
 
     def __init__(self, data: np.ndarray, buffer: MemoryRegion, name: str, shape: tuple[int, ...]):
         self.data = data
@@ -57,6 +68,8 @@ class Storage:
         self.is_input = False
         self.written = False
         self.span = None  # on-chip: [first access, last access, ...] record kept by context.MemoryTracker
+        # address= placements live in a byte-addressed arena: partitions are row_bytes apart, not one tile row apart
+        self.row_bytes = None
 
 
 class _Indirect:
@@ -185,8 +198,17 @@ class NkiTensor:
         return True
 
     def get_pattern(self) -> list[list[int]]:
-        """The view's access pattern as ``[[stride, count], ...]``."""
-        return [[s, n] for s, n in zip(self.strides, self.shape)]
+        """The view's access pattern as ``[[stride, count], ...]`` (partition stride = the storage's free size)."""
+        pattern = [[s, n] for s, n in zip(self.strides, self.shape)]
+        st = self._storage
+        if st.row_bytes is not None and pattern and pattern[0][0] == st.row_bytes // self.dtype.itemsize:
+            pattern[0][0] = self._logical_free()
+        return pattern
+
+    def _logical_free(self) -> int:
+        """Elements of this view's dtype per partition of the allocation."""
+        st = self._storage
+        return math.prod(st.shape[1:]) * st.data.dtype.itemsize // self.dtype.itemsize
 
     def is_indirect(self) -> bool:
         return self._indirect is not None
@@ -242,6 +264,9 @@ class NkiTensor:
                     strides.append(s)
         if not shape:  # HBM scalar selection: keep at least 1-D
             shape, strides = [1], [1]
+        if len(shape) < 2 and self.on_chip:  # "On-chip tensors ... Result is always at least 2D" (__getitem__ doc)
+            shape.append(1)
+            strides.append(1)
         return self._derive(shape, strides, offset)
 
     def _index_error(self, message: str):
@@ -437,12 +462,31 @@ class NkiTensor:
             "vector_offset and scalar_offset given; they are mutually exclusive (dma_copy doc)",
         )
         pattern = [[int(s), int(n)] for s, n in pattern]
+        st = self._storage
+        arena = st.row_bytes is not None and self.on_chip
         check(len(pattern) >= 1 and all(n >= 1 for _, n in pattern), where, f"pattern={pattern}; counts must be >= 1")
         new_dtype = self.dtype if dtype is None else dtypes.as_dtype(dtype, where)
-        base = self.offset + (0 if offset is None else int(offset))
+        # pattern and offset count elements of the (new) dtype: the doc's example reinterprets a [128, 32] fp32 tile
+        # with pattern [[64, 128], [1, 16]] in bf16; nki-library's topk_reduce offsets an int32 view of bf16 rows
+        base = self.offset
         if new_dtype.itemsize != self.dtype.itemsize:
-            check((base * self.dtype.itemsize) % new_dtype.itemsize == 0, where, f"offset={base}; misaligned for dtype")
+            check(
+                (base * self.dtype.itemsize) % new_dtype.itemsize == 0,
+                where,
+                f"view offset={base} {self.dtype.name} elements; misaligned for dtype={new_dtype.name}",
+            )
             base = base * self.dtype.itemsize // new_dtype.itemsize
+        extra = 0 if offset is None else int(offset)
+        if arena:
+            # A placed tile's partitions are an arena row apart; patterns and offsets count the allocation's own
+            # rows ("the partition stride must equal the storage's free-dim element count", nki-language-guide.rst)
+            free = math.prod(st.shape[1:]) * st.data.dtype.itemsize // new_dtype.itemsize
+            row = st.row_bytes // new_dtype.itemsize
+            if pattern and pattern[0][0] == free:
+                pattern[0][0] = row
+            q, r = divmod(extra, free)
+            extra = q * row + r
+        base += extra
         shape = [n for _, n in pattern]
         strides = [s for s, _ in pattern]
         indirect = None

@@ -274,3 +274,80 @@ def test_access_pattern_outside_allocation_is_fine_until_used():
         nisa.tensor_copy(dst=_sb((4, 4)), src=t.ap([[8, 4], [2, 4]], offset=1))
 
     run(nki.jit(kern), np.ones((4, 8), np.float32))
+
+
+def test_access_pattern_with_dtype_counts_offset_in_the_new_dtype():
+    """`.ap(pattern, offset, dtype=)`: pattern and offset in elements of the new dtype (the NkiTensor.ap doc example;
+    nki-library's topk_reduce reads int32 indices packed at the end of bf16 rows this way)."""
+    x = np.arange(4 * 8, dtype=np.int16).reshape(4, 8)
+
+    def kern(x):
+        t = _sb((4, 1), nl.int32)
+        nisa.dma_copy(dst=t, src=x.ap([[4, 4], [1, 1]], offset=3, dtype=nl.int32))
+        return _store(t)
+
+    out, _ = run(nki.jit(kern), x)
+    np.testing.assert_array_equal(out[:, 0], x[:, 6:8].copy().view(np.int32)[:, 0])
+
+
+def test_on_chip_selection_stays_two_dimensional():
+    """NkiTensor.__getitem__ doc: on-chip results are always at least 2-D (nki-library's attention_cte relies on it)."""
+
+    def kern():
+        t = _sb((128, 64))
+        assert t[:, 0].shape == (128, 1) and t[3, 5].shape == (1, 1) and t[:, 0][:64, :1].shape == (64, 1)
+
+    run(nki.jit(kern))
+
+
+def test_access_pattern_on_a_placed_tile_counts_its_own_rows():
+    """`.ap` partition strides count the allocation's free size, also for address= tiles (in an arena row)."""
+    x = np.arange(4 * 8, dtype=np.float32).reshape(4, 8)
+
+    def kern(x):
+        t = _sb((4, 8), address=(0, 512))
+        nisa.dma_copy(dst=t.ap([[8, 4], [1, 8]]), src=x)
+        assert t.get_pattern() == [[8, 4], [1, 8]]
+        u = _sb((3, 4))
+        nisa.tensor_copy(dst=u, src=t.ap([[8, 3], [2, 4]], offset=9))  # rows 1..3, odd columns
+        return _store(u)
+
+    out, _ = run(nki.jit(kern), x)
+    np.testing.assert_array_equal(out, x[1:, 1::2])
+
+
+# --- kernel calls: nested nki.jit, in-place arguments ----------------------------------------------------------------
+@nki.jit
+def _inner_copy(x):
+    t = _load(x)
+    out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    nisa.dma_copy(dst=out, src=t)
+    return out
+
+
+def test_nested_jit_kernel_is_inlined_into_the_callers_program():
+    def outer(x):
+        assert nl.num_programs() == 2  # the inner kernel runs in this program, not in a new launch of 1
+        return _inner_copy(x)
+
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    out, rep = run(nki.jit(outer)[2], x)
+    np.testing.assert_array_equal(out, x)
+    assert rep.num_programs == 2
+
+
+def test_mutable_tensor_argument_may_be_written_in_place():
+    import nki.typing as nt
+
+    def writes(x, scratch: nt.mutable_tensor):
+        nisa.dma_copy(dst=scratch, src=_load(x))
+        return _inner_copy(x)
+
+    def writes_undeclared(x, scratch):
+        nisa.dma_copy(dst=scratch, src=_load(x))
+        return _inner_copy(x)
+
+    x = np.ones((2, 4), np.float32)
+    run(nki.jit(writes), x, np.zeros((2, 4), np.float32))
+    with pytest.raises(NkiEmulatorError, match=r"input arg1\[2, 4\] was written; kernel arguments are read-only"):
+        run(nki.jit(writes_undeclared), x, np.zeros((2, 4), np.float32))
