@@ -2,7 +2,7 @@
 
 Not a test: it prints figures. Each (implementation, batch) runs in a fresh process (vLLM's engine is process-wide);
 vLLM's own class runs with ``VLLM_PLUGINS=""`` (no plugin loaded at all). Both run eagerly (``enforce_eager``) unless
-``--compile``, so the comparison is of the model code, not of whether torch.compile applies. Ours runs
+``--compile`` (vLLM's default compiled mode: Dynamo traces the decoder stack once, Inductor compiles it). Ours runs
 ``VLLM_NKI_MOE_KERNELS=torch``: its ops are the ``*_host`` fast path (vLLM's CPU custom ops, ``ops.host``) unless
 ``--host-ops off`` selects the plain references; the table names which one ran. The 1-minute load average is printed
 before and after: the machine is shared, and figures taken under load are not comparable.
@@ -54,7 +54,8 @@ def worker(args: argparse.Namespace) -> None:
     )
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
     opset = getattr(model, "opset", None)
-    ops_module = opset.moe_experts.__module__.rsplit(".", 1)[-1] if opset is not None else "vllm"
+    # which implementation our experts op ran: the vLLM-CPU fast path (moe_experts_host) or the plain reference
+    ops_module = opset.implementations["moe_experts"].__name__ if opset is not None else "vllm"
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     prompts = [f"{i} {PROMPT}" for i in range(args.batch)]
     llm.generate(prompts, params, use_tqdm=False)  # warm-up

@@ -177,7 +177,7 @@ def _gather_blocks(k_cache, v_cache, block_tables, b: int, g: int, t0: int, n: i
     return tiles
 
 
-class _PositionTiles:
+class _PositionTiles(nl.NKIObject):
     """Per chunk, the position of each score column as a [G, width] fp32 tile (GpSimd iota): column ``j * n + i`` is
     column j of partition i, each partition holding ``cols`` consecutive tokens from ``pos0 + i * cols``. Tiles are
     kept for reuse by later sequences until POSITIONS_SBUF_BYTES are used."""
@@ -188,7 +188,7 @@ class _PositionTiles:
         self.bytes = 0
 
     def get(self, pos0: int, ns: int, rows: int, cols: int):
-        key = (pos0, ns, rows, cols)
+        key = f"{pos0}:{ns}:{rows}:{cols}"  # string keys: the only dict keys NKI 0.6 kernels may use
         if key in self.tiles:
             return self.tiles[key]
         width = ns * rows

@@ -119,7 +119,7 @@ def _write_kv_cache(k_cache, v_cache, k, v, slot_mapping) -> None:
                 )
 
 
-class _SoftmaxState:
+class _SoftmaxState(nl.NKIObject):
     """Running max ``m`` (raw scores), sum ``l`` and output accumulator ``acc`` [rows, D] of one query tile, fp32."""
 
     def __init__(self) -> None:
@@ -254,7 +254,8 @@ def _causal_predicate(predicates: dict, delta: int):
     GpSimd affine_select over a ones tile, once per distinct delta (0, 128, 256, 384) per kernel call; diagonal
     tiles then mask, copy and take the row max in one Vector select_reduce.
     """
-    if delta not in predicates:
+    key = f"delta{delta}"  # string keys: the only dict keys NKI 0.6 kernels may use
+    if key not in predicates:
         if "ones" not in predicates:
             predicates["ones"] = nl.ndarray((Q_ROWS_PER_TILE, KEYS_PER_SCORE_TILE), dtype=nl.uint8, buffer=nl.sbuf)
             nisa.memset(dst=predicates["ones"], value=1, engine=nisa.gpsimd_engine)
@@ -268,8 +269,8 @@ def _causal_predicate(predicates: dict, delta: int):
             cmp_op=nl.greater_equal,
             offset=delta,
         )
-        predicates[delta] = pred
-    return predicates[delta]
+        predicates[key] = pred
+    return predicates[key]
 
 
 def _attend_query_tile(q_t, k_t, v_sb, q0: int, scale: float, out_dtype, predicates: dict):

@@ -170,7 +170,7 @@ def _rms_norm_h(out, new_residual, x, residual, weight, eps) -> None:
 
 
 @nki.jit
-def rms_norm(x, weight, eps, *, layout="auto"):
+def rms_norm(x, weight, eps, layout="auto"):
     """RMSNorm of each row of x.
 
     Dimensions: T rows (tokens, or tokens x heads for the q/k norm), H normalised size (hidden, or head_dim),
@@ -209,7 +209,7 @@ def rms_norm(x, weight, eps, *, layout="auto"):
 
 
 @nki.jit
-def fused_add_rms_norm(x, residual, weight, eps, *, layout="auto"):
+def fused_add_rms_norm(x, residual, weight, eps, layout="auto"):
     """Residual add then RMSNorm: ``new_residual = x + residual``; ``out = rms_norm(new_residual)``.
 
     Dimensions: T tokens, H hidden size.
@@ -257,7 +257,7 @@ def fused_add_rms_norm(x, residual, weight, eps, *, layout="auto"):
     return out, new_residual
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, *, layout: str = "auto") -> torch.Tensor:
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, layout: str = "auto") -> torch.Tensor:
     """``layout`` is accepted for the kernel's signature and unused (both layouts compute the same values)."""
     x32 = x.float()
     normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -265,7 +265,7 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, *, layout: s
 
 
 def fused_add_rms_norm_ref(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, *, layout: str = "auto"
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, layout: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     new_residual = (x.float() + residual.float()).to(x.dtype)
     return rms_norm_ref(new_residual, weight, eps), new_residual

@@ -249,7 +249,7 @@ def _qk_norm_rope_tokens(q_out, k_out, q, k, q_weight, k_weight, eps, positions,
 
 
 @nki.jit
-def qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin_cache, *, layout="auto"):
+def qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos_sin_cache, layout="auto"):
     """Qwen3's per-head q/k RMSNorm followed by neox RoPE, in one kernel: ``rope(rms_norm(q), rms_norm(k))``.
 
     Each head of q and k is normalised over head_dim with its weight (q_weight / k_weight), rounded where Hugging
@@ -306,7 +306,6 @@ def qk_norm_rope_ref(
     eps: float,
     positions: torch.Tensor,
     cos_sin_cache: torch.Tensor,
-    *,
     layout: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``layout`` is accepted for the kernel's signature and unused."""

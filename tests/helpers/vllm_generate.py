@@ -2,6 +2,7 @@
 
 A fresh process per run because vLLM's engine and its distributed state are process-wide.
 Usage: python vllm_generate.py MODEL_DIR PROMPTS_JSON MAX_TOKENS [ADDITIONAL_CONFIG_JSON]
+$VLLM_NKI_MOE_TEST_COMPILED=1 serves in vLLM's default compiled mode (no enforce_eager).
 """
 
 import json
@@ -16,7 +17,8 @@ if __name__ == "__main__":
 
     model_dir, prompts, max_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
     extra = {"additional_config": json.loads(sys.argv[4])} if len(sys.argv) > 4 else {}  # vLLM rejects None
-    llm = LLM(model=model_dir, dtype="float32", max_model_len=512, enforce_eager=True, seed=0, **extra)
+    eager = os.environ.get("VLLM_NKI_MOE_TEST_COMPILED") != "1"
+    llm = LLM(model=model_dir, dtype="float32", max_model_len=512, enforce_eager=eager, seed=0, **extra)
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
     print(

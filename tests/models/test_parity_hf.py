@@ -62,9 +62,16 @@ def hf_greedy(model_dir: Path, prompts: list[str], new_tokens: int) -> list[list
 
 
 def vllm_greedy(
-    model_dir: Path, prompts: list[str], new_tokens: int, kernels: str = "torch", additional_config: dict | None = None
+    model_dir: Path,
+    prompts: list[str],
+    new_tokens: int,
+    kernels: str = "torch",
+    additional_config: dict | None = None,
+    compiled: bool = False,
 ) -> dict:
-    env = {**os.environ, "VLLM_NKI_MOE_KERNELS": kernels}
+    """vLLM offline generation in a fresh process: eager (``enforce_eager``), or ``compiled``, vLLM's default mode
+    (Dynamo traces our decoder stack once, Inductor compiles it; a graph break fails the run)."""
+    env = {**os.environ, "VLLM_NKI_MOE_KERNELS": kernels, "VLLM_NKI_MOE_TEST_COMPILED": "1" if compiled else "0"}
     extra = [json.dumps(additional_config)] if additional_config else []
     proc = subprocess.run(
         [sys.executable, str(HELPER), str(model_dir), json.dumps(prompts), str(new_tokens), *extra],
@@ -78,11 +85,12 @@ def vllm_greedy(
     return json.loads(result[-1][len("RESULT ") :])
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_vllm_with_our_model_matches_hf_greedy(name, make_model):
+def test_vllm_with_our_model_matches_hf_greedy(name, compiled, make_model):
     model_dir = make_model(CONFIGS[name])
     expected = hf_greedy(model_dir, PROMPTS, NEW_TOKENS)
-    got = vllm_greedy(model_dir, PROMPTS, NEW_TOKENS)
+    got = vllm_greedy(model_dir, PROMPTS, NEW_TOKENS, compiled=compiled)
     assert got["model_class"] == "vllm_nki_moe.models.qwen3_moe.Qwen3MoeForCausalLM"
     assert got["opset"] == "torch"
     assert all(len(t) == NEW_TOKENS for t in expected)

@@ -12,10 +12,11 @@ from .test_parity_hf import CONFIGS, NEW_TOKENS, PROMPTS, hf_greedy, vllm_greedy
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_vllm_with_emulator_kernels_matches_hf_greedy(name, make_model):
+def test_vllm_with_emulator_kernels_matches_hf_greedy(name, compiled, make_model):
     model_dir = make_model(CONFIGS[name])
     expected = hf_greedy(model_dir, PROMPTS, NEW_TOKENS)
-    got = vllm_greedy(model_dir, PROMPTS, NEW_TOKENS, kernels="emulator")
+    got = vllm_greedy(model_dir, PROMPTS, NEW_TOKENS, kernels="emulator", compiled=compiled)
     assert got["opset"] == "emulator"
     assert got["tokens"] == expected

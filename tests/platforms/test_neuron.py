@@ -143,14 +143,30 @@ def test_nki_backend_without_the_nki_package_names_it(neuron_host, monkeypatch):
         ops.resolve_backend("auto")
 
 
-def test_emulator_backend_is_refused_on_the_neuron_platform(neuron_host, monkeypatch, capsys):
+def test_emulator_backend_is_refused_on_the_neuron_platform(neuron_host, monkeypatch):
     cls = neuron_platform_class()
     with pytest.raises(ValueError, match="kernels=emulator on the Neuron platform"):
         ops.resolve_backend("emulator")
     monkeypatch.setenv("VLLM_NKI_MOE_KERNELS", "emulator")
+    cls.pre_register_and_update(argparse.ArgumentParser(prog="vllm serve"))  # --additional-config may still decide
+    with pytest.raises(ValueError, match="VLLM_NKI_MOE_KERNELS=emulator; the NumPy NKI emulator cannot run"):
+        cls.check_and_update_config(vllm_config())
+
+
+def test_additional_config_decides_the_backend_over_the_environment_on_neuron(neuron_host, monkeypatch):
+    cls = neuron_platform_class()
+    monkeypatch.setenv("VLLM_NKI_MOE_KERNELS", "emulator")
+    cls.check_and_update_config(vllm_config(additional={"nki_moe": {"kernels": "nki"}}))  # accepted: the config wins
+    monkeypatch.setenv("VLLM_NKI_MOE_KERNELS", "nki")
+    with pytest.raises(ValueError, match="additional_config.nki_moe.kernels='emulator'"):
+        cls.check_and_update_config(vllm_config(additional={"nki_moe": {"kernels": "emulator"}}))
+
+
+def test_a_misspelt_kernels_variable_is_a_flag_error_on_neuron(neuron_host, monkeypatch, capsys):
+    monkeypatch.setenv("VLLM_NKI_MOE_KERNELS", "nkii")
     with pytest.raises(SystemExit):
-        cls.pre_register_and_update(argparse.ArgumentParser(prog="vllm serve"))
-    assert "VLLM_NKI_MOE_KERNELS=emulator; the NumPy NKI emulator cannot run" in capsys.readouterr().err
+        neuron_platform_class().pre_register_and_update(argparse.ArgumentParser(prog="vllm serve"))
+    assert "VLLM_NKI_MOE_KERNELS='nkii'; must be one of" in capsys.readouterr().err
 
 
 # --- config validation -----------------------------------------------------------------------------------------------

@@ -149,3 +149,24 @@ def test_runner_turns_a_kernel_exception_into_a_failing_row():
     case = registry.KernelCase("k", "s", lambda rng: (), boom, lambda: None, "float32", 100)
     row = runner.run_case(case)
     assert not row.passed and "kern: x=1; rule" in row.reason and row.estimated_seconds is None
+
+
+def test_kernels_check_under_nki_0_3_rules_names_the_kernel_that_needs_0_6(capsys):
+    # moe_prefill's block loop is nl.fori_loop, which NKI 0.6.0 (Neuron SDK 2.32) added; the contest's SDK 2.29 has 0.3.
+    assert main(["kernels", "check", "--nki-version", "0.3", "--only", "moe_prefill", "--tokens", "131"]) == 1
+    out = capsys.readouterr().out
+    assert "NKI 0.3 rules" in out and "name=nki.language.fori_loop" in out and "available from NKI 0.6" in out
+
+
+def test_kernels_check_reports_the_oldest_release_each_kernel_compiles_on(capsys):
+    assert main(["kernels", "check", "--nki-version", "0.6", "--tokens", "1,131"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if " ok " in line]
+    oldest = {row[0]: row[-1] for row in rows}
+    assert oldest.pop("moe_prefill") == "0.6"
+    assert oldest and set(oldest.values()) == {"0.2"}, oldest  # every other kernel compiles on 0.3 (and 0.2) too
+
+
+def test_kernels_check_unknown_nki_version_is_a_clear_error(capsys):
+    assert main(["kernels", "check", "--nki-version", "0.9", "--only", "router_topk"]) == 2
+    assert "nki_version" in capsys.readouterr().err

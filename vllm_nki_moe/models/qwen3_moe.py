@@ -10,10 +10,12 @@ listed in ``weight_map``.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import (
     get_pp_group,
@@ -252,6 +254,18 @@ class Qwen3MoeDecoderLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
+def _vllm_compiles_here(vllm_config: VllmConfig) -> bool:
+    """vLLM compiles the decoder stack itself on its own platforms (CPU here); on our Neuron platform vllm-neuron's
+    runner compiles the whole model per bucket (``torch.compile`` in ``NeuronModelRunner.load_model``), so not here."""
+    neuron = sys.modules.get("vllm_nki_moe.platforms.neuron")
+    return neuron is None or not neuron.platform_active()
+
+
+# As vLLM's own Qwen3-MoE: Dynamo traces the decoder stack once (token dimension dynamic) and Inductor compiles it,
+# unless --enforce-eager. Every op of ours is a custom op (vllm_nki_moe.ops.custom_ops), so the stack is one graph.
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": 0, "positions": 0, "inputs_embeds": 0}, enable_if=_vllm_compiles_here
+)
 class Qwen3MoeModel(nn.Module):
     def __init__(
         self,

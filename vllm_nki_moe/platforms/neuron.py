@@ -159,13 +159,22 @@ def _resolve(qualname: str) -> type:
 # Start-up checks
 
 
-def check_kernel_backend() -> str:
-    """``VLLM_NKI_MOE_KERNELS`` on the Neuron platform: any valid value but ``emulator``."""
-    backend = envs.kernel_backend()
+def check_kernel_backend(additional: dict | None = None) -> str:
+    """The backend the model will bind on the Neuron platform: ``--additional-config``'s ``nki_moe.kernels`` when
+    given (whatever ``VLLM_NKI_MOE_KERNELS`` says, as the model binds it), else the variable; any valid value but
+    ``emulator``."""
+    try:
+        configured = envs.configured_kernels(additional)
+    except ValueError as err:
+        raise ValueError(f"{WHERE}: {err}") from None
+    if configured == "emulator":
+        allowed = ", ".join(b for b in envs.KERNEL_BACKENDS if b != "emulator")
+        raise ValueError(f"{WHERE}: additional_config.nki_moe.kernels='emulator'; must be one of {allowed}")
+    backend = configured or envs.kernel_backend()
     if backend == "emulator":
         raise ValueError(
             f"{envs.KERNELS_ENV}=emulator; the NumPy NKI emulator cannot run inside the compiled Neuron graph, use "
-            "nki (the default here), torch or auto"
+            "nki (the default here), torch or auto (or choose per server with --additional-config)"
         )
     return backend
 
@@ -182,9 +191,8 @@ def validate_config(vllm_config) -> None:
     hf_config = model_config.hf_config
     if OUR_ARCHITECTURE not in (getattr(hf_config, "architectures", None) or ()):
         return
-    check_kernel_backend()
     additional = getattr(vllm_config, "additional_config", None) or {}
-    _check_nki_moe_config(additional)
+    check_kernel_backend(additional)
     ep_degree = (additional.get("neuron_config") or {}).get("ep_degree", 1) or 1
     if ep_degree > 1:
         raise NotImplementedError(
@@ -215,16 +223,6 @@ def validate_config(vllm_config) -> None:
         )
 
 
-def _check_nki_moe_config(additional: dict) -> None:
-    try:
-        kernels = envs.configured_kernels(additional)
-    except ValueError as err:
-        raise ValueError(f"{WHERE}: {err}") from None
-    if kernels == "emulator":
-        allowed = ", ".join(b for b in envs.KERNEL_BACKENDS if b != "emulator")
-        raise ValueError(f"{WHERE}: additional_config.nki_moe.kernels={kernels!r}; must be one of {allowed}")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The platform class, built on first access
 
@@ -240,8 +238,8 @@ class _NkiMoeNeuronHooks:
         register_models()  # after upstream's registrations, so ours holds Qwen3MoeForCausalLM whatever it registers
         if parser is not None:
             device_flag.add_device_flag(parser, serving_device="neuron")
-            try:
-                check_kernel_backend()
+            try:  # the value's spelling only: --additional-config may still choose the backend (validate_config)
+                envs.kernel_backend()
             except ValueError as err:  # reported like a bad flag, before any engine process starts
                 parser.error(str(err))
 

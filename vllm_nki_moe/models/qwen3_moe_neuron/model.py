@@ -267,9 +267,12 @@ def sample(logits: torch.Tensor, sampling_params: torch.Tensor | None) -> torch.
     rank = torch.arange(vocab, device=logits.device)[None, :]
     keep = rank < torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))[:, None]
     probs = torch.softmax(ordered.masked_fill(~keep, float("-inf")), dim=-1)
-    keep &= (probs.cumsum(dim=-1) - probs) < top_p[:, None]  # the first token always stays
+    keep = keep & ((probs.cumsum(dim=-1) - probs) < top_p[:, None])  # the first token always stays
     probs = torch.softmax(ordered.masked_fill(~keep, float("-inf")), dim=-1)
-    choice = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
+    # Exponential race without in-place random ops (Exp(1) = -log(1 - U)): graphs the runner compiles are
+    # functionalised, and an in-place exponential_ on a fresh buffer is one more mutation to carry.
+    noise = -torch.log1p(-torch.rand_like(probs))
+    choice = (probs / noise).argmax(dim=-1)
     drawn = order.gather(-1, choice[:, None]).squeeze(-1)
     return torch.where(is_greedy, greedy, drawn).to(torch.int32)
 

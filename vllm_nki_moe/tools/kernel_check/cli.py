@@ -36,14 +36,25 @@ def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
         )
     check.add_argument("--tokens", type=_tokens, default=_tokens(DEFAULT_TOKENS), help=f"default {DEFAULT_TOKENS}")
     check.add_argument("--only", help="kernel names (comma-separated; substrings match) to run")
+    check.add_argument(
+        "--nki-version",
+        help="NKI release whose language rules and names the emulator imitates (0.3: Neuron SDK 2.29, the contest's "
+        "harness; 0.6: SDK 2.32, the serving stack); a kernel that release's compiler rejects fails with the rule",
+    )
 
 
-def _backend_ready(backend: str) -> str | None:
+def _backend_ready(backend: str, nki_version: str | None = None) -> str | None:
     if backend == "emulator":
         from nki_emulator import install
 
-        install()
+        try:
+            install(nki_version=nki_version)
+        except ValueError as err:  # an unknown release
+            return str(err)
         return None
+    if nki_version is not None:
+        return "--nki-version selects the emulator's language rules; with --kernels nki the installed nki decides"
+
     from vllm_nki_moe.ops.kernel_call import real_nki_available
 
     if not real_nki_available():
@@ -52,9 +63,20 @@ def _backend_ready(backend: str) -> str | None:
 
 
 def run_kernels_command(args: argparse.Namespace) -> int:
+    nki_version = getattr(args, "nki_version", None)
+    try:
+        return _run(args, nki_version)
+    finally:
+        if nki_version is not None and args.kernels == "emulator":  # back to the default release (in-process callers)
+            from nki_emulator.install import set_nki_version
+
+            set_nki_version(None)
+
+
+def _run(args: argparse.Namespace, nki_version: str | None) -> int:
     from vllm_nki_moe.tools.kernel_check.shapes import ShapesError, kernel_shapes
 
-    problem = _backend_ready(args.kernels)
+    problem = _backend_ready(args.kernels, nki_version)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -73,7 +95,8 @@ def run_kernels_command(args: argparse.Namespace) -> int:
     from vllm_nki_moe.tools.kernel_check.registry import all_cases
     from vllm_nki_moe.tools.kernel_check.runner import format_rows, run_cases
 
-    print(f"kernels check: {shapes.describe()}; kernels={args.kernels}")
+    release = f"; NKI {nki_version} rules" if nki_version else ""
+    print(f"kernels check: {shapes.describe()}; kernels={args.kernels}{release}")
     rows = []
     for tokens in args.tokens:
         cases = all_cases(shapes, tokens, args.only)

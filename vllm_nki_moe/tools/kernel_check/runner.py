@@ -34,6 +34,7 @@ class CheckRow:
     wall_seconds: float = 0.0  # host time of the emulator run (not a kernel time)
     calls_per_layer: int = 1
     phase: str = "any"
+    oldest_nki: str | None = None  # the oldest NKI release whose language rules the kernel's source passes
 
     @property
     def roofline_pct(self) -> float | None:
@@ -48,6 +49,14 @@ def _roofline(case: KernelCase, programs: int) -> dict:
     hbm = case.min_hbm_bytes / (HBM_BYTES_PER_S_PER_CORE * programs)
     pe = case.min_macs / (PE_ROWS * PE_COLS * TENSOR_CLOCK_HZ * programs)
     return {"roofline_seconds": max(hbm, pe), "bound": "pe" if pe > hbm else "hbm"}
+
+
+def oldest_nki_release(kernel) -> str | None:
+    """The oldest NKI release whose language rules (the emulator's table, docs/emulator.md) the kernel's source and
+    the helpers it calls pass, or None when no release does."""
+    from nki_emulator import language_rules
+
+    return language_rules.oldest_release(kernel)
 
 
 def _run_kernel(case: KernelCase, inputs: tuple, backend: str):
@@ -69,6 +78,7 @@ def run_case(case: KernelCase, backend: str = "emulator", seed: int = SEED) -> C
         tolerance=tol_text,
         calls_per_layer=case.calls_per_layer,
         phase=case.phase,
+        oldest_nki=oldest_nki_release(case.kernel_fn),
     )
     nan = float("nan")
     if case.unsupported:
@@ -124,7 +134,7 @@ def format_rows(rows: list[CheckRow]) -> str:
     """The check table; failing rows are followed by their reason."""
     header = (
         f"{'kernel':<22} {'shapes':<40} {'max abs err':>11} {'max rel err':>11} {'tolerance':<26} {'pass':<4} "
-        f"{'est us':>9} {'roof us':>9} {'% roof':>6} {'bound':<5}"
+        f"{'est us':>9} {'roof us':>9} {'% roof':>6} {'bound':<5} {'nki >=':<6}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -132,7 +142,7 @@ def format_rows(rows: list[CheckRow]) -> str:
         lines.append(
             f"{r.kernel:<22} {r.shapes:<40} {r.max_abs_err:>11.3g} {r.max_rel_err:>11.3g} {r.tolerance:<26} "
             f"{'ok' if r.passed else 'FAIL':<4} {_us(r.estimated_seconds):>9} {_us(r.roofline_seconds):>9} "
-            f"{'-' if pct is None else f'{pct:.0f}':>6} {r.bound:<5}"
+            f"{'-' if pct is None else f'{pct:.0f}':>6} {r.bound:<5} {r.oldest_nki or 'none':<6}"
         )
         if r.reason and not r.passed:
             lines.append(f"    reason: {r.reason}")
