@@ -480,13 +480,13 @@ def test_from_configs_rejects_unsupported_neuron_config(field, value, message, f
 
 
 def test_from_configs_rejects_a_vision_config_and_a_missing_vllm_config(fake_sdk, tiny_model_dir):
-    from vllm_nki_moe.models.qwen3_moe_neuron.factory import from_configs
+    from vllm_nki_moe.models.qwen3_moe_neuron.model import NeuronQwen3MoeForCausalLM
 
     hf_config = SimpleNamespace()
     with pytest.raises(NotImplementedError, match="vision_neuron_config"):
-        from_configs(hf_config, vision_neuron_config=object())
+        NeuronQwen3MoeForCausalLM.from_configs(hf_config, vision_neuron_config=object())
     with pytest.raises(RuntimeError, match="set_current_vllm_config"):
-        from_configs(hf_config, None)
+        NeuronQwen3MoeForCausalLM.from_configs(hf_config, None)
 
 
 def test_on_device_sampling_greedy_rows_take_the_argmax_and_others_stay_in_top_k():

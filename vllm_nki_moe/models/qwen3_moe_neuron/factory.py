@@ -14,8 +14,9 @@ from __future__ import annotations
 from vllm_nki_moe.models.qwen3_moe_neuron.config import WHERE, Qwen3MoeNeuronConfig
 
 
-def from_configs(hf_config, neuron_config=None, *, text_neuron_config=None, vision_neuron_config=None):
-    """Validate the configuration and build :class:`~.model.NeuronQwen3MoeForCausalLM`.
+def from_configs(model_cls, hf_config, neuron_config=None, *, text_neuron_config=None, vision_neuron_config=None):
+    """Validate the configuration and build ``model_cls`` (``model.NeuronQwen3MoeForCausalLM``, whose ``from_configs``
+    classmethod calls this).
 
     Reads the current ``VllmConfig`` (set by vLLM's worker around model loading) for the dtype, the cache dtype and
     the layers' construction, and vLLM's tensor-parallel group for the TP degree. Parameters are created on the
@@ -42,7 +43,5 @@ def from_configs(hf_config, neuron_config=None, *, text_neuron_config=None, visi
         dtype=vllm_config.model_config.dtype,
         cache_dtype=getattr(vllm_config.cache_config, "cache_dtype", "auto"),
     )
-    from vllm_nki_moe.models.qwen3_moe_neuron.model import NeuronQwen3MoeForCausalLM
-
     with set_current_vllm_config(vllm_config), set_default_torch_dtype(config.dtype):
-        return NeuronQwen3MoeForCausalLM(vllm_config=vllm_config, config=config)
+        return model_cls(vllm_config=vllm_config, config=config)

@@ -31,6 +31,7 @@ from torch import nn
 
 from vllm_nki_moe.models.paged_attention import PagedAttention
 from vllm_nki_moe.models.qwen3_moe import Qwen3MoeAttention, Qwen3MoeForCausalLM
+from vllm_nki_moe.models.qwen3_moe_neuron import factory
 from vllm_nki_moe.models.qwen3_moe_neuron.config import WHERE, Qwen3MoeNeuronConfig
 from vllm_nki_moe.ops.rope import rope_cos_sin_cache
 
@@ -64,9 +65,7 @@ class NeuronQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
     @classmethod
     def from_configs(cls, hf_config, neuron_config=None, **kwargs) -> NeuronQwen3MoeForCausalLM:
         """How vllm-neuron's runner builds models (``NeuronModelRunner.load_model``): see ``factory.from_configs``."""
-        from vllm_nki_moe.models.qwen3_moe_neuron.factory import from_configs
-
-        return from_configs(hf_config, neuron_config, **kwargs)
+        return factory.from_configs(cls, hf_config, neuron_config, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------------
     # KV cache
