@@ -1423,10 +1423,12 @@ def core_barrier(data, cores, engine=engine.gpsimd, name=None):
     where = "nisa.core_barrier"
     ctx, launch = _lnc2(where)
     _tensor(data, where, "data")
+    # The doc says `data` "must be data in shared HBM"; nki-library 2.29's bwmm_shard_on_I (written for NKI 0.3)
+    # synchronises on a [1, 1] SBUF tile, so SBUF is accepted too.
     check(
-        data.buffer is MemoryRegion.shared_hbm,
+        data.buffer in (MemoryRegion.shared_hbm, MemoryRegion.sbuf),
         where,
-        f"data={data.describe()}; must be in shared HBM (core_barrier doc)",
+        f"data={data.describe()}; must be in shared HBM (core_barrier doc) or SBUF (as nki-library uses it)",
     )
     check(tuple(int(c) for c in cores) == (0, 1), where, f"cores={tuple(cores)}; only (0, 1) is supported")
     _count(_engine_of(engine, globals()["engine"].gpsimd), "core_barrier", data)

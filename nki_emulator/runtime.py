@@ -143,8 +143,8 @@ def _to_numpy(x: Any) -> np.ndarray:
         import torch  # only when the caller passed torch tensors
 
         t = x.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            return t.float().numpy().astype(dtypes.bfloat16)
+        if t.dtype == torch.bfloat16:  # bit-exact reinterpretation (no fp32 round trip through 2x the memory)
+            return t.contiguous().view(torch.int16).numpy().view(dtypes.bfloat16)
         return t.numpy()
     return np.asarray(x)
 
@@ -153,7 +153,7 @@ def _to_torch(a: np.ndarray):
     import torch
 
     if a.dtype == dtypes.bfloat16:
-        return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(a))
 
 

@@ -343,3 +343,17 @@ def test_sendrecv_rejects_gpsimd_dma_over_size_limit():
 
     with pytest.raises(NkiEmulatorError, match="1028 bytes per partition with dma_engine=gpsimd_dma; at most 1024"):
         run(nki.jit(kern)[2])
+
+
+def test_core_barrier_rejects_other_cores_and_psum_data():
+    def bad_cores():
+        t = nl.ndarray((1, 1), dtype=nl.float32, buffer=nl.shared_hbm)
+        nisa.core_barrier(data=t, cores=(0, 2))
+
+    def psum_data():
+        nisa.core_barrier(data=nl.ndarray((1, 1), dtype=nl.float32, buffer=nl.psum), cores=(0, 1))
+
+    with pytest.raises(NkiEmulatorError, match=r"nisa.core_barrier: cores=\(0, 2\); only \(0, 1\) is supported"):
+        run(nki.jit(bad_cores)[2])
+    with pytest.raises(NkiEmulatorError, match="nisa.core_barrier: data=.*@psum; must be in shared HBM"):
+        run(nki.jit(psum_data)[2])
