@@ -243,25 +243,62 @@ class PartnerFailed(NkiEmulatorError):
 class Launch:
     """State shared by the programs of one launch (``kernel[n]``), which run concurrently, one thread each, as the
     NeuronCores of a logical core do: the shared-HBM tensors, the ``core_barrier`` barrier and the ``sendrecv``
-    mailboxes (the official simulator also runs LNC=2 as two threads: research/nki.md 3.1)."""
+    mailboxes (the official simulator also runs LNC=2 as two threads: research/nki.md 3.1).
 
-    TIMEOUT_S = 120.0  # a program waiting this long at a barrier or sendrecv has a partner that never arrives
+    Waits have no time limit: a waiting program is woken when its partner fails or finishes without arriving (then
+    the wait can never end: reported as a deadlock), so slow programs never time out.
+    """
 
     def __init__(self, num_programs: int) -> None:
         self.num_programs = num_programs
         self.shared: list[Storage] = []
         self.lock = threading.Lock()
-        self.barrier = threading.Barrier(num_programs)
         self.cond = threading.Condition()
         self.mailbox: dict[tuple, list] = {}
         self.failed = False
+        self.finished = 0  # programs that returned (or failed)
+        self._arrived = 0
+        self._generation = 0
 
     def abort(self) -> None:
         """Wake every waiting program (one program failed)."""
-        self.failed = True
-        self.barrier.abort()
         with self.cond:
+            self.failed = True
             self.cond.notify_all()
+
+    def program_done(self) -> None:
+        with self.cond:
+            self.finished += 1
+            self.cond.notify_all()
+
+    def barrier(self, where: str, program_id: int) -> None:
+        """Block until every program of the launch reaches a barrier."""
+        with self.cond:
+            gen = self._generation
+            self._arrived += 1
+            if self._arrived == self.num_programs:
+                self._arrived = 0
+                self._generation += 1
+                self.cond.notify_all()
+                return
+            while self._generation == gen:
+                self._check_partner(where, program_id, "the barrier")
+                self.cond.wait()
+
+    def wait_for(self, predicate, where: str, program_id: int, what: str) -> None:
+        """Block (holding ``cond``) until ``predicate()``; the caller holds ``self.cond``."""
+        while not predicate():
+            self._check_partner(where, program_id, what)
+            self.cond.wait()
+
+    def _check_partner(self, where: str, program_id: int, what: str) -> None:
+        if self.failed:
+            raise PartnerFailed(f"{where}: program {program_id} waited at {what}; its partner program failed")
+        if self.finished > 0:
+            raise NkiEmulatorError(
+                f"{where}: program {program_id} waits at {what}, but a partner program finished without reaching it; "
+                "on hardware the core would wait forever (deadlock)"
+            )
 
 
 _DEFAULT = ProgramContext()

@@ -242,6 +242,18 @@ def _is_project_class(c: type) -> bool:
     return bool(path) and "site-packages" not in path and not path.startswith(sys.base_prefix)
 
 
+def _project_method_names(g: dict) -> set[str]:
+    """Method names of the project classes a function sees: its globals and the project modules among them."""
+    classes = [v for v in g.values() if isinstance(v, type)]
+    for v in g.values():
+        skip = ("nki", "nki_emulator", "numpy", "torch")
+        if isinstance(v, types.ModuleType) and v.__name__.split(".")[0] not in skip:
+            path = getattr(v, "__file__", "") or ""
+            if path and "site-packages" not in path and not path.startswith(sys.base_prefix):
+                classes.extend(c for c in vars(v).values() if isinstance(c, type))
+    return {n for c in classes if _is_project_class(c) for n, a in vars(c).items() if callable(a)}
+
+
 def _nki_class(c: type) -> bool:
     """Inherits from NKIObject and no other class (or is an Enum), as nki-language-guide.rst 'Class Support' asks."""
     from enum import Enum
@@ -299,6 +311,7 @@ class _Checker(ast.NodeVisitor):
         self.version, self.top = version, top
         self.g = getattr(fn, "__globals__", {})
         self.aliases = _module_aliases(self.g)
+        self.ambiguous = _project_method_names(self.g)
         self.out: list[Violation] = []
         self.callees: list[Callable] = []
         self.no_reorder_depth = 0
@@ -404,8 +417,20 @@ class _Checker(ast.NodeVisitor):
                     self.flag("name-unavailable", node, f"name=nki.{mod}.{node.attr} ({source})")
             elif node.value.id == "neuronxcc":
                 self.flag("neuronxcc-namespace", node, f"name={ast.unparse(node)}")
-        # NkiTensor's 0.5 methods are checked when called (tensor.set_view_methods), not here: other classes share
-        # their names (nki-library's TensorView has slice/permute/select), so a static check would misfire.
+        # NkiTensor's 0.5 methods (also checked when called, tensor.set_view_methods): other classes share their
+        # names (nki-library's TensorView has slice/permute/select), so a call is only reported when no project
+        # class visible to the function defines a method of that name.
+        if (
+            release_key(self.version) < (0, 5)
+            and node.attr in TENSOR_METHODS_0_5
+            and isinstance(node.ctx, ast.Load)
+            and node.attr not in self.ambiguous
+        ):
+            self.flag(
+                "name-unavailable",
+                node,
+                f"NkiTensor.{node.attr} ({TENSOR_METHODS_SOURCE}: available from NKI 0.5)",
+            )
         self.generic_visit(node)
 
     def visit_Call(self, node: ast.Call) -> None:

@@ -216,6 +216,7 @@ def _run_program(k: Kernel, pid: int, launch: context.Launch, wargs, wkwargs, in
         results[pid] = e
         launch.abort()
     finally:
+        launch.program_done()
         context.set_current(prev)
 
 
@@ -285,7 +286,7 @@ def run(kernel, *args, **kwargs) -> tuple[Any, CostReport]:
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         # the first real failure, not a partner's broken barrier caused by it
-        real = [e for e in errors if not isinstance(e, (threading.BrokenBarrierError, context.PartnerFailed))]
+        real = [e for e in errors if not isinstance(e, context.PartnerFailed)]
         raise (real or errors)[0]
     result = _unwrap(results[0][0], torch_out, where)
     for r in results[1:]:

@@ -357,3 +357,13 @@ def test_core_barrier_rejects_other_cores_and_psum_data():
         run(nki.jit(bad_cores)[2])
     with pytest.raises(NkiEmulatorError, match="nisa.core_barrier: data=.*@psum; must be in shared HBM"):
         run(nki.jit(psum_data)[2])
+
+
+def test_core_barrier_reached_by_one_program_only_is_a_deadlock():
+    def kern():
+        t = nl.ndarray((1, 1), dtype=nl.float32, buffer=nl.shared_hbm)
+        if nl.program_id(0) == 0:
+            nisa.core_barrier(data=t, cores=(0, 1))
+
+    with pytest.raises(NkiEmulatorError, match="a partner program finished without reaching it; .* \\(deadlock\\)"):
+        run(nki.jit(kern)[2])
