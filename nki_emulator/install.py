@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 import types
 
 import numpy as np
 
+from . import release
+from .release import ENV_VERSION  # noqa: F401 - re-exported (install.ENV_VERSION)
+
 _MODULES = ("nki", "nki.language", "nki.isa", "nki.isa.constants", "nki.typing")
-_state = {"installed": False, "real": None, "mutable": None}
+_state = {"installed": False, "real": None}
 
 
 def _real_nki_importable() -> bool:
@@ -63,28 +65,22 @@ def _typing_module() -> types.ModuleType:
 
     mod.tensor = _TensorType()
     mod.mutable_tensor = MUTABLE_TENSOR = _MutableTensorType()
-    _state["mutable"] = MUTABLE_TENSOR
+    release.markers["mutable"] = MUTABLE_TENSOR
     mod.__nki_emulator__ = True
     return mod
 
 
-ENV_VERSION = "VLLM_NKI_MOE_NKI_VERSION"  # which NKI release the emulator imitates (language_rules.RELEASES)
-_version = {"release": None, "strict": False}
 _proxies: dict[str, types.ModuleType] = {}
 
 
 def nki_version() -> str:
     """The NKI release the emulator imitates: ``install(nki_version=...)``, else $VLLM_NKI_MOE_NKI_VERSION, else 0.6."""
-    if _version["release"] is None:
-        _select(None)
-    return _version["release"]
+    return release.nki_version()
 
 
 def strict() -> bool:
     """Whether language-rule violations raise (a release was chosen explicitly) or only warn (the default 0.6)."""
-    if _version["release"] is None:
-        _select(None)
-    return _version["strict"]
+    return release.strict()
 
 
 def set_nki_version(version: str | None) -> str:
@@ -92,16 +88,11 @@ def set_nki_version(version: str | None) -> str:
 
     Returns the release now imitated. Kernels imported earlier see the change (the modules are rebuilt in place)."""
     _select(version)
-    return _version["release"]
+    return release.nki_version()
 
 
 def _select(version: str | None) -> None:
-    from . import language_rules
-
-    chosen = version if version is not None else os.environ.get(ENV_VERSION) or None
-    release = language_rules.normalize_release(chosen if chosen else language_rules.DEFAULT_RELEASE)
-    _version["release"], _version["strict"] = release, chosen is not None
-    _populate(release)
+    _populate(release.choose(version))
 
 
 def _hidden(module_key: str, release: str) -> dict[str, str]:

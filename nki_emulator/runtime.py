@@ -83,7 +83,7 @@ class Kernel:
         kernel, so kernels that still break a rule keep running while they are fixed (docs/emulator.md).
         """
         from . import language_rules
-        from .install import ENV_VERSION, nki_version, strict
+        from .release import ENV_VERSION, nki_version, strict
 
         version = nki_version()
         if self._checked == version:
@@ -222,9 +222,9 @@ def _run_program(k: Kernel, pid: int, launch: context.Launch, wargs, wkwargs, in
 
 def _allow_mutable_arguments(fn, wargs, wkwargs) -> None:
     """Arguments annotated ``nt.mutable_tensor`` may be written in place without being returned."""
-    from .install import _state
+    from .release import markers
 
-    marker = _state.get("mutable")
+    marker = markers["mutable"]
     ann = getattr(fn, "__annotations__", {}) or {}
     if marker is None or not any(v is marker for v in ann.values()):
         return
@@ -270,7 +270,7 @@ def run(kernel, *args, **kwargs) -> tuple[Any, CostReport]:
     where = f"kernel {getattr(k.fn, '__name__', 'kernel')}"
     k.check_language()
     from . import language_rules
-    from .install import nki_version, strict
+    from .release import nki_version, strict
 
     if strict():
         language_rules.check_arguments(args, kwargs, nki_version(), where)

@@ -159,12 +159,22 @@ def test_kernels_check_under_nki_0_3_rules_names_the_kernel_that_needs_0_6(capsy
 
 
 def test_kernels_check_reports_the_oldest_release_each_kernel_compiles_on(capsys):
+    from nki_emulator import language_rules
+
+    from vllm_nki_moe.tools.kernel_check import registry
+    from vllm_nki_moe.tools.kernel_check.shapes import kernel_shapes
+
+    # Every kernel compiles under NKI 0.6 (the serving stack, Neuron SDK 2.32) by the emulator's rules.
     assert main(["kernels", "check", "--nki-version", "0.6", "--tokens", "1,131"]) == 0
-    out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if " ok " in line]
-    oldest = {row[0]: row[-1] for row in rows}
-    assert oldest.pop("moe_prefill") == "0.6"
-    assert oldest and set(oldest.values()) == {"0.2"}, oldest  # every other kernel compiles on 0.3 (and 0.2) too
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if " ok " in line]
+    reported = {row[0].split(".")[0]: row[-1] for row in rows}
+    cases = registry.all_cases(kernel_shapes(None, 4, "bfloat16"), 131) + registry.all_cases(
+        kernel_shapes(None, 4, "bfloat16"), 1
+    )
+    expected = {c.kernel.split(".")[0]: language_rules.oldest_release(c.kernel_fn) for c in cases}
+    assert reported == expected
+    assert reported["moe_prefill"] == "0.6"  # nl.fori_loop arrived in NKI 0.6.0
+    assert all(language_rules.release_key(v) <= language_rules.release_key("0.6") for v in reported.values())
 
 
 def test_kernels_check_unknown_nki_version_is_a_clear_error(capsys):
