@@ -17,6 +17,7 @@ import numpy as np
 
 from . import dtypes
 from .errors import NkiEmulatorError, check
+from .language_rules import TENSOR_METHODS_0_5  # the one list of the NkiTensor methods NKI 0.5 added
 
 
 class MemoryRegion(Enum):
@@ -656,21 +657,7 @@ class NkiTensor:
         )
 
 
-_VIEW_METHODS_0_5 = (
-    "slice",
-    "select",
-    "permute",
-    "broadcast",
-    "expand_dim",
-    "squeeze_dim",
-    "reshape_dim",
-    "flatten_dims",
-    "rearrange",
-    "vector_select",
-    "is_contiguous",
-    "is_indirect",
-)
-_VIEW_IMPLS = {n: NkiTensor.__dict__[n] for n in _VIEW_METHODS_0_5}
+_VIEW_IMPLS = {n: NkiTensor.__dict__[n] for n in TENSOR_METHODS_0_5}
 
 
 def _absent_method(name: str, release: str):
