@@ -1,9 +1,9 @@
 """Routed SwiGLU experts for prefill (many tokens): tokens grouped by expert into blocks, blockwise matmuls.
 
-The host sorts the T * K (token, expert) slots by expert and cuts each expert's slots into blocks of ``block_size``
-(``prefill_block_metadata``, as NxD's blockwise path does for nki-library's ``moe_cte``); an expert with no token
-gets no block, and the kernel's block loop is a runtime loop (``nl.fori_loop``) over the blocks actually used, so the
-unused slots of the padded block table cost nothing. Each block reads its expert's weights once, gathers its tokens
+Torch ops before the kernel sort the T * K (token, expert) slots by expert and cut each expert's slots into blocks of
+``block_size`` (``prefill_block_metadata``, as NxD's blockwise path does for nki-library's ``moe_cte``), into a table
+of the worst-case block count for (T, K, E, B); an expert with no token gets no block, and the kernel's block loop
+is a runtime loop (``nl.fori_loop``) over the blocks actually used, so the unused rows of the table cost nothing. Each block reads its expert's weights once, gathers its tokens
 by indirect DMA, runs gate/up and down as real matmuls (tokens on the moving side, up to 512 per instruction) and
 scatter-adds the weighted rows back into the zero-initialised output with the DMA engines' read-modify-write.
 
@@ -39,12 +39,13 @@ def max_blocks(num_tokens: int, top_k: int, num_experts: int, block_size: int) -
 def prefill_block_metadata(
     topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, block_size: int = DEFAULT_BLOCK_SIZE
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Host-side block table for ``moe_prefill`` from the router's ``topk_ids``/``topk_weights [T, K]``.
+    """Block table for ``moe_prefill`` from the router's ``topk_ids``/``topk_weights [T, K]``, in tensor ops only.
 
     Returns (block_expert [NB] int32, block_tokens [NB, B] int32, block_weights [NB, B] fp32, num_blocks [1] int32)
     with NB = ``max_blocks(T, K, E, B)``. Blocks are in expert order; an expert's slots fill ceil(count / B) blocks
     in token order. Padding slots hold token id T + slot (out of range, distinct within a block) and weight 0; rows
-    past ``num_blocks`` are padding blocks the kernel never visits (expert 0).
+    past ``num_blocks`` are padding blocks the kernel never visits (expert 0). Every shape depends on (T, K, E, B)
+    alone and nothing is read back to the host, so the table is built inside a compiled graph, on the device.
     """
     T, K = topk_ids.shape
     B = int(block_size)
@@ -53,24 +54,27 @@ def prefill_block_metadata(
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts)
     blocks_per_expert = (counts + B - 1) // B
-    first_block = torch.cumsum(blocks_per_expert, 0) - blocks_per_expert
+    blocks_end = torch.cumsum(blocks_per_expert, 0)
+    first_block = blocks_end - blocks_per_expert
     first_slot = torch.cumsum(counts, 0) - counts
     sorted_expert = flat[order]
     rank = torch.arange(flat.numel()) - first_slot[sorted_expert]
     block = first_block[sorted_expert] + rank // B
     pos = rank % B
-    used = int(blocks_per_expert.sum())
     block_tokens = (T + torch.arange(B, dtype=torch.int64)).repeat(nb, 1)
     block_tokens[block, pos] = order // K
     block_weights = torch.zeros(nb, B, dtype=torch.float32)
     block_weights[block, pos] = topk_weights.reshape(-1).float()[order]
-    block_expert = torch.zeros(nb, dtype=torch.int64)
-    block_expert[:used] = torch.repeat_interleave(torch.arange(num_experts), blocks_per_expert)
+    # Row r belongs to the first expert whose blocks end after r; rows past the used ones are padding (expert 0).
+    rows = torch.arange(nb)
+    used = blocks_end[-1]
+    block_expert = torch.searchsorted(blocks_end, rows, right=True)
+    block_expert = torch.where(rows < used, block_expert, torch.zeros_like(block_expert))
     return (
         block_expert.to(torch.int32),
         block_tokens.to(torch.int32),
         block_weights,
-        torch.tensor([used], dtype=torch.int32),
+        used.reshape(1).to(torch.int32),
     )
 
 

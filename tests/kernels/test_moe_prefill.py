@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import itertools
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -232,21 +235,46 @@ def test_moe_experts_op_reports_unsplittable_hidden_size_as_unsupported():
     assert reason is not None and reason.startswith("H=257")
 
 
-def test_routed_block_size_covers_the_busiest_expert_in_one_block_when_that_is_cheapest():
-    ids = torch.tensor([[0, 1]] * 21 + [[2, 3]] * 3, dtype=torch.int32)  # expert 0 and 1: 21 tokens each
-    assert moe.routed_block_size(ids, 8, 192) == 24  # 21 rounded up to the step; weights read once
+def _expected_blocks_by_enumeration(T: int, K: int, E: int, B: int) -> float:
+    """E[sum_e ceil(count_e / B)] over every routing where each token picks K distinct experts uniformly."""
+    choices = list(itertools.combinations(range(E), K))
+    total = 0.0
+    for routing in itertools.product(choices, repeat=T):
+        counts = collections.Counter(e for experts in routing for e in experts)
+        total += sum(-(-c // B) for c in counts.values())
+    return total / len(choices) ** T
 
 
-def test_routed_block_size_splits_a_hot_expert_when_padding_the_others_costs_more():
-    # expert 0 has 128 tokens, 63 others 1 each: one 128-block pads 63 blocks by 127 slots, 8-blocks cost 16 reads
-    ids = torch.tensor([[0]] * 128 + [[e] for e in range(1, 64)], dtype=torch.int32)
-    b = moe.routed_block_size(ids, 64, 8)
-    assert b == moe.PREFILL_BLOCK_STEP
+@pytest.mark.parametrize("T, K, E", [(3, 2, 4), (4, 1, 3), (2, 3, 5), (2, 3, 3)])
+@pytest.mark.parametrize("B", [1, 2, 3])
+def test_expected_blocks_equals_the_average_over_every_routing(T, K, E, B):
+    assert moe.expected_blocks(T, K, E, B) == pytest.approx(_expected_blocks_by_enumeration(T, K, E, B), rel=1e-9)
+
+
+def test_bucket_block_size_is_the_least_expected_traffic_at_qwen3_30b_a3b_tp4():
+    T, K, E, inter = 131, 8, 128, 192
+    costs = {b: moe.expected_blocks(T, K, E, b) * (inter + b) for b in range(moe.PREFILL_BLOCK_STEP, mp.PMAX + 1, 8)}
+    assert moe.bucket_block_size(T, K, E, inter) == min(costs, key=costs.get)
+
+
+def test_bucket_block_size_grows_with_tokens_per_expert():
+    sizes = [moe.bucket_block_size(T, 8, 128, 192) for T in (1, 131, 512, 4096)]
+    assert sizes == sorted(sizes) and sizes[0] == moe.PREFILL_BLOCK_STEP and sizes[-1] == mp.PMAX
 
 
 @pytest.mark.parametrize("T", [1, 131, 512])
-def test_routed_block_size_is_a_step_multiple_the_kernel_accepts(T):
-    g = torch.Generator().manual_seed(T)
-    ids = torch.stack([torch.randperm(128, generator=g)[:8] for _ in range(T)]).to(torch.int32)
-    b = moe.routed_block_size(ids, 128, 192)
+def test_bucket_block_size_is_a_step_multiple_the_kernel_accepts(T):
+    b = moe.bucket_block_size(T, 8, 128, 192)
     assert b % moe.PREFILL_BLOCK_STEP == 0 and moe.PREFILL_BLOCK_STEP <= b <= mp.PMAX
+
+
+def test_prefill_block_metadata_traces_without_host_syncs():
+    """The table is built inside a compiled graph: fullgraph tracing fails on .item(), int(tensor) or a
+    data-dependent shape."""
+    g = torch.Generator().manual_seed(3)
+    T, K, E, B = 9, 2, 6, 4
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(torch.int32)
+    wts = torch.rand(T, K, generator=g)
+    compiled = torch.compile(mp.prefill_block_metadata, fullgraph=True, backend="eager")
+    for got, want in zip(compiled(ids, wts, E, B), mp.prefill_block_metadata(ids, wts, E, B)):
+        assert torch.equal(got, want)

@@ -86,3 +86,41 @@ def test_ops_trace_as_one_graph_without_breaks(backend):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(*args), layer(*args), rtol=0, atol=0)
+
+
+def _graph_ops(fn, *args) -> set[str]:
+    """The ops of the one graph Dynamo captures from ``fn`` (fullgraph: a break fails)."""
+    torch._dynamo.reset()  # every op's caller shares one code object: compiled alone, each would count as a recompile
+    seen: set[str] = set()
+
+    def backend(gm, example_inputs):
+        seen.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch.compile(fn, fullgraph=True, backend=backend)(*args)
+    return seen
+
+
+@pytest.mark.parametrize("name", [n for n in ops.OP_NAMES if ops.SPECS[n].traceable])
+def test_a_traceable_reference_traces_inline_and_matches_eager(name):
+    """Unbound to a kernel, a traceable op is its reference's graph ops (fusable), not an opaque custom op."""
+    opset = ops.bind("torch", host_ops=False)
+    args = _inputs(name, torch.Generator().manual_seed(2))
+    graph_ops = _graph_ops(getattr(opset, name), *args)
+    assert not any("nki_moe" in op for op in graph_ops), graph_ops
+    compiled = torch.compile(getattr(opset, name), fullgraph=True, backend="aot_eager")
+    for got, want in zip(
+        *(o if isinstance(o, tuple) else (o,) for o in (compiled(*args), getattr(opset, name)(*args)))
+    ):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "emulator"])
+def test_kernel_ops_and_untraceable_ops_stay_one_custom_op_node_each(backend):
+    opset = ops.bind(backend, host_ops=False) if backend == "torch" else ops.bind(backend)
+    args = _inputs("moe_block", torch.Generator().manual_seed(3))
+    graph_ops = _graph_ops(opset.moe_block, *args)
+    if backend == "torch":  # the sequence: norm and router inline, the experts' host loop opaque
+        assert [op for op in graph_ops if "nki_moe" in op] == ["nki_moe.moe_experts"], graph_ops
+    else:  # the fused decode kernel: one node
+        assert [op for op in graph_ops if "nki_moe" in op] == ["nki_moe.moe_block"], graph_ops

@@ -160,7 +160,6 @@ def test_kernels_check_under_nki_0_3_rules_names_the_kernel_that_needs_0_6(capsy
 
 def test_kernels_check_reports_the_oldest_release_each_kernel_compiles_on(capsys):
     from nki_emulator import language_rules
-
     from vllm_nki_moe.tools.kernel_check import registry
     from vllm_nki_moe.tools.kernel_check.shapes import kernel_shapes
 

@@ -17,8 +17,17 @@ kernel with its ``supports`` check. The backends:
 An op without an NKI kernel yet runs its torch implementation under every backend, and the binding logs that once.
 A kernel that exists but cannot take the given shapes says why through its ``supports`` check: under ``auto`` the op
 falls back to torch and logs the reason once; under an explicitly chosen backend the reason is raised.
-The model never branches on the backend. Every op of an :class:`OpSet` is a registered torch custom op
-(``torch.ops.nki_moe.<op>``, ``custom_ops``), so the model traces as one graph whatever runs inside.
+The model never branches on the backend.
+
+Under ``torch.compile`` (vLLM's ``@support_torch_compile`` on CPU, the Neuron runner's per-bucket compile) an op is
+one of two things. An op bound to a kernel, or whose reference cannot be traced (``OpSpec.traceable``: the experts'
+host loop, the attention ops' in-place cache writes), is its registered torch custom op (``torch.ops.nki_moe.<op>``,
+``custom_ops``): one opaque node whatever runs inside. Any other op is traced inline as its reference, so the
+compiler fuses it with its neighbours; this is vLLM's own rule for its CPU custom ops, which are disabled under
+Inductor so that Inductor generates fused code from their native forward (``CompilationConfig.custom_ops``,
+vllm/config/compilation.py). Outside a trace every op calls its implementation directly: a custom op's dispatch
+costs tens of microseconds per call, which eager execution does not need (vLLM's ``ir_enable_torch_wrap``, same
+file, makes the same choice).
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
+
+import torch
 
 from vllm_nki_moe import envs
 from vllm_nki_moe.ops import attention, custom_ops, host, kernel_call, moe, norms, rope, router
@@ -150,7 +161,26 @@ def bind(requested: str | None = None, *, host_ops: bool | None = None) -> OpSet
     signatures = {name: SPECS[name].reference for name in OP_NAMES}
     for name in COMPOSITE_OPS:  # a composite's signature is its sequence's
         signatures[name] = SPECS[name].compose(signatures)
-    key, callers = custom_ops.register(impls, signatures)
+    key, custom = custom_ops.register(impls, signatures)
+    traced = {
+        name: SPECS[name].reference if SPECS[name].traceable and name not in kernel_ops else custom[name]
+        for name in OP_NAMES
+    }
+    for name in COMPOSITE_OPS:  # a composite without its kernel is the sequence of the traced ops
+        traced[name] = custom[name] if name in kernel_ops else SPECS[name].compose(traced)
+    callers = {name: _eager_or_traced(impls[name], traced[name]) for name in names}
     opset = OpSet(backend=backend, kernel_ops=kernel_ops, implementations=impls, binding=key, **callers)
     logger.info("vllm_nki_moe.ops: %s", opset.describe())
     return opset
+
+
+def _eager_or_traced(eager: Callable, traced: Callable) -> Callable:
+    """The op as the model calls it: ``traced`` while ``torch.compile`` traces (Dynamo reads ``is_compiling()`` as
+    a constant), ``eager`` otherwise (module docstring)."""
+
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return traced(*args)
+        return eager(*args)
+
+    return call

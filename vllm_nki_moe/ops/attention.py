@@ -162,15 +162,18 @@ def _attention_decode_kernel(
     return out
 
 
+# Both write the caches in place (and decode's reference loops over context lengths on the host): opaque ops.
 SPECS = (
     OpSpec(
         "attention_prefill",
         attention_prefill,
         kernel=KernelImpl(_attention_prefill_kernel, _attention_prefill_supports),
+        traceable=False,
     ),
     OpSpec(
         "attention_decode",
         attention_decode,
         kernel=KernelImpl(_attention_decode_kernel, _attention_decode_supports),
+        traceable=False,
     ),
 )

@@ -12,11 +12,14 @@ Choice of kernel (trn2 cost model, Qwen3-30B-A3B TP=4, E=128, K=8; figures from
 (token, slot); the prefill kernel reads each used expert once but pays per-block gathers and scatters. Estimates
 (decode vs prefill with 8-token blocks): T=1 53.5 vs 56.7 us, T=2 106.8 vs 106.3, T=4 213.4 vs 205.4, T=8 426.6
 vs 361.2. So decode runs for one token (its K experts are distinct: nothing to share) and while T*K <= E/16,
-prefill above, with the block size ``routed_block_size`` picks from the routing (least weight + padding traffic).
+prefill above, with the block size ``bucket_block_size`` picks for the bucket (least expected weight + padding
+traffic), so no kernel shape depends on the routing.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Callable
 
 import torch
@@ -213,25 +216,41 @@ def use_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
     return num_tokens == 1 or num_tokens * top_k <= num_experts * DECODE_SLOTS_PER_EXPERT
 
 
-def routed_block_size(topk_ids: torch.Tensor, num_experts: int, intermediate: int) -> int:
-    """Block size in [PREFILL_BLOCK_STEP, PMAX], a multiple of PREFILL_BLOCK_STEP, for this routing (host counts).
+def expected_blocks(num_tokens: int, top_k: int, num_experts: int, block_size: int) -> float:
+    """``E[sum_e ceil(count_e / B)]`` when each token picks its K experts uniformly at random: an expert's count is
+    Binomial(T, K / E) (tokens choose independently; each picks expert e with probability K / E)."""
+    counts = torch.arange(num_tokens + 1, dtype=torch.float64)
+    p = min(1.0, top_k / num_experts)
+    if p >= 1.0:
+        pmf = (counts == num_tokens).double()
+    else:
+        pmf = (
+            math.lgamma(num_tokens + 1)
+            - torch.lgamma(counts + 1)
+            - torch.lgamma(num_tokens - counts + 1)
+            + counts * math.log(p)
+            + (num_tokens - counts) * math.log1p(-p)
+        ).exp()
+    return float((pmf * torch.ceil(counts / block_size)).sum()) * num_experts
 
-    Each used block reads its expert's weights (3 * H * I elements) and gathers, then scatter-adds (read-modify-write),
-    B token rows, padding included (3 * B * H elements): the HBM traffic is proportional to
-    ``sum_e ceil(count_e / B) * (I + B)``, minimised here (ties: the smaller B). Usually B = the busiest expert's
-    count rounded up, so every expert's weights are read once and padding is the least. Cost model, kernel-check
-    routing, vs the earlier rule (a power of two >= twice the mean tokens per expert): TP=4 T=131 B=16 vs 32: 943 vs
-    1012 us; T=256 24 vs 32: 986 vs 1013; T=512 40 vs 64: 1084 vs 1155; TP=8 T=512 40 vs 64: 649 vs 734.
+
+@functools.lru_cache(maxsize=256)
+def bucket_block_size(num_tokens: int, top_k: int, num_experts: int, intermediate: int) -> int:
+    """Block size for ``moe_prefill`` at a bucket's sizes: a multiple of PREFILL_BLOCK_STEP in [STEP, PMAX].
+
+    Routing must not decide a compiled kernel's shapes, so B depends on the bucket alone: the one with the least
+    expected HBM traffic under uniform routing (:func:`expected_blocks`). Each used block reads its expert's weights
+    (3 * H * I elements) and gathers, then scatter-adds B token rows, padding included (3 * B * H), so the traffic
+    is proportional to ``blocks * (I + B)``; ties go to the smaller B. Skewed routing uses more blocks than expected;
+    the table's worst-case row count (``moe_prefill.max_blocks``) still holds them all.
     """
     pmax = load_kernels("limits").PMAX
-    counts = torch.bincount(topk_ids.reshape(-1).long(), minlength=num_experts)
-    counts = counts[counts > 0]
-    best, best_cost = pmax, None
-    for b in range(PREFILL_BLOCK_STEP, pmax + 1, PREFILL_BLOCK_STEP):
-        cost = int(((counts + b - 1) // b).sum()) * (intermediate + b)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = b, cost
-    return best
+    costs = {
+        b: expected_blocks(num_tokens, top_k, num_experts, b) * (intermediate + b)
+        for b in range(PREFILL_BLOCK_STEP, pmax + 1, PREFILL_BLOCK_STEP)
+    }
+    least = min(costs.values())
+    return min(b for b, cost in costs.items() if cost <= least * (1 + 1e-12))
 
 
 def _moe_experts_supports(hidden, w13, w2, topk_weights, topk_ids) -> str | None:
@@ -265,7 +284,7 @@ def _moe_experts_kernel(backend: str, hidden, w13, w2, topk_weights, topk_ids) -
     if use_decode(T, K, E):
         ids = topk_ids.to(torch.int32).contiguous()
         return call_kernel(backend, moe_decode.moe_decode, x, w13k, w2k, weights, ids)
-    block = routed_block_size(topk_ids, E, w13.shape[1] // 2)
+    block = bucket_block_size(T, K, E, w13.shape[1] // 2)
     meta = moe_prefill.prefill_block_metadata(topk_ids, weights, E, block)
     return call_kernel(backend, moe_prefill.moe_prefill, x, w13k, w2k, *meta)
 
@@ -314,6 +333,13 @@ def _moe_block_kernel(backend: str, hidden, residual, norm_weight, eps, gate_wei
 
 SPECS = (
     OpSpec("silu_mul", silu_mul, silu_mul_host),
-    OpSpec("moe_experts", moe_experts, moe_experts_host, KernelImpl(_moe_experts_kernel, _moe_experts_supports)),
+    # the reference loops over the experts in use (a host read of the routing): opaque under torch.compile
+    OpSpec(
+        "moe_experts",
+        moe_experts,
+        moe_experts_host,
+        KernelImpl(_moe_experts_kernel, _moe_experts_supports),
+        traceable=False,
+    ),
     OpSpec("moe_block", kernel=KernelImpl(_moe_block_kernel, _moe_block_supports), compose=moe_block_sequence),
 )

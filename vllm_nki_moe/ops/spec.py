@@ -7,6 +7,9 @@ Each op family module (``norms``, ``rope``, ``router``, ``moe``, ``attention``) 
 - ``host``: the same function on vLLM's CPU C++ ops (``ops.host``), for the ``torch`` backend where they are loaded;
 - ``kernel``: the NKI implementation, ``run(backend, *args)``, and ``supports(*args) -> reason | None``, which says
   (naming the limit and the value) when the kernel cannot take the arguments;
+- ``traceable``: whether ``reference`` traces as graph ops (no host syncs, no data-dependent shapes, no in-place
+  writes to its arguments); such an op, when no kernel is bound for it, is traced inline under ``torch.compile``
+  (``ops.bind``), the others stay one opaque custom op;
 - ``compose``: for a composite op (a fused kernel for something other ops do in sequence), how to build the sequence
   from the bound ops; where the fused kernel does not apply the sequence runs, under any backend, and that is not an
   error.
@@ -36,6 +39,7 @@ class OpSpec:
     host: Callable | None = None
     kernel: KernelImpl | None = None
     compose: Callable[[dict[str, Callable]], Callable] | None = None
+    traceable: bool = True
 
     @property
     def composite(self) -> bool:

@@ -30,7 +30,7 @@ install()  # `import nki` in the kernels: the emulator unless the real package i
 
 from vllm_nki_moe.kernels import moe_block, moe_common, moe_decode, moe_prefill  # noqa: E402 - after install()
 from vllm_nki_moe.kernels.limits import PMAX, TOPK8  # noqa: E402
-from vllm_nki_moe.ops.moe import fused_block_applies, routed_block_size, use_decode  # noqa: E402
+from vllm_nki_moe.ops.moe import bucket_block_size, fused_block_applies, use_decode  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.registry import KernelCase  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes, kernel_shapes  # noqa: E402
 
@@ -130,7 +130,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             )
         )
 
-    B = routed_block_size(ids, E, inter) if ids is not None else PMAX
+    B = bucket_block_size(T, K, E, inter) if K <= E else PMAX
     NB = moe_prefill.max_blocks(T, K, E, B) if K <= E else 0
 
     def prefill_inputs(rng: np.random.Generator) -> tuple:
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             by = {c.kernel: c for c in cases(shapes, T)}
             dec = f"{_estimate(by['moe_decode'])[0] * 1e6:14.1f}" if T <= 16 else f"{'-':>14}"
             pre = _estimate(by["moe_prefill"])[0] * 1e6
-            B = routed_block_size(_routing(T, shapes.experts, shapes.top_k)[1], shapes.experts, shapes.moe_intermediate)
+            B = bucket_block_size(T, shapes.top_k, shapes.experts, shapes.moe_intermediate)
             chosen = "decode" if use_decode(T, shapes.top_k, shapes.experts) else "prefill"
             print(f"{T:>4} {dec} {pre:15.1f} {B:>6}  {chosen}")
         return
