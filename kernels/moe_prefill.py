@@ -1,11 +1,12 @@
 """Routed SwiGLU experts for prefill (many tokens): tokens grouped by expert into blocks, blockwise matmuls.
 
 Torch ops before the kernel sort the T * K (token, expert) slots by expert and cut each expert's slots into blocks of
-``block_size`` (``prefill_block_metadata``, as NxD's blockwise path does for nki-library's ``moe_cte``), into a table
-of the worst-case block count for (T, K, E, B); an expert with no token gets no block, and the kernel's block loop
-is a runtime loop (``nl.fori_loop``) over the blocks actually used, so the unused rows of the table cost nothing.
-Each block reads its expert's weights once, gathers its tokens by indirect DMA, runs gate/up and down as real matmuls (tokens on the moving side, up to 512 per instruction) and
-scatter-adds the weighted rows back into the zero-initialised output with the DMA engines' read-modify-write.
+``block_size`` (``prefill_block_metadata``, as NxD's blockwise path does for nki-library's ``moe_cte``), into a table of
+the worst-case block count for (T, K, E, B); an expert with no token gets no block, and the kernel's block loop is a
+runtime loop (``nl.fori_loop``) over the blocks actually used, so the unused rows of the table cost nothing. Each block
+reads its expert's weights once, gathers its tokens by indirect DMA, runs gate/up and down as real matmuls (tokens on
+the moving side, up to 512 per instruction) and scatter-adds the weighted rows back into the zero-initialised output
+with the DMA engines' read-modify-write.
 
 Weights come in the kernel layout of ``moe_decode`` (``experts_kernel_layout``), so one converted copy serves both.
 
