@@ -290,3 +290,22 @@ def test_fast_moe_block_matches_the_reference_sequence(tokens):
     assert_close(new_residual, ref_residual, "exact")
     # Same experts chosen here (no near-tie in these router logits), so only the rounding of the sums differs.
     assert_close(out, ref_out, "float32_matmul")
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_prepared_experts_are_the_one_packed_copy_and_match_the_reference(tokens):
+    """The model converts its experts once (OpSet.prepare_weights): the parameters then hold the packed layout, the
+    op reads them as they are (no cached second copy) and matches the reference on the original weights."""
+    opset = ops.bind("torch", host_ops=True)
+    hidden, w13, w2, weights, ids = _moe_inputs(tokens, 96, 48, 16, 4)
+    original = (w13.clone(), w2.clone())
+    w13, w2 = torch.nn.Parameter(w13, requires_grad=False), torch.nn.Parameter(w2, requires_grad=False)
+    opset.prepare_weights("moe_experts", w13, w2)
+    assert moe.layout_of(w13) == moe.layout_of(w2) == moe.PACKED_LAYOUT
+    assert moe.expert_dims(w13, w2) == (16, 48, 96)  # the logical sizes survive the padding to 64
+    moe._packed_experts.clear()
+    got = opset.moe_experts(hidden, w13, w2, weights, ids)
+    assert not moe._packed_experts._cache
+    assert_close(got, moe.moe_experts(hidden, *original, weights, ids), "float32_matmul")
+    with pytest.raises(ValueError, match="already hold the packed layout"):
+        opset.prepare_weights("moe_experts", w13, w2)

@@ -97,6 +97,11 @@ class Qwen3MoeExperts(nn.Module):
 
     def load_expert_weight(self, param_name: str, expert: int, shard: int | None, loaded: torch.Tensor) -> None:
         """Copy one checkpoint tensor (``gate_proj``/``up_proj`` ``[I, H]`` or ``down_proj`` ``[H, I]``) into place."""
+        if ops.moe.layout_of(self.w13_weight) != ops.moe.MODEL_LAYOUT:
+            raise RuntimeError(
+                f"Qwen3MoeExperts: {param_name} of expert {expert} arrives after the experts were converted to the "
+                f"{ops.moe.layout_of(self.w13_weight)} layout; load every checkpoint tensor before the conversion"
+            )
         rows = self.intermediate_per_rank
         start = self.tp_rank * rows
         if param_name == "w13_weight":
@@ -370,4 +375,8 @@ class Qwen3MoeForCausalLM(nn.Module):
                 param = params[name]
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
                 loaded.add(name)
+        # The experts' one copy: converted in place to the layout the bound ops read (kernel tiles, prepacked).
+        for name, module in self.named_modules():
+            if isinstance(module, Qwen3MoeExperts) and {f"{name}.w13_weight", f"{name}.w2_weight"} <= loaded:
+                self.opset.prepare_weights("moe_experts", module.w13_weight, module.w2_weight)
         return loaded

@@ -84,9 +84,18 @@ class OpSet:
     router_gate_topk: Callable  # composite: see router.router_gate_topk_sequence
     moe_block: Callable  # composite: see moe.moe_block_sequence
     kernel_ops: tuple[str, ...] = ()  # which ops run an NKI kernel under this backend
+    # op name -> the in-place conversion of its weights to the layout its bound implementation reads (OpSpec.weights)
+    weight_preparers: dict[str, Callable] = field(default_factory=dict, repr=False, compare=False)
     # What each op's custom op runs in this binding (reference, *_host, or the kernel binding): for inspection.
     implementations: dict[str, Callable] = field(default_factory=dict, repr=False, compare=False)
     binding: str = ""  # the key the custom ops take (``torch.ops.nki_moe.<op>(*args, binding)``)
+
+    def prepare_weights(self, op: str, *weights) -> None:
+        """Convert ``op``'s weight arguments in place, once after loading, to the layout its bound implementation
+        reads (the model then keeps that one copy); nothing for an op whose implementation reads the model's."""
+        preparer = self.weight_preparers.get(op)
+        if preparer is not None:
+            preparer(*weights)
 
     def describe(self) -> str:
         kernel_ops = ", ".join(self.kernel_ops) or "none"
@@ -139,15 +148,22 @@ def bind(requested: str | None = None, *, host_ops: bool | None = None) -> OpSet
     chosen = envs.kernel_backend() if requested is None else requested
     backend = resolve_backend(chosen)
     impls = {name: SPECS[name].reference for name in OP_NAMES}
+    preparers: dict[str, Callable] = {}
     if backend == "torch" and (requested is None if host_ops is None else host_ops):
-        impls.update(host_fast_ops())
+        host_impls = host_fast_ops()
+        impls.update(host_impls)
+        preparers = {n: SPECS[n].weights.for_host for n in host_impls if SPECS[n].weights}
     # A backend named explicitly (argument or VLLM_NKI_MOE_KERNELS) must run its kernels or say why it cannot.
     strict = chosen != "auto"
     with_kernels = backend in ("emulator", "nki")
     if with_kernels:
         for name in OP_NAMES:
-            if SPECS[name].kernel is not None:
-                impls[name] = SPECS[name].bind_kernel(backend, strict, fallback=impls[name])
+            spec = SPECS[name]
+            if spec.kernel is not None:
+                fallback = spec.weights.any_layout if spec.weights else impls[name]
+                impls[name] = spec.bind_kernel(backend, strict, fallback=fallback)
+                if spec.weights:
+                    preparers[name] = spec.weights.for_kernel
         missing = [name for name in OP_NAMES if SPECS[name].kernel is None]
         if missing:
             logger.info("vllm_nki_moe.ops: no NKI kernel yet for %s; those ops run in torch", ", ".join(missing))
@@ -169,7 +185,14 @@ def bind(requested: str | None = None, *, host_ops: bool | None = None) -> OpSet
     for name in COMPOSITE_OPS:  # a composite without its kernel is the sequence of the traced ops
         traced[name] = custom[name] if name in kernel_ops else SPECS[name].compose(traced)
     callers = {name: _eager_or_traced(impls[name], traced[name]) for name in names}
-    opset = OpSet(backend=backend, kernel_ops=kernel_ops, implementations=impls, binding=key, **callers)
+    opset = OpSet(
+        backend=backend,
+        kernel_ops=kernel_ops,
+        weight_preparers=preparers,
+        implementations=impls,
+        binding=key,
+        **callers,
+    )
     logger.info("vllm_nki_moe.ops: %s", opset.describe())
     return opset
 

@@ -2,10 +2,12 @@
 residual add + RMSNorm, router, experts; a composite op).
 
 Kernels: ``kernels/moe_decode.py`` (few tokens), ``kernels/moe_prefill.py`` (many tokens) and the fused
-``kernels/moe_block.py``, all on ``kernels/moe_common.py``'s weight layout. The model keeps its weights as vLLM loads
-them (``w13 [E, 2I, H]``, ``w2 [E, H, I]``); the kernels want the kernel layout (H and I split into partition tiles,
-one contiguous run per partition per DMA), made once per weight tensor (``ops.weight_cache``). The host fast path
-packs them once for ``cpu_fused_moe``.
+``kernels/moe_block.py``, all on ``kernels/moe_common.py``'s weight layout. The checkpoint loads into the model's layout
+(``w13 [E, 2I, H]``, ``w2 [E, H, I]``, TP shards cut by the one table in ``models/weight_map.py``); right after loading,
+the model converts them in place (``OpSet.prepare_weights``) to what the bound implementation reads: the kernels'
+layout (H and I split into partition tiles, one contiguous run per partition per DMA) or ``cpu_fused_moe``'s prepacked
+blocks, so one copy is kept. Callers holding model-layout tensors (tools, tests) get a converted copy made once per
+tensor (``ops.weight_cache``).
 
 Choice of kernel (trn2 cost model, Qwen3-30B-A3B TP=4, E=128, K=8; figures from
 ``python -m vllm_nki_moe.tools.kernel_check.cases_moe --select``): the decode kernel reads T*K experts, one per
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 
 from vllm_nki_moe.ops import host
 from vllm_nki_moe.ops.kernel_call import call_kernel, load_kernels
-from vllm_nki_moe.ops.spec import KernelImpl, OpSpec
+from vllm_nki_moe.ops.spec import KernelImpl, OpSpec, WeightLayouts
 from vllm_nki_moe.ops.weight_cache import WeightCache
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
@@ -100,6 +103,76 @@ def moe_block_sequence(impls: dict[str, Callable]) -> Callable:
         return experts(normed, w13, w2, topk_weights, topk_ids), residual
 
     return moe_block
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The experts' one copy: the model's w13/w2 converted in place, once, to the layout the bound implementation reads
+
+MODEL_LAYOUT, KERNEL_LAYOUT, PACKED_LAYOUT = "model", "kernel", "packed"
+# id(tensor) -> (layout, weakref to the tensor, its model-layout shape): what prepare_experts made of a tensor.
+_layouts: dict[int, tuple[str, weakref.ref, tuple[int, ...]]] = {}
+
+
+def layout_of(t: torch.Tensor) -> str:
+    """The layout ``t`` holds: ``kernel`` or ``packed`` if :func:`prepare_experts` converted it, else ``model``."""
+    entry = _layouts.get(id(t))
+    return entry[0] if entry is not None and entry[1]() is t else MODEL_LAYOUT
+
+
+def expert_dims(w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int, int]:
+    """``(E, I, H)`` of the experts whatever layout they hold (``w13 [E, 2I, H]`` in the model's)."""
+    entry = _layouts.get(id(w13))
+    shape = entry[2] if entry is not None and entry[1]() is w13 else tuple(w13.shape)
+    return shape[0], shape[1] // 2, shape[2]
+
+
+def _adopt(t: torch.Tensor, converted: torch.Tensor, layout: str) -> None:
+    """Swap ``t``'s data for ``converted`` (the old storage is freed) and remember the layout."""
+    shape = tuple(t.shape)
+    t.data = converted
+    _layouts[id(t)] = (layout, weakref.ref(t), shape)
+    weakref.finalize(t, _layouts.pop, id(t), None)
+
+
+def _convert_experts(w13: torch.Tensor, w2: torch.Tensor, convert: Callable, layout: str) -> None:
+    if layout_of(w13) != MODEL_LAYOUT or layout_of(w2) != MODEL_LAYOUT:
+        raise ValueError(f"prepare_experts: the experts already hold the {layout_of(w13)} layout; convert once")
+    new13, new2 = convert(w13.detach(), w2.detach())
+    _adopt(w13, new13, layout)
+    _adopt(w2, new2, layout)
+
+
+def prepare_experts_for_kernels(w13: torch.Tensor, w2: torch.Tensor) -> None:
+    """In place: the kernels' layout (``moe_common.experts_kernel_layout``) where the kernels take these weights;
+    otherwise they stay as they are and the op says why at its first call (or falls back, under ``auto``)."""
+    probe = w13.new_empty(1, w13.shape[2])
+    ids = torch.zeros(1, 1, dtype=torch.int64)
+    if _moe_experts_supports(probe, w13, w2, ids.float(), ids) is None:
+        _convert_experts(w13, w2, load_kernels("moe_common").experts_kernel_layout, KERNEL_LAYOUT)
+
+
+def prepare_experts_for_host(w13: torch.Tensor, w2: torch.Tensor) -> None:
+    """In place: ``cpu_fused_moe``'s prepacked layout (:func:`pack_experts`) where it takes these weights."""
+    if moe_experts_unsupported(w13.new_empty(1, w13.shape[2]), w13, w2) is None:
+        _convert_experts(w13, w2, pack_experts, PACKED_LAYOUT)
+
+
+def prepare_experts_unchanged(w13: torch.Tensor, w2: torch.Tensor) -> None:
+    """The references read the model's layout: nothing to do."""
+
+
+def _in_model_layout(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model-layout copies of kernel-layout experts (a fallback's per-call conversion; it logs that it runs)."""
+    if layout_of(w13) == KERNEL_LAYOUT:
+        return load_kernels("moe_common").experts_model_layout(w13.detach(), w2.detach())
+    if layout_of(w13) == PACKED_LAYOUT:
+        raise ValueError("moe_experts: the experts are prepacked for cpu_fused_moe; no other implementation reads them")
+    return w13, w2
+
+
+def moe_experts_any_layout(hidden, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """:func:`moe_experts` for weights in any layout: the fallback of a kernel binding."""
+    return moe_experts(hidden, *_in_model_layout(w13, w2), topk_weights, topk_ids)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -176,12 +249,16 @@ def moe_experts_host(
     topk_ids: torch.Tensor,
 ) -> torch.Tensor:
     """:func:`moe_experts` through vLLM's CPU fused MoE (``torch.ops._C.cpu_fused_moe``, prepacked weights)."""
-    reason = moe_experts_unsupported(hidden, w13, w2)
+    packed = layout_of(w13) == PACKED_LAYOUT
+    if packed and hidden.dtype != w13.dtype:
+        raise ValueError(f"moe_experts: hidden.dtype={hidden.dtype}; the experts were prepacked as {w13.dtype}")
+    reason = None if packed else moe_experts_unsupported(hidden, w13, w2)
     if reason is not None or hidden.shape[0] == 0:
         if reason is not None:
             host.log_once(f"moe_experts: {reason}; runs ops.moe.moe_experts")
-        return moe_experts(hidden, w13, w2, topk_weights, topk_ids)
-    packed13, packed2 = _packed_experts.get(pack_experts, w13, w2)
+        return moe_experts(hidden, w13, w2, topk_weights, topk_ids) if not packed else torch.zeros_like(hidden)
+    # Prepared by the model (prepare_experts_for_host): the one packed copy; other callers: packed once, cached.
+    packed13, packed2 = (w13, w2) if packed else _packed_experts.get(pack_experts, w13, w2)
     out = torch.empty_like(hidden, memory_format=torch.contiguous_format)
     torch.ops._C.cpu_fused_moe(
         out,
@@ -258,12 +335,17 @@ def _moe_experts_supports(hidden, w13, w2, topk_weights, topk_ids) -> str | None
         return f"hidden.dtype={hidden.dtype}; the kernels take bfloat16 or float32"
     if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
         return f"w13.dtype={w13.dtype}, w2.dtype={w2.dtype}; must equal hidden.dtype={hidden.dtype}"
-    if hidden.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+    layout = layout_of(w13)
+    if layout == PACKED_LAYOUT:
+        return "the experts are prepacked for cpu_fused_moe (prepare_experts_for_host); the kernels cannot read them"
+    if hidden.dim() != 2 or (layout == MODEL_LAYOUT and (w13.dim() != 3 or w2.dim() != 3)):
         return f"hidden {tuple(hidden.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}; must be 2-D, 3-D, 3-D"
     pmax = load_kernels("limits").PMAX
     H = hidden.shape[1]
-    E, I2, _ = w13.shape
-    for what, n in (("H", H), ("I", I2 // 2)):
+    E, inter, w_hidden = expert_dims(w13, w2)
+    if w_hidden != H:
+        return f"hidden.shape[1]={H}; the experts' hidden size is {w_hidden}"
+    for what, n in (("H", H), ("I", inter)):
         tiles = -(-n // pmax)
         if n % tiles:
             return f"{what}={n}; must split into ceil({what}/{pmax})={tiles} equal partition tiles"
@@ -272,19 +354,27 @@ def _moe_experts_supports(hidden, w13, w2, topk_weights, topk_ids) -> str | None
     return None
 
 
+def _kernel_layout(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experts in the kernels' layout: the model's one copy if it prepared them (prepare_experts_for_kernels),
+    else converted once and cached (tools and tests that hold model-layout tensors)."""
+    if layout_of(w13) == KERNEL_LAYOUT:
+        return w13, w2
+    return _kernel_weights.get(load_kernels("moe_common").experts_kernel_layout, w13, w2)
+
+
 def _moe_experts_kernel(backend: str, hidden, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
     T = hidden.shape[0]
     if T == 0:
         return torch.zeros_like(hidden)
-    moe_common, moe_decode, moe_prefill = (load_kernels(n) for n in ("moe_common", "moe_decode", "moe_prefill"))
-    E, K = w13.shape[0], topk_ids.shape[1]
-    w13k, w2k = _kernel_weights.get(moe_common.experts_kernel_layout, w13, w2)
+    moe_decode, moe_prefill = load_kernels("moe_decode"), load_kernels("moe_prefill")
+    (E, inter, _), K = expert_dims(w13, w2), topk_ids.shape[1]
+    w13k, w2k = _kernel_layout(w13, w2)
     x = hidden.contiguous()
     weights = topk_weights.float().contiguous()
     if use_decode(T, K, E):
         ids = topk_ids.to(torch.int32).contiguous()
         return call_kernel(backend, moe_decode.moe_decode, x, w13k, w2k, weights, ids)
-    block = bucket_block_size(T, K, E, w13.shape[1] // 2)
+    block = bucket_block_size(T, K, E, inter)
     meta = moe_prefill.prefill_block_metadata(topk_ids, weights, E, block)
     return call_kernel(backend, moe_prefill.moe_prefill, x, w13k, w2k, *meta)
 
@@ -300,7 +390,7 @@ def fused_block_applies(num_tokens: int, top_k: int, num_experts: int) -> bool:
 
 def _moe_block_supports(hidden, residual, norm_weight, eps, gate_weight, w13, w2, top_k, renormalize) -> str | None:
     """Where the fused decode block applies; elsewhere ``moe_block`` runs as separate ops (not an error)."""
-    T, E = hidden.shape[0], w13.shape[0]
+    T, E = hidden.shape[0], expert_dims(w13, w2)[0]
     if not fused_block_applies(T, top_k, E):
         return (
             f"T={T}, E={E}, top_k={top_k}; the fused block is a decode kernel (T=1 or T*top_k <= E/16) with "
@@ -314,7 +404,7 @@ def _moe_block_supports(hidden, residual, norm_weight, eps, gate_weight, w13, w2
 
 def _moe_block_kernel(backend: str, hidden, residual, norm_weight, eps, gate_weight, w13, w2, top_k, renormalize):
     moe_common, moe_block = load_kernels("moe_common"), load_kernels("moe_block")
-    w13k, w2k = _kernel_weights.get(moe_common.experts_kernel_layout, w13, w2)
+    w13k, w2k = _kernel_layout(w13, w2)
     router_w = _kernel_weights.get(moe_common.router_kernel_layout, gate_weight)
     return call_kernel(
         backend,
@@ -340,6 +430,7 @@ SPECS = (
         moe_experts_host,
         KernelImpl(_moe_experts_kernel, _moe_experts_supports),
         traceable=False,
+        weights=WeightLayouts(prepare_experts_for_host, prepare_experts_for_kernels, moe_experts_any_layout),
     ),
     OpSpec("moe_block", kernel=KernelImpl(_moe_block_kernel, _moe_block_supports), compose=moe_block_sequence),
 )

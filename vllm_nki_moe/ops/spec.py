@@ -10,6 +10,9 @@ Each op family module (``norms``, ``rope``, ``router``, ``moe``, ``attention``) 
 - ``traceable``: whether ``reference`` traces as graph ops (no host syncs, no data-dependent shapes, no in-place
   writes to its arguments); such an op, when no kernel is bound for it, is traced inline under ``torch.compile``
   (``ops.bind``), the others stay one opaque custom op;
+- ``weights``: for an op whose fast implementations read their weight arguments in another layout (the experts:
+  the kernels' tiles, ``cpu_fused_moe``'s prepacked blocks), how the model converts those weights once, in place, at
+  load (so one copy is kept), and the torch implementation that reads any of those layouts (a kernel's fallback);
 - ``compose``: for a composite op (a fused kernel for something other ops do in sequence), how to build the sequence
   from the bound ops; where the fused kernel does not apply the sequence runs, under any backend, and that is not an
   error.
@@ -33,6 +36,17 @@ class KernelImpl:
 
 
 @dataclass(frozen=True)
+class WeightLayouts:
+    """How an op's implementations want its weights (see ``OpSpec.weights``): ``for_host(*weights)`` and
+    ``for_kernel(*weights)`` convert in place (or leave weights the implementation cannot take as they are);
+    ``any_layout`` is the op's torch implementation for weights in the model's layout or either converted one."""
+
+    for_host: Callable[..., None]
+    for_kernel: Callable[..., None]
+    any_layout: Callable[..., Any]
+
+
+@dataclass(frozen=True)
 class OpSpec:
     name: str
     reference: Callable | None = None
@@ -40,6 +54,7 @@ class OpSpec:
     kernel: KernelImpl | None = None
     compose: Callable[[dict[str, Callable]], Callable] | None = None
     traceable: bool = True
+    weights: WeightLayouts | None = None
 
     @property
     def composite(self) -> bool:

@@ -167,26 +167,37 @@ class Harness:
             layer.self_attn.attn = PagedAttention(self.cache, i, attn.head_dim**-0.5, self.opset)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         # --compile: every step through torch.compile(fullgraph=True), as vLLM Neuron's runner compiles each bucket;
-        # aot_eager traces through AOTAutograd (functionalisation of the cache writes included) without codegen.
-        self.compiled = (
-            torch.compile(self.model, fullgraph=True, backend="aot_eager", dynamic=False) if compile else None
-        )
+        # aot_eager traces through AOTAutograd (functionalisation of the cache writes included) without codegen. The
+        # backend counts the graphs it is handed; fullgraph turns any graph break into an error, counted as one.
         self.graphs: dict[tuple, tuple[int, int]] = {}
+        self._graphs_traced = 0
+        self.compiled = (
+            torch.compile(self.model, fullgraph=True, backend=self._counting_backend, dynamic=False)
+            if compile
+            else None
+        )
+
+    def _counting_backend(self, graph_module, example_inputs):
+        self._graphs_traced += 1
+        return torch._dynamo.lookup_backend("aot_eager")(graph_module, example_inputs)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.compiled is None:
             return self.model(input_ids, positions)
         step = self.cache.step
         bucket = (step["phase"], input_ids.shape[0], step["block_tables"].shape[1])
-        if bucket not in self.graphs:  # explain runs the forward too: it writes the same K/V at the same slots
-            explained = torch._dynamo.explain(self.model.forward)(input_ids, positions)
-            self.graphs[bucket] = (explained.graph_count, explained.graph_break_count)
-        if self.graphs[bucket] == (1, 0):
-            try:
-                return self.compiled(input_ids, positions)
-            except torch._dynamo.exc.Unsupported:  # a break explain does not count (e.g. before the first op)
-                self.graphs[bucket] = (self.graphs[bucket][0], 1)
-        return self.model(input_ids, positions)  # reported by run_generate (exit status 1); generation goes on
+        if self.graphs.get(bucket, (0, 0))[1]:  # this bucket broke: reported (exit status 1), generation goes on
+            return self.model(input_ids, positions)
+        before = self._graphs_traced
+        try:
+            hidden = self.compiled(input_ids, positions)
+        except torch._dynamo.exc.Unsupported:
+            # nothing ran: Dynamo stops at the break before the graph executes, so eager runs this step once
+            self.graphs[bucket] = (self._graphs_traced - before, 1)
+            return self.model(input_ids, positions)
+        graphs, breaks = self.graphs.get(bucket, (0, 0))
+        self.graphs[bucket] = (graphs + self._graphs_traced - before, breaks)
+        return hidden
 
     def _next_token(self, input_ids: torch.Tensor) -> int:
         positions, _ = self.cache.append(input_ids.shape[0])

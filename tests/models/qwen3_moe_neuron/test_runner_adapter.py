@@ -6,10 +6,11 @@
 ``jinhuang12/vllm-neuron:vllm_neuron/vllm/worker/neuron_model_runner.py`` and the onboarding guide
 ``aws-neuron/aws-neuron-sdk:vllm-neuron/docs/model-dev/onboarding-models.md``): registry lookup, ``from_configs``
 under ``torch.device("meta")``, ``load_weights``, ``get_kv_spec`` / ``bind_kv_cache`` on runner-allocated caches full
-of garbage, prefill padded to a bucket larger than the prompt (padding slots -1), continuous-batching decode padded to
-a batch bucket (padding rows: slot -1, null-block table rows), blocks handed out from a shuffled free list (block 0
-is vLLM's null block), segmented prefill in chunks; greedy tokens must equal Hugging Face's (float32 tiny models,
-exact token equality as in tests/model). The CPU serving path must not import any of it.
+of garbage, prefill padded to a bucket larger than the prompt (padding slots in the null block, as upstream pads
+them), continuous-batching decode padded to a batch bucket (padding rows: null-block slot and table rows), blocks
+handed out from a shuffled free list (block 0 is vLLM's null block), segmented prefill in chunks; greedy tokens must
+equal Hugging Face's (float32 tiny models, exact token equality as in tests/model). The CPU serving path must not
+import any of it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from vllm_nki_moe.ops import moe as ops_moe
 from vllm_nki_moe.tools import generate as gen
 
 PROMPTS = ["Hello world, the quick brown fox", "def is_palindrome(text):", "A"]
@@ -36,6 +38,10 @@ PREFILL_BUCKETS = (16, 32)  # every prompt is shorter than its bucket: the tail 
 DECODE_BATCH_BUCKET = 4  # 3 live requests + 1 padding row
 SEGMENT = 4  # tokens per segmented-prefill chunk (padded to PREFILL_BUCKETS too)
 NULL_BLOCK = 0  # vLLM's block pool reserves block 0; upstream remaps it to -1 in block tables
+# Upstream's padding slot: "Read-side sentinel for block tables; write-side padding uses NULL_BLOCK_ID" (NULL_BLOCK_ID =
+# 0, PAD_SLOT_ID = -1 for tables; neuron_model_runner.py, jinhuang12/vllm-neuron@051f877, module constants), so padded
+# tokens write their K/V into the null block, which no table reads. -1 (vLLM's GPU convention) is skipped by our ops.
+PAD_SLOT = NULL_BLOCK * BLOCK_SIZE
 ODS_GREEDY = {"on_device_sampling_config": {"all_greedy": True}}
 CPU_SAMPLING = {"on_device_sampling_config": None}
 ODS_DEFAULT: dict = {}  # key absent: upstream turns on-device sampling on, not all-greedy (params decide)
@@ -49,11 +55,19 @@ class FakeNeuronModelRunner:
     """What ``NeuronModelRunner`` does with a model, on CPU, with its tensors' shapes and conventions."""
 
     def __init__(
-        self, vllm_config, neuron_config: dict, *, seed: int = 0, segment: int | None = None, compile: bool = False
+        self,
+        vllm_config,
+        neuron_config: dict,
+        *,
+        seed: int = 0,
+        segment: int | None = None,
+        compile: bool = False,
+        pad_slot: int = PAD_SLOT,
     ) -> None:
         from vllm_neuron.model.neuron_config import NeuronConfig
 
         self.compile = compile
+        self.pad_slot = pad_slot
         self.vllm_config = vllm_config
         self.neuron_config = NeuronConfig.from_dict(neuron_config)
         self.segment = segment
@@ -146,7 +160,9 @@ class FakeNeuronModelRunner:
         slots = self._slots(req, positions)
         bucket = next(b for b in PREFILL_BUCKETS if b > len(tokens))
         pad = bucket - len(tokens)
-        meta = self._metadata([self._table_row(req)], slots + [-1] * pad, len(tokens), cached=start, segment=segment)
+        meta = self._metadata(
+            [self._table_row(req)], slots + [self.pad_slot] * pad, len(tokens), cached=start, segment=segment
+        )
         return self._forward(tokens + [0] * pad, positions + [0] * pad, meta, [len(tokens) - 1])[0]
 
     def prefill(self, req: int, prompt: list[int]) -> int:
@@ -161,19 +177,20 @@ class FakeNeuronModelRunner:
         pad = DECODE_BATCH_BUCKET - len(live)
         ids = [tok for _, tok, _ in live] + [0] * pad
         positions = [pos for _, _, pos in live] + [0] * pad
-        slots = [self._slots(req, [pos])[0] for req, _, pos in live] + [-1] * pad
+        slots = [self._slots(req, [pos])[0] for req, _, pos in live] + [self.pad_slot] * pad
         rows = [self._table_row(req) for req, _, _ in live] + [self._table_row(None)] * pad
         meta = self._metadata(rows, slots, 1, cached=0, segment=0)
         return self._forward(ids, positions, meta, list(range(len(live))))
 
     def warm_up(self, *, then_fail_on_recompile: bool = True) -> None:
-        """One padding-only step per bucket (every slot -1: nothing is written), then recompiles are errors, as
+        """One padding-only step per bucket (every slot a padding slot), then recompiles are errors, as
         upstream's runner sets ``torch.compiler.set_stance("fail_on_recompile")`` after its warm-up."""
         for bucket in PREFILL_BUCKETS:
-            meta = self._metadata([self._table_row(None)], [-1] * bucket, bucket, cached=0, segment=self.segment or 0)
+            slots = [self.pad_slot] * bucket
+            meta = self._metadata([self._table_row(None)], slots, bucket, cached=0, segment=self.segment or 0)
             self._forward([0] * bucket, [0] * bucket, meta, [bucket - 1])
         rows = [self._table_row(None)] * DECODE_BATCH_BUCKET
-        meta = self._metadata(rows, [-1] * DECODE_BATCH_BUCKET, 1, cached=0, segment=0)
+        meta = self._metadata(rows, [self.pad_slot] * DECODE_BATCH_BUCKET, 1, cached=0, segment=0)
         self._forward([0] * DECODE_BATCH_BUCKET, [0] * DECODE_BATCH_BUCKET, meta, list(range(3)))
         if then_fail_on_recompile:
             torch.compiler.set_stance("fail_on_recompile")
@@ -245,9 +262,12 @@ def _run(
     segment: int | None = None,
     compile=False,
     strict=False,
+    pad_slot=PAD_SLOT,
 ):
     monkeypatch.setenv("VLLM_NKI_MOE_KERNELS", kernels)  # ops.bind() at model construction reads it
-    runner = FakeNeuronModelRunner(_vllm_config(model_dir), neuron_config, segment=segment, compile=compile)
+    runner = FakeNeuronModelRunner(
+        _vllm_config(model_dir), neuron_config, segment=segment, compile=compile, pad_slot=pad_slot
+    )
     runner.load_model()
     runner.initialize_kv_cache()
     if compile:
@@ -274,8 +294,13 @@ def test_runner_driven_generation_matches_hf_greedy(
 ):
     runner, tokens = _run(tiny_model_dir, kernels, neuron_config, monkeypatch)
     assert type(runner.model).__name__ == "NeuronQwen3MoeForCausalLM"
+    experts = runner.model.model.layers[0].mlp.experts
     if kernels == "emulator":
         assert {"attention_prefill", "attention_decode"} <= set(runner.model.opset.kernel_ops)
+        # the experts' one copy is the kernels' layout, converted at load (ops.moe.prepare_experts_for_kernels)
+        assert ops_moe.layout_of(experts.w13_weight) == ops_moe.KERNEL_LAYOUT and experts.w13_weight.dim() == 5
+    else:  # the references read the model's layout; vLLM's CPU fused MoE its prepacked one
+        assert ops_moe.layout_of(experts.w13_weight) in (ops_moe.MODEL_LAYOUT, ops_moe.PACKED_LAYOUT)
     assert tokens == hf_reference(tiny_model_dir)
 
 
@@ -289,15 +314,15 @@ def test_compiled_per_bucket_as_one_graph_matches_hf_greedy(
     assert tokens == hf_reference(tiny_model_dir)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="known: describe_step branches on the Python int attn_metadata max_query_len, so Dynamo guards on its "
-    "value and a prompt of another length in the same prefill bucket recompiles, which upstream's fail_on_recompile "
-    "stance (after warm-up) refuses; the phase must come from the bucket, not the request (issue 11, open)",
-)
-def test_no_recompile_after_warm_up_across_prompt_lengths(fake_sdk, tiny_model_dir, monkeypatch):
-    _run(tiny_model_dir, "torch", ODS_GREEDY, monkeypatch, compile=True, strict=True)
+@pytest.mark.parametrize("segment", [None, SEGMENT], ids=["whole-prefill", "segmented-prefill"])
+@pytest.mark.parametrize("kernels", ["torch", "emulator"])
+def test_no_recompile_after_warm_up_across_prompt_lengths(
+    kernels, segment, fake_sdk, tiny_model_dir, hf_reference, monkeypatch
+):
+    """Prompts of three lengths in one prefill bucket, then decode, under fail_on_recompile after warm-up: the phase
+    and every kernel shape come from the bucket (describe_step), never from the request."""
+    _, tokens = _run(tiny_model_dir, kernels, ODS_GREEDY, monkeypatch, segment=segment, compile=True, strict=True)
+    assert tokens == hf_reference(tiny_model_dir)
 
 
 @pytest.mark.parametrize("kernels", ["torch", "emulator"])
@@ -347,14 +372,23 @@ def test_prompt_embeds_rows_replace_token_embeddings(fake_sdk, tiny_model_dir, m
     torch.testing.assert_close(from_embeds, reference, rtol=0, atol=0)
 
 
-def test_padding_and_unallocated_blocks_are_never_written(fake_sdk, tiny_model_dir, monkeypatch):
-    runner, _ = _run(tiny_model_dir, "torch", ODS_GREEDY, monkeypatch)
+@pytest.mark.parametrize("pad_slot", [PAD_SLOT, -1], ids=["null-block-padding", "minus-one-padding"])
+@pytest.mark.parametrize("kernels", ["torch", "emulator"])
+def test_padding_writes_only_the_null_block_and_unallocated_blocks_stay_untouched(
+    kernels, pad_slot, fake_sdk, tiny_model_dir, hf_reference, monkeypatch
+):
+    runner, tokens = _run(tiny_model_dir, kernels, ODS_GREEDY, monkeypatch, pad_slot=pad_slot)
+    assert tokens == hf_reference(tiny_model_dir)  # whatever padding wrote into the null block, no table reads it
     untouched = runner.untouched_blocks()
     assert NULL_BLOCK in untouched and len(untouched) > NUM_BLOCKS // 2
+    if pad_slot == PAD_SLOT:  # upstream's padding lands in the null block; -1 slots are skipped, nothing lands
+        untouched.remove(NULL_BLOCK)
     for name, (k_cache, v_cache) in runner.caches.items():
         k0, v0 = runner.initial[name]
         assert torch.equal(k_cache[untouched], k0[untouched]) and torch.equal(v_cache[untouched], v0[untouched])
-        used = [b for b in range(NUM_BLOCKS) if b not in untouched]
+        if pad_slot == PAD_SLOT:
+            assert not torch.equal(k_cache[NULL_BLOCK], k0[NULL_BLOCK])
+        used = [b for b in range(NUM_BLOCKS) if b not in runner.untouched_blocks()]
         assert not torch.equal(k_cache[used], k0[used])  # the real tokens did land in the runner's tensors
 
 
@@ -406,8 +440,20 @@ def test_load_weights_materialises_every_parameter_from_the_checkpoint(built, ti
     params = dict(model.named_parameters())  # (vLLM's CPU platform repacks linear weights: compare the others)
     name = "model.layers.0.input_layernorm.weight"
     assert torch.equal(params[name], checkpoint[name])
-    down = checkpoint["model.layers.0.mlp.experts.1.down_proj.weight"]
-    assert torch.equal(params["model.layers.0.mlp.experts.w2_weight"][1], down)  # TP 1: the whole tensor, stacked
+    # TP 1: every expert's whole tensors, stacked, then held as the bound experts op reads them (one copy)
+    num_experts = model.model.layers[0].mlp.experts.w13_weight.shape[0]
+    prefix = "model.layers.0.mlp.experts"
+    w13 = torch.stack(
+        [
+            torch.cat([checkpoint[f"{prefix}.{e}.gate_proj.weight"], checkpoint[f"{prefix}.{e}.up_proj.weight"]])
+            for e in range(num_experts)
+        ]
+    )
+    w2 = torch.stack([checkpoint[f"{prefix}.{e}.down_proj.weight"] for e in range(num_experts)])
+    held = (params[f"{prefix}.w13_weight"], params[f"{prefix}.w2_weight"])
+    if ops_moe.layout_of(held[0]) == ops_moe.PACKED_LAYOUT:  # vLLM's CPU ops loaded: cpu_fused_moe's prepacked copy
+        w13, w2 = ops_moe.pack_experts(w13, w2)
+    assert torch.equal(held[0], w13) and torch.equal(held[1], w2)
     attn = model.model.layers[0].self_attn
     assert torch.isfinite(attn.cos_sin_cache).all() and attn.cos_sin_cache[0, 0] == 1.0  # cos(0), recomputed
 

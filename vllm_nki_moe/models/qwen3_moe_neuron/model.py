@@ -7,7 +7,8 @@ runner → model interface", "Top-level model class", "KV cache lifecycle"; as c
 - ``get_kv_spec() -> vllm_neuron.model.kv_cache.KVSpec(layers=[LayerSpec(name, num_kv_heads, head_size, dtype)])``,
   one ``LayerSpec`` per layer named ``layers.{i}.self_attn`` with the per-rank KV heads;
 - ``bind_kv_cache(kv_caches: dict[name, [k_cache, v_cache]])``, each ``[num_blocks, num_kv_heads, block_size,
-  head_size]`` (HND), allocated by the runner; the model writes them (padding slots ``-1`` are skipped);
+  head_size]`` (HND), allocated by the runner; the model writes them (padding slots: upstream's null-block slots,
+  written and never read since no block table lists block 0, or ``-1``, skipped);
 - ``load_weights(checkpoint_path, device, cache_dir)``;
 - ``forward(input_ids, positions, attn_metadata, sampling_positions, sampling_params, spec_decode_metadata,
   logit_mask, rank, inputs_embeds, is_token_ids)`` -> logits ``[R, vocab]``, or ``(sampled_ids [R], logits | None)``
@@ -31,7 +32,7 @@ from torch import nn
 
 from vllm_nki_moe.models.paged_attention import PagedAttention
 from vllm_nki_moe.models.qwen3_moe import Qwen3MoeAttention, Qwen3MoeForCausalLM
-from vllm_nki_moe.models.qwen3_moe_neuron import factory
+from vllm_nki_moe.models.qwen3_moe_neuron import factory, rank_embedding
 from vllm_nki_moe.models.qwen3_moe_neuron.config import WHERE, Qwen3MoeNeuronConfig
 from vllm_nki_moe.ops.rope import rope_cos_sin_cache
 
@@ -166,18 +167,24 @@ class NeuronQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
         """The runner's metadata for one layer group as ``PagedAttention``'s step (``paged_attention`` module).
 
         ``meta``: ``block_table_tensor [R, MB]`` int32 (unused rows/entries are the null block, or ``-1`` once
-        upstream remaps it for its kernels), ``slot_mapping [T]`` (``-1`` = padding), ``max_query_len``,
-        ``block_size``, ``decode_token_threshold``, ``kv_segment_size`` (0 or absent = whole-prompt prefill).
+        upstream remaps it for its kernels), ``slot_mapping [T]`` (padding: null-block slots or ``-1``), ``block_size``,
+        ``decode_token_threshold``, ``kv_segment_size`` (0 or absent = whole-prompt prefill).
 
-        - decode (``max_query_len <= decode_token_threshold``): the T tokens are R requests x T/R tokens each; each
-          token is a row of ``ops.attention_decode`` with its request's blocks and context ``position + 1``.
-        - whole-prompt prefill: one request from position 0 (padding after it), ``ops.attention_prefill``.
+        The phase comes from the bucket's shapes, never from a request: T tokens over R block-table rows.
+        - decode (``T / R <= decode_token_threshold``): the T tokens are R requests x T/R tokens each; each token is
+          a row of ``ops.attention_decode`` with its request's blocks and context ``position + 1``.
+        - whole-prompt prefill (one row, ``T > decode_token_threshold``, no segment): one request from position 0
+          (padding after it), ``ops.attention_prefill``.
         - segmented prefill (``kv_segment_size > 0``: a chunk after ``cached_seq_len`` cached tokens, or a prefix-cache
           hit): one request; each token is a decode row over the cache, which holds the earlier chunks and, once
           written, this chunk's earlier tokens.
+        Upstream's models branch on ``max_query_len <= decode_token_threshold`` (the request's longest query); under
+        ``torch.compile`` that Python int is guarded by value, so two prompt lengths in one prefill bucket would
+        compile twice, which the runner's ``fail_on_recompile`` stance refuses after warm-up. Both rules agree on
+        every step the runner builds (a decode bucket has one row per request; a prefill step one row), and the
+        decode form is exact for any step (it only attends over what the cache holds), so shapes decide.
         Block-table entries below 0 are read as block 0: the decode kernel needs valid indices, and such entries
-        are only reached by padding rows or masked positions. The branch is on Python ints, as upstream's own models
-        branch (one compiled graph per bucket and phase).
+        are only reached by padding rows or masked positions.
         """
         slot_mapping = meta["slot_mapping"]
         num_tokens = slot_mapping.shape[0]
@@ -185,15 +192,16 @@ class NeuronQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
         cache_block_size = self.kv.k[0].shape[2]
         if block_size != cache_block_size:
             raise ValueError(f"{WHERE}: attn_metadata block_size={block_size}; the bound cache has {cache_block_size}")
-        is_decode = meta["max_query_len"] <= meta["decode_token_threshold"]
-        segmented = bool(meta.get("kv_segment_size") or 0)
-        if not is_decode and not segmented:
-            return {"phase": "prefill", "slot_mapping": slot_mapping}
         table = meta["block_table_tensor"]
         requests = table.shape[0]
+        is_decode = num_tokens // requests <= meta["decode_token_threshold"]
+        segmented = bool(meta.get("kv_segment_size") or 0)
+        if not is_decode and not segmented and requests == 1:
+            return {"phase": "prefill", "slot_mapping": slot_mapping}
         if not is_decode and requests != 1:
             raise NotImplementedError(
-                f"{WHERE}: segmented prefill with block_table_tensor rows={requests}; one request per prefill step"
+                f"{WHERE}: a prefill step of {num_tokens} tokens over block_table_tensor rows={requests}; one request "
+                f"per prefill step"
             )
         if num_tokens % requests:
             raise ValueError(f"{WHERE}: {num_tokens} tokens for {requests} block-table rows; must be a multiple")
@@ -206,6 +214,21 @@ class NeuronQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
             "context_lens": (positions.long() + 1).clamp(1, max_context),
         }
 
+    def _embed(self, input_ids: torch.Tensor, rank: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings; under tensor parallelism from the ``rank`` tensor (one graph for every rank)."""
+        embedding = self.model.embed_tokens
+        if embedding.tp_size == 1:
+            return self.model.embed_input_ids(input_ids)
+        if rank is None:
+            raise ValueError(f"{WHERE}: forward without rank at tensor_parallel_size={embedding.tp_size}")
+        from vllm.distributed import get_tensor_model_parallel_rank, tensor_model_parallel_all_reduce
+
+        per_rank = rank_embedding.rows_per_rank(embedding, get_tensor_model_parallel_rank())
+        vocab = embedding.org_vocab_size
+        return tensor_model_parallel_all_reduce(
+            rank_embedding.rank_embedding(input_ids, embedding.weight, rank, per_rank, vocab)
+        )
+
     @torch.no_grad()
     def forward(  # type: ignore[override]
         self,
@@ -216,7 +239,7 @@ class NeuronQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
         sampling_params: torch.Tensor | None = None,  # [R, 3] (top_k, top_p, temperature); None: CPU sampling
         spec_decode_metadata=None,  # speculative decoding: not supported
         logit_mask: torch.Tensor | None = None,  # [R, vocab] bool, True = allowed (structured outputs)
-        rank: torch.Tensor | None = None,  # scalar TP rank: unused, vLLM's parallel layers know their rank
+        rank: torch.Tensor | None = None,  # scalar TP rank: the embedding's vocabulary range (rank_embedding)
         inputs_embeds: torch.Tensor | None = None,  # [T, hidden] (prompt-embeds path)
         is_token_ids: torch.Tensor | None = None,  # [T] bool: True rows take input_ids' embedding
         **kwargs,
@@ -229,7 +252,7 @@ class NeuronQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
         self.kv.step = self.describe_step(attn_metadata[LAYER_NAME.format(0)], positions)
         # Rows past the RoPE table (padding only) would index out of it; real positions are < max_model_len.
         rope_positions = positions.long().clamp(0, self.sizes.max_position_embeddings - 1)
-        embeds = self.model.embed_input_ids(input_ids)
+        embeds = self._embed(input_ids, rank)
         if inputs_embeds is not None:
             if is_token_ids is None:
                 embeds = inputs_embeds.to(embeds.dtype)

@@ -1,0 +1,74 @@
+"""The experts' one copy: ``OpSet.prepare_weights`` converts the model's w13/w2 in place to the layout the bound
+kernels read, and every implementation reads that copy (or says why it cannot)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_nki_moe import ops
+from vllm_nki_moe.ops import moe
+from vllm_nki_moe.tools.kernel_check.tolerances import assert_close
+
+# Odd tiny: hidden 256 (two partition tiles), intermediate 96, 8 experts top-2; 1 token (decode kernel, fused block)
+# and 9 tokens (prefill kernel, blocks; the block op as separate ops).
+H, I, E, K = 256, 96, 8, 2  # noqa: E741
+
+
+def _experts(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.nn.Parameter(0.05 * torch.randn(E, 2 * I, H, generator=g), requires_grad=False)
+    w2 = torch.nn.Parameter(0.05 * torch.randn(E, H, I, generator=g), requires_grad=False)
+    return w13, w2, g
+
+
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_kernel_binding_converts_once_in_place_and_reads_that_copy(tokens):
+    opset = ops.bind("emulator")
+    w13, w2, g = _experts(tokens)
+    original = (w13.detach().clone(), w2.detach().clone())
+    numel = w13.numel() + w2.numel()
+    opset.prepare_weights("moe_experts", w13, w2)
+    assert moe.layout_of(w13) == moe.KERNEL_LAYOUT and w13.dim() == 5
+    assert w13.numel() + w2.numel() == numel  # the same elements, rearranged: no second copy
+    hidden = torch.randn(tokens, H, generator=g)
+    weights, ids = ops.router.router_topk(torch.randn(tokens, E, generator=g), K, True)
+    moe._kernel_weights.clear()
+    got = opset.moe_experts(hidden, w13, w2, weights, ids)
+    assert not moe._kernel_weights._cache  # read as held, nothing converted per call
+    assert_close(got, moe.moe_experts(hidden, *original, weights, ids), "float32_matmul")
+    gate, norm_w = torch.randn(E, H, generator=g), 1 + 0.1 * torch.randn(H, generator=g)
+    args = (hidden, torch.randn(tokens, H, generator=g), norm_w, 1e-6, gate)
+    out, residual = opset.moe_block(*args, w13, w2, K, True)
+    want_out, want_residual = ops.bind("torch", host_ops=False).moe_block(*args, *original, K, True)
+    assert_close(out, want_out, "float32_matmul")
+    torch.testing.assert_close(residual, want_residual)
+
+
+def test_weights_the_kernels_cannot_take_stay_as_they_are_and_the_explicit_backend_says_why():
+    opset = ops.bind("emulator")
+    w13 = torch.nn.Parameter(torch.zeros(E, 2 * I, 257), requires_grad=False)
+    w2 = torch.nn.Parameter(torch.zeros(E, 257, I), requires_grad=False)
+    opset.prepare_weights("moe_experts", w13, w2)
+    assert moe.layout_of(w13) == moe.MODEL_LAYOUT and w13.shape == (E, 2 * I, 257)
+    ids = torch.zeros(1, K, dtype=torch.int64)
+    with pytest.raises(ValueError, match="moe_experts: H=257"):
+        opset.moe_experts(torch.zeros(1, 257), w13, w2, ids.float(), ids)
+
+
+def test_the_torch_fallback_reads_kernel_layout_experts():
+    w13, w2, g = _experts(3)
+    original = (w13.detach().clone(), w2.detach().clone())
+    ops.bind("emulator").prepare_weights("moe_experts", w13, w2)
+    hidden = torch.randn(4, H, generator=g)
+    weights, ids = ops.router.router_topk(torch.randn(4, E, generator=g), K, True)
+    torch.testing.assert_close(
+        moe.moe_experts_any_layout(hidden, w13, w2, weights, ids), moe.moe_experts(hidden, *original, weights, ids)
+    )
+
+
+def test_the_reference_binding_keeps_the_model_layout():
+    w13, w2, _ = _experts(4)
+    before = w13.data_ptr()
+    ops.bind("torch", host_ops=False).prepare_weights("moe_experts", w13, w2)
+    assert moe.layout_of(w13) == moe.MODEL_LAYOUT and w13.data_ptr() == before
