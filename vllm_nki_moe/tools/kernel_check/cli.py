@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+BACKENDS = ("emulator", "nki", "nki-sim")
 DEFAULT_TOKENS = "1,5,131"  # one token, a small decode batch, one full 128-token tile plus a ragged tail
 
 
@@ -23,13 +24,25 @@ def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
     check = sub.add_parser("check", help="run every kernel at the model's per-rank shapes against its reference")
     bench = sub.add_parser("bench", help="cost-model time of a decode step (batch 1/8/32) and a 512-token prefill")
     for p in (check, bench):
-        p.add_argument("--config", help="Hugging Face Qwen3-MoE config.json (default: Qwen3-30B-A3B's values)")
-        p.add_argument("--tp", type=int, default=4, help="tensor-parallel degree the shapes are split by (default 4)")
+        model = p.add_mutually_exclusive_group()
+        model.add_argument("--config", help="Hugging Face Qwen3-MoE config.json (default: Qwen3-30B-A3B's values)")
+        model.add_argument(
+            "--model", help="a checkpoint directory or Hugging Face model id whose config.json gives the shapes"
+        )
+        p.add_argument(
+            "--tp",
+            "--tensor-parallel-size",
+            dest="tp",
+            type=int,
+            default=4,
+            help="tensor-parallel degree the shapes are split by (default 4)",
+        )
         p.add_argument(
             "--kernels",
-            choices=("emulator", "nki"),
+            choices=BACKENDS,
             default="emulator",
-            help="run in the NumPy NKI emulator (default) or on the real nki package",
+            help="emulator: our NumPy NKI emulator (default); nki: AWS's nki on the Neuron device; nki-sim: AWS's "
+            "nki.simulate on this CPU",
         )
         p.add_argument(
             "--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="activation dtype (default bfloat16)"
@@ -58,7 +71,15 @@ def _backend_ready(backend: str, nki_version: str | None = None) -> str | None:
     from vllm_nki_moe.ops.kernel_call import real_nki_available
 
     if not real_nki_available():
-        return "kernels=nki but the real `nki` package is not importable here; use --kernels emulator"
+        return f"kernels={backend} but AWS's `nki` package is not importable here; use --kernels emulator"
+    if backend == "nki":
+        from vllm_nki_moe.platforms import devices
+
+        if not devices.find_neuron_devices():
+            return (
+                f"kernels=nki runs each kernel on the Neuron device, and none is visible (looked for "
+                f"{devices.where_we_looked()}); --kernels nki-sim runs AWS's simulator on this CPU"
+            )
     return None
 
 
@@ -74,14 +95,15 @@ def run_kernels_command(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, nki_version: str | None) -> int:
-    from vllm_nki_moe.tools.kernel_check.shapes import ShapesError, kernel_shapes
+    from vllm_nki_moe.tools.kernel_check.shapes import ShapesError, kernel_shapes, model_config_path
 
     problem = _backend_ready(args.kernels, nki_version)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        shapes = kernel_shapes(args.config, args.tp, args.dtype)
+        config = model_config_path(args.model) if args.model else args.config
+        shapes = kernel_shapes(config, args.tp, args.dtype)
     except ShapesError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

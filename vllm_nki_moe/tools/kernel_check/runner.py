@@ -59,14 +59,59 @@ def oldest_nki_release(kernel) -> str | None:
     return language_rules.oldest_release(kernel)
 
 
+# vLLM Neuron's platform names its torch device "neuron" (NeuronPlatform.device_type, docs/neuron.md section 3.2).
+NEURON_TORCH_DEVICE = "neuron"
+
+
+def _to_host(x):
+    """A kernel output back as a NumPy array on the host (bfloat16 bit-exact, as ml_dtypes' bfloat16)."""
+    import torch
+
+    from nki_emulator import dtypes
+
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_host(v) for v in x)
+    if not isinstance(x, torch.Tensor):
+        return x
+    t = x.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(dtypes.bfloat16)
+    return t.numpy()
+
+
+def _to_device(x, device):
+    import torch
+
+    from nki_emulator import dtypes
+
+    if not isinstance(x, np.ndarray):
+        return x
+    if x.dtype == dtypes.bfloat16:
+        return torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(torch.bfloat16).to(device)
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+
 def _run_kernel(case: KernelCase, inputs: tuple, backend: str):
+    """(outputs as NumPy arrays, emulator report or None) of one case under ``backend``.
+
+    ``emulator``: our emulator, with its cost report. ``nki-sim``: AWS's ``nki.simulate(kernel)(*arrays)`` (NumPy in,
+    NumPy out; nki/api/generated/nki.simulate, Neuron 2.32). ``nki``: the inputs are copied to the Neuron device as
+    torch tensors, the kernel runs there as the serving path calls it (``ops.kernel_call``), outputs come back.
+    """
     if backend == "emulator":
         from nki_emulator import run
 
         return run(case.kernel_fn, *inputs)
+    if backend == "nki-sim":
+        import nki
+
+        return nki.simulate(case.kernel_fn)(*inputs), None
     if backend == "nki":
-        return case.kernel_fn(*inputs), None
-    raise ValueError(f"kernel_check: kernels={backend!r}; must be emulator or nki")
+        from vllm_nki_moe.ops.kernel_call import call_kernel
+
+        on_device = tuple(_to_device(x, NEURON_TORCH_DEVICE) for x in inputs)
+        return _to_host(call_kernel("nki", case.kernel_fn, *on_device)), None
+    raise ValueError(f"kernel_check: kernels={backend!r}; must be emulator, nki or nki-sim")
 
 
 def run_case(case: KernelCase, backend: str = "emulator", seed: int = SEED) -> CheckRow:

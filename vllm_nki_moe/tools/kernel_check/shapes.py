@@ -106,6 +106,23 @@ def load_config(path: str | Path | None) -> tuple[str, dict]:
     return str(p), cfg
 
 
+def model_config_path(model: str) -> str:
+    """``config.json`` of ``model``: a checkpoint directory, or a Hugging Face model id (fetched into, or read from,
+    the Hugging Face cache, as vLLM and transformers fetch it)."""
+    local = Path(model)
+    if local.is_dir():
+        return str(local / "config.json")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(model, "config.json")
+    except Exception as err:  # noqa: BLE001 - offline, gated, unknown id: one line naming the model and the cause
+        raise ShapesError(
+            f"kernel_check: model={model!r}; not a directory, and its config.json could not be fetched from the "
+            f"Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
+
+
 def kernel_shapes(config: str | Path | dict | None = None, tp: int = 1, dtype: str = "bfloat16") -> KernelShapes:
     """Per-rank shapes for ``config`` (a path, a dict of HF fields, or None for Qwen3-30B-A3B) at TP degree ``tp``.
 
