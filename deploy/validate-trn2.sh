@@ -26,7 +26,9 @@ Usage: deploy/validate-trn2.sh [--report-dir DIR] [--model ID] [--tensor-paralle
 
 Runs on a trn2 host with the Neuron SDK venv active (deploy/setup-trn2.sh):
   kernels-check  vllm-nki-moe kernels check --kernels nki --model MODEL --tensor-parallel-size N
-  parity         vllm-nki-moe generate --model MODEL --kernels nki --compare-hf --tensor-parallel-size N
+                 (every kernel on the Neuron device at the model's per-rank shapes, against its reference)
+  parity         vllm-nki-moe parity --model MODEL --device neuron --tensor-parallel-size N --kernels nki
+                 (vLLM on Neuron vs Hugging Face greedy on the host CPU, a few prompts)
   serve-start    vllm serve MODEL --device neuron --tensor-parallel-size N on 127.0.0.1:PORT, wait for /health
   loadtest       locust -f loadtest/prompts.py --headless --mode contest --report-dir REPORT/loadtest
   serve-stop     stops the server this script started
@@ -112,7 +114,7 @@ environment() {
     "${PYTHON}" --version 2>&1 || true
     "${PYTHON}" -m pip list 2>/dev/null \
         | grep -i -E '^(vllm|vllm-neuron|vllm-nki-moe|nki|neuronx-cc|libtorch-neuronx-lite|torch|torch-neuronx|transformers|locust) ' \
-        || echo "pip list unavailable"
+        | tee "${REPORT_DIR}/versions.txt" || echo "pip list unavailable"
     echo "--- environment"
     env | grep -E '^(VLLM_|NEURON_|NKI_|HF_HOME)' | grep -v -E '^VLLM_API_KEY' | sort || true
 }
@@ -123,14 +125,29 @@ NO_DEVICE=""
 compgen -G "${DEVICE_GLOB}" > /dev/null \
     || NO_DEVICE="no ${DEVICE_GLOB} device files: not a Trainium host, or the Neuron driver (aws-neuronx-dkms) is not loaded"
 
+# pin_of MODULE: the pip requirement deploy/setup-trn2.sh installs for MODULE (its readonly *_VERSION pins).
+pin_of() {
+    local package variable version
+    case "$1" in
+        nki) package=nki; variable=NKI_VERSION ;;
+        neuronxcc) package=neuronx-cc; variable=NEURONX_CC_VERSION ;;
+        libtorch_neuronx_lite) package=libtorch-neuronx-lite; variable=LIBTORCH_NEURONX_LITE_VERSION ;;
+        vllm_neuron) package=vllm-neuron; variable=VLLM_NEURON_VERSION ;;
+        vllm) echo "vllm (pinned by vllm-neuron)"; return 0 ;;
+        *) echo "$1"; return 0 ;;
+    esac
+    version="$(sed -n "s/^readonly ${variable}=\"\([^\"]*\)\".*/\1/p" "${REPO_DIR}/deploy/setup-trn2.sh" 2>/dev/null)"
+    echo "${package}==${version:-?}"
+}
+
 missing_modules=()
 for module in vllm vllm_neuron nki neuronxcc libtorch_neuronx_lite vllm_nki_moe; do
     "${PYTHON}" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('${module}') else 1)" \
-        2>/dev/null || missing_modules+=("${module}")
+        2>/dev/null || missing_modules+=("${module} ($(pin_of "${module}"))")
 done
 NO_SDK=""
 if [[ ${#missing_modules[@]} -gt 0 ]]; then
-    NO_SDK="python modules not importable with ${PYTHON}: ${missing_modules[*]} (Neuron SDK 2.32 venv: deploy/setup-trn2.sh)"
+    NO_SDK="python modules not importable with ${PYTHON}: ${missing_modules[*]}; install them with deploy/setup-trn2.sh"
 fi
 
 HW_REASON="${NO_DEVICE}${NO_DEVICE:+${NO_SDK:+; }}${NO_SDK}"
@@ -155,7 +172,7 @@ preflight() {
     echo "device: ${NO_DEVICE:-ok}"
     echo "sdk: ${NO_SDK:-ok}"
     echo "kernels check cli: $(cli_reason kernels check -- --kernels --model --tensor-parallel-size)"
-    echo "generate cli: $(cli_reason generate -- --model --kernels --compare-hf --tensor-parallel-size)"
+    echo "parity cli: $(cli_reason parity -- --model --device --tensor-parallel-size --kernels)"
     echo "vllm: $(command -v vllm || echo 'not on PATH')"
     echo "locust: $(command -v locust || echo 'not on PATH')"
     echo "loadtest: $([[ -f "${REPO_DIR}/loadtest/prompts.py" ]] && echo ok || echo "no ${REPO_DIR}/loadtest/prompts.py")"
@@ -176,8 +193,8 @@ run_step kernels-check "$(first_reason "${HW_REASON}" "$(cli_reason kernels chec
     vllm-nki-moe kernels check --kernels nki --model "${MODEL}" --tensor-parallel-size "${TP}"
 
 # --- model parity: our model with NKI kernels vs Hugging Face transformers -----------------------
-run_step parity "$(first_reason "${HW_REASON}" "$(cli_reason generate -- --model --kernels --compare-hf --tensor-parallel-size)")" \
-    vllm-nki-moe generate --model "${MODEL}" --kernels nki --compare-hf --tensor-parallel-size "${TP}"
+run_step parity "$(first_reason "${HW_REASON}" "$(cli_reason parity -- --model --device --tensor-parallel-size --kernels)")" \
+    vllm-nki-moe parity --model "${MODEL}" --device neuron --tensor-parallel-size "${TP}" --kernels nki
 
 # --- serve --------------------------------------------------------------------------------------
 BASE_URL="http://127.0.0.1:${PORT}"
@@ -261,6 +278,24 @@ else
 fi
 
 # --- report -------------------------------------------------------------------------------------
+# loadtest_scores REPORT_JSON: the load test's totals (loadtest/report.py) as a table row, or why there are none.
+loadtest_scores() {
+    if [[ ! -f "$1" ]]; then
+        echo "Load test: no report (the loadtest step did not write $1)."
+        return 0
+    fi
+    python3 - "$1" <<'PY' || echo "Load test: $1 could not be read."
+import json, sys
+t = json.load(open(sys.argv[1]))["totals"]
+fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)
+e2e = (t.get("e2e_ms") or {}).get("p99")
+print("| load test | score | requests ok | p99 e2e ms | output tok/s |")
+print("|---|---|---|---|---|")
+print(f"| contest mode | {fmt(t.get('score'), '{:.4g}')} | {t['requests_ok']} of {t['requests']} | {fmt(e2e)} "
+      f"| {fmt(t.get('output_tok_s_aggregate'))} |")
+PY
+}
+
 {
     echo "# vllm-nki-moe trn2 validation"
     echo
@@ -271,6 +306,16 @@ fi
     tail -n +2 "${SUMMARY_TSV}" | while IFS=$'\t' read -r step status secs log note; do
         echo "| ${step} | ${status} | ${secs} | ${log} | ${note} |"
     done
+    echo
+    echo "| package | version |"
+    echo "|---|---|"
+    if [[ -s "${REPORT_DIR}/versions.txt" ]]; then
+        while read -r package version _; do echo "| ${package} | ${version} |"; done < "${REPORT_DIR}/versions.txt"
+    else
+        echo "| (none found) | ${PYTHON} -m pip list showed none of the packages looked for |"
+    fi
+    echo
+    loadtest_scores "${REPORT_DIR}/loadtest/report.json"
 } > "${REPORT_DIR}/summary.md"
 
 say "report: ${REPORT_DIR}/summary.md"

@@ -9,6 +9,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -372,12 +373,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The fake vllm-nki-moe parses its arguments with the real CLI parser (so a flag the script uses and the CLI lacks
+# fails here, with argparse's exit 2), answers --help with the real help, and records the call instead of running it.
+FAKE_CLI = f"""#!{sys.executable}
+import os, sys
+from vllm_nki_moe.tools.cli import build_parser
+build_parser().parse_args(sys.argv[1:])
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write("fake vllm-nki-moe " + " ".join(sys.argv[1:]) + "\\n")
+"""
+
 FAKE_TOOLS = {
-    # Accepts every flag the script asks for in --help, succeeds otherwise.
-    "vllm-nki-moe": """#!/usr/bin/env bash
-if [[ " $* " == *" --help "* ]]; then echo "--kernels --model --tensor-parallel-size --compare-hf"; fi
-echo "fake vllm-nki-moe $*" >> "$FAKE_LOG"
-""",
+    "vllm-nki-moe": FAKE_CLI,
     # `vllm serve ... --port N`: answers GET /health until killed.
     "vllm": """#!/usr/bin/env bash
 echo "fake vllm $*" >> "$FAKE_LOG"
@@ -385,11 +392,16 @@ port=""; while [[ $# -gt 0 ]]; do [[ "$1" == --port ]] && port="$2"; shift; done
 mkdir -p "$FAKE_ROOT/www" && touch "$FAKE_ROOT/www/health"
 exec python3 -m http.server --bind 127.0.0.1 --directory "$FAKE_ROOT/www" "$port"
 """,
+    # Writes the totals of a report.json the way loadtest/report.py shapes them.
     "locust": """#!/usr/bin/env bash
 echo "fake locust $*" >> "$FAKE_LOG"
+while [[ $# -gt 0 ]]; do [[ "$1" == --report-dir ]] && dir="$2"; shift; done
+echo '{"totals": {"score": 1.2345, "requests": 40, "requests_ok": 39, "e2e_ms": {"p99": 812.25},
+  "output_tok_s_aggregate": 1500.0}}' > "$dir/report.json"
 """,
-    # Stands in for the Neuron venv's python: every module "imports".
+    # Stands in for the Neuron venv's python: every module "imports"; pip lists two of the SDK's packages.
     "fake-python": """#!/usr/bin/env bash
+[[ "$*" == "-m pip list" ]] && printf 'nki                 0.6.0\\nvllm-neuron         0.24.0.1.1.0\\n'
 exit 0
 """,
 }
@@ -439,8 +451,25 @@ def test_validate_runs_every_step_and_stops_its_server(tmp_path):
     assert {status for status, _ in read_summary(report).values()} == {"PASS"}
     calls = fake_log.read_text()
     assert "kernels check --kernels nki --model Qwen/Qwen3-30B-A3B --tensor-parallel-size 4" in calls
-    assert "generate --model Qwen/Qwen3-30B-A3B --kernels nki --compare-hf --tensor-parallel-size 4" in calls
+    assert "parity --model Qwen/Qwen3-30B-A3B --device neuron --tensor-parallel-size 4 --kernels nki" in calls
     assert f"serve Qwen/Qwen3-30B-A3B --device neuron --tensor-parallel-size 4 --host 127.0.0.1 --port {port}" in calls
     assert f"--headless --mode contest --host http://127.0.0.1:{port} --report-dir {report}/loadtest" in calls
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0, "the fake server still listens: serve-stop did not stop it"
+    summary = (report / "summary.md").read_text()
+    assert "| nki | 0.6.0 |" in summary and "| vllm-neuron | 0.24.0.1.1.0 |" in summary
+    assert "| contest mode | 1.234 | 39 of 40 | 812.2 | 1500.0 |" in summary
+
+
+def test_the_fake_cli_is_the_real_parser(tmp_path):
+    """A flag the CLI does not have fails in the fake as it would on the host (argparse's usage error, exit 2)."""
+    fake = tmp_path / "vllm-nki-moe"
+    fake.write_text(FAKE_CLI)
+    fake.chmod(0o755)
+    env = dict(os.environ, FAKE_LOG=str(tmp_path / "log"))
+    ok = subprocess.run([str(fake), "parity", "--model", "m", "--device", "neuron"], env=env, capture_output=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run(
+        [str(fake), "generate", "--model", "m", "--tensor-parallel-size", "4"], env=env, text=True, capture_output=True
+    )
+    assert bad.returncode == 2 and "unrecognized arguments: --tensor-parallel-size" in bad.stderr

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-HELPER = Path(__file__).resolve().parents[1] / "helpers" / "vllm_generate.py"
+from vllm_nki_moe.tools.vllm_greedy import GreedySpec, run_vllm_greedy
+
 PROMPTS = [
     "Hello world, the quick brown fox",
     "On the first day of Christmas my true love sent to me",
@@ -71,18 +68,14 @@ def vllm_greedy(
 ) -> dict:
     """vLLM offline generation in a fresh process: eager (``enforce_eager``), or ``compiled``, vLLM's default mode
     (Dynamo traces our decoder stack once, Inductor compiles it; a graph break fails the run)."""
-    env = {**os.environ, "VLLM_NKI_MOE_KERNELS": kernels, "VLLM_NKI_MOE_TEST_COMPILED": "1" if compiled else "0"}
-    extra = [json.dumps(additional_config)] if additional_config else []
-    proc = subprocess.run(
-        [sys.executable, str(HELPER), str(model_dir), json.dumps(prompts), str(new_tokens), *extra],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
+    spec = GreedySpec(
+        model=str(model_dir),
+        prompts=prompts,
+        max_tokens=new_tokens,
+        additional_config=additional_config or {},
+        enforce_eager=not compiled,
     )
-    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and result, f"vLLM run failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(result[-1][len("RESULT ") :])
+    return run_vllm_greedy(spec, env={"VLLM_NKI_MOE_KERNELS": kernels}, timeout=600)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])

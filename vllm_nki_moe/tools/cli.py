@@ -45,6 +45,12 @@ def _generate(args: argparse.Namespace) -> int:
     return run_generate(args)
 
 
+def _parity(args: argparse.Namespace) -> int:
+    from vllm_nki_moe.tools.parity import run_parity
+
+    return run_parity(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-nki-moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_arguments(gen)
     gen.set_defaults(handler=_generate)
+
+    parity = sub.add_parser(
+        "parity", help="our model served by vLLM (cpu or neuron, any TP) vs Hugging Face greedy on the host CPU"
+    )
+    from vllm_nki_moe.tools.parity import add_arguments as add_parity_arguments
+
+    add_parity_arguments(parity)
+    parity.set_defaults(handler=_parity)
     return parser
 
 

@@ -224,11 +224,13 @@ class Harness:
         return Generation(prompt, prompt_ids, tokens, text, prefill, decode, dict(self.graphs))
 
 
-def hf_greedy(model_dir: str | Path, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """Hugging Face ``generate``: float32, greedy, EOS ignored (as vLLM's ``ignore_eos``)."""
+def hf_greedy(
+    model_dir: str | Path, prompts: list[str], max_new_tokens: int, dtype: str = "float32"
+) -> list[list[int]]:
+    """Hugging Face ``generate`` on the host CPU: greedy, EOS ignored (as vLLM's ``ignore_eos``), in ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model.generation_config.eos_token_id = None
     results = []
