@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -92,7 +93,11 @@ def test_kernels_bench_prints_decode_and_prefill_tables(capsys):
     out = capsys.readouterr().out
     for title in ("decode, batch 1", "decode, batch 8", "decode, batch 32", "prefill, 512 tokens"):
         assert title in out
-    assert "tokens/s per trn2 chip" in out and "Not counted" in out and "LNC=2" in out
+    assert "tokens/s per trn2 chip" in out and "Not estimated" in out and "LNC=2" in out
+    for batch in (1, 8, 32):
+        assert re.search(
+            rf"^decode step, batch {batch}: [0-9.]+ ms per token \(limit [0-9.]+ ms, \d+% of it\)$", out, re.M
+        )
 
 
 # --- the package's parts --------------------------------------------------------------------------------------------

@@ -1,0 +1,78 @@
+"""The rest of a step around the kernels (``kernel_check.step_model``) and its limit, against hand-worked figures."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from nki_emulator.cost import HBM_BYTES_PER_S_PER_CORE
+from vllm_nki_moe.tools.kernel_check import bench, step_model
+from vllm_nki_moe.tools.kernel_check.shapes import kernel_shapes
+
+CORE_BW = HBM_BYTES_PER_S_PER_CORE  # 2.9 TB/s / 8 physical cores (trainium2.rst)
+
+
+def test_small_all_reduce_is_two_mesh_hops_plus_its_traffic():
+    # 4 KiB over 4 ranks: Mesh (< 1 MB): ReduceScatter + AllGather = 2 hops of 2 us; each rank moves
+    # 2 * 3/4 * 4096 = 6144 bytes, read and written (x2), at one logical core's 2 x 362.5 GB/s.
+    assert step_model.all_reduce_seconds(4096, 4) == pytest.approx(2 * 2e-6 + 2 * 6144 / (2 * CORE_BW))
+
+
+def test_large_all_reduce_takes_log2_hops_per_phase():
+    nbytes = 2 << 20  # 2 MiB (a 512-token prefill's activations): RDH, log2(8) = 3 hops per phase
+    expected = 2 * 3 * 2e-6 + 2 * (2 * 7 / 8 * nbytes) / (2 * CORE_BW)
+    assert step_model.all_reduce_seconds(nbytes, 8) == pytest.approx(expected)
+
+
+def test_one_rank_needs_no_collective():
+    assert step_model.all_reduce_seconds(1 << 20, 1) == 0.0
+    assert step_model.all_gather_seconds(64, 1) == 0.0
+
+
+@pytest.mark.parametrize("experts, top_k, tokens", [(4, 2, 2), (5, 1, 3), (6, 3, 2)])
+def test_expected_distinct_experts_matches_enumeration(experts, top_k, tokens):
+    choices = list(itertools.combinations(range(experts), top_k))
+    outcomes = list(itertools.product(choices, repeat=tokens))
+    mean = sum(len(set().union(*o)) for o in outcomes) / len(outcomes)
+    assert step_model.expected_distinct_experts(experts, top_k, tokens) == pytest.approx(mean)
+
+
+def test_qwen3_30b_a3b_batch_1_limit_at_tp4_by_hand():
+    # Per rank at TP 4 (elements): attention 2048 x (8 + 2) x 128 + 8 x 128 x 2048 = 4,718,592; KV cache of 640
+    # tokens 640 x 2 x 1 x 128 = 163,840; 8 experts x 3 x 2048 x 192 + router 2048 x 128 = 9,699,328; x 48 layers
+    # = 699,924,480; LM head shard 37,984 x 2048 = 77,791,232. Total 777,715,712 bf16 = 1,555,431,424 bytes at
+    # 2 x 362.5 GB/s = 2.1454 ms (the issue's 6.1 GB at 2.9 TB/s = 2.1 ms for the whole chip).
+    shapes = kernel_shapes(None, 4)
+    assert step_model.limit_seconds(shapes, 1) == pytest.approx(1_555_431_424 / (2 * CORE_BW))
+
+
+def test_parts_a_kernel_covers_leave_the_rest():
+    shapes = kernel_shapes(None, 4)
+    names = [p.name for p in step_model.rest_of_step(shapes, 1, set(), kernel_calls=10)]
+    assert {"qkv_proj", "o_proj", "lm_head", "final norm"} <= set(names)
+    covered = [p.name for p in step_model.rest_of_step(shapes, 1, {"qkv_proj", "lm_head"}, kernel_calls=10)]
+    assert "qkv_proj" not in covered and "lm_head" not in covered and "o_proj" in covered
+
+
+def test_rest_of_step_counts_two_all_reduces_per_layer_and_every_boundary():
+    shapes = kernel_shapes(None, 4)
+    parts = {p.name: p for p in step_model.rest_of_step(shapes, 1, {"qkv_proj", "o_proj", "lm_head"}, 7)}
+    assert parts["all-reduce (attention, MLP)"].count == 2 * 48
+    assert parts["kernel boundaries"].count == 7
+    qkv = step_model.projection_bytes(shapes, 1)["qkv_proj"]
+    assert qkv == (2048 * 1280 + 1 * (2048 + 1280)) * 2
+
+
+def test_whole_step_is_kernels_plus_rest_and_its_line_reads_as_the_issue_asks():
+    shapes = kernel_shapes(None, 4)
+    st = bench.step_cost(shapes, "decode", 1)
+    assert st.step_seconds == pytest.approx(st.kernels_seconds + sum(p.step_seconds for p in st.rest))
+    line = bench.step_line(st)
+    pct = round(100 * st.limit_seconds / st.step_seconds)
+    assert line == (
+        f"decode step, batch 1: {st.step_seconds * 1e3:.3f} ms per token "
+        f"(limit {st.limit_seconds * 1e3:.3f} ms, {pct}% of it)"
+    )
+    assert math.isfinite(st.tokens_per_s_per_chip) and st.tokens_per_s_per_chip > 0
