@@ -72,3 +72,37 @@ def test_the_reference_binding_keeps_the_model_layout():
     before = w13.data_ptr()
     ops.bind("torch", host_ops=False).prepare_weights("moe_experts", w13, w2)
     assert moe.layout_of(w13) == moe.MODEL_LAYOUT and w13.data_ptr() == before
+
+
+@pytest.mark.parametrize("tokens", [1, 9])  # 1: the fused decode block reads [HP, KT, E]; 9: the router kernel [H, E]
+def test_the_router_weight_is_kept_once_and_both_kernels_read_it_as_views(tokens):
+    from vllm_nki_moe.ops import router
+
+    opset = ops.bind("emulator")
+    w13, w2, g = _experts(10 + tokens)
+    original = (w13.detach().clone(), w2.detach().clone())
+    opset.prepare_weights("moe_experts", w13, w2)
+    gate = torch.nn.Parameter(torch.randn(E, H, generator=g), requires_grad=False)
+    gate_model = gate.detach().clone()
+    opset.prepare_weights("router_gate_topk", gate)
+    assert gate.shape == (E, H) and torch.equal(gate, gate_model)  # the same values, column-major storage
+    storage = gate.untyped_storage().data_ptr()
+    assert gate.t().is_contiguous() and gate.untyped_storage().nbytes() == gate.numel() * gate.element_size()
+    moe._kernel_weights.clear()
+    router._gate_weights.clear()
+    hidden, residual = torch.randn(tokens, H, generator=g), torch.randn(tokens, H, generator=g)
+    norm_w = 1 + 0.1 * torch.randn(H, generator=g)
+    out, _ = opset.moe_block(hidden, residual, norm_w, 1e-6, gate, w13, w2, K, True)
+    cached = [v[2] for c in (moe._kernel_weights, router._gate_weights) for v in c._cache.values()]
+    cached = [t for t in cached if isinstance(t, torch.Tensor)]
+    assert cached and all(t.untyped_storage().data_ptr() == storage for t in cached)  # views, no second copy
+    want, _ = ops.bind("torch", host_ops=False).moe_block(
+        hidden, residual, norm_w, 1e-6, gate_model, *original, K, True
+    )
+    assert_close(out, want, "float32_matmul")
+
+
+def test_the_torch_binding_leaves_the_router_weight_as_the_checkpoint_stores_it():
+    gate = torch.nn.Parameter(torch.randn(E, H), requires_grad=False)
+    ops.bind("torch").prepare_weights("router_gate_topk", gate)
+    assert gate.is_contiguous()

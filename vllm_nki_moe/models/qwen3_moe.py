@@ -375,8 +375,11 @@ class Qwen3MoeForCausalLM(nn.Module):
                 param = params[name]
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
                 loaded.add(name)
-        # The experts' one copy: converted in place to the layout the bound ops read (kernel tiles, prepacked).
+        # The experts' and the router's one copy: converted in place to the layout the bound ops read (kernel tiles,
+        # prepacked experts; the router weight column-major, its transpose being the kernels' layout).
         for name, module in self.named_modules():
             if isinstance(module, Qwen3MoeExperts) and {f"{name}.w13_weight", f"{name}.w2_weight"} <= loaded:
                 self.opset.prepare_weights("moe_experts", module.w13_weight, module.w2_weight)
+            if isinstance(module, Qwen3MoeRouterGate) and f"{name}.weight" in loaded:
+                self.opset.prepare_weights("router_gate_topk", module.weight)
         return loaded

@@ -160,7 +160,7 @@ def bind(requested: str | None = None, *, host_ops: bool | None = None) -> OpSet
         for name in OP_NAMES:
             spec = SPECS[name]
             if spec.kernel is not None:
-                fallback = spec.weights.any_layout if spec.weights else impls[name]
+                fallback = spec.weights.any_layout if spec.weights and spec.weights.any_layout else impls[name]
                 impls[name] = spec.bind_kernel(backend, strict, fallback=fallback)
                 if spec.weights:
                     preparers[name] = spec.weights.for_kernel
@@ -172,6 +172,8 @@ def bind(requested: str | None = None, *, host_ops: bool | None = None) -> OpSet
         impls[name] = spec.compose(impls)
         if with_kernels and spec.kernel is not None:
             impls[name] = spec.bind_kernel(backend, strict, fallback=impls[name])
+            if spec.weights:
+                preparers[name] = spec.weights.for_kernel
     names = OP_NAMES + COMPOSITE_OPS
     kernel_ops = tuple(n for n in names if with_kernels and SPECS[n].kernel is not None)
     signatures = {name: SPECS[name].reference for name in OP_NAMES}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_nki_moe.ops.kernel_call import call_kernel, load_kernels
-from vllm_nki_moe.ops.spec import KernelImpl, OpSpec
+from vllm_nki_moe.ops.spec import KernelImpl, OpSpec, WeightLayouts
 from vllm_nki_moe.ops.weight_cache import WeightCache
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -75,7 +75,21 @@ _gate_weights = WeightCache()
 
 
 def _transposed(gate_weight: torch.Tensor) -> torch.Tensor:
+    """``[H, E]`` contiguous: a view of a weight :func:`prepare_gate_for_kernels` converted, else a copy (cached)."""
     return gate_weight.t().contiguous()
+
+
+def prepare_gate_for_kernels(gate_weight: torch.Tensor) -> None:
+    """Store the router weight ``[E, H]`` column-major, in place, once after loading: its transpose ``[H, E]`` is then
+    a contiguous view, which is both kernels' layout (``router_topk_matmul``'s ``gate_weight_t``, and
+    ``moe_block_decode``'s ``[HP, KT, E]``, the same bytes split as h = hp * KT + kt), so the model keeps one copy and
+    the torch path (``F.linear``) reads the same tensor through its strides."""
+    if not gate_weight.t().is_contiguous():
+        gate_weight.data = gate_weight.data.t().contiguous().t()
+
+
+def _no_conversion(*weights: torch.Tensor) -> None:
+    """vLLM's CPU path reads the router weight as the checkpoint stores it."""
 
 
 def _router_gate_topk_supports(
@@ -111,5 +125,7 @@ SPECS = (
         "router_gate_topk",
         kernel=KernelImpl(_router_gate_topk_kernel, _router_gate_topk_supports),
         compose=router_gate_topk_sequence,
+        # the sequence (F.linear) reads any strides: no other fallback is needed
+        weights=WeightLayouts(_no_conversion, prepare_gate_for_kernels),
     ),
 )

@@ -39,11 +39,12 @@ class KernelImpl:
 class WeightLayouts:
     """How an op's implementations want its weights (see ``OpSpec.weights``): ``for_host(*weights)`` and
     ``for_kernel(*weights)`` convert in place (or leave weights the implementation cannot take as they are);
-    ``any_layout`` is the op's torch implementation for weights in the model's layout or either converted one."""
+    ``any_layout`` is the op's torch implementation for weights in the model's layout or either converted one (None:
+    the op's own torch implementation reads every layout)."""
 
     for_host: Callable[..., None]
     for_kernel: Callable[..., None]
-    any_layout: Callable[..., Any]
+    any_layout: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)
