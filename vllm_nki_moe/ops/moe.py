@@ -405,7 +405,10 @@ def _moe_block_supports(hidden, residual, norm_weight, eps, gate_weight, w13, w2
 def _moe_block_kernel(backend: str, hidden, residual, norm_weight, eps, gate_weight, w13, w2, top_k, renormalize):
     moe_common, moe_block = load_kernels("moe_common"), load_kernels("moe_block")
     w13k, w2k = _kernel_layout(w13, w2)
-    router_w = _kernel_weights.get(moe_common.router_kernel_layout, gate_weight)
+    if gate_weight.t().is_contiguous():  # prepared (router.prepare_gate_for_kernels): [HP, KT, E] is a view
+        router_w = moe_common.router_kernel_layout(gate_weight)
+    else:
+        router_w = _kernel_weights.get(moe_common.router_kernel_layout, gate_weight)
     return call_kernel(
         backend,
         moe_block.moe_block_decode,

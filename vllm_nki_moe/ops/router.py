@@ -113,7 +113,8 @@ def _router_gate_topk_supports(
 def _router_gate_topk_kernel(
     backend: str, hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool
 ):
-    weight_t = _gate_weights.get(_transposed, gate_weight)
+    # prepared (column-major): the transpose is the kernel's layout as a view; otherwise converted once, cached
+    weight_t = gate_weight.t() if gate_weight.t().is_contiguous() else _gate_weights.get(_transposed, gate_weight)
     kernel = load_kernels("router").router_topk_matmul
     weights, ids = call_kernel(backend, kernel, hidden.contiguous(), weight_t, int(top_k), bool(renormalize))
     return weights, ids.to(torch.int64)
