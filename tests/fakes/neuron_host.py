@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests import fakes
-from vllm_nki_moe.platforms import devices
+from vllm_nki_moe.platforms import devices, neuron_worker
 from vllm_nki_moe.platforms import neuron as platform_neuron
 
 
@@ -51,6 +51,7 @@ def fake_sdk(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ModelRegistry, "models", dict(ModelRegistry.models))  # registrations end with the test
     monkeypatch.setattr(platform_neuron, "_built", {})
+    monkeypatch.setattr(neuron_worker, "_built", {})
     monkeypatch.setattr(platform_neuron, "_logged", set())
     monkeypatch.setattr(devices, "NEURON_RUNTIME_DIR", str(tmp_path / "site" / "runtime"))
     monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)

@@ -173,10 +173,66 @@ def test_a_misspelt_kernels_variable_is_a_flag_error_on_neuron(neuron_host, monk
 
 
 @pytest.mark.parametrize("tp", VALID_TP)
-def test_qwen3_30b_a3b_config_passes_and_upstream_configures_the_worker(neuron_host, tp):
+def test_qwen3_30b_a3b_config_passes_and_gets_upstreams_worker_subclassed(neuron_host, tp):
     config = vllm_config(tp=tp)
     neuron_platform_class().check_and_update_config(config)
-    assert config.parallel_config.worker_cls == "vllm_neuron.vllm.worker.neuron_worker.NeuronWorker"
+    assert ("check_and_update_config", True) in neuron_host.upstream_calls()  # upstream configured it first
+    assert config.parallel_config.worker_cls == "vllm_nki_moe.platforms.neuron_worker.NkiMoeNeuronWorker"
+
+
+# --- the workers: upstream's NeuronWorker re-registers its models in each of them ------------------------------------
+
+
+def _registered_qwen3_moe() -> str:
+    from vllm_nki_moe.platforms.neuron_worker import registered_class
+
+    return registered_class("Qwen3MoeForCausalLM")
+
+
+def _build_worker(qualname: str):
+    from vllm.config import VllmConfig
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    worker_cls = resolve_obj_by_qualname(qualname)  # as vLLM's WorkerWrapperBase.init_worker resolves worker_cls
+    return worker_cls(vllm_config=VllmConfig(), local_rank=0, rank=0, distributed_init_method="tcp://127.0.0.1:0")
+
+
+@pytest.mark.parametrize("upstream_lists_qwen3_moe", [False, True], ids=["registry-without", "registry-with"])
+def test_our_class_serves_in_every_worker_whatever_upstream_registers(neuron_host, upstream_lists_qwen3_moe):
+    from vllm_nki_moe import plugin
+
+    platform = neuron_platform_class()
+    platform.pre_register_and_update(None)  # the engine process: ours registered after upstream's platform hook
+    config = vllm_config()
+    platform.check_and_update_config(config)
+    import vllm_neuron.model.registry as upstream_registry
+    import vllm_neuron.vllm.worker.neuron_worker as upstream_worker
+    from vllm import ModelRegistry
+
+    upstream_registry.LISTS_QWEN3_MOE = upstream_lists_qwen3_moe
+    worker = _build_worker(config.parallel_config.worker_cls)
+    assert isinstance(worker, upstream_worker.NeuronWorker) and upstream_worker.CONSTRUCTED  # upstream's init ran
+    assert _registered_qwen3_moe() == plugin.NEURON_MODEL_CLASS
+    assert fakes.UPSTREAM_ARCH in ModelRegistry.models  # upstream's other models kept
+
+
+def test_without_our_worker_upstreams_registration_would_win(neuron_host):
+    """The failure the subclass prevents: upstream's worker, once its registry lists Qwen3-MoE, replaces ours."""
+    import vllm_neuron.model.registry as upstream_registry
+
+    neuron_platform_class().pre_register_and_update(None)
+    upstream_registry.LISTS_QWEN3_MOE = True
+    _build_worker("vllm_neuron.vllm.worker.neuron_worker.NeuronWorker")
+    assert _registered_qwen3_moe() == "vllm_neuron.model.upstream_qwen3_moe:UpstreamQwen3MoeForCausalLM"
+
+
+def test_a_worker_class_the_user_chose_is_kept_with_a_warning(neuron_host, caplog):
+    config = vllm_config()
+    config.parallel_config.worker_cls = "my_pkg.MyWorker"
+    with caplog.at_level(logging.WARNING):
+        neuron_platform_class().check_and_update_config(config)
+    assert config.parallel_config.worker_cls == "my_pkg.MyWorker"
+    assert "worker_cls=my_pkg.MyWorker is not vllm-neuron's NeuronWorker" in caplog.text
 
 
 @pytest.mark.parametrize("hf_overrides, settings, message", INVALID, ids=[m for _, _, m in INVALID])

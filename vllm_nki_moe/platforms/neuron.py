@@ -248,6 +248,30 @@ class _NkiMoeNeuronHooks:
         if vllm_config.model_config is not None:
             validate_config(vllm_config)  # ours first: its messages name our rules before upstream's checks run
         super().check_and_update_config(vllm_config)
+        if vllm_config.model_config is not None and _serves_our_architecture(vllm_config):
+            _use_our_worker(vllm_config.parallel_config)
+
+
+def _serves_our_architecture(vllm_config) -> bool:
+    from vllm_nki_moe.plugin import ARCHITECTURE
+
+    hf_config = getattr(vllm_config.model_config, "hf_config", None)
+    return ARCHITECTURE in (getattr(hf_config, "architectures", None) or [])
+
+
+def _use_our_worker(parallel_config) -> None:
+    """Upstream's worker re-registers upstream's models in each worker (``neuron_worker`` module docstring): swap in
+    the subclass that registers ours after it. A worker class the user chose is kept, with a warning."""
+    from vllm_nki_moe.platforms.neuron_worker import OUR_WORKER, UPSTREAM_WORKER
+
+    if parallel_config.worker_cls == UPSTREAM_WORKER:
+        parallel_config.worker_cls = OUR_WORKER
+    elif parallel_config.worker_cls != OUR_WORKER:
+        logger.warning(
+            "vllm_nki_moe: worker_cls=%s is not vllm-neuron's NeuronWorker; if it registers another Qwen3-MoE class "
+            "in the workers, that class will serve instead of ours",
+            parallel_config.worker_cls,
+        )
 
 
 _built: dict[str, type] = {}

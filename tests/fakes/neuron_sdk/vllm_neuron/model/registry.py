@@ -1,0 +1,23 @@
+"""Fake vllm_neuron.model.registry: ``get_models()`` as vllm-neuron's (a list of ``(architecture, class)``).
+
+vllm-project/vllm-neuron@5528be7 ``vllm_neuron/model/registry.py`` lists Llama, GPT-OSS, Eagle3, Qwen3, Qwen3-VL and
+DFlash, not yet its own ``vllm_neuron/model/qwen3_moe`` (present in the same repository). ``LISTS_QWEN3_MOE`` set to
+True stands for a release whose registry lists that model under our architecture's name.
+"""
+
+from torch import nn
+
+from vllm_neuron.model.upstream_qwen3_moe import UpstreamQwen3MoeForCausalLM
+
+LISTS_QWEN3_MOE = False
+
+
+class FakeUpstreamNeuronForCausalLM(nn.Module):
+    """Stands for upstream's other models."""
+
+
+def get_models():
+    models = [("FakeUpstreamNeuronForCausalLM", FakeUpstreamNeuronForCausalLM)]
+    if LISTS_QWEN3_MOE:
+        models.append(("Qwen3MoeForCausalLM", UpstreamQwen3MoeForCausalLM))
+    return models
