@@ -51,6 +51,12 @@ def _parity(args: argparse.Namespace) -> int:
     return run_parity(args)
 
 
+def _mac_ratio(args: argparse.Namespace) -> int:
+    from vllm_nki_moe.tools.mac_ratio import run_mac_ratio
+
+    return run_mac_ratio(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-nki-moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parity_arguments(parity)
     parity.set_defaults(handler=_parity)
+
+    mac = sub.add_parser("mac-ratio", help="share of a step's MACs in NKI kernels, counted as the contest counts it")
+    from vllm_nki_moe.tools.mac_ratio import add_arguments as add_mac_ratio_arguments
+
+    add_mac_ratio_arguments(mac)
+    mac.set_defaults(handler=_mac_ratio)
     return parser
 
 
