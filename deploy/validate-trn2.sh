@@ -31,6 +31,7 @@ Runs on a trn2 host with the Neuron SDK venv active (deploy/setup-trn2.sh):
                  (vLLM on Neuron vs Hugging Face greedy on the host CPU, a few prompts)
   serve-start    vllm serve MODEL --device neuron --tensor-parallel-size N on 127.0.0.1:PORT, wait for /health
   loadtest       locust -f loadtest/prompts.py --headless --mode contest --report-dir REPORT/loadtest
+                 --nki-mac-ratio auto (the ratio computed from the served checkpoint's config)
   serve-stop     stops the server this script started
 Defaults: --model ${MODEL} --tensor-parallel-size ${TP} --port ${PORT} --health-timeout ${HEALTH_TIMEOUT}
 Exit: 0 all passed, 1 a step failed, 2 no failure but some step could not run (reasons in summary.md).
@@ -268,7 +269,7 @@ LOADTEST_REASON="$(first_reason \
 mkdir -p "${REPORT_DIR}/loadtest"
 run_step loadtest "${LOADTEST_REASON}" \
     timeout "${LOADTEST_TIMEOUT}" locust -f "${REPO_DIR}/loadtest/prompts.py" --headless --mode contest \
-    --host "${BASE_URL}" --report-dir "${REPORT_DIR}/loadtest"
+    --host "${BASE_URL}" --report-dir "${REPORT_DIR}/loadtest" --nki-mac-ratio auto --mac-ratio-tp "${TP}"
 
 # --- stop ---------------------------------------------------------------------------------------
 if [[ -n "${SERVER_PID}" ]]; then

@@ -35,8 +35,9 @@ _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # locust puts the locustfile's own folder on sys.path, not the repository's
     sys.path.insert(0, str(_ROOT))
 
+from loadtest import mac_ratio  # noqa: E402
 from loadtest.metrics import MS_PER_S, Sample  # noqa: E402
-from loadtest.report import build_report, format_table, write_report  # noqa: E402
+from loadtest.report import MAC_RATIO_NOTE, build_report, format_table, write_report  # noqa: E402
 from loadtest.stream import StreamReader  # noqa: E402
 from loadtest.workload import Baseline, Prompt, load_baseline, load_prompts, load_reference  # noqa: E402
 
@@ -88,9 +89,16 @@ def add_options(parser) -> None:
     )
     parser.add_argument(
         "--nki-mac-ratio",
-        type=float,
-        default=0.0,
-        help="NKI MACs / all MACs of the served model, in [0, 1]; not observable over HTTP, reported as given",
+        default="0",
+        help="NKI MACs / all MACs of the served model, in [0, 1], reported as given; or 'auto': computed by "
+        "vllm-nki-moe mac-ratio from the checkpoint GET /v1/models names (its 'root')",
+    )
+    parser.add_argument("--mac-ratio-tp", type=int, default=4, help="TP degree for --nki-mac-ratio auto (default 4)")
+    parser.add_argument(
+        "--mac-ratio-kernels",
+        default="nki",
+        choices=["nki", "torch"],
+        help="kernel backend the server runs, for --nki-mac-ratio auto (default nki)",
     )
     parser.add_argument("--model", default="", help="served model name (default: the first of GET /v1/models)")
     parser.add_argument(
@@ -126,6 +134,8 @@ class RunState:
     references: dict[int, tuple[str, str]] = field(default_factory=dict)
     plan: list[tuple[Prompt, bool]] = field(default_factory=list)  # contest mode: (prompt, is_warmup), in order
     samples: list[Sample] = field(default_factory=list)
+    mac_ratio: float = 0.0
+    mac_ratio_note: str = ""
     fatal: str | None = None
     owner: object = None  # the contest-mode user that runs the plan
     started: float = 0.0  # time.time() at test start
@@ -165,8 +175,7 @@ def _validate(opts) -> None:
         raise ValueError(f"prompts.py: --runs-per-prompt={opts.runs_per_prompt}; must be >= 1")
     if opts.warmup_runs < 0:
         raise ValueError(f"prompts.py: --warmup-runs={opts.warmup_runs}; must be >= 0")
-    if not 0 <= opts.nki_mac_ratio <= 1:
-        raise ValueError(f"prompts.py: --nki-mac-ratio={opts.nki_mac_ratio}; a MAC ratio lies in [0, 1]")
+    mac_ratio.parse(opts.nki_mac_ratio)
     if opts.request_timeout <= 0 or opts.stall_timeout <= 0:
         raise ValueError(
             f"prompts.py: --request-timeout={opts.request_timeout}, --stall-timeout="
@@ -203,6 +212,11 @@ def on_test_start(environment, **_kwargs) -> None:
         state.model = opts.model or _first_model(environment, session, state)
         if state.fatal:
             _abort(environment, state.fatal)
+            return
+        try:
+            state.mac_ratio, state.mac_ratio_note = _mac_ratio(session, state, opts)
+        except ValueError as exc:
+            _abort(environment, str(exc))
             return
         for prompt in state.prompts:
             _measure_prompt(environment, session, state, prompt, opts.seq_len)
@@ -247,6 +261,25 @@ def _first_model(environment, session: requests.Session, state: RunState) -> str
         return ""
     _fire(environment, "GET", "/v1/models", (time.perf_counter() - start) * MS_PER_S)
     return model
+
+
+def _mac_ratio(session: requests.Session, state: RunState, opts) -> tuple[float, str]:
+    given = mac_ratio.parse(opts.nki_mac_ratio)
+    if given != mac_ratio.AUTO:
+        return given, MAC_RATIO_NOTE
+    try:
+        resp = session.get(f"{state.host}/v1/models", timeout=(CONNECT_TIMEOUT_S, state.options.stall_timeout))
+        resp.raise_for_status()
+        cards = {card["id"]: card for card in resp.json()["data"]}
+        root = cards[state.model].get("root") or ""
+    except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"prompts.py: --nki-mac-ratio auto: GET /v1/models failed ({type(exc).__name__}: {exc})")
+    if not root:
+        raise ValueError(
+            f"prompts.py: --nki-mac-ratio auto: GET /v1/models gives no 'root' (checkpoint) for {state.model!r}; "
+            "give the ratio as a number"
+        )
+    return mac_ratio.compute(root, opts.mac_ratio_tp, opts.mac_ratio_kernels)
 
 
 def _measure_prompt(environment, session: requests.Session, state: RunState, prompt: Prompt, seq_len: int) -> None:
@@ -324,7 +357,8 @@ def on_test_stop(environment, **_kwargs) -> None:
         requested_tokens=state.requested,
         baselines=state.baselines,
         references=state.references,
-        mac_ratio=opts.nki_mac_ratio,
+        mac_ratio=state.mac_ratio,
+        mac_ratio_note=state.mac_ratio_note,
         setup_errors=state.setup_errors,
     )
     try:

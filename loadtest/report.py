@@ -86,6 +86,7 @@ def build_report(
     references: Mapping[int, tuple[str, str]],
     mac_ratio: float,
     setup_errors: Mapping[int, str] | None = None,
+    mac_ratio_note: str = MAC_RATIO_NOTE,
 ) -> dict:
     """Assemble the report. ``samples`` are the timed requests (warm-ups excluded); ``run`` is metadata copied into
     ``report["run"]``; ``setup_errors`` maps a prompt id to why it never ran (e.g. longer than ``--seq-len``)."""
@@ -132,7 +133,7 @@ def build_report(
         "run": {
             **run,
             "nki_mac_ratio": mac_ratio,
-            "nki_mac_ratio_note": MAC_RATIO_NOTE,
+            "nki_mac_ratio_note": mac_ratio_note or MAC_RATIO_NOTE,
             "percentile_method": PERCENTILE_METHOD,
             "accuracy_note": ACCURACY_NOTE,
         },

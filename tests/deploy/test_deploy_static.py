@@ -453,7 +453,10 @@ def test_validate_runs_every_step_and_stops_its_server(tmp_path):
     assert "kernels check --kernels nki --model Qwen/Qwen3-30B-A3B --tensor-parallel-size 4" in calls
     assert "parity --model Qwen/Qwen3-30B-A3B --device neuron --tensor-parallel-size 4 --kernels nki" in calls
     assert f"serve Qwen/Qwen3-30B-A3B --device neuron --tensor-parallel-size 4 --host 127.0.0.1 --port {port}" in calls
-    assert f"--headless --mode contest --host http://127.0.0.1:{port} --report-dir {report}/loadtest" in calls
+    assert (
+        f"--headless --mode contest --host http://127.0.0.1:{port} --report-dir {report}/loadtest "
+        "--nki-mac-ratio auto --mac-ratio-tp 4" in calls
+    )
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0, "the fake server still listens: serve-stop did not stop it"
     summary = (report / "summary.md").read_text()

@@ -33,8 +33,10 @@ class FakeServer:
         stall_s: float = 3.0,
         tokenize: bool = True,
         api_key: str = "",
+        root: str = "",
     ):
         self.model = model
+        self.root = root  # the checkpoint the model card names (vLLM's ModelCard.root, its model path)
         self.token_delay_s = token_delay_s
         self.stall_s = stall_s
         self.tokenize = tokenize
@@ -91,7 +93,8 @@ def _handler_for(server: FakeServer):
             if not self._authorized():
                 return
             if self.path == "/v1/models":
-                self._json(200, {"object": "list", "data": [{"id": server.model, "object": "model"}]})
+                card = {"id": server.model, "object": "model", **({"root": server.root} if server.root else {})}
+                self._json(200, {"object": "list", "data": [card]})
             else:
                 self._json(404, {"error": "not found"})
 

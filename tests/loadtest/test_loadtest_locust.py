@@ -190,3 +190,40 @@ def test_invalid_option_is_refused(fake_server, tmp_path):
     run = run_locust(fake_server.url, tmp_path / "out", "--nki-mac-ratio", "2")
     assert run.returncode == 2 and "--nki-mac-ratio=2.0" in run.output
     assert fake_server.requests == []
+
+
+def test_auto_mac_ratio_is_computed_from_the_served_checkpoint(prompt_file, tmp_path):
+    from tests.loadtest.fake_openai_server import FakeServer
+    from tests.tools.test_mac_ratio import TINY
+    from vllm_nki_moe.tools import mac_ratio
+    from vllm_nki_moe.tools.kernel_check.shapes import kernel_shapes
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(TINY))
+    shapes = kernel_shapes(TINY, 2)
+    rows = mac_ratio.phase_macs(shapes, "prefill", 128, 128, "nki") + mac_ratio.phase_macs(
+        shapes, "decode", 1, 640, "nki"
+    )
+    with FakeServer(root=str(checkpoint)) as server:
+        prompts = str(prompt_file("alpha beta gamma delta"))
+        args = ("--prompt-file", prompts, "--runs-per-prompt", "1", "--nki-mac-ratio", "auto")
+        run = run_locust(server.url, tmp_path / "out", *args, "--mac-ratio-tp", "2")
+    assert run.returncode == 0, run.output
+    assert run.report["run"]["nki_mac_ratio"] == pytest.approx(mac_ratio.ratio(rows))
+    assert (
+        f"computed by vllm-nki-moe mac-ratio for {checkpoint} (TP 2, kernels nki"
+        in run.report["run"]["nki_mac_ratio_note"]
+    )
+
+
+def test_auto_mac_ratio_without_a_checkpoint_stops_with_the_reason(fake_server, prompt_file, tmp_path):
+    prompts = str(prompt_file("alpha beta gamma delta"))
+    run = run_locust(fake_server.url, tmp_path / "out", "--prompt-file", prompts, "--nki-mac-ratio", "auto")
+    assert run.returncode == 2
+    assert "gives no 'root'" in run.report["run"]["fatal"] and fake_server.requests == []
+
+
+def test_a_mac_ratio_that_is_neither_a_number_nor_auto_is_refused(fake_server, tmp_path):
+    run = run_locust(fake_server.url, tmp_path / "out", "--nki-mac-ratio", "high")
+    assert run.returncode == 2 and "--nki-mac-ratio='high'; a number in [0, 1] or 'auto'" in run.output
