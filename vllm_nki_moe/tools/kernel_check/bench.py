@@ -67,11 +67,12 @@ def replicas_per_chip(tp: int) -> float:
 def step_cost(shapes: KernelShapes, step: str, tokens: int, backend: str = "emulator") -> StepCost:
     cases = [c for c in all_cases(shapes, tokens) if c.phase in (step, "any")]
     rows = run_cases(cases, backend)
-    counted = [r for r in rows if r.passed and r.calls_per_layer]
+    counted = [r for r in rows if r.passed and (r.calls_per_layer or r.calls_per_step)]
     per_layer = sum((r.estimated_seconds or 0.0) * r.calls_per_layer for r in counted)
-    kernels_seconds = per_layer * shapes.layers
+    per_step = sum((r.estimated_seconds or 0.0) * r.calls_per_step for r in counted)
+    kernels_seconds = per_layer * shapes.layers + per_step
     covered = {part for part in KERNEL_PARTS if any(part in r.kernel for r in counted)}
-    calls = sum(r.calls_per_layer for r in counted) * shapes.layers
+    calls = sum(r.calls_per_layer for r in counted) * shapes.layers + sum(r.calls_per_step for r in counted)
     rest = rest_of_step(shapes, tokens, covered, calls)
     step_seconds = kernels_seconds + sum(p.step_seconds for p in rest)
     tps = tokens / step_seconds * replicas_per_chip(shapes.tp) if step_seconds > 0 else 0.0
@@ -113,14 +114,17 @@ def format_bench(shapes: KernelShapes, steps: list[StepCost]) -> str:
         for r in st.rows:
             pct = r.roofline_pct
             per_layer = (r.estimated_seconds or 0.0) * r.calls_per_layer if r.passed else None
+            calls = f"{r.calls_per_step}/step" if r.calls_per_step else str(r.calls_per_layer)
             lines.append(
                 f"  {r.kernel:<22} {r.shapes:<40} {_us(r.estimated_seconds):>9} {_us(r.roofline_seconds):>9} "
-                f"{'-' if pct is None else f'{pct:.0f}':>6} {r.calls_per_layer:>7} {_us(per_layer):>9}"
+                f"{'-' if pct is None else f'{pct:.0f}':>6} {calls:>7} {_us(per_layer):>9}"
                 + ("" if r.passed else f"   NOT COUNTED: {r.reason}")
             )
+        once = st.kernels_seconds - st.per_layer_seconds * shapes.layers
         lines.append(
-            f"  kernels: {st.per_layer_seconds * 1e6:.2f} us per layer x {shapes.layers} layers = "
-            f"{st.kernels_seconds * 1e3:.3f} ms"
+            f"  kernels: {st.per_layer_seconds * 1e6:.2f} us per layer x {shapes.layers} layers"
+            + (f" + {once * 1e6:.2f} us once per step" if once > 0 else "")
+            + f" = {st.kernels_seconds * 1e3:.3f} ms"
         )
         lines.append(f"  {'rest of the step':<34} {'us each':>9} {'x/step':>7} {'us/step':>9}  basis")
         for p in st.rest:

@@ -12,6 +12,7 @@ A case is one kernel call at one set of shapes, with everything needed to check 
         min_hbm_bytes=2 * 5 * 2048 * 2 + 2048 * 2,   # bytes the computation must move to/from HBM at least
         min_macs=0,                              # multiply-accumulates it must do at least (matmul-heavy kernels)
         calls_per_layer=2,                       # how often one decoder layer runs this call (for `kernels bench`)
+        calls_per_step=0,                        # how often a step runs it outside the layers (the LM head: once)
         phase="any",                             # "decode", "prefill" or "any": which bench steps include it
         unsupported=None,                        # or the reason (limit and value) the kernel cannot take the shapes
     )
@@ -46,7 +47,7 @@ from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes
 from vllm_nki_moe.tools.kernel_check.tolerances import TOLERANCES
 
 # Families in model order.
-CASE_MODULES = ("cases_norms", "cases_router", "cases_moe", "cases_attention")
+CASE_MODULES = ("cases_norms", "cases_linear", "cases_router", "cases_moe", "cases_attention")
 PHASES = ("decode", "prefill", "any")
 
 
@@ -63,6 +64,7 @@ class KernelCase:
     min_hbm_bytes: int
     min_macs: int = 0
     calls_per_layer: int = 1
+    calls_per_step: int = 0
     phase: str = "any"
     unsupported: str | None = None
 
@@ -73,7 +75,7 @@ class KernelCase:
             )
         if self.phase not in PHASES:
             raise ValueError(f"KernelCase {self.kernel}: phase={self.phase!r}; must be one of {', '.join(PHASES)}")
-        if self.min_hbm_bytes < 0 or self.min_macs < 0 or self.calls_per_layer < 0:
+        if self.min_hbm_bytes < 0 or self.min_macs < 0 or self.calls_per_layer < 0 or self.calls_per_step < 0:
             raise ValueError(
                 f"KernelCase {self.kernel}: min_hbm_bytes={self.min_hbm_bytes}, calls_per_layer={self.calls_per_layer}"
                 "; must be >= 0"

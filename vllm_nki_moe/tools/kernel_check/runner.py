@@ -33,6 +33,7 @@ class CheckRow:
     reason: str = ""  # why it failed or is unsupported
     wall_seconds: float = 0.0  # host time of the emulator run (not a kernel time)
     calls_per_layer: int = 1
+    calls_per_step: int = 0
     phase: str = "any"
     oldest_nki: str | None = None  # the oldest NKI release whose language rules the kernel's source passes
 
@@ -122,6 +123,7 @@ def run_case(case: KernelCase, backend: str = "emulator", seed: int = SEED) -> C
         shapes=case.shapes,
         tolerance=tol_text,
         calls_per_layer=case.calls_per_layer,
+        calls_per_step=case.calls_per_step,
         phase=case.phase,
         oldest_nki=oldest_nki_release(case.kernel_fn),
     )

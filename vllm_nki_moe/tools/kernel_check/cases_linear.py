@@ -1,0 +1,60 @@
+"""Kernel-check cases for ``kernels/linear.py``: the dense projections of one rank.
+
+Per layer: the fused q/k/v projection (``qkv_proj``, N = (q + 2 kv) x head_dim per rank) and the o projection
+(``o_proj``, K = q x head_dim per rank); per step: the LM head (``lm_head``, the rank's ceil(V / tp) vocabulary rows,
+one row of logits per sequence: the rows vLLM samples from) and, once per dense layer (``mlp_only_layers`` /
+``decoder_sparse_step``), the dense SwiGLU MLP's ``gate_up`` (N = 2 x intermediate per rank) and ``down``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nki_emulator import install
+
+install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
+
+from vllm_nki_moe.kernels import linear  # noqa: E402 - after install()
+from vllm_nki_moe.tools.kernel_check.registry import KernelCase  # noqa: E402
+from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes  # noqa: E402
+
+_DT_NAMES = {"bfloat16": "bf16", "float32": "fp32"}
+
+
+def _case(name: str, shapes: KernelShapes, rows: int, k: int, n: int, per_layer: int, per_step: int) -> KernelCase:
+    dt = shapes.torch_dtype
+
+    def inputs(rng: np.random.Generator) -> tuple:
+        x = torch.from_numpy(rng.standard_normal((rows, k), dtype=np.float32)).to(dt)
+        weight = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32) * k**-0.5).to(dt)
+        return x, linear.linear_kernel_layout(weight)
+
+    return KernelCase(
+        kernel=f"linear.{name}",
+        shapes=f"T={rows} K={k} N={n} {_DT_NAMES[shapes.dtype]}",
+        build_inputs=inputs,
+        kernel_fn=linear.linear,
+        reference=linear.linear_ref,
+        tolerance="float32_matmul" if shapes.dtype == "float32" else "bfloat16",
+        min_hbm_bytes=(rows * k + k * n + rows * n) * dt.itemsize,
+        min_macs=rows * k * n,
+        calls_per_layer=per_layer,
+        calls_per_step=per_step,
+    )
+
+
+def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
+    s = shapes
+    h, d = s.hidden, s.head_dim
+    out = [
+        _case("qkv_proj", s, tokens, h, (s.q_heads + 2 * s.kv_heads) * d, 1, 0),
+        _case("o_proj", s, tokens, s.q_heads * d, h, 1, 0),
+    ]
+    dense_layers = s.layers - s.moe_layers
+    if dense_layers and s.intermediate:
+        out.append(_case("mlp_gate_up", s, tokens, h, 2 * s.intermediate, 0, dense_layers))
+        out.append(_case("mlp_down", s, tokens, s.intermediate, h, 0, dense_layers))
+    # One sampled row per sequence: a decode step of `tokens` sequences, or the last token of one prefill.
+    out.append(_case("lm_head", s, tokens, h, -(-s.vocab // s.tp), 0, 1))
+    return out
