@@ -28,6 +28,7 @@ def _inputs(name: str, g: torch.Generator) -> tuple:
     return {
         "rms_norm": (x, w, EPS),
         "fused_add_rms_norm": (x, randn(T, H), w, EPS),
+        "linear": (x, randn(130, H)),  # N across no tile boundary but not a multiple of anything
         "apply_rope": (q, k, positions, cache, D),
         "qk_norm_rope": (q, k, randn(D), randn(D), EPS, positions, cache, D),
         "silu_mul": (randn(T, 2 * I),),

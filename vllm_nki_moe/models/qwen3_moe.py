@@ -330,6 +330,10 @@ class Qwen3MoeForCausalLM(nn.Module):
         if self.sizes.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(self.sizes.vocab_size)
+        if "linear" in self.opset.kernel_ops:  # projections and LM head as NKI kernels; vLLM keeps TP
+            from vllm_nki_moe.models.linear_method import route_linears_through_ops
+
+            route_linears_through_ops(self.model, self.lm_head, self.opset)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)

@@ -40,17 +40,18 @@ from typing import Callable
 import torch
 
 from vllm_nki_moe import envs
-from vllm_nki_moe.ops import attention, custom_ops, host, kernel_call, moe, norms, rope, router
+from vllm_nki_moe.ops import attention, custom_ops, host, kernel_call, linear, moe, norms, rope, router
 from vllm_nki_moe.ops.spec import OpSpec
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = (norms, rope, router, moe, attention)
+FAMILIES = (norms, linear, rope, router, moe, attention)
 SPECS: dict[str, OpSpec] = {spec.name: spec for family in FAMILIES for spec in family.SPECS}
 # The ops in the order a decoder layer runs them.
 OP_NAMES = (
     "rms_norm",
     "fused_add_rms_norm",
+    "linear",
     "apply_rope",
     "qk_norm_rope",
     "silu_mul",
@@ -74,6 +75,7 @@ class OpSet:
     backend: str
     rms_norm: Callable
     fused_add_rms_norm: Callable
+    linear: Callable  # x @ W^T: vLLM's linear layers route their matmul here under kernel backends
     apply_rope: Callable
     qk_norm_rope: Callable  # per-head q/k RMSNorm + RoPE in one call (Qwen3 attention)
     silu_mul: Callable

@@ -51,6 +51,7 @@ def _fake_topk(logits_or_hidden, top_k: int) -> tuple[torch.Tensor, torch.Tensor
 FAKES: dict[str, Callable] = {
     "rms_norm": _fake_like(0),
     "fused_add_rms_norm": _fake_like(0, 0),
+    "linear": lambda x, weight, binding: x.new_empty(x.shape[0], weight.shape[0]),
     "apply_rope": _fake_like(0, 1),
     "qk_norm_rope": _fake_like(0, 1),
     "silu_mul": _fake_silu_mul,
