@@ -46,11 +46,30 @@ PREFILL = {
 def test_prefill_macs_match_the_hand_count_and_the_nki_ops_come_from_the_registry():
     rows = mac_ratio.phase_macs(kernel_shapes(TINY, 2), "prefill", 4, 4, "nki")
     assert {r.op: r.macs for r in rows} == PREFILL
-    nki = {r.op for r in rows if r.nki}
-    assert nki == {"attention (q k^T, p v)", "router gate", "experts (routed)"}
     for r in rows:  # NKI exactly where the registry binds a kernel
         assert r.nki == (r.registry_op is not None and ops.SPECS[r.registry_op].kernel is not None)
-    assert mac_ratio.ratio(rows) == pytest.approx((2048 + 2048 + 24576) / sum(PREFILL.values()))
+    assert {r.op: r.registry_op for r in rows} == {
+        "qkv_proj": "linear",
+        "attention (q k^T, p v)": "attention_prefill",
+        "o_proj": "linear",
+        "router gate": "router_gate_topk",
+        "experts (routed)": "moe_experts",
+        "dense MLP": "linear",
+        "lm_head": "linear",
+    }
+    assert mac_ratio.ratio(rows) == 1.0  # every matmul of the step has a kernel today
+
+
+def test_an_op_without_a_kernel_counts_outside_nki(monkeypatch):
+    import dataclasses
+
+    specs = dict(ops.SPECS)
+    specs["linear"] = dataclasses.replace(specs["linear"], kernel=None)  # as before kernels/linear.py existed
+    monkeypatch.setattr(ops, "SPECS", specs)
+    rows = mac_ratio.phase_macs(kernel_shapes(TINY, 2), "prefill", 4, 4, "nki")
+    linear_macs = PREFILL["qkv_proj"] + PREFILL["o_proj"] + PREFILL["dense MLP"] + PREFILL["lm_head"]
+    total = sum(PREFILL.values())
+    assert mac_ratio.ratio(rows) == pytest.approx((total - linear_macs) / total)
 
 
 def test_decode_counts_the_whole_context_and_one_lm_head_row_per_sequence():
@@ -73,14 +92,14 @@ def test_cli_json_is_the_harness_rule_over_both_phases(tmp_path, capsys):
     rows = [r for phase in ("prefill", "decode") for r in out["rows"][phase]]
     nki = sum(r["macs"] for r in rows if r["nki"])
     assert out["nki_mac_ratio"] == pytest.approx(nki / sum(r["macs"] for r in rows))
-    assert 0 < out["decode_ratio"] < 1 and out["kernels"] == "nki" and out["tp"] == 2
+    assert out["decode_ratio"] == 1.0 and out["kernels"] == "nki" and out["tp"] == 2
 
 
 def test_qwen3_30b_a3b_table(capsys):
     assert main(["mac-ratio"]) == 0
     out = capsys.readouterr().out
     assert "Qwen3-30B-A3B TP=4" in out and "experts (routed)" in out
-    assert "nki_mac_ratio (prefill + decode, the harness's rule): 0." in out
+    assert "nki_mac_ratio (prefill + decode, the harness's rule): 1.0000" in out
 
 
 @pytest.mark.parametrize(

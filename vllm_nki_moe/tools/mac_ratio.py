@@ -8,8 +8,9 @@ reads the HLO of rank 0, bucket 0 of the prefill (context-encoding) and decode (
 
 Here the same sums come from the model's shapes (one rank, ``--tokens`` prefill tokens, ``--batch`` decode rows of
 ``--context`` cached tokens), op by op; an op counts as NKI when the ops registry (``vllm_nki_moe.ops.SPECS``) gives
-it a kernel and the backend is ``nki``, so the figure follows the code, never a hand list. Matmuls outside the
-registry (vLLM's linear layers: q/k/v, o, dense MLP, LM head) are never NKI today. Expert MACs are the routed work
+it a kernel and the backend is ``nki``, so the figure follows the code, never a hand list (vLLM's linear layers,
+q/k/v, o, dense MLP and LM head, run the ``linear`` op under kernel backends: ``models.linear_method``). Expert MACs
+are the routed work
 (tokens x top-k x 3 matmuls), what an NKI kernel's ``mac_count`` reports; a dense torch path that multiplies every
 expert would count more. Attention counts both products over the full context, as the harness counts ``dot`` shapes.
 """
@@ -56,17 +57,17 @@ def phase_macs(shapes: KernelShapes, phase: str, tokens: int, context: int, kern
     experts_op = "moe_block" if phase == "decode" and "moe_block" in nki_ops else "moe_experts"
     layers = shapes.layers
     rows = [
-        ("qkv_proj", layers * tokens * h * (q + 2 * kv) * d, None),
+        ("qkv_proj", layers * tokens * h * (q + 2 * kv) * d, "linear"),
         ("attention (q k^T, p v)", layers * 2 * q * tokens * context * d, attention_op),
-        ("o_proj", layers * tokens * q * d * h, None),
+        ("o_proj", layers * tokens * q * d * h, "linear"),
         ("router gate", shapes.moe_layers * tokens * h * shapes.experts, router_op),
         (
             "experts (routed)",
             shapes.moe_layers * tokens * shapes.top_k * 3 * h * shapes.moe_intermediate,
             experts_op,
         ),
-        ("dense MLP", dense_layers * tokens * 3 * h * shapes.intermediate, None),
-        ("lm_head", sequences * h * -(-shapes.vocab // shapes.tp), None),
+        ("dense MLP", dense_layers * tokens * 3 * h * shapes.intermediate, "linear"),
+        ("lm_head", sequences * h * -(-shapes.vocab // shapes.tp), "linear"),
     ]
     return [MacRow(op, macs, registry in nki_ops, registry) for op, macs, registry in rows if macs]
 
