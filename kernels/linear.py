@@ -29,6 +29,8 @@ def linear(x, weight_t):
     Args:    x [T, K] bf16|fp32 HBM; weight_t [K, N] x's dtype HBM (``linear_kernel_layout``: ``nn.Linear``'s weight
              transposed).
     Returns: y [T, N] x's dtype, nl.shared_hbm.
+    Grid:    ``linear[g]`` (LNC=2: g = 2) splits the N columns into g contiguous ranges, one per program (physical
+             core), each reading its share of the weight; programs write disjoint columns of the shared output.
     Tiling:  x loaded once, K on partitions ([KP, T, F], k = p * F + f); then per column tile of N_TILE = 512: the
              weight chunk [KP, F, n] by one DMA (each weight byte read once per call), and per token tile of 128:
              Tensor: F matmuls y[t, n] += x[:, t, f]^T @ w[:, f, n] accumulated in one PSUM bank (fp32); Vector:
@@ -63,8 +65,11 @@ def linear(x, weight_t):
     xs = nl.ndarray((KP, T, F), dtype=x.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=xs, src=x.reshape((T, KP, F)).permute((1, 0, 2)))
     w_all = weight_t.reshape((KP, F, N))
-    for c0 in range(0, N, N_TILE):
-        n = min(N_TILE, N - c0)
+    programs, pid = nl.num_programs(), nl.program_id(0)
+    share = -(-N // programs)  # this program's columns: [pid * share, min(N, (pid + 1) * share))
+    first, last = pid * share, min(N, (pid + 1) * share)
+    for c0 in range(first, last, N_TILE):
+        n = min(N_TILE, last - c0)
         w = nl.ndarray((KP, F, n), dtype=weight_t.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=w, src=w_all[:, :, c0 : c0 + n])
         for r0 in range(0, T, ROWS_PER_TILE):

@@ -58,3 +58,19 @@ def host_ops() -> str:
     if value not in HOST_OPS_CHOICES:
         raise ValueError(f"{HOST_OPS_ENV}={value!r}; must be one of {', '.join(HOST_OPS_CHOICES)}")
     return value
+
+
+# The Neuron runtime's logical-core size (aws-neuron-sdk deploy/eks/prerequisites.rst: trn2 runs at LNC=2 unless
+# NEURON_LOGICAL_NC_CONFIG=1). Kernels written for a launch grid run one program per physical core of it.
+LNC_ENV = "NEURON_LOGICAL_NC_CONFIG"
+LNC_VALUES = (1, 2)
+
+
+def logical_nc(default: int = 1) -> int:
+    """``NEURON_LOGICAL_NC_CONFIG`` as an int (1 or 2), ``default`` when unset; anything else is a ``ValueError``."""
+    text = os.environ.get(LNC_ENV, "").strip()
+    if not text:
+        return default
+    if text not in {str(v) for v in LNC_VALUES}:
+        raise ValueError(f"{LNC_ENV}={text!r}; must be 1 or 2 (physical cores per logical core)")
+    return int(text)

@@ -80,3 +80,17 @@ def test_bad_input_names_the_rule(x_shape, w_shape, dtypes, message):
     with pytest.raises(ValueError, match=r"^linear: ") as err:
         run(linear.linear, x, w)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("N", [1, 130, 1280, 1025])  # fewer columns than programs, uneven shares, several tiles
+def test_two_programs_give_the_same_output_each_reading_half_the_weight(N, rng):
+    K, T = 256, 3
+    x, weight = randn(rng, (T, K), torch.bfloat16), randn(rng, (N, K), torch.bfloat16, scale=K**-0.5)
+    wt = linear.linear_kernel_layout(weight)
+    one, one_report = run(linear.linear, x, wt)
+    two, two_report = run(linear.linear[2], x, wt)
+    assert torch.equal(one, two)  # each column is the same K-sum in the same order
+    assert two_report.num_programs == 2
+    assert two_report.hbm_read_bytes == one_report.hbm_read_bytes + T * K * 2  # x read by both, W split
+    if N >= 2 * linear.N_TILE:
+        assert two_report.estimated_seconds < 0.6 * one_report.estimated_seconds

@@ -20,7 +20,7 @@ def test_emulator_binding_matches_f_linear_and_reads_the_prepared_weight_as_a_vi
     assert weight.shape == (300, 256) and weight.t().is_contiguous() and torch.equal(weight, before)
     seen = []
     real = linear_ops.call_kernel
-    monkeypatch.setattr(linear_ops, "call_kernel", lambda b, k, *a: seen.append(a) or real(b, k, *a))
+    monkeypatch.setattr(linear_ops, "call_kernel", lambda b, k, *a, **kw: seen.append(a) or real(b, k, *a, **kw))
     linear_ops._weights.clear()
     got = opset.linear(x, weight)
     assert_close(got, want, "float32_matmul")
@@ -52,3 +52,28 @@ def test_the_models_projections_and_lm_head_run_the_op_under_kernel_backends(tin
         assert isinstance(layer.quant_method, OpsLinearMethod) == routed
         if routed:  # loaded once, stored as the kernel reads it; vLLM's CPU pre-packing did not drop it
             assert layer.weight.numel() > 0 and layer.weight.t().is_contiguous()
+
+
+@pytest.mark.parametrize("env, grid", [(None, 1), ("1", 1), ("2", 2)])
+def test_the_logical_core_size_sets_the_launch_grid(monkeypatch, env, grid):
+    if env is None:
+        monkeypatch.delenv("NEURON_LOGICAL_NC_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", env)
+    seen = []
+    real = linear_ops.call_kernel
+
+    def spy(backend, kernel, *args, grid=1):
+        seen.append(grid)
+        return real(backend, kernel, *args, grid=grid)
+
+    monkeypatch.setattr(linear_ops, "call_kernel", spy)
+    x, weight = torch.randn(3, 128), torch.randn(700, 128)
+    assert_close(ops.bind("emulator").linear(x, weight), F.linear(x, weight), "float32_matmul")
+    assert seen == [grid]
+
+
+def test_a_bad_logical_core_size_names_the_variable(monkeypatch):
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "3")
+    with pytest.raises(ValueError, match=r"NEURON_LOGICAL_NC_CONFIG='3'; must be 1 or 2"):
+        ops.bind("emulator").linear(torch.randn(1, 128), torch.randn(4, 128))

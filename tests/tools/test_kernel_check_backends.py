@@ -103,3 +103,21 @@ def test_model_id_that_cannot_be_fetched_is_one_line(monkeypatch, capsys):
     assert main(["kernels", "check", "--model", "no-such-org/no-such-model", "--only", "rms_norm"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model='no-such-org/no-such-model'" in err
+
+
+def test_lnc_2_launches_grid_kernels_on_two_programs_at_half_the_time(capsys):
+    from vllm_nki_moe.tools.kernel_check.registry import all_cases
+    from vllm_nki_moe.tools.kernel_check.shapes import kernel_shapes
+
+    cases = [c for c in all_cases(kernel_shapes(None, 4), 1, "linear.lm_head") if c.phase == "decode"]
+    one, two = runner.run_cases(cases, lnc=1)[0], runner.run_cases(cases, lnc=2)[0]
+    assert one.passed and two.passed and two.lnc_grid
+    assert two.estimated_seconds < 0.6 * one.estimated_seconds  # each core streams half of the 155 MB
+    assert main(["kernels", "check", "--lnc", "2", "--only", "linear", "--tokens", "1"]) == 0
+    assert "LNC=2" in capsys.readouterr().out
+
+
+def test_an_lnc_other_than_1_or_2_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["kernels", "check", "--lnc", "3"])
+    assert exc.value.code == 2 and "--lnc: invalid choice: 3" in capsys.readouterr().err

@@ -61,15 +61,17 @@ def _device_caller(kernel) -> Callable:
     return kernel if wrap is None else wrap(kernel)
 
 
-def call_kernel(backend: str, kernel, *args: Any, **kwargs: Any):
+def call_kernel(backend: str, kernel, *args: Any, grid: int = 1, **kwargs: Any):
     """Run ``kernel`` (an ``@nki.jit`` function) on ``args``; tensors in and out are torch tensors.
 
     ``emulator``: the emulator's ``nki.simulate`` (CPU tensors); ``nki``: the real package on device tensors, through
-    vLLM Neuron's ``wrap_nki`` where it is installed (one program: our kernels do not use an LNC=2 grid yet).
-    Non-tensor arguments pass unchanged. Returns what the kernel returns, as torch tensors.
+    vLLM Neuron's ``wrap_nki`` where it is installed. ``grid`` > 1 launches that many programs (a kernel written for
+    one, e.g. LNC=2: ``caller[grid](...)``, the launch form of upstream's NKI operator). Non-tensor arguments pass
+    unchanged. Returns what the kernel returns, as torch tensors.
     """
     if backend == "nki":
-        return _device_caller(kernel)(*args, **kwargs)
+        caller = _device_caller(kernel)
+        return (caller[grid] if grid > 1 else caller)(*args, **kwargs)
     from nki_emulator import simulate  # takes torch tensors (bf16 included) and returns torch tensors
 
-    return simulate(kernel)(*args, **kwargs)
+    return simulate(kernel[grid] if grid > 1 else kernel)(*args, **kwargs)

@@ -11,7 +11,8 @@ Assumptions (printed with the table):
 - One TP rank per logical NeuronCore at LNC=2 (trn2's default: 2 physical cores per logical core, 8 physical cores
   per chip), so a model replica at TP=t spans t logical cores and a chip holds 4/t replicas. Ranks run their kernels
   in parallel, so the step time is one rank's time.
-- A kernel launched without a grid runs on one physical core and is costed as such (its LNC=2 twin core idles).
+- A kernel written for a launch grid (``KernelCase.lnc_grid``) runs LNC programs, one per physical core, costed as its
+  slowest program; a kernel launched without a grid runs on one physical core (its LNC=2 twin core idles).
 - Every decoder layer runs the per-layer cases (true for Qwen3-30B-A3B: all 48 layers are MoE layers).
 - The cost model is the emulator's (docs/emulator.md): per-engine busy time, engines overlapped perfectly inside a
   kernel (optimistic); parts in sequence add up (no overlap between kernels).
@@ -64,9 +65,9 @@ def replicas_per_chip(tp: int) -> float:
     return PHYSICAL_CORES_PER_CHIP / (LNC * tp)
 
 
-def step_cost(shapes: KernelShapes, step: str, tokens: int, backend: str = "emulator") -> StepCost:
+def step_cost(shapes: KernelShapes, step: str, tokens: int, backend: str = "emulator", lnc: int = LNC) -> StepCost:
     cases = [c for c in all_cases(shapes, tokens) if c.phase in (step, "any")]
-    rows = run_cases(cases, backend)
+    rows = run_cases(cases, backend, lnc=lnc)
     counted = [r for r in rows if r.passed and (r.calls_per_layer or r.calls_per_step)]
     per_layer = sum((r.estimated_seconds or 0.0) * r.calls_per_layer for r in counted)
     per_step = sum((r.estimated_seconds or 0.0) * r.calls_per_step for r in counted)
@@ -93,9 +94,9 @@ def step_line(st: StepCost) -> str:
     return f"prefill step, {st.tokens} tokens: {st.step_seconds * 1e3:.3f} ms ({rate:,.0f} tokens/s)"
 
 
-def bench(shapes: KernelShapes, backend: str = "emulator") -> list[StepCost]:
-    steps = [step_cost(shapes, "decode", b, backend) for b in DECODE_BATCHES]
-    steps.append(step_cost(shapes, "prefill", PREFILL_TOKENS, backend))
+def bench(shapes: KernelShapes, backend: str = "emulator", lnc: int = LNC) -> list[StepCost]:
+    steps = [step_cost(shapes, "decode", b, backend, lnc) for b in DECODE_BATCHES]
+    steps.append(step_cost(shapes, "prefill", PREFILL_TOKENS, backend, lnc))
     return steps
 
 
@@ -140,8 +141,10 @@ def format_bench(shapes: KernelShapes, steps: list[StepCost]) -> str:
         f"-> {replicas_per_chip(shapes.tp):g} replica(s) per chip; ranks run in parallel (step time = one rank's)."
     )
     lines.append(f"  {shapes.layers} layers each running the per-layer kernels; decode KV length {shapes.context_len}.")
+    grid = sorted({r.kernel.split(".")[0] for st in steps for r in st.rows if r.lnc_grid})
     lines.append(
-        "  Kernels without a grid run on one physical core; emulator cost model (optimistic, docs/emulator.md)."
+        f"  Kernels written for a grid ({', '.join(grid) or 'none'}) run LNC programs, one per physical core; the "
+        "others run on one physical core (its twin idles); emulator cost model (optimistic, docs/emulator.md)."
     )
     lines.append(
         f"  Collectives: {COLLECTIVE_HOP_SECONDS * 1e6:g} us per hop (AWS intra-node collectives note: 1-2 us); "

@@ -22,7 +22,9 @@ from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes  # noqa: E402
 _DT_NAMES = {"bfloat16": "bf16", "float32": "fp32"}
 
 
-def _case(name: str, shapes: KernelShapes, rows: int, k: int, n: int, per_layer: int, per_step: int) -> KernelCase:
+def _case(
+    name: str, shapes: KernelShapes, rows: int, k: int, n: int, per_layer: int, per_step: int, phase: str = "any"
+) -> KernelCase:
     dt = shapes.torch_dtype
 
     def inputs(rng: np.random.Generator) -> tuple:
@@ -41,6 +43,8 @@ def _case(name: str, shapes: KernelShapes, rows: int, k: int, n: int, per_layer:
         min_macs=rows * k * n,
         calls_per_layer=per_layer,
         calls_per_step=per_step,
+        lnc_grid=True,  # N split over the programs (kernels/linear.py, "Grid")
+        phase=phase,
     )
 
 
@@ -56,5 +60,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
         out.append(_case("mlp_gate_up", s, tokens, h, 2 * s.intermediate, 0, dense_layers))
         out.append(_case("mlp_down", s, tokens, s.intermediate, h, 0, dense_layers))
     # One sampled row per sequence: a decode step of `tokens` sequences, or the last token of one prefill.
-    out.append(_case("lm_head", s, tokens, h, -(-s.vocab // s.tp), 0, 1))
+    vocab_rows = -(-s.vocab // s.tp)
+    out.append(_case("lm_head", s, tokens, h, vocab_rows, 0, 1, phase="decode"))
+    out.append(_case("lm_head", s, 1, h, vocab_rows, 0, 1, phase="prefill"))
     return out

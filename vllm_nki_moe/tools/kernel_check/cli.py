@@ -47,6 +47,14 @@ def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="activation dtype (default bfloat16)"
         )
+        p.add_argument(
+            "--lnc",
+            type=int,
+            choices=(1, 2),
+            default=1 if p is check else 2,
+            help="physical cores per logical core: kernels written for a grid launch that many programs "
+            "(default: check 1, bench 2, trn2's default)",
+        )
     check.add_argument("--tokens", type=_tokens, default=_tokens(DEFAULT_TOKENS), help=f"default {DEFAULT_TOKENS}")
     check.add_argument("--only", help="kernel names (comma-separated; substrings match) to run")
     check.add_argument(
@@ -110,7 +118,7 @@ def _run(args: argparse.Namespace, nki_version: str | None) -> int:
     if args.kernels_command == "bench":
         from vllm_nki_moe.tools.kernel_check.bench import bench, format_bench
 
-        steps = bench(shapes, args.kernels)
+        steps = bench(shapes, args.kernels, lnc=args.lnc)
         print(format_bench(shapes, steps))
         return 1 if any(st.failed for st in steps) else 0
 
@@ -118,11 +126,11 @@ def _run(args: argparse.Namespace, nki_version: str | None) -> int:
     from vllm_nki_moe.tools.kernel_check.runner import format_rows, run_cases
 
     release = f"; NKI {nki_version} rules" if nki_version else ""
-    print(f"kernels check: {shapes.describe()}; kernels={args.kernels}{release}")
+    print(f"kernels check: {shapes.describe()}; kernels={args.kernels}{release}; LNC={args.lnc}")
     rows = []
     for tokens in args.tokens:
         cases = all_cases(shapes, tokens, args.only)
-        rows.extend(run_cases(cases, args.kernels))
+        rows.extend(run_cases(cases, args.kernels, lnc=args.lnc))
     if not rows:
         print(f"error: no kernel case matches --only={args.only!r}", file=sys.stderr)
         return 2

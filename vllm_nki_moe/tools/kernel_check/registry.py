@@ -13,6 +13,7 @@ A case is one kernel call at one set of shapes, with everything needed to check 
         min_macs=0,                              # multiply-accumulates it must do at least (matmul-heavy kernels)
         calls_per_layer=2,                       # how often one decoder layer runs this call (for `kernels bench`)
         calls_per_step=0,                        # how often a step runs it outside the layers (the LM head: once)
+        lnc_grid=False,                          # True: the kernel splits its work over a launch grid of LNC programs
         phase="any",                             # "decode", "prefill" or "any": which bench steps include it
         unsupported=None,                        # or the reason (limit and value) the kernel cannot take the shapes
     )
@@ -65,6 +66,7 @@ class KernelCase:
     min_macs: int = 0
     calls_per_layer: int = 1
     calls_per_step: int = 0
+    lnc_grid: bool = False
     phase: str = "any"
     unsupported: str | None = None
 

@@ -34,6 +34,7 @@ class CheckRow:
     wall_seconds: float = 0.0  # host time of the emulator run (not a kernel time)
     calls_per_layer: int = 1
     calls_per_step: int = 0
+    lnc_grid: bool = False
     phase: str = "any"
     oldest_nki: str | None = None  # the oldest NKI release whose language rules the kernel's source passes
 
@@ -92,30 +93,32 @@ def _to_device(x, device):
     return torch.from_numpy(np.ascontiguousarray(x)).to(device)
 
 
-def _run_kernel(case: KernelCase, inputs: tuple, backend: str):
+def _run_kernel(case: KernelCase, inputs: tuple, backend: str, lnc: int = 1):
     """(outputs as NumPy arrays, emulator report or None) of one case under ``backend``.
 
     ``emulator``: our emulator, with its cost report. ``nki-sim``: AWS's ``nki.simulate(kernel)(*arrays)`` (NumPy in,
     NumPy out; nki/api/generated/nki.simulate, Neuron 2.32). ``nki``: the inputs are copied to the Neuron device as
     torch tensors, the kernel runs there as the serving path calls it (``ops.kernel_call``), outputs come back.
     """
+    # a kernel written for a grid runs one program per physical core of the logical core (nki.simulate(kernel[2]))
+    kernel = case.kernel_fn[lnc] if case.lnc_grid and lnc > 1 else case.kernel_fn
     if backend == "emulator":
         from nki_emulator import run
 
-        return run(case.kernel_fn, *inputs)
+        return run(kernel, *inputs)
     if backend == "nki-sim":
         import nki
 
-        return nki.simulate(case.kernel_fn)(*inputs), None
+        return nki.simulate(kernel)(*inputs), None
     if backend == "nki":
         from vllm_nki_moe.ops.kernel_call import call_kernel
 
         on_device = tuple(_to_device(x, NEURON_TORCH_DEVICE) for x in inputs)
-        return _to_host(call_kernel("nki", case.kernel_fn, *on_device)), None
+        return _to_host(call_kernel("nki", kernel, *on_device)), None
     raise ValueError(f"kernel_check: kernels={backend!r}; must be emulator, nki or nki-sim")
 
 
-def run_case(case: KernelCase, backend: str = "emulator", seed: int = SEED) -> CheckRow:
+def run_case(case: KernelCase, backend: str = "emulator", seed: int = SEED, lnc: int = 1) -> CheckRow:
     tol = tolerance_for(case.tolerance)
     tol_text = f"{case.tolerance} ({tol.atol:g}, {tol.rtol:g})"
     common = dict(
@@ -124,6 +127,7 @@ def run_case(case: KernelCase, backend: str = "emulator", seed: int = SEED) -> C
         tolerance=tol_text,
         calls_per_layer=case.calls_per_layer,
         calls_per_step=case.calls_per_step,
+        lnc_grid=case.lnc_grid,
         phase=case.phase,
         oldest_nki=oldest_nki_release(case.kernel_fn),
     )
@@ -141,7 +145,7 @@ def run_case(case: KernelCase, backend: str = "emulator", seed: int = SEED) -> C
     inputs = case.build_inputs(np.random.default_rng(seed))
     start = time.perf_counter()
     try:
-        out, report = _run_kernel(case, inputs, backend)
+        out, report = _run_kernel(case, inputs, backend, lnc)
     except Exception as err:  # noqa: BLE001 - any kernel failure becomes a failing row with its message
         return CheckRow(
             max_abs_err=nan,
@@ -169,8 +173,8 @@ def run_case(case: KernelCase, backend: str = "emulator", seed: int = SEED) -> C
     )
 
 
-def run_cases(cases: list[KernelCase], backend: str = "emulator", seed: int = SEED) -> list[CheckRow]:
-    return [run_case(c, backend, seed) for c in cases]
+def run_cases(cases: list[KernelCase], backend: str = "emulator", seed: int = SEED, lnc: int = 1) -> list[CheckRow]:
+    return [run_case(c, backend, seed, lnc) for c in cases]
 
 
 def _us(seconds: float | None) -> str:
