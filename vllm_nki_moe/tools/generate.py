@@ -13,6 +13,7 @@ one prefill, then one decode step per new token, greedy, EOS ignored.
 from __future__ import annotations
 
 import contextlib
+import gc
 import glob
 import os
 import tempfile
@@ -171,6 +172,10 @@ class Harness:
         # backend counts the graphs it is handed; fullgraph turns any graph break into an error, counted as one.
         self.graphs: dict[tuple, tuple[int, int]] = {}
         self._graphs_traced = 0
+        if compile:
+            # Collect what earlier models left in reference cycles now: vLLM's CPU GEMM handles call `.item()` in
+            # their destructors, which must not run inside a trace (fake tensors) if the collector fires there.
+            gc.collect()
         self.compiled = (
             torch.compile(self.model, fullgraph=True, backend=self._counting_backend, dynamic=False)
             if compile
