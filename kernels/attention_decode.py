@@ -34,6 +34,7 @@ from .attention_prefill import (
     write_kv_cache_ref,
 )
 from .attention_ref import attend_decode
+from .grid import program_share
 from .limits import GEMM_MOVING_FMAX, PMAX, PSUM_BANK_FMAX, SBUF_PARTITION_BYTES, require
 
 BLOCKS_PER_TILE = PMAX  # cache blocks gathered per DMA: one per partition
@@ -76,6 +77,10 @@ def attention_decode(q, k, v, k_cache, v_cache, slot_mapping, block_tables, cont
              select_reduce masks and takes the row max in one pass; Scalar exp with row sums (online softmax, fp32
              statistics); Tensor transposes P per column s to P^T [blocks, G] and accumulates P @ V [G, D] in PSUM;
              Vector rescales into the fp32 accumulator. Finally acc / l in q's dtype, DMA to out.
+    Grid:    ``attention_decode[g]`` (LNC=2: g = 2) splits the B sequences into g contiguous shares, one per program
+             (physical core): each writes its sequences' new K/V into the cache, then attends over them, so no
+             program reads a slot another writes (sequences own the blocks their new tokens go to). B = 1 runs on
+             one core.
     Limits:  D <= 128; Hq a multiple of Hk and G = Hq / Hk <= 128; BS a power of two with 2*BS*D*itemsize <=
              KV_TILE_SBUF_BYTES (BS <= 128 at D = 128 in fp32); NB*Hk*BS <= 2^24; q, k, v, caches of one float
              dtype; slot_mapping, block_tables, context_lens int32. Context lengths are data: out of range values
@@ -109,11 +114,14 @@ def attention_decode(q, k, v, k_cache, v_cache, slot_mapping, block_tables, cont
     )
     max_blocks = block_tables.shape[1]
 
-    _write_kv_cache(k_cache, v_cache, k, v, slot_mapping)
+    # this program's sequences (all of them without a grid): it writes their new K/V, then reads them back
+    first, last = program_share(B)
+    if last > first:
+        _write_kv_cache(k_cache, v_cache, k[first:last], v[first:last], slot_mapping[first:last])
 
     out = nl.ndarray((B, hq * d), dtype=q.dtype, buffer=nl.shared_hbm)
     positions_cache = _PositionTiles(group)
-    for b in range(B):
+    for b in range(first, last):
         ctx_len = nl.ndarray((group, 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.dma_copy(dst=ctx_len, src=context_lens.ap(pattern=[[0, group], [1, 1]], offset=b))
         for g in range(hk):

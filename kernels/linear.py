@@ -13,6 +13,7 @@ import nki.isa as nisa
 import nki.language as nl
 import torch
 
+from .grid import program_share
 from .limits import GEMM_MOVING_FMAX, GEMM_STATIONARY_FMAX, SBUF_PARTITION_BYTES, require
 from .moe_common import split_tiles
 
@@ -65,9 +66,7 @@ def linear(x, weight_t):
     xs = nl.ndarray((KP, T, F), dtype=x.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=xs, src=x.reshape((T, KP, F)).permute((1, 0, 2)))
     w_all = weight_t.reshape((KP, F, N))
-    programs, pid = nl.num_programs(), nl.program_id(0)
-    share = -(-N // programs)  # this program's columns: [pid * share, min(N, (pid + 1) * share))
-    first, last = pid * share, min(N, (pid + 1) * share)
+    first, last = program_share(N)  # this program's columns
     for c0 in range(first, last, N_TILE):
         n = min(N_TILE, last - c0)
         w = nl.ndarray((KP, F, n), dtype=weight_t.dtype, buffer=nl.sbuf)

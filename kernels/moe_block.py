@@ -46,6 +46,9 @@ def moe_block_decode(hidden, residual, gamma, router_w, w13, w2, eps, top_k, nor
              nc_find_index8 (top-8), renormalisation; GpSimd + Tensor: the [T, K] weights broadcast to every
              partition ([HP, T*K], by a ones matmul over a diagonal mask built with affine_select); then the
              selected experts as ``moe_decode`` (ids straight from nc_find_index8's SBUF tile as DMA offsets).
+    Grid:    ``moe_block_decode[g]`` (LNC=2: g = 2): every program computes the norm and the router (a few us; both
+             need the expert ids), then the experts split as ``moe_decode``'s grid (each core reads half the selected
+             experts' weights, partial sums exchanged by ``sendrecv``); r and out stored by partition shares.
     Limits:  1 <= T <= 128; 8 <= E <= 512 (max8 reads >= 8 values; logits are one moving tile); 1 <= top_k <= 8
              (max8); hidden, residual, gamma, router_w, w13, w2 share a dtype (bf16 or fp32); shapes as the layouts.
     """

@@ -27,6 +27,7 @@ import nki.isa as nisa
 import nki.language as nl
 import torch
 
+from .grid import program_share, sum_over_programs
 from .limits import PMAX, require
 
 DTYPES = (nl.bfloat16, nl.float32)  # bf16 on hardware; fp32 for the float32 test models
@@ -121,12 +122,17 @@ def load_rows_hp(dst, src, T: int, H: int, HP: int, KT: int) -> None:
 
 
 def store_rows_hp(dst, src, T: int, H: int, HP: int, KT: int) -> None:
-    """dst [T, H] (HBM) = src [HP, T, KT] (SBUF), the inverse of ``load_rows_hp``."""
-    nisa.dma_copy(dst=dst.ap([[KT, HP], [H, T], [1, KT]], offset=0), src=src)
+    """dst [T, H] (HBM) = src [HP, T, KT] (SBUF), the inverse of ``load_rows_hp``; under a launch grid each program
+    stores its share of the partitions (the rows ``h = p * KT + kt`` of its partitions are contiguous per token)."""
+    p0, p1 = program_share(HP)
+    if p1 > p0:
+        nisa.dma_copy(dst=dst.ap([[KT, p1 - p0], [H, T], [1, KT]], offset=p0 * KT), src=src[p0:p1])
 
 
 def selected_experts(acc, x_sb, w13, w2, ids_sb, ids_token_rows: bool, w_sb, T: int, K: int) -> None:
-    """acc[:, t, :] += sum_k weight(t, k) * expert_{id(t, k)}(x[t]), for every token t and slot k.
+    """acc[:, t, :] += sum_k weight(t, k) * expert_{id(t, k)}(x[t]), for every token t and slot k; under a launch
+    grid, for this program's share of the T * K slots (``program_share``: each core reads half the selected experts'
+    weights; ``sum_over_programs`` adds the partners' partial sums).
 
     acc [HP, T, KT] fp32 SBUF (h = p * KT + kt); x_sb [HP, T, KT] SBUF, weights' dtype; ids_sb int SBUF, either
     [1, T*K] (slot s = t * K + k in column s) or, with ``ids_token_rows``, [T, >= K] (token t on partition t);
@@ -141,51 +147,53 @@ def selected_experts(acc, x_sb, w13, w2, ids_sb, ids_token_rows: bool, w_sb, T: 
     IP = IP2 // 2
     H = HP * KT
     chunk13 = HP * KT * IP2  # elements of one (expert, chunk) of w13
-    for t in range(T):
-        for k in range(K):
-            s = t * K + k
-            eid = ids_sb[t : t + 1, k : k + 1] if ids_token_rows else ids_sb[0:1, s : s + 1]
-            y_ps = nl.ndarray((HP, KT), dtype=nl.float32, buffer=nl.psum)
-            for c in range(IT):
-                w13_sb = nl.ndarray((HP, KT, IP2), dtype=w13.dtype, buffer=nl.sbuf)
-                nisa.dma_copy(
-                    dst=w13_sb,
-                    src=w13.ap([[KT * IP2, HP], [IP2, KT], [1, IP2]], offset=c * chunk13, scalar_offset=eid),
-                )
-                w2_sb = nl.ndarray((IP, H), dtype=w2.dtype, buffer=nl.sbuf)
-                nisa.dma_copy(dst=w2_sb, src=w2.ap([[H, IP], [1, H]], offset=c * IP * H, scalar_offset=eid))
-                gu_ps = nl.ndarray((IP, 2), dtype=nl.float32, buffer=nl.psum)  # column 0 gate, 1 up
-                for g in range(2):
-                    for kt in range(KT):
-                        nisa.nc_matmul(
-                            dst=gu_ps[:, g : g + 1],
-                            stationary=w13_sb[:, kt, g * IP : (g + 1) * IP],
-                            moving=x_sb[:, t, kt : kt + 1],
-                            accumulate=kt > 0,
-                        )
-                gate = nl.ndarray((IP, 1), dtype=nl.float32, buffer=nl.sbuf)
-                nisa.activation(dst=gate, op=nl.silu, data=gu_ps[:, 0:1])
-                h_sb = nl.ndarray((IP, 1), dtype=w2.dtype, buffer=nl.sbuf)
-                nisa.tensor_tensor(dst=h_sb, data1=gate, data2=gu_ps[:, 1:2], op=nl.multiply)
+    first, last = program_share(T * K)
+    for s in range(first, last):
+        t, k = divmod(s, K)
+        eid = ids_sb[t : t + 1, k : k + 1] if ids_token_rows else ids_sb[0:1, s : s + 1]
+        y_ps = nl.ndarray((HP, KT), dtype=nl.float32, buffer=nl.psum)
+        for c in range(IT):
+            w13_sb = nl.ndarray((HP, KT, IP2), dtype=w13.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(
+                dst=w13_sb,
+                src=w13.ap([[KT * IP2, HP], [IP2, KT], [1, IP2]], offset=c * chunk13, scalar_offset=eid),
+            )
+            w2_sb = nl.ndarray((IP, H), dtype=w2.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=w2_sb, src=w2.ap([[H, IP], [1, H]], offset=c * IP * H, scalar_offset=eid))
+            gu_ps = nl.ndarray((IP, 2), dtype=nl.float32, buffer=nl.psum)  # column 0 gate, 1 up
+            for g in range(2):
                 for kt in range(KT):
                     nisa.nc_matmul(
-                        dst=y_ps[:, kt : kt + 1],
-                        stationary=w2_sb[:, kt * HP : (kt + 1) * HP],
-                        moving=h_sb,
-                        accumulate=c > 0,
+                        dst=gu_ps[:, g : g + 1],
+                        stationary=w13_sb[:, kt, g * IP : (g + 1) * IP],
+                        moving=x_sb[:, t, kt : kt + 1],
+                        accumulate=kt > 0,
                     )
-            nisa.scalar_tensor_tensor(
-                dst=acc[:, t, :],
-                data=y_ps,
-                op0=nl.multiply,
-                operand0=w_sb[:, s : s + 1],
-                op1=nl.add,
-                operand1=acc[:, t, :],
-            )
+            gate = nl.ndarray((IP, 1), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.activation(dst=gate, op=nl.silu, data=gu_ps[:, 0:1])
+            h_sb = nl.ndarray((IP, 1), dtype=w2.dtype, buffer=nl.sbuf)
+            nisa.tensor_tensor(dst=h_sb, data1=gate, data2=gu_ps[:, 1:2], op=nl.multiply)
+            for kt in range(KT):
+                nisa.nc_matmul(
+                    dst=y_ps[:, kt : kt + 1],
+                    stationary=w2_sb[:, kt * HP : (kt + 1) * HP],
+                    moving=h_sb,
+                    accumulate=c > 0,
+                )
+        nisa.scalar_tensor_tensor(
+            dst=acc[:, t, :],
+            data=y_ps,
+            op0=nl.multiply,
+            operand0=w_sb[:, s : s + 1],
+            op1=nl.add,
+            operand1=acc[:, t, :],
+        )
 
 
 def store_experts_sum(out, acc, T: int, H: int, HP: int, KT: int) -> None:
-    """out [T, H] (HBM) = acc [HP, T, KT] fp32, rounded once to out's dtype."""
+    """out [T, H] (HBM) = acc [HP, T, KT] fp32, summed over the launch grid's programs and rounded once to out's
+    dtype (each program stores its share of the partitions)."""
+    sum_over_programs(acc)
     o_sb = nl.ndarray((HP, T, KT), dtype=out.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=o_sb, src=acc)
     store_rows_hp(out, o_sb, T, H, HP, KT)

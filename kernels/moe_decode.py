@@ -44,6 +44,10 @@ def moe_decode(hidden, w13, w2, topk_weights, topk_ids):
              partition at Qwen3-30B-A3B sizes), Tensor Engine gate/up and down GEMVs with fp32 PSUM accumulation,
              Scalar silu, Vector silu*up and the weighted fp32 sum in SBUF [HP, T, KT]; one cast and one store.
              Weight bytes read = T * K experts' weights, the minimum when each token's experts are distinct.
+    Grid:    ``moe_decode[g]`` (LNC=2: g = 2) splits the T * K slots into g contiguous shares, one per program
+             (physical core), so each core reads its share of the selected experts' weights; the programs exchange
+             their fp32 partial sums [HP, T, KT] (one ``sendrecv``), both add them in program order and each stores
+             its share of the output's partitions.
     Limits:  1 <= T <= 128; hidden, w13 and w2 share a dtype (bf16 or fp32); shapes as the kernel layout;
              topk_weights [T, K] float32 and topk_ids [T, K] int32 with ids in [0, E) (an id out of range fails the
              DMA, oob_mode=error).

@@ -21,6 +21,7 @@ import nki.isa as nisa
 import nki.language as nl
 import torch
 
+from .grid import program_share
 from .limits import GEMM_MOVING_FMAX, PMAX, PSUM_BANK_BYTES, require
 from .moe_common import check_experts, experts_model_layout, slots_ref
 
@@ -100,6 +101,10 @@ def moe_prefill(hidden, w13, w2, block_expert, block_tokens, block_weights, num_
              the down matmuls (stationary h [IP, SB], moving w2 [IP, <= 512], IT-accumulating) into PSUM [SB, 512],
              Vector eviction times the routing weight into natural h order, and one DMA read-modify-write
              scatter-add of the [SB, H] rows into out (oob_mode=skip drops padding slots).
+    Grid:    ``moe_prefill[g]`` (LNC=2: g = 2): program p takes blocks p, p + g, ... (the runtime loop's step), so
+             each core reads about half the used experts' weights, and scatter-adds into its own zeroed partial
+             output in shared HBM; after a ``core_barrier`` each program adds the partials for its share of the rows
+             (Vector, rounded to the output dtype) and stores them.
     Limits:  T >= 1; hidden, w13, w2 share a dtype (bf16 or fp32); shapes as the kernel layout; B <= 128 or a
              multiple of 128 up to 512; block_tokens [NB, B] and block_weights [NB, B] match, block_expert [NB],
              num_blocks [1] <= NB; ids valid as ``prefill_block_metadata`` makes them (an expert id out of range
@@ -134,14 +139,19 @@ def moe_prefill(hidden, w13, w2, block_expert, block_tokens, block_weights, num_
     SB = min(B, PMAX)
     NSUB = B // SB
     out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
+    programs, pid = nl.num_programs(), nl.program_id(0)
+    # under a grid each program scatter-adds into its own partial output (two cores' read-modify-writes of one row
+    # would race); the j-th shared-HBM allocation is the same tensor in every program, so each sees all partials
+    partials = [out] if programs == 1 else [nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm) for _ in range(programs)]
+    mine = partials[pid]
 
-    # zero-initialise the output (the scatter-adds accumulate into it)
+    # zero-initialise this program's output (the scatter-adds accumulate into it)
     rows0 = min(T, PMAX)
     zero = nl.ndarray((rows0, H), dtype=dt, buffer=nl.sbuf)
     nisa.memset(dst=zero, value=0.0)
     for r0 in range(0, T, PMAX):
         n = min(PMAX, T - r0)
-        nisa.dma_copy(dst=out[r0 : r0 + n, :], src=zero[0:n, :])
+        nisa.dma_copy(dst=mine[r0 : r0 + n, :], src=zero[0:n, :])
 
     nb_sb = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
     nisa.dma_copy(dst=nb_sb, src=num_blocks.ap([[1, 1], [1, 1]], offset=0))
@@ -149,10 +159,27 @@ def moe_prefill(hidden, w13, w2, block_expert, block_tokens, block_weights, num_
     nisa.register_load(nb_reg, nb_sb)
 
     def block(i):
-        _expert_block(out, hidden, w13, w2, block_expert, block_tokens, block_weights, i, SB, NSUB)
+        _expert_block(mine, hidden, w13, w2, block_expert, block_tokens, block_weights, i, SB, NSUB)
 
-    nl.fori_loop(0, nb_reg, block)
+    nl.fori_loop(pid, nb_reg, block, step=programs)  # blocks interleaved over the programs
+    if programs > 1:
+        nisa.core_barrier(data=mine, cores=(0, 1))  # both partials complete
+        _sum_partials(out, partials, T, H)
     return out
+
+
+def _sum_partials(out, partials, T: int, H: int) -> None:
+    """out = partials[0] + partials[1] ...: each program adds its share of the rows (PMAX rows per tile, Vector)."""
+    first, last = program_share(T)
+    for r0 in range(first, last, PMAX):
+        n = min(PMAX, last - r0)
+        total = nl.ndarray((n, H), dtype=out.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=total, src=partials[0][r0 : r0 + n, :])
+        for part in partials[1:]:
+            other = nl.ndarray((n, H), dtype=out.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=other, src=part[r0 : r0 + n, :])
+            nisa.tensor_tensor(dst=total, data1=total, data2=other, op=nl.add)
+        nisa.dma_copy(dst=out[r0 : r0 + n, :], src=total)
 
 
 def _expert_block(out, hidden, w13, w2, block_expert, block_tokens, block_weights, i, SB: int, NSUB: int) -> None:

@@ -138,7 +138,8 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "detach")
 
 
-def _to_numpy(x: Any) -> np.ndarray:
+def to_numpy(x: Any) -> np.ndarray:
+    """A torch tensor (any device) or array-like as a NumPy array; bfloat16 as ml_dtypes' bfloat16, bit for bit."""
     if _is_torch(x):
         import torch  # only when the caller passed torch tensors
 
@@ -149,7 +150,8 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _to_torch(a: np.ndarray):
+def to_torch(a: np.ndarray):
+    """A NumPy array as a CPU torch tensor sharing its bytes where it can; ml_dtypes' bfloat16 as torch.bfloat16."""
     import torch
 
     if a.dtype == dtypes.bfloat16:
@@ -159,7 +161,7 @@ def _to_torch(a: np.ndarray):
 
 def _wrap_arg(x: Any, i: int, inputs: list[Storage]):
     if isinstance(x, np.ndarray) or _is_torch(x):
-        arr = np.array(_to_numpy(x), copy=True)
+        arr = np.array(to_numpy(x), copy=True)
         dt = dtypes.as_dtype(arr.dtype, f"kernel argument {i}")
         shape = arr.shape if arr.ndim else (1,)
         st = Storage(arr.reshape(-1).astype(dt, copy=False), MemoryRegion.shared_hbm, f"arg{i}", shape)
@@ -179,7 +181,7 @@ def _unwrap(out: Any, torch_out: bool, where: str):
             f"output={out.describe()}; kernel outputs must be allocated in nl.shared_hbm (NKI 0.3+)",
         )
         arr = out.read_raw()
-        return _to_torch(arr) if torch_out else arr
+        return to_torch(arr) if torch_out else arr
     if isinstance(out, (list, tuple)):
         return type(out)(_unwrap(v, torch_out, where) for v in out)
     if isinstance(out, dict):

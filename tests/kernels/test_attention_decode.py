@@ -194,3 +194,17 @@ def test_kernel_check_attention_cases_pass_at_qwen3_30b_a3b_tp8(tokens):
     assert all(r.passed for r in rows), [r.reason for r in rows]
     decode_long = rows[2]
     assert "ctx=4096" in decode_long.shapes and decode_long.roofline_pct > 50  # HBM-bound: most of the KV read rate
+
+
+@pytest.mark.parametrize("lens,pad", [(CONTEXTS, ()), ([40, 1, 640], (1,)), ([77], ())])  # even, odd with padding, one
+def test_attention_decode_on_two_programs_splits_the_sequences(lens, pad, rng):
+    args = _inputs(rng, lens, 8, 1, HEAD_DIM, torch.bfloat16, pad=pad)
+    ref = ad.attention_decode_ref(*args)
+    one, one_rep = run(ad.attention_decode, *[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+    two, two_rep = run(ad.attention_decode[2], *args)
+    assert two_rep.num_programs == 2
+    assert torch.equal(two[0], one[0])  # each sequence is computed alike on whichever core takes it
+    assert_close(two[0], ref[0], "bfloat16_matmul")
+    assert torch.equal(two[1], ref[1]) and torch.equal(two[2], ref[2])  # every new K/V written once, by its owner
+    if len(lens) >= 2:  # core 1 takes the last sequences, core 0 the first: each does part of the work
+        assert two_rep.estimated_seconds < 0.9 * one_rep.estimated_seconds, two_rep.format()

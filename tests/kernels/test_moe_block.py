@@ -102,3 +102,26 @@ def test_moe_block_decode_rejects_fewer_than_8_experts():
     args, _ = _block_inputs(2, 128, 64, 4, torch.float32)
     with pytest.raises(ValueError, match="E=4; must be 8..512"):
         mb.moe_block_decode(*args, EPS, 2, True)
+
+
+@pytest.mark.parametrize("T,K", [(1, 8), (3, 3), (2, 1)])
+def test_moe_block_decode_on_two_programs_matches_ref(T, K):
+    args, _ = _block_inputs(T, 256, 128, 16, torch.bfloat16)
+    (out, r), rep = emulator.run(mb.moe_block_decode[2], *args, EPS, K, True)
+    ref, ref_r = mb.moe_block_decode_ref(*args, EPS, K, True)
+    assert rep.num_programs == 2
+    assert_close(r, ref_r, "exact")  # stored by partition shares: every row written once
+    assert_close(out, ref, "bfloat16_matmul")
+
+
+def test_moe_block_decode_on_two_programs_meets_the_roofline_target_at_qwen3_30b_a3b_tp4_batch_1():
+    name, H, I, E, K = QWEN3_30B_A3B_TP4  # noqa: E741
+    args, _ = _block_inputs(1, H, I, E, torch.bfloat16)
+    (out, _), rep = emulator.run(mb.moe_block_decode[2], *args, EPS, K, True)
+    assert_close(out, mb.moe_block_decode_ref(*args, EPS, K, True)[0], "bfloat16_matmul")
+    # the K experts once, plus what both cores read (router weights, gamma, hidden and residual), at the logical
+    # core's bandwidth (both physical cores')
+    both = E * H * 2 + H * 2 + 2 * H * 2
+    min_bytes = _min_decode_bytes(1, H, I, K, torch.bfloat16, K) - K * 8 + 2 * both
+    roofline = min_bytes / (rep.hbm_bytes / rep.hbm_roofline_seconds)
+    assert roofline / rep.estimated_seconds >= ROOFLINE_TARGET, rep.format()

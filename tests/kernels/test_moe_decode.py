@@ -74,6 +74,35 @@ def test_moe_decode_reads_only_the_selected_experts_and_meets_the_roofline_targe
     assert roofline / rep.estimated_seconds >= ROOFLINE_TARGET, rep.format()
 
 
+@pytest.mark.parametrize("T,K", [(1, 8), (3, 3), (1, 1), (5, 2)])  # even split, uneven split, one slot (core 1 idle)
+def test_moe_decode_on_two_programs_matches_ref_each_core_reading_its_share_of_the_experts(T, K):
+    args, _ = _decode_inputs(T, 256, 128, 16, K, torch.bfloat16)
+    one, one_rep = emulator.run(md.moe_decode, *args)
+    two, two_rep = emulator.run(md.moe_decode[2], *args)
+    assert_close(two, md.moe_decode_ref(*args), "bfloat16_matmul")
+    assert_close(two, one, "bfloat16_matmul")  # the partial sums add in another order, then round once
+    assert two_rep.num_programs == 2
+    expert_bytes = 3 * 256 * 128 * 2
+    slots = T * K
+    # both programs read the tokens, ids and weights; the experts' weights are read once, split between them
+    assert abs(two_rep.hbm_read_bytes - one_rep.hbm_read_bytes - (one_rep.hbm_read_bytes - slots * expert_bytes)) < 1
+    if slots >= 2:
+        busiest = -(-slots // 2) / slots
+        assert two_rep.estimated_seconds < (busiest + 0.15) * one_rep.estimated_seconds, two_rep.format()
+
+
+def test_moe_decode_on_two_programs_halves_the_time_at_qwen3_30b_a3b_tp4_batch_1():
+    name, H, I, E, K = QWEN3_30B_A3B_TP4  # noqa: E741
+    args, _ = _decode_inputs(1, H, I, E, K, torch.bfloat16)
+    out, rep = emulator.run(md.moe_decode[2], *args)
+    assert_close(out, md.moe_decode_ref(*args), "bfloat16_matmul")
+    # the launch's roofline is the logical core's: both physical cores' HBM bandwidth
+    roofline = _min_decode_bytes(1, H, I, K, torch.bfloat16, K) / (rep.hbm_bytes / rep.hbm_roofline_seconds)
+    assert roofline / rep.estimated_seconds >= ROOFLINE_TARGET, rep.format()
+    one_core = emulator.run(md.moe_decode, *args)[1]
+    assert rep.estimated_seconds < 0.55 * one_core.estimated_seconds
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     T=st.integers(1, 6),

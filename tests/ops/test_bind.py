@@ -132,13 +132,20 @@ def _moe_block_inputs(tokens: int, hidden: int = 128, experts: int = 8, inter: i
     )
 
 
+@pytest.mark.parametrize("lnc", ["1", "2"])
 @pytest.mark.parametrize("tokens", [1, 37])
-def test_moe_block_uses_the_fused_kernel_for_decode_and_the_sequence_otherwise(tokens, monkeypatch):
+def test_moe_block_uses_the_fused_kernel_for_decode_and_the_sequence_otherwise(tokens, lnc, monkeypatch):
     from vllm_nki_moe.ops import moe as moe_wrapper
 
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", lnc)
     called = []
     real = moe_wrapper.call_kernel
-    monkeypatch.setattr(moe_wrapper, "call_kernel", lambda b, k, *a: called.append(k.__name__) or real(b, k, *a))
+
+    def spy(backend, kernel, *args, grid=1):
+        called.append((kernel.__name__, grid))
+        return real(backend, kernel, *args, grid=grid)
+
+    monkeypatch.setattr(moe_wrapper, "call_kernel", spy)
     emulated = ops.bind("emulator")
     assert "moe_block" in emulated.kernel_ops
     args = _moe_block_inputs(tokens)
@@ -146,7 +153,8 @@ def test_moe_block_uses_the_fused_kernel_for_decode_and_the_sequence_otherwise(t
     ref_out, ref_residual = ops.bind("torch").moe_block(*args)
     torch.testing.assert_close(residual, ref_residual, rtol=0, atol=0)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)  # fp32 kernels, another summation order
-    assert called == (["moe_block_decode"] if tokens == 1 else ["moe_prefill"])
+    # the kernels split their work over the logical core's physical cores
+    assert called == [("moe_block_decode" if tokens == 1 else "moe_prefill", int(lnc))]
 
 
 def test_torch_moe_block_is_the_ops_in_sequence():

@@ -97,9 +97,9 @@ def test_the_router_weight_is_kept_once_and_both_kernels_read_it_as_views(tokens
     seen = []
     real = moe.call_kernel if tokens == 1 else router.call_kernel
 
-    def spy(backend, kernel, *args):
+    def spy(backend, kernel, *args, **kwargs):
         seen.extend(a for a in args if isinstance(a, torch.Tensor) and a.dtype == gate.dtype and E in a.shape[-1:])
-        return real(backend, kernel, *args)
+        return real(backend, kernel, *args, **kwargs)
 
     monkeypatch.setattr(moe if tokens == 1 else router, "call_kernel", spy)
     opset.moe_block(hidden, residual, norm_w, 1e-6, gate, w13, w2, K, True)

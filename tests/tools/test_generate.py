@@ -9,6 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vllm_nki_moe.ops import attention as attention_ops
+from vllm_nki_moe.ops import kernel_call
+from vllm_nki_moe.ops import linear as linear_ops
+from vllm_nki_moe.ops import moe as moe_ops
 from vllm_nki_moe.tools import cli
 from vllm_nki_moe.tools import generate as gen
 
@@ -39,6 +43,25 @@ def test_generate_on_emulated_nki_kernels_matches_hf_greedy(name, make_model, hf
     assert {"attention_prefill", "attention_decode"} <= set(harness.opset.kernel_ops)
     got = [harness.generate(p, NEW_TOKENS).tokens for p in PROMPTS]
     assert got == hf_tokens(name)
+
+
+def test_generate_on_emulated_kernels_at_lnc_2_matches_hf_greedy(make_model, hf_tokens, monkeypatch):
+    """Every kernel written for a grid runs as two programs (one per physical core of an LNC=2 logical core)."""
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
+    launched = []
+    real = kernel_call.call_kernel
+
+    def spy(backend, kernel, *args, grid=1, **kwargs):
+        launched.append((kernel.__name__, grid))
+        return real(backend, kernel, *args, grid=grid, **kwargs)
+
+    for module in (attention_ops, linear_ops, moe_ops):
+        monkeypatch.setattr(module, "call_kernel", spy)
+    harness = gen.Harness(make_model(CONFIGS["default"]), "emulator")
+    assert [harness.generate(p, NEW_TOKENS).tokens for p in PROMPTS] == hf_tokens("default")
+    grids = dict(launched)
+    for name in ("linear", "attention_decode", "moe_block_decode", "moe_prefill"):
+        assert grids.get(name) == 2, (name, sorted(grids.items()))
 
 
 def test_generate_on_torch_ops_matches_hf_greedy(make_model, hf_tokens):

@@ -57,9 +57,9 @@ def test_nki_copies_inputs_to_the_device_and_outputs_back(aws_nki_importable, mo
     seen = []
     real_call = kernel_call.call_kernel
 
-    def recording_call(backend, kernel, *args):
+    def recording_call(backend, kernel, *args, grid=1):
         seen.append((backend, [type(a).__name__ for a in args], {a.device.type for a in args if torch.is_tensor(a)}))
-        return real_call("emulator", kernel, *args)  # torch tensors in, torch tensors out, as on the device
+        return real_call("emulator", kernel, *args, grid=grid)  # torch tensors in, torch tensors out, as on the device
 
     monkeypatch.setattr(kernel_call, "call_kernel", recording_call)
     assert main(["kernels", "check", "--kernels", "nki", "--only", ONLY, "--tokens", "5"]) == 0
@@ -72,9 +72,10 @@ def test_nki_copies_inputs_to_the_device_and_outputs_back(aws_nki_importable, mo
 
 def test_bfloat16_crosses_to_the_device_and_back_bit_exactly():
     from nki_emulator import dtypes
+    from nki_emulator.runtime import to_torch
 
     x = np.random.default_rng(0).standard_normal((3, 5)).astype(dtypes.bfloat16)
-    t = runner._to_device(x, "cpu")
+    t = to_torch(x).to("cpu")
     assert t.dtype == torch.bfloat16 and t.shape == (3, 5)
     back = runner._to_host((t, torch.arange(4)))
     assert back[0].dtype == dtypes.bfloat16 and np.array_equal(back[0].view(np.int16), x.view(np.int16))

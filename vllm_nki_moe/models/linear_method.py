@@ -40,10 +40,9 @@ class OpsLinearMethod(QuantizeMethodBase):
         self.opset.prepare_weights("linear", layer.weight)
 
 
-def route_linears_through_ops(model: nn.Module, lm_head: nn.Module, opset: OpSet) -> int:
-    """Give every vLLM linear layer of ``model`` and ``lm_head`` an :class:`OpsLinearMethod`; returns how many."""
+def route_linears_through_ops(model: nn.Module, lm_head: nn.Module, opset: OpSet) -> None:
+    """Give every vLLM linear layer of ``model`` and ``lm_head`` an :class:`OpsLinearMethod`."""
     layers = [m for m in model.modules() if isinstance(m, LinearBase)] + [lm_head]
     for layer in layers:
         if not isinstance(layer.quant_method, OpsLinearMethod):
             layer.quant_method = OpsLinearMethod(opset, layer.quant_method)
-    return len(layers)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from vllm_nki_moe.kernels import attention_ref
-from vllm_nki_moe.ops.kernel_call import call_kernel, load_kernels
+from vllm_nki_moe.ops.kernel_call import call_kernel, launch_grid, load_kernels
 from vllm_nki_moe.ops.spec import KernelImpl, OpSpec
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -156,6 +156,7 @@ def _attention_decode_kernel(
         block_tables.to(torch.int32).contiguous(),
         context_lens.to(torch.int32).contiguous(),
         float(scale),
+        grid=launch_grid(backend),  # the sequences split over the physical cores (kernels/attention_decode.py, "Grid")
     )
     _write_back(k_cache, k_new)
     _write_back(v_cache, v_new)

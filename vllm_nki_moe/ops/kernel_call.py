@@ -61,6 +61,14 @@ def _device_caller(kernel) -> Callable:
     return kernel if wrap is None else wrap(kernel)
 
 
+def launch_grid(backend: str) -> int:
+    """Programs per launch of a kernel written for a grid: one per physical core of the logical core
+    (``NEURON_LOGICAL_NC_CONFIG``; on the device 2, trn2's default, when unset; in the emulator 1 unless set)."""
+    from vllm_nki_moe import envs
+
+    return envs.logical_nc(default=2) if backend == "nki" else envs.logical_nc()
+
+
 def call_kernel(backend: str, kernel, *args: Any, grid: int = 1, **kwargs: Any):
     """Run ``kernel`` (an ``@nki.jit`` function) on ``args``; tensors in and out are torch tensors.
 

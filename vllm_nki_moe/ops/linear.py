@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vllm_nki_moe import envs
-from vllm_nki_moe.ops.kernel_call import call_kernel, load_kernels
+from vllm_nki_moe.ops.kernel_call import call_kernel, launch_grid, load_kernels
 from vllm_nki_moe.ops.spec import KernelImpl, OpSpec, WeightLayouts
 from vllm_nki_moe.ops.weight_cache import WeightCache
 
@@ -60,8 +59,8 @@ def _linear_supports(x: torch.Tensor, weight: torch.Tensor) -> str | None:
 def _linear_kernel(backend: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # prepared (column-major): the transpose is the kernel's layout as a view; otherwise converted once, cached
     weight_t = weight.t() if weight.t().is_contiguous() else _weights.get(_transposed, weight)
-    # on the device, one program per physical core of the logical core (kernels/linear.py, "Grid")
-    grid = envs.logical_nc(default=2) if backend == "nki" else envs.logical_nc()
+    # one program per physical core of the logical core (kernels/linear.py, "Grid")
+    grid = launch_grid(backend)
     return call_kernel(backend, load_kernels("linear").linear, x.contiguous(), weight_t, grid=grid)
 
 

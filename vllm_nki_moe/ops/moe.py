@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_nki_moe.ops import host
-from vllm_nki_moe.ops.kernel_call import call_kernel, load_kernels
+from vllm_nki_moe.ops.kernel_call import call_kernel, launch_grid, load_kernels
 from vllm_nki_moe.ops.spec import KernelImpl, OpSpec, WeightLayouts
 from vllm_nki_moe.ops.weight_cache import WeightCache
 
@@ -373,10 +373,12 @@ def _moe_experts_kernel(backend: str, hidden, w13, w2, topk_weights, topk_ids) -
     weights = topk_weights.float().contiguous()
     if use_decode(T, K, E):
         ids = topk_ids.to(torch.int32).contiguous()
-        return call_kernel(backend, moe_decode.moe_decode, x, w13k, w2k, weights, ids)
+        # the selected experts split over the logical core's physical cores (kernels/moe_decode.py, "Grid")
+        return call_kernel(backend, moe_decode.moe_decode, x, w13k, w2k, weights, ids, grid=launch_grid(backend))
     block = bucket_block_size(T, K, E, inter)
     meta = moe_prefill.prefill_block_metadata(topk_ids, weights, E, block)
-    return call_kernel(backend, moe_prefill.moe_prefill, x, w13k, w2k, *meta)
+    # the blocks interleaved over the physical cores (kernels/moe_prefill.py, "Grid")
+    return call_kernel(backend, moe_prefill.moe_prefill, x, w13k, w2k, *meta, grid=launch_grid(backend))
 
 
 def fused_block_applies(num_tokens: int, top_k: int, num_experts: int) -> bool:
@@ -421,6 +423,7 @@ def _moe_block_kernel(backend: str, hidden, residual, norm_weight, eps, gate_wei
         float(eps),
         int(top_k),
         bool(renormalize),
+        grid=launch_grid(backend),  # experts split over the physical cores (kernels/moe_block.py, "Grid")
     )
 
 

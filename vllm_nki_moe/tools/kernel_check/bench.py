@@ -28,6 +28,7 @@ from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes
 from vllm_nki_moe.tools.kernel_check.step_model import (
     COLLECTIVE_HOP_SECONDS,
     KERNEL_BOUNDARY_SECONDS,
+    LNC,
     StepPart,
     limit_seconds,
     rest_of_step,
@@ -35,7 +36,6 @@ from vllm_nki_moe.tools.kernel_check.step_model import (
 
 DECODE_BATCHES = (1, 8, 32)
 PREFILL_TOKENS = 512
-LNC = 2  # physical cores per logical core, trn2 default (research/nki.md 2.2)
 PHYSICAL_CORES_PER_CHIP = 8  # Trainium2 chip: 8 NeuronCore-v3 (trainium2.rst)
 
 # What the estimate leaves out because nothing published or modelled here bounds it.

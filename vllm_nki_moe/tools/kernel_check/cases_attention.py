@@ -121,6 +121,7 @@ def _decode_case(s: KernelShapes, B: int, context: int, counted: bool) -> Kernel
         # + q read and out written, the new K/V read and written, slots, block table, context lengths
         min_hbm_bytes=kv_read + (2 * B * hq * d + 4 * B * hk * d) * item + 4 * B * (2 + blocks),
         calls_per_layer=1 if counted else 0,
+        lnc_grid=True,  # the sequences split over the programs (kernels/attention_decode.py, "Grid")
         phase="decode",
     )
 

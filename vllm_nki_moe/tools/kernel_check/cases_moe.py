@@ -98,6 +98,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
                 tolerance=tol,
                 min_hbm_bytes=distinct * expert_bytes + act_bytes + T * K * 8,
                 calls_per_layer=1 if decode and not fused else 0,
+                lnc_grid=True,  # the slots split over the programs (kernels/moe_decode.py, "Grid")
                 phase="decode",
                 unsupported=unsupported,
             )
@@ -125,6 +126,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
                 tolerance=tol,
                 min_hbm_bytes=min(T * K, E) * expert_bytes + 2 * act_bytes + (E * H + H) * item,
                 calls_per_layer=1 if fused else 0,
+                lnc_grid=True,  # the experts split over the programs (kernels/moe_block.py, "Grid")
                 phase="decode",
                 unsupported=block_unsupported,
             )
@@ -148,6 +150,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             tolerance=tol,
             min_hbm_bytes=distinct * expert_bytes + act_bytes + NB * (B * 8 + 4) + 4,
             calls_per_layer=0 if decode else 1,
+            lnc_grid=True,  # blocks interleaved over the programs (kernels/moe_prefill.py, "Grid")
             phase="prefill" if decode else "any",
             unsupported=unsupported or (f"top_k={K} > E={E}" if K > E else None),
         )

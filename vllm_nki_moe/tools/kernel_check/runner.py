@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nki_emulator.cost import HBM_BYTES_PER_S_PER_CORE, TENSOR_CLOCK_HZ
+from nki_emulator.runtime import to_numpy, to_torch
 from vllm_nki_moe.kernels.limits import PE_COLS, PE_ROWS
 from vllm_nki_moe.tools.kernel_check.registry import KernelCase
 from vllm_nki_moe.tools.kernel_check.tolerances import compare, tolerance_for
@@ -66,31 +67,10 @@ NEURON_TORCH_DEVICE = "neuron"
 
 
 def _to_host(x):
-    """A kernel output back as a NumPy array on the host (bfloat16 bit-exact, as ml_dtypes' bfloat16)."""
-    import torch
-
-    from nki_emulator import dtypes
-
+    """Kernel outputs (a tensor or a tuple of them) back as NumPy arrays on the host, bfloat16 bit-exact."""
     if isinstance(x, (tuple, list)):
         return type(x)(_to_host(v) for v in x)
-    if not isinstance(x, torch.Tensor):
-        return x
-    t = x.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(dtypes.bfloat16)
-    return t.numpy()
-
-
-def _to_device(x, device):
-    import torch
-
-    from nki_emulator import dtypes
-
-    if not isinstance(x, np.ndarray):
-        return x
-    if x.dtype == dtypes.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(x).view(np.int16)).view(torch.bfloat16).to(device)
-    return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    return to_numpy(x) if hasattr(x, "detach") else x
 
 
 def _run_kernel(case: KernelCase, inputs: tuple, backend: str, lnc: int = 1):
@@ -101,7 +81,8 @@ def _run_kernel(case: KernelCase, inputs: tuple, backend: str, lnc: int = 1):
     torch tensors, the kernel runs there as the serving path calls it (``ops.kernel_call``), outputs come back.
     """
     # a kernel written for a grid runs one program per physical core of the logical core (nki.simulate(kernel[2]))
-    kernel = case.kernel_fn[lnc] if case.lnc_grid and lnc > 1 else case.kernel_fn
+    grid = lnc if case.lnc_grid else 1
+    kernel = case.kernel_fn[grid] if grid > 1 else case.kernel_fn
     if backend == "emulator":
         from nki_emulator import run
 
@@ -113,8 +94,8 @@ def _run_kernel(case: KernelCase, inputs: tuple, backend: str, lnc: int = 1):
     if backend == "nki":
         from vllm_nki_moe.ops.kernel_call import call_kernel
 
-        on_device = tuple(_to_device(x, NEURON_TORCH_DEVICE) for x in inputs)
-        return _to_host(call_kernel("nki", kernel, *on_device)), None
+        on_device = tuple(to_torch(x).to(NEURON_TORCH_DEVICE) if isinstance(x, np.ndarray) else x for x in inputs)
+        return _to_host(call_kernel("nki", case.kernel_fn, *on_device, grid=grid)), None
     raise ValueError(f"kernel_check: kernels={backend!r}; must be emulator, nki or nki-sim")
 
 
