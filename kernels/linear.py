@@ -19,6 +19,9 @@ from .moe_common import split_tiles
 
 N_TILE = GEMM_MOVING_FMAX  # output columns per matmul: the moving free size, one 2 KiB PSUM bank of fp32
 ROWS_PER_TILE = GEMM_STATIONARY_FMAX  # tokens per matmul: the stationary free size
+# Weight DMAs per column chunk: the chunk (up to 2 MiB at K = 2048 bf16) arrives in this many pieces so the matmuls
+# of the first piece overlap the transfer of the rest; more pieces add DMA descriptor cost (600 ns each).
+WEIGHT_DMAS_PER_CHUNK = 4
 
 
 @nki.jit
@@ -33,7 +36,8 @@ def linear(x, weight_t):
     Grid:    ``linear[g]`` (LNC=2: g = 2) splits the N columns into g contiguous ranges, one per program (physical
              core), each reading its share of the weight; programs write disjoint columns of the shared output.
     Tiling:  x loaded once, K on partitions ([KP, T, F], k = p * F + f); then per column tile of N_TILE = 512: the
-             weight chunk [KP, F, n] by one DMA (each weight byte read once per call), and per token tile of 128:
+             weight chunk [KP, F, n] in WEIGHT_DMAS_PER_CHUNK DMAs of consecutive K tiles (each weight byte read
+             once per call; a matmul waits only for its piece), and per token tile of 128:
              Tensor: F matmuls y[t, n] += x[:, t, f]^T @ w[:, f, n] accumulated in one PSUM bank (fp32); Vector:
              PSUM to SBUF rounded to x's dtype; one store.
     Limits:  x 2-D with T >= 1; weight_t [K, N] with x's dtype, N >= 1; K splits into ceil(K / 128) equal tiles;
@@ -67,15 +71,22 @@ def linear(x, weight_t):
     nisa.dma_copy(dst=xs, src=x.reshape((T, KP, F)).permute((1, 0, 2)))
     w_all = weight_t.reshape((KP, F, N))
     first, last = program_share(N)  # this program's columns
+    per_dma = -(-F // WEIGHT_DMAS_PER_CHUNK)  # K tiles per weight DMA
     for c0 in range(first, last, N_TILE):
         n = min(N_TILE, last - c0)
-        w = nl.ndarray((KP, F, n), dtype=weight_t.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=w, src=w_all[:, :, c0 : c0 + n])
+        pieces = []  # the chunk's weight in a few DMAs, so the first matmuls start before the whole chunk is in
+        for f0 in range(0, F, per_dma):
+            w = nl.ndarray((KP, min(per_dma, F - f0), n), dtype=weight_t.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=w, src=w_all[:, f0 : f0 + per_dma, c0 : c0 + n])
+            pieces.append(w)
         for r0 in range(0, T, ROWS_PER_TILE):
             rows = min(ROWS_PER_TILE, T - r0)
             acc = nl.ndarray((rows, n), dtype=nl.float32, buffer=nl.psum)
             for f in range(F):
-                nisa.nc_matmul(dst=acc, stationary=xs[:, r0 : r0 + rows, f], moving=w[:, f, :], accumulate=f > 0)
+                w = pieces[f // per_dma]
+                nisa.nc_matmul(
+                    dst=acc, stationary=xs[:, r0 : r0 + rows, f], moving=w[:, f % per_dma, :], accumulate=f > 0
+                )
             out = nl.ndarray((rows, n), dtype=x.dtype, buffer=nl.sbuf)
             nisa.tensor_copy(dst=out, src=acc)
             nisa.dma_copy(dst=y[r0 : r0 + rows, c0 : c0 + n], src=out)

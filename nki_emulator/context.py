@@ -259,6 +259,7 @@ class Launch:
         self.finished = 0  # programs that returned (or failed)
         self._arrived = 0
         self._generation = 0
+        self._arrival_times: dict[int, list[float]] = {}  # per barrier generation
 
     def abort(self) -> None:
         """Wake every waiting program (one program failed)."""
@@ -271,19 +272,22 @@ class Launch:
             self.finished += 1
             self.cond.notify_all()
 
-    def barrier(self, where: str, program_id: int) -> None:
-        """Block until every program of the launch reaches a barrier."""
+    def barrier(self, where: str, program_id: int, time: float = 0.0) -> float:
+        """Block until every program of the launch reaches a barrier; returns the latest arrival ``time`` (the cost
+        model's time at which each program reached it), when all of them may go on."""
         with self.cond:
             gen = self._generation
+            self._arrival_times.setdefault(gen, []).append(time)
             self._arrived += 1
             if self._arrived == self.num_programs:
                 self._arrived = 0
                 self._generation += 1
                 self.cond.notify_all()
-                return
+                return max(self._arrival_times[gen])
             while self._generation == gen:
                 self._check_partner(where, program_id, "the barrier")
                 self.cond.wait()
+            return max(self._arrival_times[gen])
 
     def wait_for(self, predicate, where: str, program_id: int, what: str) -> None:
         """Block (holding ``cond``) until ``predicate()``; the caller holds ``self.cond``."""

@@ -8,20 +8,30 @@ Model (one kernel call, per physical NeuronCore):
   Vector/Scalar/GpSimd = elements / engine data-path width (elements per cycle).
 - DMA: bytes / per-core DMA bandwidth, HBM bytes / per-core HBM bandwidth (whichever is slower), plus a fixed
   descriptor-generation cost per DMA instruction spread over the DMA queues.
-- Engines and DMA run concurrently (trainium2_arch.rst: engines run in parallel), so the estimate is the busiest of
-  them: ``estimated = max(tensor, vector, scalar, gpsimd, dma)``. Dependencies and pipeline stalls are ignored, so
-  this is a lower bound in the same spirit as the two rooflines reported beside it.
+- Engines and DMA run concurrently (trainium2_arch.rst: engines run in parallel), but an instruction starts only
+  when its engine is free and the data it reads is written (and, on chip, when the tile it overwrites has been read
+  and written by the instructions before it). ``Timeline`` schedules every instruction that way in program order,
+  each engine in order (an engine executes its instruction stream in order), the DMA on 16 queues sharing one
+  core's bandwidth; the estimate is when the last instruction ends (the slowest program of a launch grid; a
+  ``core_barrier`` or ``sendrecv`` waits for the partner's time). Dependencies are tracked per allocation: a tile
+  allocated anew in each loop iteration is a new buffer (the compiler's allocator renames it, as far as the SBUF /
+  PSUM capacity checks allow); HBM tensors are one allocation each, written parts ordered as a whole (only
+  read-after-write is tracked there). Not modelled: engine pipeline latency, semaphore wait cost, queue assignment
+  and DMA latency beyond the descriptor cost. ``busy_seconds`` keeps the busiest engine's total, the bound with
+  perfect overlap (``engine_bound_seconds``); the estimate is never below it.
 - Rooflines: HBM roofline = HBM bytes / per-core HBM bandwidth; PE roofline = MACs / (128 x 128 MACs per cycle x
   Tensor clock).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import weakref
 from collections import defaultdict
 
 from .hardware import PE_COLS, PE_ROWS, PMAX
-from .tensor import CLOCK
+from .tensor import CLOCK, MemoryRegion, take_accesses
 
 # --- trn2 numbers; sources in aws-neuron/aws-neuron-sdk (research/nki.md section 2) --------------------------------
 TENSOR_CLOCK_HZ = 2.4e9  # nki/guides/architecture/trainium2_arch.rst, "Compute Engine Specifications"
@@ -52,10 +62,120 @@ ENGINES = ("tensor", "vector", "scalar", "gpsimd", "dma")
 CLOCKS = {"tensor": TENSOR_CLOCK_HZ, "vector": VECTOR_CLOCK_HZ, "scalar": SCALAR_CLOCK_HZ, "gpsimd": GPSIMD_CLOCK_HZ}
 
 
+ON_CHIP = (MemoryRegion.sbuf, MemoryRegion.psum)
+
+
+class BusyIntervals:
+    """When a shared resource (a core's DMA bandwidth) is busy: sorted, disjoint, merged intervals. A transfer fills
+    the free time from its ready time on, gap by gap, until its duration is used (the 16 DMA queues share the
+    bandwidth, so a transfer ready earlier is not held behind one that waits for its data)."""
+
+    EPS = 1e-15
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+
+    def place(self, ready: float, duration: float) -> float:
+        """Use ``duration`` of free time at or after ``ready``; returns when the last of it ends."""
+        starts, ends = self.starts, self.ends
+        t, remaining = ready, duration
+        i = bisect.bisect_right(ends, t)
+        while True:
+            if i < len(starts) and starts[i] <= t + self.EPS:  # inside a busy interval: skip to its end
+                t = max(t, ends[i])
+                i += 1
+                continue
+            gap_end = starts[i] if i < len(starts) else float("inf")
+            take = min(remaining, gap_end - t)
+            self._mark(i, t, t + take)
+            remaining -= take
+            t += take
+            if remaining <= self.EPS:
+                return t
+            i = bisect.bisect_left(ends, t - self.EPS)
+
+    def _mark(self, i: int, a: float, b: float) -> None:
+        """Insert busy [a, b] before interval i (a >= ends[i - 1], b <= starts[i]), merging with touching ones."""
+        starts, ends = self.starts, self.ends
+        left = i > 0 and ends[i - 1] >= a - self.EPS
+        right = i < len(starts) and starts[i] <= b + self.EPS
+        if left and right:
+            ends[i - 1] = ends[i]
+            del starts[i], ends[i]
+        elif left:
+            ends[i - 1] = b
+        elif right:
+            starts[i] = a
+        else:
+            starts.insert(i, a)
+            ends.insert(i, b)
+
+
+class Timeline:
+    """When each instruction of one program runs: in program order, on its engine, after its dependencies.
+
+    ``ready[storage]``: when the last write to it ends; ``read_end[storage]``: when the last read of it ends (an
+    on-chip tile may be overwritten only after that). ``floor``: nothing starts before it (after a barrier).
+    """
+
+    def __init__(self) -> None:
+        self.engine_free: dict[str, float] = defaultdict(float)
+        self.queue_free = [0.0] * DMA_QUEUES_PER_CORE
+        self.pipe = BusyIntervals()  # the core's DMA/HBM bandwidth, one transfer at a time
+        self.ready: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.read_end: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.floor = 0.0
+        self.end = 0.0
+
+    def _deps(self, accesses, after: float) -> float:
+        start = max(self.floor, after)
+        for storage, write in accesses:
+            if not write:  # read after write
+                start = max(start, self.ready.get(storage, 0.0))
+            elif storage.buffer in ON_CHIP:  # write after write / after read of the same tile
+                start = max(start, self.ready.get(storage, 0.0), self.read_end.get(storage, 0.0))
+        return start
+
+    def _retire(self, accesses, end: float) -> None:
+        for storage, write in accesses:
+            if write:
+                self.ready[storage] = end
+            else:
+                self.read_end[storage] = max(self.read_end.get(storage, 0.0), end)
+        self.end = max(self.end, end)
+
+    def compute(self, engine: str, seconds: float) -> None:
+        accesses = take_accesses()
+        start = max(self.engine_free[engine], self._deps(accesses, 0.0))
+        end = start + seconds
+        self.engine_free[engine] = end
+        self._retire(accesses, end)
+
+    def dma(self, transfer_seconds: float, after: float = 0.0) -> None:
+        """A DMA: descriptor generation on the earliest free queue, then the transfer on the core's bandwidth."""
+        accesses = take_accesses()
+        q = min(range(len(self.queue_free)), key=self.queue_free.__getitem__)
+        start = max(self.queue_free[q], self._deps(accesses, after))
+        end = self.pipe.place(start + DMA_FIXED_SECONDS, transfer_seconds)
+        self.queue_free[q] = end
+        self._retire(accesses, end)
+
+    def ready_of(self, storage) -> float:
+        return max(self.floor, self.ready.get(storage, 0.0))
+
+    def sync(self, t: float) -> None:
+        """After a barrier at time ``t``: every later instruction starts at or after it."""
+        self.floor = max(self.floor, t)
+        self.end = max(self.end, t)
+
+
 class CostCounter:
     """Accumulates instructions of one program (one NeuronCore) of a kernel call."""
 
     def __init__(self) -> None:
+        take_accesses()  # this program's thread starts with a clean access log
+        self.timeline = Timeline()
         self.instructions: dict[str, int] = defaultdict(int)
         self.elements: dict[str, int] = defaultdict(int)
         self.cycles: dict[str, float] = defaultdict(float)
@@ -70,11 +190,14 @@ class CostCounter:
         CLOCK[0] += 1
         self.instructions[engine] += 1
         self.elements[engine] += int(elements)
-        self.cycles[engine] += max(MIN_II_CYCLES, work_cycles)
+        cycles = max(MIN_II_CYCLES, work_cycles)
+        self.cycles[engine] += cycles
         self.by_op[op] += 1
+        self.timeline.compute(engine, cycles / CLOCKS[engine])
 
-    def dma(self, op: str, nbytes: int, hbm_read: int, hbm_write: int) -> None:
-        """One DMA instruction moving ``nbytes`` bytes, of which ``hbm_read``/``hbm_write`` touch HBM."""
+    def dma(self, op: str, nbytes: int, hbm_read: int, hbm_write: int, after: float = 0.0) -> None:
+        """One DMA instruction moving ``nbytes`` bytes, of which ``hbm_read``/``hbm_write`` touch HBM; it starts no
+        earlier than ``after`` (a partner core's data, for ``sendrecv``)."""
         CLOCK[0] += 1
         self.instructions["dma"] += 1
         self.elements["dma"] += int(nbytes)
@@ -82,6 +205,8 @@ class CostCounter:
         self.dma_bytes += int(nbytes)
         self.hbm_read_bytes += int(hbm_read)
         self.hbm_write_bytes += int(hbm_write)
+        transfer = max(nbytes / DMA_BYTES_PER_S_PER_CORE, (hbm_read + hbm_write) / HBM_BYTES_PER_S_PER_CORE)
+        self.timeline.dma(transfer, after)
 
     def busy_seconds(self) -> dict[str, float]:
         out = {e: self.cycles[e] / CLOCKS[e] for e in CLOCKS}
@@ -126,6 +251,7 @@ class CostReport:
     macs: int
     num_programs: int
     estimated_seconds: float
+    engine_bound_seconds: float
     hbm_roofline_seconds: float
     pe_roofline_seconds: float
     peak_sbuf_bytes_per_partition: int
@@ -148,8 +274,8 @@ class CostReport:
 
     def format(self) -> str:
         lines = [
-            f"estimated {self.estimated_seconds * 1e6:9.2f} us (bound by {self.bound_by}; {self.num_programs} "
-            f"program(s))",
+            f"estimated {self.estimated_seconds * 1e6:9.2f} us (dependencies; {self.num_programs} program(s))",
+            f"engines   {self.engine_bound_seconds * 1e6:9.2f} us (busiest engine, {self.bound_by}, perfect overlap)",
             f"HBM roofline {self.hbm_roofline_seconds * 1e6:9.2f} us  ({self.hbm_read_bytes} B read, "
             f"{self.hbm_write_bytes} B written)",
             f"PE roofline  {self.pe_roofline_seconds * 1e6:9.2f} us  ({self.macs} MACs)",
@@ -170,10 +296,11 @@ def build_report(counters: list[CostCounter], peak_sbuf: int, peak_psum: int) ->
     elements: dict[str, int] = {e: 0 for e in ENGINES}
     busy: dict[str, float] = {e: 0.0 for e in ENGINES}
     ops: dict[str, int] = defaultdict(int)
-    estimated = 0.0
+    estimated = engine_bound = 0.0
     for c in counters:
         b = c.busy_seconds()
-        estimated = max(estimated, max(b.values()))
+        engine_bound = max(engine_bound, max(b.values()))
+        estimated = max(estimated, c.timeline.end)
         for e in ENGINES:
             instructions[e] += c.instructions[e]
             elements[e] += c.elements[e]
@@ -194,7 +321,8 @@ def build_report(counters: list[CostCounter], peak_sbuf: int, peak_psum: int) ->
         hbm_write_bytes=hbm_w,
         macs=macs,
         num_programs=n,
-        estimated_seconds=estimated,
+        estimated_seconds=max(estimated, engine_bound),
+        engine_bound_seconds=engine_bound,
         hbm_roofline_seconds=(hbm_r + hbm_w) / (HBM_BYTES_PER_S_PER_CORE * n),
         pe_roofline_seconds=macs / (PE_ROWS * PE_COLS * TENSOR_CLOCK_HZ * n),
         peak_sbuf_bytes_per_partition=peak_sbuf,

@@ -1432,7 +1432,8 @@ def core_barrier(data, cores, engine=engine.gpsimd, name=None):
     )
     check(tuple(int(c) for c in cores) == (0, 1), where, f"cores={tuple(cores)}; only (0, 1) is supported")
     _count(_engine_of(engine, globals()["engine"].gpsimd), "core_barrier", data)
-    launch.barrier(where, ctx.program_id)
+    timeline = ctx.cost.timeline
+    timeline.sync(launch.barrier(where, ctx.program_id, timeline.end))  # both cores go on when the later arrives
     return NkiInstruction("core_barrier")
 
 
@@ -1464,12 +1465,13 @@ def sendrecv(src, dst, send_to_rank, recv_from_rank, pipe_id, dma_engine=dma_eng
     rseq = ctx.sendrecv_seq.get(("recv",) + recv_key, 0)
     ctx.sendrecv_seq[("recv",) + recv_key] = rseq + 1
     payload = src.read_raw()
+    sent_at = ctx.cost.timeline.ready_of(src._storage)  # the cost model's time at which src is complete
     with launch.cond:
-        launch.mailbox[seq_key + (seq,)] = payload
+        launch.mailbox[seq_key + (seq,)] = (payload, sent_at)
         launch.cond.notify_all()
         what = f"sendrecv pipe_id={pipe_id} from core {recv_from_rank}"
         launch.wait_for(lambda: recv_key + (rseq,) in launch.mailbox, where, me, what)
-        data = launch.mailbox.pop(recv_key + (rseq,))
+        data, partner_at = launch.mailbox.pop(recv_key + (rseq,))
     dst.write_raw(data.reshape(dst.shape))
-    context.current().cost.dma("sendrecv", src.size * src.dtype.itemsize, 0, 0)
+    ctx.cost.dma("sendrecv", src.size * src.dtype.itemsize, 0, 0, after=partner_at)  # the partner's data first
     return NkiInstruction("sendrecv")

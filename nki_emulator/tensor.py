@@ -9,6 +9,7 @@ pattern and adds runtime (indirect) offsets for DMA gather/scatter. Instructions
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from enum import Enum
 from typing import Any, Sequence
@@ -42,6 +43,25 @@ PSUM_MATMUL_READ = 3  # written by nc_matmul and since read by another engine (g
 # first and last access, which gives each tile its live range (first use .. last use), the way the compiler's
 # allocator sees an unrolled kernel (context.MemoryTracker sweeps the ranges for the SBUF/PSUM capacity checks).
 CLOCK = [0]
+
+# Accesses since the last costed instruction, per thread (each program of a launch runs in its own thread): the
+# cost model's timeline (cost.Timeline) takes them when it costs the instruction that made them, which gives each
+# instruction the storages it read and wrote, hence its dependencies.
+_ACCESSES = threading.local()
+
+
+def take_accesses() -> list[tuple["Storage", bool]]:
+    """``(storage, is_write)`` of every read/write on this thread since the last call."""
+    log = getattr(_ACCESSES, "log", None)
+    _ACCESSES.log = []
+    return log or []
+
+
+def _note_access(storage: "Storage", write: bool) -> None:
+    log = getattr(_ACCESSES, "log", None)
+    if log is None:
+        log = _ACCESSES.log = []
+    log.append((storage, write))
 
 
 class Storage:
@@ -594,6 +614,7 @@ class NkiTensor:
         """A copy of the view's elements in its own dtype (invalid indirect elements read as 0)."""
         if self._ap_where is not None:
             self._check_ap()
+        _note_access(self._storage, False)
         span = self._storage.span
         if span is not None:
             if span[0] < 0:
@@ -617,6 +638,7 @@ class NkiTensor:
         storage = self._storage
         if storage.is_input:
             storage.written = True
+        _note_access(storage, True)
         span = storage.span
         if span is not None:
             if span[0] < 0:

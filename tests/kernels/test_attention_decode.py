@@ -193,7 +193,12 @@ def test_kernel_check_attention_cases_pass_at_qwen3_30b_a3b_tp8(tokens):
     rows = run_cases(cases)
     assert all(r.passed for r in rows), [r.reason for r in rows]
     decode_long = rows[2]
-    assert "ctx=4096" in decode_long.shapes and decode_long.roofline_pct > 50  # HBM-bound: most of the KV read rate
+    assert "ctx=4096" in decode_long.shapes
+    # HBM-bound engines: most of the KV read rate (the dependency estimate, roofline_pct, adds the online-softmax
+    # chain: about 27% of the roofline at B=1, reported by kernels check/bench)
+    assert (
+        decode_long.engine_bound_seconds > 0 and decode_long.roofline_seconds > 0.5 * decode_long.engine_bound_seconds
+    )
 
 
 @pytest.mark.parametrize("lens,pad", [(CONTEXTS, ()), ([40, 1, 640], (1,)), ([77], ())])  # even, odd with padding, one

@@ -92,5 +92,5 @@ def test_two_programs_give_the_same_output_each_reading_half_the_weight(N, rng):
     assert torch.equal(one, two)  # each column is the same K-sum in the same order
     assert two_report.num_programs == 2
     assert two_report.hbm_read_bytes == one_report.hbm_read_bytes + T * K * 2  # x read by both, W split
-    if N >= 2 * linear.N_TILE:
-        assert two_report.estimated_seconds < 0.6 * one_report.estimated_seconds
+    if N >= 2 * linear.N_TILE:  # each core's weight stream is half as long (the load -> matmul -> store chain is not)
+        assert two_report.engine_bound_seconds < 0.6 * one_report.engine_bound_seconds

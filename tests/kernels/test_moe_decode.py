@@ -86,9 +86,10 @@ def test_moe_decode_on_two_programs_matches_ref_each_core_reading_its_share_of_t
     slots = T * K
     # both programs read the tokens, ids and weights; the experts' weights are read once, split between them
     assert abs(two_rep.hbm_read_bytes - one_rep.hbm_read_bytes - (one_rep.hbm_read_bytes - slots * expert_bytes)) < 1
-    if slots >= 2:
+    if slots >= 2:  # the busier core streams its share of the experts; at these tiny sizes latency dominates the rest
         busiest = -(-slots // 2) / slots
-        assert two_rep.estimated_seconds < (busiest + 0.15) * one_rep.estimated_seconds, two_rep.format()
+        assert two_rep.engine_bound_seconds < (busiest + 0.15) * one_rep.engine_bound_seconds, two_rep.format()
+        assert two_rep.estimated_seconds < one_rep.estimated_seconds, two_rep.format()
 
 
 def test_moe_decode_on_two_programs_halves_the_time_at_qwen3_30b_a3b_tp4_batch_1():

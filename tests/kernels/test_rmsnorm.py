@@ -217,7 +217,8 @@ def test_fused_add_rms_norm_auto_takes_the_documented_layout(T, H, dtype, layout
 
 
 def test_fused_add_rms_norm_decode_is_at_least_10x_faster_on_the_h_layout(rng):
-    """The reason for the h layout (cost model): T=1, H=2048 bf16 was 3.52 us on rows, Scalar-bound."""
+    """The reason for the h layout (cost model): T=1, H=2048 bf16 is 3.52 us of Scalar work on rows; with the
+    dependency chain (load, reduce, scale, store) both take longer, the h layout still about 4x less."""
     x, r, w = (
         randn(rng, (1, HIDDEN), torch.bfloat16),
         randn(rng, (1, HIDDEN), torch.bfloat16),
@@ -225,7 +226,8 @@ def test_fused_add_rms_norm_decode_is_at_least_10x_faster_on_the_h_layout(rng):
     )
     _, h = run(rmsnorm.fused_add_rms_norm, x, r, w, EPS, layout="h")
     _, rows = run(rmsnorm.fused_add_rms_norm, x, r, w, EPS, layout="rows")
-    assert h.estimated_seconds * 10 < rows.estimated_seconds
+    assert h.engine_bound_seconds * 10 < rows.engine_bound_seconds
+    assert h.estimated_seconds * 4 < rows.estimated_seconds
     assert h.hbm_read_bytes == rows.hbm_read_bytes == 2 * HIDDEN * 2 + HIDDEN * 2  # x, residual, weight once
 
 

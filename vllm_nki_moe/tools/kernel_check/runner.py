@@ -38,6 +38,7 @@ class CheckRow:
     lnc_grid: bool = False
     phase: str = "any"
     oldest_nki: str | None = None  # the oldest NKI release whose language rules the kernel's source passes
+    engine_bound_seconds: float | None = None  # the busiest engine's work: the estimate with perfect overlap
 
     @property
     def roofline_pct(self) -> float | None:
@@ -147,6 +148,7 @@ def run_case(case: KernelCase, backend: str = "emulator", seed: int = SEED, lnc:
         max_rel_err=cmp.max_rel_err,
         passed=cmp.passed,
         estimated_seconds=report.estimated_seconds if report is not None else None,
+        engine_bound_seconds=report.engine_bound_seconds if report is not None else None,
         **_roofline(case, programs),
         reason=cmp.detail,
         wall_seconds=wall,
