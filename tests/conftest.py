@@ -30,15 +30,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def make_model(tmp_path_factory):
-    """Factory: a tiny checkpoint with the given Qwen3MoeConfig overrides (cached per overrides)."""
+    """Factory: a tiny checkpoint of ``arch`` with the given config overrides (cached per arguments)."""
     from vllm_nki_moe.tools.tiny_model import make_tiny_model
 
     cache: dict[str, Path] = {}
 
-    def make(overrides: dict | None = None, seed: int = 0) -> Path:
-        key = json.dumps([overrides, seed], sort_keys=True)
+    def make(overrides: dict | None = None, seed: int = 0, arch: str = "qwen3_moe") -> Path:
+        key = json.dumps([overrides, seed, arch], sort_keys=True)
         if key not in cache:
-            cache[key] = make_tiny_model(tmp_path_factory.mktemp("tiny"), overrides, seed=seed)
+            cache[key] = make_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), overrides, seed=seed, arch=arch)
         return cache[key]
 
     return make

@@ -1,10 +1,12 @@
-"""vLLM general plugin: registers this package's Qwen3-MoE model class.
+"""vLLM general plugin: registers this package's model classes (Qwen3-MoE; Qwen3 and Llama dense on CPU).
 
 vLLM loads ``vllm.general_plugins`` entry points once in every process (API server, engine core, workers), so this
 must be idempotent and cheap: the class is registered lazily as ``"module:Class"`` and imported only when used.
 On our Neuron platform the class registered is the runner-contract subclass
 (``models.qwen3_moe_neuron.model.NeuronQwen3MoeForCausalLM``, with the ``from_configs`` vllm-neuron's runner calls);
-elsewhere the vLLM-style class. The base class never refers to its Neuron subclass.
+elsewhere the vLLM-style class. The base class never refers to its Neuron subclass. The dense classes
+(``models/dense.py``) are registered off Neuron only: the Neuron runner adapter is written for Qwen3-MoE so far, so
+on Neuron vLLM's own registry keeps serving those architectures.
 """
 
 from __future__ import annotations
@@ -14,6 +16,22 @@ import sys
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 MODEL_CLASS = "vllm_nki_moe.models.qwen3_moe:Qwen3MoeForCausalLM"
 NEURON_MODEL_CLASS = "vllm_nki_moe.models.qwen3_moe_neuron.model:NeuronQwen3MoeForCausalLM"
+# architecture -> "module:Class" of our class for it (off Neuron)
+MODEL_CLASSES = {
+    ARCHITECTURE: MODEL_CLASS,
+    "Qwen3ForCausalLM": "vllm_nki_moe.models.dense:Qwen3ForCausalLM",
+    "LlamaForCausalLM": "vllm_nki_moe.models.dense:LlamaForCausalLM",
+}
+
+
+def model_class(architecture: str):
+    """Our class for ``architecture`` (imported); an architecture we do not serve is a ``ValueError`` naming ours."""
+    import importlib
+
+    if architecture not in MODEL_CLASSES:
+        raise ValueError(f"vllm_nki_moe: architecture {architecture!r}; supported: {', '.join(MODEL_CLASSES)}")
+    module, name = MODEL_CLASSES[architecture].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def serving_on_neuron() -> bool:
@@ -37,4 +55,8 @@ def register_models() -> None:
     attach_to_vllm_logging()
 
     # Registering an architecture vLLM already has replaces its class in this process; repeating it is harmless.
-    ModelRegistry.register_model(ARCHITECTURE, NEURON_MODEL_CLASS if serving_on_neuron() else MODEL_CLASS)
+    if serving_on_neuron():
+        ModelRegistry.register_model(ARCHITECTURE, NEURON_MODEL_CLASS)
+        return
+    for architecture, cls in MODEL_CLASSES.items():
+        ModelRegistry.register_model(architecture, cls)

@@ -1,4 +1,5 @@
-"""The Qwen3-MoE sizes the model needs, read once from a Hugging Face config and checked there.
+"""The sizes the model needs, read once from a Hugging Face config and checked there: Qwen3-MoE, and the dense
+decoders built from the same layers (Qwen3, Llama 3.x).
 
 Unsupported configurations are rejected at construction with the field, its value and the rule, never later in a
 forward pass.
@@ -7,6 +8,15 @@ forward pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# The architectures our classes serve (config.json "architectures"), and what differs between them: q/k RMSNorm
+# before RoPE (Qwen3 families) and the RoPE scalings accepted beyond the default.
+QK_NORM = {"Qwen3MoeForCausalLM": True, "Qwen3ForCausalLM": True, "LlamaForCausalLM": False}
+ROPE_TYPES = {
+    "Qwen3MoeForCausalLM": ("default",),
+    "Qwen3ForCausalLM": ("default",),
+    "LlamaForCausalLM": ("default", "llama3"),
+}
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,9 @@ class Qwen3MoeSizes:
     max_position_embeddings: int
     attention_bias: bool
     tie_word_embeddings: bool
+    qk_norm: bool = True  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    # Llama 3 RoPE scaling: (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+    rope_llama3: tuple[float, float, float, int] | None = None
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Qwen3-MoE's rule, as transformers and vLLM apply it."""
@@ -39,44 +52,75 @@ class Qwen3MoeSizes:
         )
 
 
-def _rope_theta(hf_config) -> float:
+LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope(hf_config, architecture: str) -> tuple[float, tuple | None]:
+    """(theta, llama3 scaling or None); a RoPE type the architecture's class does not implement is an error."""
+    where = f"{architecture} (vllm_nki_moe)"
     params = getattr(hf_config, "rope_parameters", None) or {}
     scaling = getattr(hf_config, "rope_scaling", None) or {}
     rope_type = params.get("rope_type") or params.get("type") or scaling.get("rope_type") or scaling.get("type")
-    if rope_type not in (None, "default"):
+    allowed = ROPE_TYPES[architecture]
+    if (rope_type or "default") not in allowed:
         raise NotImplementedError(
-            f"Qwen3MoeForCausalLM (vllm_nki_moe): rope_type={rope_type!r}; only the default rope is supported"
+            f"{where}: rope_type={rope_type!r}; supported: {', '.join(allowed)} (config rope_parameters.rope_type)"
         )
     theta = params.get("rope_theta", getattr(hf_config, "rope_theta", None))
     if theta is None:
-        raise ValueError("Qwen3MoeForCausalLM (vllm_nki_moe): the config has no rope_theta")
-    return float(theta)
+        raise ValueError(f"{where}: the config has no rope_theta")
+    if rope_type != "llama3":
+        return float(theta), None
+    fields = {**scaling, **params}
+    missing = [f for f in LLAMA3_FIELDS if f not in fields]
+    if missing:
+        raise ValueError(f"{where}: rope_type='llama3' needs {', '.join(missing)} in rope_parameters")
+    factor, low, high, original = (fields[f] for f in LLAMA3_FIELDS)
+    if not (float(factor) > 0 and 0 < float(low) < float(high) and int(original) > 0):
+        raise ValueError(
+            f"{where}: llama3 rope factor={factor}, low_freq_factor={low}, high_freq_factor={high}, "
+            f"original_max_position_embeddings={original}; need factor > 0, 0 < low < high, original > 0"
+        )
+    return float(theta), (float(factor), float(low), float(high), int(original))
 
 
-def read_sizes(hf_config, tp_size: int = 1) -> Qwen3MoeSizes:
-    """Read and validate; ``tp_size`` is the tensor-parallel degree the sizes will be split by."""
+def read_sizes(hf_config, tp_size: int = 1, architecture: str = "Qwen3MoeForCausalLM") -> Qwen3MoeSizes:
+    """Read and validate for ``architecture`` (one of ``QK_NORM``'s); ``tp_size`` is the tensor-parallel degree the
+    sizes will be split by. Dense architectures have no experts (every layer a dense SwiGLU MLP)."""
+    if architecture not in QK_NORM:
+        raise NotImplementedError(
+            f"vllm_nki_moe: architecture {architecture!r}; supported: {', '.join(QK_NORM)} (config architectures)"
+        )
+    moe = architecture == "Qwen3MoeForCausalLM"
+    theta, llama3 = _rope(hf_config, architecture)
     heads = hf_config.num_attention_heads
     sizes = Qwen3MoeSizes(
         vocab_size=hf_config.vocab_size,
         hidden_size=hf_config.hidden_size,
         intermediate_size=getattr(hf_config, "intermediate_size", 0),
-        moe_intermediate_size=hf_config.moe_intermediate_size,
+        moe_intermediate_size=hf_config.moe_intermediate_size if moe else 0,
         num_hidden_layers=hf_config.num_hidden_layers,
         num_attention_heads=heads,
         num_key_value_heads=getattr(hf_config, "num_key_value_heads", heads),
         head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
-        num_experts=hf_config.num_experts,
-        num_experts_per_tok=hf_config.num_experts_per_tok,
+        num_experts=hf_config.num_experts if moe else 0,
+        num_experts_per_tok=hf_config.num_experts_per_tok if moe else 0,
         norm_topk_prob=bool(getattr(hf_config, "norm_topk_prob", False)),
         decoder_sparse_step=getattr(hf_config, "decoder_sparse_step", 1) or 1,
         mlp_only_layers=tuple(getattr(hf_config, "mlp_only_layers", None) or ()),
         rms_norm_eps=hf_config.rms_norm_eps,
-        rope_theta=_rope_theta(hf_config),
+        rope_theta=theta,
         max_position_embeddings=getattr(hf_config, "max_position_embeddings", 8192),
         attention_bias=bool(getattr(hf_config, "attention_bias", False)),
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        qk_norm=QK_NORM[architecture],
+        rope_llama3=llama3,
     )
-    where = "Qwen3MoeForCausalLM (vllm_nki_moe)"
+    where = f"{architecture} (vllm_nki_moe)"
+    if getattr(hf_config, "mlp_bias", False):
+        raise NotImplementedError(f"{where}: mlp_bias=True; only bias-free MLPs are supported")
+    if not moe and not sizes.intermediate_size:
+        raise ValueError(f"{where}: intermediate_size={sizes.intermediate_size}; the dense MLP needs a width")
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
         raise NotImplementedError(f"{where}: hidden_act={act!r}; only 'silu' is supported")

@@ -160,7 +160,8 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
 
 
 class Qwen3MoeAttention(nn.Module):
-    """GQA attention with per-head q/k RMSNorm before neox RoPE; the KV cache and kernel are vLLM's ``Attention``."""
+    """GQA attention with per-head q/k RMSNorm (Qwen3; not Llama) before neox RoPE; the KV cache and kernel are
+    vLLM's ``Attention``."""
 
     def __init__(
         self,
@@ -191,12 +192,14 @@ class Qwen3MoeAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             sizes.num_attention_heads * self.head_dim, sizes.hidden_size, bias=False, prefix=f"{prefix}.o_proj"
         )
-        self.q_norm = Qwen3MoeRMSNorm(self.head_dim, sizes.rms_norm_eps, opset)
-        self.k_norm = Qwen3MoeRMSNorm(self.head_dim, sizes.rms_norm_eps, opset)
+        self.qk_norm = sizes.qk_norm
+        if self.qk_norm:
+            self.q_norm = Qwen3MoeRMSNorm(self.head_dim, sizes.rms_norm_eps, opset)
+            self.k_norm = Qwen3MoeRMSNorm(self.head_dim, sizes.rms_norm_eps, opset)
         # A buffer, not a parameter: derived from the config, never loaded from the checkpoint.
         self.register_buffer(
             "cos_sin_cache",
-            rope_cos_sin_cache(self.head_dim, sizes.max_position_embeddings, sizes.rope_theta),
+            rope_cos_sin_cache(self.head_dim, sizes.max_position_embeddings, sizes.rope_theta, sizes.rope_llama3),
             persistent=False,
         )
         if attn_factory is not None:
@@ -215,9 +218,19 @@ class Qwen3MoeAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.ops.qk_norm_rope(
-            q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, positions, self.cos_sin_cache, self.head_dim
-        )
+        if self.qk_norm:
+            q, k = self.ops.qk_norm_rope(
+                q,
+                k,
+                self.q_norm.weight,
+                self.k_norm.weight,
+                self.q_norm.eps,
+                positions,
+                self.cos_sin_cache,
+                self.head_dim,
+            )
+        else:  # Llama: RoPE only
+            q, k = self.ops.apply_rope(q.contiguous(), k.contiguous(), positions, self.cos_sin_cache, self.head_dim)
         out, _ = self.o_proj(self.attn(q, k, v.contiguous()))
         return out
 
@@ -304,7 +317,12 @@ class Qwen3MoeModel(nn.Module):
 
 
 class Qwen3MoeForCausalLM(nn.Module):
-    """vLLM's text-generation model interface (``vllm/model_executor/models/interfaces_base.py``) for Qwen3-MoE."""
+    """vLLM's text-generation model interface (``vllm/model_executor/models/interfaces_base.py``) for Qwen3-MoE.
+
+    The dense decoders (``models/dense.py``) are this class with another ``architecture``: its sizes decide q/k norm,
+    RoPE scaling and whether any layer has experts."""
+
+    architecture = "Qwen3MoeForCausalLM"  # config.json "architectures": what read_sizes checks the config against
 
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
@@ -313,10 +331,10 @@ class Qwen3MoeForCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         hf_config = vllm_config.model_config.hf_text_config
-        self.sizes = read_sizes(hf_config, tp_size=get_tensor_model_parallel_world_size())
+        self.sizes = read_sizes(hf_config, get_tensor_model_parallel_world_size(), self.architecture)
         if get_pp_group().world_size > 1:
             raise NotImplementedError(
-                f"Qwen3MoeForCausalLM (vllm_nki_moe): pipeline_parallel_size={get_pp_group().world_size}; "
+                f"{self.architecture} (vllm_nki_moe): pipeline_parallel_size={get_pp_group().world_size}; "
                 "only 1 is supported"
             )
         # --additional-config '{"nki_moe": {"kernels": ...}}' overrides VLLM_NKI_MOE_KERNELS for this server.
@@ -375,7 +393,7 @@ class Qwen3MoeForCausalLM(nn.Module):
                         break
             else:
                 if name not in params:
-                    raise ValueError(f"Qwen3MoeForCausalLM.load_weights: checkpoint tensor {name!r} has no parameter")
+                    raise ValueError(f"{self.architecture}.load_weights: checkpoint tensor {name!r} has no parameter")
                 param = params[name]
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
                 loaded.add(name)

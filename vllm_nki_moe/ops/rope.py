@@ -4,6 +4,8 @@ by position)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vllm_nki_moe.ops import host
@@ -18,15 +20,36 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 ROPE_HEAD_ALIGNMENT = 32
 
 
-def rope_cos_sin_cache(head_dim: int, max_positions: int, theta: float) -> torch.Tensor:
+def rope_cos_sin_cache(
+    head_dim: int, max_positions: int, theta: float, llama3: tuple[float, float, float, int] | None = None
+) -> torch.Tensor:
     """``[max_positions, head_dim]`` fp32: cos in the first half of each row, sin in the second (neox layout).
 
     Computed as transformers' default rope does (int64 arange cast to fp32, fp32 outer product), so that the angles
-    are bit-identical to Hugging Face's.
+    are bit-identical to Hugging Face's. ``llama3``: (factor, low_freq_factor, high_freq_factor, original context)
+    rescales the inverse frequencies as Llama 3.1+ does (``llama3_inv_freq``).
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if llama3 is not None:
+        inv_freq = llama3_inv_freq(inv_freq, *llama3)
     freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def llama3_inv_freq(
+    inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float, original_context: int
+) -> torch.Tensor:
+    """Llama 3 frequency scaling: wavelengths longer than ``original_context / low_freq_factor`` are divided by
+    ``factor``, those shorter than ``original_context / high_freq_factor`` kept, and the band between interpolated
+    linearly in ``original_context / wavelength``."""
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = original_context / low_freq_factor
+    high_freq_wavelen = original_context / high_freq_factor
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rope(

@@ -7,15 +7,15 @@ import sys
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
-    from vllm_nki_moe.tools.tiny_model import TinyModelConfigError, load_config_overrides, make_tiny_model
+    from vllm_nki_moe.tools.tiny_model import ARCHS, TinyModelConfigError, load_config_overrides, make_tiny_model
 
     try:
-        overrides = load_config_overrides(args.config) if args.config else None
-        out = make_tiny_model(args.dir, overrides, seed=args.seed)
+        overrides = load_config_overrides(args.config, args.arch) if args.config else None
+        out = make_tiny_model(args.dir, overrides, seed=args.seed, arch=args.arch)
     except TinyModelConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote a random-weight Qwen3-MoE checkpoint to {out}")
+    print(f"wrote a random-weight {ARCHS[args.arch][1]} checkpoint to {out}")
     return 0
 
 
@@ -62,10 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     tiny = sub.add_parser(
-        "make-tiny-model", help="write a random-weight Qwen3-MoE checkpoint that vLLM and transformers load"
+        "make-tiny-model", help="write a random-weight checkpoint (Qwen3-MoE, Qwen3, Llama) vLLM and transformers load"
     )
     tiny.add_argument("dir", help="output directory (created if missing)")
-    tiny.add_argument("--config", help="JSON file of Qwen3MoeConfig fields overriding the defaults")
+    tiny.add_argument(
+        "--arch",
+        choices=("qwen3_moe", "qwen3", "llama"),
+        default="qwen3_moe",
+        help="architecture: Qwen3-MoE (default), Qwen3 dense or Llama 3 (Llama 3.2 1B's tensor names and fields)",
+    )
+    tiny.add_argument("--config", help="JSON file of the architecture's transformers config fields overriding defaults")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(handler=_make_tiny_model)
 

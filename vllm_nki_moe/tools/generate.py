@@ -141,7 +141,7 @@ class Harness:
         from vllm.engine.arg_utils import EngineArgs
         from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
-        from vllm_nki_moe.models.qwen3_moe import Qwen3MoeForCausalLM
+        from vllm_nki_moe.plugin import model_class
 
         self.model_dir = str(model_dir)
         self.opset = ops.bind(kernels)  # explicit, hence strict: a kernel that cannot take the shapes raises
@@ -150,7 +150,8 @@ class Harness:
         ).create_engine_config()
         with set_current_vllm_config(self.vllm_config), _kernels_env(kernels):
             _init_distributed()
-            self.model = Qwen3MoeForCausalLM(vllm_config=self.vllm_config).eval()
+            architecture = (self.vllm_config.model_config.hf_config.architectures or ["Qwen3MoeForCausalLM"])[0]
+            self.model = model_class(architecture)(vllm_config=self.vllm_config).eval()
         weights: dict[str, torch.Tensor] = {}
         for path in sorted(glob.glob(os.path.join(self.model_dir, "*.safetensors"))):
             weights.update(load_file(path))

@@ -1,7 +1,9 @@
-"""Write a small random-weight Qwen3-MoE checkpoint that vLLM and Hugging Face transformers both load.
+"""Write a small random-weight checkpoint that vLLM and Hugging Face transformers both load: Qwen3-MoE by default,
+or a dense Qwen3 or Llama 3 (``arch``).
 
-The checkpoint has what a real one has: ``config.json`` (architecture ``Qwen3MoeForCausalLM``), safetensors weights
-under the tensor names Qwen/Qwen3-30B-A3B ships (one tensor per expert projection), a byte-level BPE tokenizer trained
+The checkpoint has what a real one has: ``config.json`` (architecture ``Qwen3MoeForCausalLM``, ``Qwen3ForCausalLM``
+or ``LlamaForCausalLM``), safetensors weights under the tensor names Qwen/Qwen3-30B-A3B ships (one tensor per expert
+projection; Qwen3 and Llama 3.2 dense names for the dense models), a byte-level BPE tokenizer trained
 here with the ``tokenizers`` library, a ChatML chat template and ``generation_config.json``. It is the embedded model
 that ``vllm serve`` runs on machines without Trainium, and the model every test compares against Hugging Face.
 """
@@ -44,6 +46,23 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "initializer_range": 0.2,
 }
 
+# make-tiny-model --arch: (transformers config class, config.json architecture)
+ARCHS = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+}
+MOE_FIELDS = (
+    "moe_intermediate_size",
+    "num_experts",
+    "num_experts_per_tok",
+    "norm_topk_prob",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+)
+# Dense defaults: the MoE defaults without the experts; Llama with Llama 3's rope_theta.
+DENSE_DEFAULTS = {"qwen3": {}, "llama": {"rope_theta": 500_000.0}}
+
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 CHAT_TEMPLATE = (
@@ -68,15 +87,32 @@ The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ( ) [ ] { } < 
 
 
 class TinyModelConfigError(ValueError):
-    """A --config file that cannot describe a Qwen3-MoE checkpoint."""
+    """A --config file or --arch that cannot describe a checkpoint."""
 
 
-def known_config_fields() -> set[str]:
-    """Field names ``transformers.Qwen3MoeConfig`` accepts, including its aliases (e.g. ``num_experts``)."""
-    from transformers import PretrainedConfig, Qwen3MoeConfig
+def _config_class(arch: str):
+    import transformers
 
-    fields = set(inspect.signature(Qwen3MoeConfig.__init__).parameters) - {"self", "kwargs"}
-    fields |= set(getattr(Qwen3MoeConfig, "attribute_map", {}))
+    if arch not in ARCHS:
+        raise TinyModelConfigError(f"make-tiny-model: --arch {arch!r}; must be one of {', '.join(ARCHS)}")
+    return getattr(transformers, ARCHS[arch][0])
+
+
+def default_config(arch: str = "qwen3_moe") -> dict[str, Any]:
+    """The tiny defaults of ``arch``."""
+    _config_class(arch)
+    if arch == "qwen3_moe":
+        return dict(DEFAULT_CONFIG)
+    return {k: v for k, v in DEFAULT_CONFIG.items() if k not in MOE_FIELDS} | DENSE_DEFAULTS[arch]
+
+
+def known_config_fields(arch: str = "qwen3_moe") -> set[str]:
+    """Field names the ``arch``'s transformers config accepts, including its aliases (e.g. ``num_experts``)."""
+    from transformers import PretrainedConfig
+
+    config_class = _config_class(arch)
+    fields = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+    fields |= set(getattr(config_class, "attribute_map", {}))
     fields |= set(inspect.signature(PretrainedConfig.__init__).parameters) - {"self", "kwargs"}
     # Written by transformers itself or read by vLLM from the JSON; accepted so a real config.json can be passed.
     fields |= {"rope_theta", "rope_scaling", "rope_parameters", "head_dim", "architectures", "torch_dtype", "dtype"}
@@ -84,8 +120,9 @@ def known_config_fields() -> set[str]:
     return fields
 
 
-def load_config_overrides(path: str | Path) -> dict[str, Any]:
-    """Read a JSON object of Qwen3MoeConfig fields; reject bad JSON and unknown fields with the file and field named."""
+def load_config_overrides(path: str | Path, arch: str = "qwen3_moe") -> dict[str, Any]:
+    """Read a JSON object of the arch's config fields; reject bad JSON and unknown fields with the file and field
+    named."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -102,30 +139,30 @@ def load_config_overrides(path: str | Path) -> dict[str, Any]:
             f"make-tiny-model: --config {path}: expected a JSON object of Qwen3MoeConfig fields, "
             f"got {type(overrides).__name__}"
         )
-    unknown = sorted(set(overrides) - known_config_fields())
+    unknown = sorted(set(overrides) - known_config_fields(arch))
     if unknown:
+        name = ARCHS[arch][0]
         raise TinyModelConfigError(
-            f"make-tiny-model: --config {path}: unknown Qwen3MoeConfig field(s) {unknown}; "
-            "see transformers.Qwen3MoeConfig for the accepted names"
+            f"make-tiny-model: --config {path}: unknown {name} field(s) {unknown}; "
+            f"see transformers.{name} for the accepted names"
         )
     return overrides
 
 
-def build_config(overrides: dict[str, Any] | None = None, vocab_size_min: int = 0):
-    """The ``Qwen3MoeConfig`` of the tiny model: DEFAULT_CONFIG updated with ``overrides``, checked for consistency."""
-    from transformers import Qwen3MoeConfig
-
-    fields = {**DEFAULT_CONFIG, **(overrides or {})}
-    _check_config_fields(fields, vocab_size_min)
+def build_config(overrides: dict[str, Any] | None = None, vocab_size_min: int = 0, arch: str = "qwen3_moe"):
+    """The tiny model's transformers config for ``arch``: its defaults updated with ``overrides``, checked."""
+    config_class = _config_class(arch)
+    fields = {**default_config(arch), **(overrides or {})}
+    _check_config_fields(fields, vocab_size_min, moe=arch == "qwen3_moe")
     rope_theta = float(fields.pop("rope_theta"))
     rope_parameters = fields.pop("rope_parameters", None) or {"rope_type": "default", "rope_theta": rope_theta}
     rope_parameters.setdefault("rope_theta", rope_theta)
-    config = Qwen3MoeConfig(**fields, rope_parameters=rope_parameters)
-    config.architectures = ["Qwen3MoeForCausalLM"]
+    config = config_class(**fields, rope_parameters=rope_parameters)
+    config.architectures = [ARCHS[arch][1]]
     return config
 
 
-def _check_config_fields(fields: dict[str, Any], vocab_size_min: int) -> None:
+def _check_config_fields(fields: dict[str, Any], vocab_size_min: int, moe: bool = True) -> None:
     def positive_int(name: str) -> int:
         value = fields.get(name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -146,13 +183,14 @@ def _check_config_fields(fields: dict[str, Any], vocab_size_min: int) -> None:
         "vocab_size",
         "max_position_embeddings",
     ):
-        positive_int(name)
+        if moe or name not in MOE_FIELDS:
+            positive_int(name)
     if fields["num_attention_heads"] % fields["num_key_value_heads"]:
         raise TinyModelConfigError(
             f"make-tiny-model: num_attention_heads={fields['num_attention_heads']}; must be a multiple of "
             f"num_key_value_heads={fields['num_key_value_heads']}"
         )
-    if fields["num_experts_per_tok"] > fields["num_experts"]:
+    if moe and fields["num_experts_per_tok"] > fields["num_experts"]:
         raise TinyModelConfigError(
             f"make-tiny-model: num_experts_per_tok={fields['num_experts_per_tok']}; must not exceed "
             f"num_experts={fields['num_experts']}"
@@ -183,7 +221,7 @@ def random_state_dict(config, seed: int) -> dict[str, torch.Tensor]:
 
     from vllm_nki_moe.models.config import read_sizes
 
-    sizes = read_sizes(config)
+    sizes = read_sizes(config, architecture=config.architectures[0])
     h, d = config.hidden_size, config.head_dim
     tensors = {"model.embed_tokens.weight": matrix(config.vocab_size, h)}
     for i in range(config.num_hidden_layers):
@@ -194,8 +232,9 @@ def random_state_dict(config, seed: int) -> dict[str, torch.Tensor]:
         tensors[f"{p}.self_attn.k_proj.weight"] = matrix(config.num_key_value_heads * d, h)
         tensors[f"{p}.self_attn.v_proj.weight"] = matrix(config.num_key_value_heads * d, h)
         tensors[f"{p}.self_attn.o_proj.weight"] = matrix(h, config.num_attention_heads * d)
-        tensors[f"{p}.self_attn.q_norm.weight"] = norm_weight(d)
-        tensors[f"{p}.self_attn.k_norm.weight"] = norm_weight(d)
+        if sizes.qk_norm:
+            tensors[f"{p}.self_attn.q_norm.weight"] = norm_weight(d)
+            tensors[f"{p}.self_attn.k_norm.weight"] = norm_weight(d)
         if sizes.is_moe_layer(i):
             tensors[f"{p}.mlp.gate.weight"] = matrix(config.num_experts, h)
             inter = config.moe_intermediate_size
@@ -240,14 +279,16 @@ def train_tokenizer(vocab_size: int):
     return fast
 
 
-def make_tiny_model(out_dir: str | Path, overrides: dict[str, Any] | None = None, seed: int = 0) -> Path:
-    """Write the checkpoint to ``out_dir`` (created if needed) and return its path."""
+def make_tiny_model(
+    out_dir: str | Path, overrides: dict[str, Any] | None = None, seed: int = 0, arch: str = "qwen3_moe"
+) -> Path:
+    """Write the ``arch`` checkpoint to ``out_dir`` (created if needed) and return its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = int((overrides or {}).get("vocab_size", DEFAULT_CONFIG["vocab_size"]))
     tokenizer = train_tokenizer(vocab_size)
     # The BPE trainer may stop short of vocab_size; the embedding rows beyond the tokenizer are simply never used.
-    config = build_config(overrides, vocab_size_min=len(tokenizer))
+    config = build_config(overrides, vocab_size_min=len(tokenizer), arch=arch)
     endoftext, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
     config.bos_token_id = endoftext
     config.eos_token_id = im_end
