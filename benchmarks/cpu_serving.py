@@ -1,4 +1,5 @@
-"""Throughput of vLLM offline generation on CPU: this plugin's Qwen3-MoE class vs vLLM's own, same checkpoint.
+"""Throughput of vLLM offline generation on CPU: this plugin's model class vs vLLM's own, same checkpoint
+(Qwen3-MoE by default; ``--arch qwen3|llama`` for the dense classes).
 
 Not a test: it prints figures. Each (implementation, batch) runs in a fresh process (vLLM's engine is process-wide);
 vLLM's own class runs with ``VLLM_PLUGINS=""`` (no plugin loaded at all). Both run eagerly (``enforce_eager``) unless
@@ -10,6 +11,7 @@ before and after: the machine is shared, and figures taken under load are not co
     .venv/bin/python benchmarks/cpu_serving.py                 # mid-size checkpoint, batch 1 and 32
     .venv/bin/python benchmarks/cpu_serving.py --batches 1,8,32 --new-tokens 64 --repeats 3
     .venv/bin/python benchmarks/cpu_serving.py --host-ops off  # our class on the plain-PyTorch reference ops
+    .venv/bin/python benchmarks/cpu_serving.py --arch llama    # a mid-size Llama 3 checkpoint (dense)
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ MID_SIZE = {
     "intermediate_size": 1024,
     "vocab_size": 512,
 }
+MOE_ONLY = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
 PROMPT = "On the first day of Christmas my true love sent to me a partridge in a pear tree. "
 
 
@@ -54,8 +57,9 @@ def worker(args: argparse.Namespace) -> None:
     )
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
     opset = getattr(model, "opset", None)
-    # which implementation our experts op ran: the vLLM-CPU fast path (moe_experts_host) or the plain reference
-    ops_module = opset.implementations["moe_experts"].__name__ if opset is not None else "vllm"
+    # which implementation our experts (dense: RMSNorm) op ran: the vLLM-CPU fast path (*_host) or the reference
+    op = "moe_experts" if args.arch == "qwen3_moe" else "rms_norm"
+    ops_module = opset.implementations[op].__name__ if opset is not None else "vllm"
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
     prompts = [f"{i} {PROMPT}" for i in range(args.batch)]
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
@@ -101,6 +105,8 @@ def run_child(model: Path, batch: int, ours: bool, args: argparse.Namespace) -> 
         str(args.repeats),
         "--dtype",
         args.dtype,
+        "--arch",
+        args.arch,
     ]
     if args.compile:
         cmd.append("--compile")
@@ -122,6 +128,9 @@ def main() -> None:
     parser.add_argument(
         "--host-ops", default="auto", choices=["auto", "off"], help="VLLM_NKI_MOE_HOST_OPS for our class (default auto)"
     )
+    parser.add_argument(
+        "--arch", default="qwen3_moe", choices=["qwen3_moe", "qwen3", "llama"], help="checkpoint architecture"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -131,9 +140,10 @@ def main() -> None:
 
     from vllm_nki_moe.tools.tiny_model import make_tiny_model
 
-    model = Path(args.model) if args.model else make_tiny_model(Path(tempfile.mkdtemp()) / "mid", MID_SIZE)
+    sizes = MID_SIZE if args.arch == "qwen3_moe" else {k: v for k, v in MID_SIZE.items() if k not in MOE_ONLY}
+    model = Path(args.model) if args.model else make_tiny_model(Path(tempfile.mkdtemp()) / "mid", sizes, arch=args.arch)
     print(
-        f"checkpoint: {model} ({'given' if args.model else json.dumps(MID_SIZE)}), dtype {args.dtype}, "
+        f"checkpoint: {model} ({'given' if args.model else args.arch + ' ' + json.dumps(sizes)}), dtype {args.dtype}, "
         f"{args.new_tokens} new tokens/request, median of {args.repeats}, "
         f"{'torch.compile' if args.compile else 'eager'}, {os.cpu_count()} CPUs"
     )
