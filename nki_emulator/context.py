@@ -11,7 +11,7 @@ import threading
 
 import numpy as np
 
-from . import dtypes
+from . import dtypes, targets
 from .cost import CostCounter
 from .errors import NkiEmulatorError, check
 from .hardware import (
@@ -25,7 +25,20 @@ from .hardware import (
 from .tensor import HBM, MemoryRegion, NkiTensor, Storage
 
 QUADRANT = 32  # partitions per quadrant: engines start at partition 0/32/64/96 (nc_stream_shuffle doc, isa docs)
-SBUF_AREA = PMAX * SBUF_PARTITION_BYTES  # usable partition-bytes of one core's SBUF
+SBUF_AREA = PMAX * SBUF_PARTITION_BYTES  # usable partition-bytes of one trn2 core's SBUF
+
+
+def _sbuf_bytes() -> tuple[int, str]:
+    """Usable SBUF bytes per partition of the current target, and where the figure comes from."""
+    t = targets.current()
+    if t.name == "trn2":
+        return SBUF_PARTITION_BYTES, "limits.SBUF_PARTITION_BYTES: 224 KiB minus the compiler's reserve"
+    return (
+        t.sbuf_partition_bytes,
+        f"{t.name}: {t.sbuf_partition_bytes_physical // 1024} KiB minus the compiler's reserve",
+    )
+
+
 PSUM_CELLS = PSUM_NUM_BANKS * (PMAX // QUADRANT)  # PSUM in (bank, quadrant) cells: 8 banks x 4 quadrants
 
 
@@ -71,7 +84,8 @@ class MemoryTracker:
         p = tensor.shape[0]
         per_partition = tensor.free_size * tensor.dtype.itemsize
         sbuf = buf is MemoryRegion.sbuf
-        if not (p <= PMAX and per_partition <= (SBUF_PARTITION_BYTES if sbuf else PSUM_BANK_BYTES)):
+        usable, basis = _sbuf_bytes()
+        if not (p <= PMAX and per_partition <= (usable if sbuf else PSUM_BANK_BYTES)):
             where = f"nl.ndarray({tensor.describe()})"
             check(
                 p <= PMAX,
@@ -81,8 +95,7 @@ class MemoryTracker:
             check(
                 not sbuf,
                 where,
-                f"SBUF bytes per partition={per_partition}; exceeds the usable {SBUF_PARTITION_BYTES} B per "
-                "partition (limits.SBUF_PARTITION_BYTES: 224 KiB minus the compiler's reserve)",
+                f"SBUF bytes per partition={per_partition}; exceeds the usable {usable} B per partition ({basis})",
             )
             raise NkiEmulatorError(
                 f"{where}: PSUM bytes per partition={per_partition}; exceeds one {PSUM_BANK_BYTES} B bank "
@@ -134,9 +147,9 @@ class MemoryTracker:
         )
         if tensor.buffer is MemoryRegion.sbuf:
             check(
-                0 <= off and end <= SBUF_PARTITION_BYTES,
+                0 <= off and end <= _sbuf_bytes()[0],
                 where,
-                f"address={address!r}: bytes [{off}, {end}); must lie within the usable {SBUF_PARTITION_BYTES} B "
+                f"address={address!r}: bytes [{off}, {end}); must lie within the usable {_sbuf_bytes()[0]} B "
                 "per partition (limits.SBUF_PARTITION_BYTES)",
             )
         else:
@@ -173,7 +186,7 @@ class MemoryTracker:
             if r[2] is MemoryRegion.sbuf:
                 sbuf += sign * r[3]
                 peak_sbuf = max(peak_sbuf, sbuf)
-                if add and sbuf > SBUF_AREA:
+                if add and sbuf > PMAX * _sbuf_bytes()[0]:
                     self._fail(where, "sbuf", t, used, live, sbuf)
             else:
                 if r[4] is None:
@@ -202,10 +215,10 @@ class MemoryTracker:
         tiles = sorted((r for r in used if id(r) in live and r[2].value == kind), key=lambda r: -r[3])
         listed = ", ".join(self._label(r) for r in tiles[:4]) + (", ..." if len(tiles) > 4 else "")
         if kind == "sbuf":
+            usable, basis = _sbuf_bytes()
             raise NkiEmulatorError(
                 f"{where}: SBUF bytes per partition={-(-total // PMAX)} at instruction #{t} ({len(tiles)} live tiles: "
-                f"{listed}); exceeds the usable {SBUF_PARTITION_BYTES} B per partition (limits.SBUF_PARTITION_BYTES: "
-                "224 KiB minus the compiler's reserve; live = first to last access)"
+                f"{listed}); exceeds the usable {usable} B per partition ({basis}; live = first to last access)"
             )
         banks = total / (PMAX // QUADRANT)
         raise NkiEmulatorError(

@@ -30,10 +30,12 @@ import dataclasses
 import weakref
 from collections import defaultdict
 
+from . import targets
 from .hardware import PE_COLS, PE_ROWS, PMAX
 from .tensor import CLOCK, MemoryRegion, take_accesses
 
-# --- trn2 numbers; sources in aws-neuron/aws-neuron-sdk (research/nki.md section 2) --------------------------------
+# --- trn2 numbers; sources in aws-neuron/aws-neuron-sdk (research/nki.md section 2). The cost functions read the
+# current target's table (targets.py: trn2 by default, trn1 on request); these names are trn2's values. -----------
 TENSOR_CLOCK_HZ = 2.4e9  # nki/guides/architecture/trainium2_arch.rst, "Compute Engine Specifications"
 VECTOR_CLOCK_HZ = 0.96e9  # same table
 SCALAR_CLOCK_HZ = 1.2e9  # same table
@@ -59,6 +61,14 @@ DMA_QUEUES_PER_CORE = 16
 DMA_FIXED_SECONDS = 600e-9
 
 ENGINES = ("tensor", "vector", "scalar", "gpsimd", "dma")
+
+
+def clocks() -> dict[str, float]:
+    """Engine clocks of the current target (Hz)."""
+    t = targets.current()
+    return {"tensor": t.tensor_hz, "vector": t.vector_hz, "scalar": t.scalar_hz, "gpsimd": t.gpsimd_hz}
+
+
 CLOCKS = {"tensor": TENSOR_CLOCK_HZ, "vector": VECTOR_CLOCK_HZ, "scalar": SCALAR_CLOCK_HZ, "gpsimd": GPSIMD_CLOCK_HZ}
 
 
@@ -121,7 +131,7 @@ class Timeline:
 
     def __init__(self) -> None:
         self.engine_free: dict[str, float] = defaultdict(float)
-        self.queue_free = [0.0] * DMA_QUEUES_PER_CORE
+        self.queue_free = [0.0] * targets.current().dma_queues_per_core
         self.pipe = BusyIntervals()  # the core's DMA/HBM bandwidth, one transfer at a time
         self.ready: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.read_end: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -193,7 +203,7 @@ class CostCounter:
         cycles = max(MIN_II_CYCLES, work_cycles)
         self.cycles[engine] += cycles
         self.by_op[op] += 1
-        self.timeline.compute(engine, cycles / CLOCKS[engine])
+        self.timeline.compute(engine, cycles / clocks()[engine])
 
     def dma(self, op: str, nbytes: int, hbm_read: int, hbm_write: int, after: float = 0.0) -> None:
         """One DMA instruction moving ``nbytes`` bytes, of which ``hbm_read``/``hbm_write`` touch HBM; it starts no
@@ -205,32 +215,35 @@ class CostCounter:
         self.dma_bytes += int(nbytes)
         self.hbm_read_bytes += int(hbm_read)
         self.hbm_write_bytes += int(hbm_write)
-        transfer = max(nbytes / DMA_BYTES_PER_S_PER_CORE, (hbm_read + hbm_write) / HBM_BYTES_PER_S_PER_CORE)
+        t = targets.current()
+        transfer = max(nbytes / t.dma_bytes_per_s_per_core, (hbm_read + hbm_write) / t.hbm_bytes_per_s_per_core)
         self.timeline.dma(transfer, after)
 
     def busy_seconds(self) -> dict[str, float]:
-        out = {e: self.cycles[e] / CLOCKS[e] for e in CLOCKS}
+        t, hz = targets.current(), clocks()
+        out = {e: self.cycles[e] / hz[e] for e in hz}
         n = self.instructions["dma"]
         out["dma"] = max(
-            self.dma_bytes / DMA_BYTES_PER_S_PER_CORE,
-            (self.hbm_read_bytes + self.hbm_write_bytes) / HBM_BYTES_PER_S_PER_CORE,
+            self.dma_bytes / t.dma_bytes_per_s_per_core,
+            (self.hbm_read_bytes + self.hbm_write_bytes) / t.hbm_bytes_per_s_per_core,
         )
-        out["dma"] += n * DMA_FIXED_SECONDS / DMA_QUEUES_PER_CORE
+        out["dma"] += n * DMA_FIXED_SECONDS / t.dma_queues_per_core
         return out
 
 
 # Engines process the partitions in parallel lanes (one lane per partition, PMAX lanes), so an instruction's work
 # is its elements per partition times PMAX, divided by the data-path width: a [1, F] tile costs as much as [128, F].
 def vector_cycles(free_elems: int, all_16bit: bool) -> float:
-    return free_elems * PMAX / (VECTOR_ELEMS_PER_CYCLE_16BIT if all_16bit else VECTOR_ELEMS_PER_CYCLE)
+    t = targets.current()
+    return free_elems * PMAX / (t.vector_elems_16bit if all_16bit else t.vector_elems)
 
 
 def scalar_cycles(free_elems: int) -> float:
-    return free_elems * PMAX / SCALAR_ELEMS_PER_CYCLE
+    return free_elems * PMAX / targets.current().scalar_elems
 
 
 def gpsimd_cycles(free_elems: int) -> float:
-    return free_elems * PMAX / GPSIMD_ELEMS_PER_CYCLE
+    return free_elems * PMAX / targets.current().gpsimd_elems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,8 +336,8 @@ def build_report(counters: list[CostCounter], peak_sbuf: int, peak_psum: int) ->
         num_programs=n,
         estimated_seconds=max(estimated, engine_bound),
         engine_bound_seconds=engine_bound,
-        hbm_roofline_seconds=(hbm_r + hbm_w) / (HBM_BYTES_PER_S_PER_CORE * n),
-        pe_roofline_seconds=macs / (PE_ROWS * PE_COLS * TENSOR_CLOCK_HZ * n),
+        hbm_roofline_seconds=(hbm_r + hbm_w) / (targets.current().hbm_bytes_per_s_per_core * n),
+        pe_roofline_seconds=macs / (PE_ROWS * PE_COLS * targets.current().tensor_hz * n),
         peak_sbuf_bytes_per_partition=peak_sbuf,
         peak_psum_banks=peak_psum,
     )

@@ -13,7 +13,7 @@ from enum import Enum
 
 import numpy as np
 
-from . import context, cost, dtypes
+from . import context, cost, dtypes, targets
 from .errors import NkiEmulatorError, check
 from .hardware import (
     DMA_COMPUTE_MAX_SRCS,
@@ -389,6 +389,12 @@ def nc_matmul(
         check(t._indirect is None, where, f"{nm}={t.describe()}; tensor indirection is NeuronCore-v4 only")
     check(dst.buffer is MemoryRegion.psum, where, f"dst={dst.describe()}; nc_matmul output must be a PSUM tile")
     double = perf_mode is matmul_perf_mode.double_row
+    target = targets.current()
+    check(
+        not double or target.fp8_double_row,
+        where,
+        f"perf_mode=double_row on target={target.name} ({target.core}); FP8 double-row is trn2's Tensor Engine",
+    )
     row_max, col_max = PMAX, GEMM_STATIONARY_FMAX
     if tile_position or tile_size:
         check(
@@ -1413,6 +1419,12 @@ def _lnc2(where: str):
         launch is not None and launch.num_programs == 2,
         where,
         f"num_programs={ctx.num_programs}; only allowed with LNC=2 (kernel[2]), NeuronCore-v3 or newer (isa doc)",
+    )
+    target = targets.current()
+    check(
+        target.logical_core_size >= 2,
+        where,
+        f"target={target.name} ({target.core}) has no LNC=2 logical cores; NeuronCore-v3 or newer (isa doc)",
     )
     return ctx, launch
 

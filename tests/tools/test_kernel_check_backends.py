@@ -122,3 +122,24 @@ def test_an_lnc_other_than_1_or_2_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["kernels", "check", "--lnc", "3"])
     assert exc.value.code == 2 and "--lnc: invalid choice: 3" in capsys.readouterr().err
+
+
+def test_lnc_2_on_trn1_is_a_usage_error_naming_the_target(capsys):
+    assert main(["kernels", "check", "--target", "trn1", "--lnc", "2", "--only", "linear"]) == 2
+    err = capsys.readouterr().err
+    assert "--lnc 2 with --target trn1" in err and "NeuronCore-v2" in err
+
+
+def test_llama_3_2_1b_decode_step_on_trn1(capsys):
+    """The dense decoder's step on trn1 (NeuronCore-v2 table), from the shipped Llama 3.2 1B config."""
+    from pathlib import Path
+
+    config = Path(__file__).parents[2] / "benchmarks" / "configs" / "llama-3.2-1b.json"
+    assert main(["kernels", "bench", "--config", str(config), "--tp", "1", "--target", "trn1"]) == 0
+    out = capsys.readouterr().out
+    assert "dense MLP intermediate 8192" in out and "target trn1" in out
+    assert "trn1 (NeuronCore-v2), TP=1: one rank per logical core at LNC=1; 2 physical cores per chip" in out
+    for batch in (1, 8, 32):
+        assert f"decode step, batch {batch}: " in out
+    assert "router" not in out and "moe_" not in out  # no experts
+    assert "NOT COUNTED" not in out  # every kernel takes the shapes on trn1

@@ -23,21 +23,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nki_emulator import targets
 from vllm_nki_moe.tools.kernel_check.registry import all_cases
 from vllm_nki_moe.tools.kernel_check.runner import CheckRow, run_cases
 from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes
 from vllm_nki_moe.tools.kernel_check.step_model import (
     COLLECTIVE_HOP_SECONDS,
     KERNEL_BOUNDARY_SECONDS,
-    LNC,
     StepPart,
     limit_seconds,
+    logical_core_size,
     rest_of_step,
 )
 
 DECODE_BATCHES = (1, 8, 32)
 PREFILL_TOKENS = 512
-PHYSICAL_CORES_PER_CHIP = 8  # Trainium2 chip: 8 NeuronCore-v3 (trainium2.rst)
 
 # What the estimate leaves out because nothing published or modelled here bounds it.
 NOT_ESTIMATED = (
@@ -64,10 +64,13 @@ class StepCost:
 
 
 def replicas_per_chip(tp: int) -> float:
-    return PHYSICAL_CORES_PER_CHIP / (LNC * tp)
+    return targets.current().cores_per_chip / (logical_core_size() * tp)
 
 
-def step_cost(shapes: KernelShapes, step: str, tokens: int, backend: str = "emulator", lnc: int = LNC) -> StepCost:
+def step_cost(
+    shapes: KernelShapes, step: str, tokens: int, backend: str = "emulator", lnc: int | None = None
+) -> StepCost:
+    lnc = logical_core_size() if lnc is None else lnc
     cases = [c for c in all_cases(shapes, tokens) if c.phase in (step, "any")]
     rows = run_cases(cases, backend, lnc=lnc)
     counted = [r for r in rows if r.passed and (r.calls_per_layer or r.calls_per_step)]
@@ -96,7 +99,7 @@ def step_line(st: StepCost) -> str:
     return f"prefill step, {st.tokens} tokens: {st.step_seconds * 1e3:.3f} ms ({rate:,.0f} tokens/s)"
 
 
-def bench(shapes: KernelShapes, backend: str = "emulator", lnc: int = LNC) -> list[StepCost]:
+def bench(shapes: KernelShapes, backend: str = "emulator", lnc: int | None = None) -> list[StepCost]:
     steps = [step_cost(shapes, "decode", b, backend, lnc) for b in DECODE_BATCHES]
     steps.append(step_cost(shapes, "prefill", PREFILL_TOKENS, backend, lnc))
     return steps
@@ -107,7 +110,8 @@ def _us(s: float | None) -> str:
 
 
 def format_bench(shapes: KernelShapes, steps: list[StepCost]) -> str:
-    lines = [f"kernels bench: {shapes.describe()}", ""]
+    target = targets.current()
+    lines = [f"kernels bench: {shapes.describe()}; target {target.name}", ""]
     for st in steps:
         title = f"decode, batch {st.tokens}" if st.step == "decode" else f"prefill, {st.tokens} tokens"
         lines.append(f"== {title} ==")
@@ -134,14 +138,15 @@ def format_bench(shapes: KernelShapes, steps: list[StepCost]) -> str:
         lines.append(f"  {'rest of the step':<34} {'us each':>9} {'x/step':>7} {'us/step':>9}  basis")
         for p in st.rest:
             lines.append(f"  {p.name:<34} {p.seconds * 1e6:>9.2f} {p.count:>7} {p.step_seconds * 1e6:>9.2f}  {p.basis}")
-        lines.append(f"  {step_line(st)}; {st.tokens_per_s_per_chip:,.0f} tokens/s per trn2 chip")
+        lines.append(f"  {step_line(st)}; {st.tokens_per_s_per_chip:,.0f} tokens/s per {target.name} chip")
         lines.append("")
     for st in steps:
         lines.append(step_line(st))
     lines.append("")
     lines.append("Assumptions:")
     lines.append(
-        f"  TP={shapes.tp}: one rank per logical core at LNC={LNC}; {PHYSICAL_CORES_PER_CHIP} physical cores per chip "
+        f"  {target.name} ({target.core}), TP={shapes.tp}: one rank per logical core at LNC={logical_core_size()}; "
+        f"{target.cores_per_chip} physical cores per chip "
         f"-> {replicas_per_chip(shapes.tp):g} replica(s) per chip; ranks run in parallel (step time = one rank's)."
     )
     lines.append(f"  {shapes.layers} layers each running the per-layer kernels; decode KV length {shapes.context_len}.")

@@ -63,6 +63,8 @@ def _routing(T: int, E: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
     s, T, E, K, H, inter = shapes, tokens, shapes.experts, shapes.top_k, shapes.hidden, shapes.moe_intermediate
+    if E == 0:  # a dense model: no experts
+        return []
     dt = s.torch_dtype
     item = dt.itemsize
     tol = "bfloat16_matmul" if s.dtype == "bfloat16" else "float32_matmul"

@@ -69,9 +69,12 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             min_hbm_bytes=4 * T * H * item + H * item,
             calls_per_layer=1 if fused_block_applies(T, s.top_k, s.experts) else 2,
         ),
-        _norm_case("rms_norm.q_norm", T * s.q_heads, D, s, 0),
-        _norm_case("rms_norm.k_norm", T * s.kv_heads, D, s, 0),
     ]
+    if s.qk_norm:  # as separate norms (counted inside qk_norm_rope in the model)
+        out += [
+            _norm_case("rms_norm.q_norm", T * s.q_heads, D, s, 0),
+            _norm_case("rms_norm.k_norm", T * s.kv_heads, D, s, 0),
+        ]
     positions = min(s.max_positions, 1 << 16)  # cache rows built for the check; rows beyond are never gathered
 
     def rope_inputs(rng: np.random.Generator) -> tuple:
@@ -94,7 +97,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             tolerance=dtype_key(dt),
             # as rope, plus the two weights
             min_hbm_bytes=2 * T * (s.q_heads + s.kv_heads) * D * item + T * 4 + T * D * 4 + 2 * D * item,
-            calls_per_layer=1,
+            calls_per_layer=1 if s.qk_norm else 0,
         )
     )
     out.append(
@@ -107,7 +110,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             tolerance=dtype_key(dt),
             # q and k read and written, the positions read, one fp32 cache row gathered per token
             min_hbm_bytes=2 * T * (s.q_heads + s.kv_heads) * D * item + T * 4 + T * D * 4,
-            calls_per_layer=0,  # inside qk_norm_rope in the model
+            calls_per_layer=0 if s.qk_norm else 1,  # Qwen3: inside qk_norm_rope; Llama: the layer's RoPE
         )
     )
     return out

@@ -25,7 +25,10 @@ def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
     bench = sub.add_parser("bench", help="cost-model time of a decode step (batch 1/8/32) and a 512-token prefill")
     for p in (check, bench):
         model = p.add_mutually_exclusive_group()
-        model.add_argument("--config", help="Hugging Face Qwen3-MoE config.json (default: Qwen3-30B-A3B's values)")
+        model.add_argument(
+            "--config",
+            help="Hugging Face config.json: Qwen3-MoE, Qwen3 or Llama (default: Qwen3-30B-A3B's values)",
+        )
         model.add_argument(
             "--model", help="a checkpoint directory or Hugging Face model id whose config.json gives the shapes"
         )
@@ -51,9 +54,15 @@ def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
             "--lnc",
             type=int,
             choices=(1, 2),
-            default=1 if p is check else 2,
+            default=None,
             help="physical cores per logical core: kernels written for a grid launch that many programs "
-            "(default: check 1, bench 2, trn2's default)",
+            "(default: check 1; bench the target's, trn2 2, trn1 1)",
+        )
+        p.add_argument(
+            "--target",
+            choices=("trn2", "trn1"),
+            default="trn2",
+            help="hardware the emulator checks capacity for and the cost model describes (default trn2)",
         )
     check.add_argument("--tokens", type=_tokens, default=_tokens(DEFAULT_TOKENS), help=f"default {DEFAULT_TOKENS}")
     check.add_argument("--only", help="kernel names (comma-separated; substrings match) to run")
@@ -103,6 +112,23 @@ def run_kernels_command(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, nki_version: str | None) -> int:
+    from nki_emulator import targets
+
+    target = targets.get(args.target)
+    if args.lnc is None:
+        args.lnc = 1 if args.kernels_command == "check" else target.logical_core_size
+    if args.lnc > target.logical_core_size:
+        print(
+            f"error: --lnc {args.lnc} with --target {target.name}: {target.name} ({target.core}) has logical cores of "
+            f"at most {target.logical_core_size} physical core(s)",
+            file=sys.stderr,
+        )
+        return 2
+    with targets.use(target.name):
+        return _run_on_target(args, nki_version)
+
+
+def _run_on_target(args: argparse.Namespace, nki_version: str | None) -> int:
     from vllm_nki_moe.tools.kernel_check.shapes import ShapesError, kernel_shapes, model_config_path
 
     problem = _backend_ready(args.kernels, nki_version)
@@ -126,7 +152,7 @@ def _run(args: argparse.Namespace, nki_version: str | None) -> int:
     from vllm_nki_moe.tools.kernel_check.runner import format_rows, run_cases
 
     release = f"; NKI {nki_version} rules" if nki_version else ""
-    print(f"kernels check: {shapes.describe()}; kernels={args.kernels}{release}; LNC={args.lnc}")
+    print(f"kernels check: {shapes.describe()}; kernels={args.kernels}{release}; LNC={args.lnc}; target={args.target}")
     rows = []
     for tokens in args.tokens:
         cases = all_cases(shapes, tokens, args.only)

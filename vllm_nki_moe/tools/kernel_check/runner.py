@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nki_emulator.cost import HBM_BYTES_PER_S_PER_CORE, TENSOR_CLOCK_HZ
+from nki_emulator import targets
 from nki_emulator.runtime import to_numpy, to_torch
 from vllm_nki_moe.kernels.limits import PE_COLS, PE_ROWS
 from vllm_nki_moe.tools.kernel_check.registry import KernelCase
@@ -50,8 +50,9 @@ class CheckRow:
 def _roofline(case: KernelCase, programs: int) -> dict:
     """The case's roofline on ``programs`` cores: HBM time for its bytes or Tensor Engine time for its MACs (at the
     bf16 peak, 128 x 128 MACs per cycle; emulator/cost.py cites the source), whichever is longer."""
-    hbm = case.min_hbm_bytes / (HBM_BYTES_PER_S_PER_CORE * programs)
-    pe = case.min_macs / (PE_ROWS * PE_COLS * TENSOR_CLOCK_HZ * programs)
+    target = targets.current()
+    hbm = case.min_hbm_bytes / (target.hbm_bytes_per_s_per_core * programs)
+    pe = case.min_macs / (PE_ROWS * PE_COLS * target.tensor_hz * programs)
     return {"roofline_seconds": max(hbm, pe), "bound": "pe" if pe > hbm else "hbm"}
 
 

@@ -1,4 +1,5 @@
-"""Per-tensor-parallel-rank kernel shapes, derived from a Hugging Face Qwen3-MoE ``config.json`` and a TP degree.
+"""Per-tensor-parallel-rank kernel shapes, derived from a Hugging Face ``config.json`` (Qwen3-MoE, or the dense Qwen3
+and Llama architectures our classes serve) and a TP degree.
 
 The config is read and validated by ``vllm_nki_moe.models.config.read_sizes`` (the model's own reader), so the check
 tool accepts exactly the configs the model accepts. Without a config file, Qwen3-30B-A3B's published values
@@ -75,6 +76,7 @@ class KernelShapes:
     max_positions: int
     context_len: int = DEFAULT_CONTEXT_LEN
     dtype: str = "bfloat16"  # activation dtype of the cases ("bfloat16": the hardware path; or "float32")
+    qk_norm: bool = True  # Qwen3: q/k RMSNorm fused with RoPE (qk_norm_rope); Llama: RoPE alone (rope)
 
     @property
     def torch_dtype(self):
@@ -83,10 +85,14 @@ class KernelShapes:
         return getattr(torch, self.dtype)
 
     def describe(self) -> str:
+        mlp = (
+            f"experts {self.experts} top-{self.top_k}, expert intermediate {self.moe_intermediate}"
+            if self.experts
+            else f"dense MLP intermediate {self.intermediate}"
+        )
         return (
             f"{self.name} TP={self.tp}: hidden {self.hidden}, q/kv heads {self.q_heads}/{self.kv_heads} x "
-            f"{self.head_dim}, experts {self.experts} top-{self.top_k}, expert intermediate {self.moe_intermediate}, "
-            f"{self.layers} layers ({self.moe_layers} MoE)"
+            f"{self.head_dim}, {mlp}, {self.layers} layers ({self.moe_layers} MoE)"
         )
 
 
@@ -137,8 +143,9 @@ def kernel_shapes(config: str | Path | dict | None = None, tp: int = 1, dtype: s
         raise ShapesError(f"kernel_check: tp={tp!r}; must be a positive integer")
     if dtype not in ("bfloat16", "float32"):
         raise ShapesError(f"kernel_check: dtype={dtype!r}; must be bfloat16 or float32")
+    architecture = (cfg.get("architectures") or ["Qwen3MoeForCausalLM"])[0]
     try:
-        sizes = read_sizes(SimpleNamespace(**cfg), tp_size=tp)
+        sizes = read_sizes(SimpleNamespace(**cfg), tp_size=tp, architecture=architecture)
     except AttributeError as err:
         raise ShapesError(f"kernel_check: config {name} lacks a required field ({err})") from None
     except (ValueError, NotImplementedError) as err:
@@ -168,4 +175,5 @@ def kernel_shapes(config: str | Path | dict | None = None, tp: int = 1, dtype: s
         rope_theta=sizes.rope_theta,
         max_positions=sizes.max_position_embeddings,
         dtype=dtype,
+        qk_norm=sizes.qk_norm,
     )

@@ -20,10 +20,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from nki_emulator.cost import HBM_BYTES_PER_S_PER_CORE
+from nki_emulator import targets
 from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes
 
 LNC = 2  # physical cores per logical core, trn2 default (research/nki.md 2.2); one TP rank per logical core
+
+
+def logical_core_size() -> int:
+    """Physical cores per logical core on the current target (trn2: ``LNC``; trn1: 1)."""
+    return targets.current().logical_core_size
+
 
 # Collectives: neuron-runtime/explore/intranode-collective-comm.rst (aws-neuron-sdk): "the per-hop latency of
 # Ring/KangaRing is about 1-2 us (HBM load dependent)"; Mesh (one hop per step) is the algorithm for < 1 MB, RDH
@@ -52,7 +58,7 @@ class StepPart:
 
 
 def _hbm_seconds(nbytes: float, cores: int = 1) -> float:
-    return nbytes / (HBM_BYTES_PER_S_PER_CORE * cores)
+    return nbytes / (targets.current().hbm_bytes_per_s_per_core * cores)
 
 
 def all_reduce_seconds(nbytes: int, ranks: int) -> float:
@@ -65,14 +71,14 @@ def all_reduce_seconds(nbytes: int, ranks: int) -> float:
         return 0.0
     hops = 2 if nbytes < MESH_MAX_BYTES else 2 * math.ceil(math.log2(ranks))
     volume = 2 * (ranks - 1) / ranks * nbytes
-    return hops * COLLECTIVE_HOP_SECONDS + _hbm_seconds(2 * volume, LNC)
+    return hops * COLLECTIVE_HOP_SECONDS + _hbm_seconds(2 * volume, logical_core_size())
 
 
 def all_gather_seconds(nbytes_per_rank: int, ranks: int) -> float:
     """One all-gather (Mesh: one hop) of ``nbytes_per_rank`` from each of ``ranks`` ranks."""
     if ranks <= 1:
         return 0.0
-    return COLLECTIVE_HOP_SECONDS + _hbm_seconds(2 * nbytes_per_rank * ranks, LNC)
+    return COLLECTIVE_HOP_SECONDS + _hbm_seconds(2 * nbytes_per_rank * ranks, logical_core_size())
 
 
 def projection_bytes(shapes: KernelShapes, tokens: int) -> dict[str, int]:
@@ -116,6 +122,8 @@ def rest_of_step(shapes: KernelShapes, tokens: int, covered: set[str], kernel_ca
 def expected_distinct_experts(experts: int, top_k: int, tokens: int) -> float:
     """E[number of experts chosen by at least one of ``tokens`` tokens], each picking ``top_k`` of ``experts``
     uniformly (a given expert is missed by one token with probability 1 - K/E)."""
+    if experts == 0:  # a dense model
+        return 0.0
     return experts * (1.0 - (1.0 - top_k / experts) ** tokens)
 
 
@@ -136,4 +144,4 @@ def limit_seconds(shapes: KernelShapes, tokens: int) -> float:
         + (shapes.layers - shapes.moe_layers) * dense
         + math.ceil(shapes.vocab / shapes.tp) * h
     )
-    return _hbm_seconds(weights * ACT_BYTES, LNC)
+    return _hbm_seconds(weights * ACT_BYTES, logical_core_size())
