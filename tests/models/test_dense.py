@@ -126,3 +126,15 @@ def test_vllm_serves_the_dense_models_with_our_classes_matching_hf(name, compile
     got = run_vllm_greedy(spec, env={"VLLM_NKI_MOE_KERNELS": "torch"}, timeout=600)
     assert got["model_class"] == f"vllm_nki_moe.models.dense.{tiny_model.ARCHS[arch][1]}"
     assert got["tokens"] == expected
+
+
+def test_vllm_serves_llama_on_emulated_nki_kernels_matching_hf(make_model):
+    from vllm_nki_moe.tools.vllm_greedy import GreedySpec, run_vllm_greedy
+
+    arch, overrides = CONFIGS["llama-3.2-like"]
+    model_dir = make_model(overrides, arch=arch)
+    expected = [t[:8] for t in gen.hf_greedy(model_dir, PROMPTS, 8)]
+    spec = GreedySpec(model=str(model_dir), prompts=PROMPTS, max_tokens=8, enforce_eager=True)
+    got = run_vllm_greedy(spec, env={"VLLM_NKI_MOE_KERNELS": "emulator"}, timeout=600)
+    assert got["opset"] == "emulator"
+    assert got["tokens"] == expected

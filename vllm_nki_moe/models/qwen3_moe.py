@@ -230,7 +230,7 @@ class Qwen3MoeAttention(nn.Module):
                 self.head_dim,
             )
         else:  # Llama: RoPE only
-            q, k = self.ops.apply_rope(q.contiguous(), k.contiguous(), positions, self.cos_sin_cache, self.head_dim)
+            q, k = self.ops.apply_rope(q, k, positions, self.cos_sin_cache, self.head_dim)  # returns new tensors
         out, _ = self.o_proj(self.attn(q, k, v.contiguous()))
         return out
 
