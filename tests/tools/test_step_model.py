@@ -76,3 +76,20 @@ def test_whole_step_is_kernels_plus_rest_and_its_line_reads_as_the_issue_asks():
         f"(limit {st.limit_seconds * 1e3:.3f} ms, {pct}% of it)"
     )
     assert math.isfinite(st.tokens_per_s_per_chip) and st.tokens_per_s_per_chip > 0
+
+
+def test_a_dense_models_silu_mul_is_in_the_rest_of_the_step_by_hand():
+    """Llama 3.2 1B at TP 1, batch 1: silu(gate) * up reads gate and up and writes h, 3 x 8192 bf16 per layer, at one
+    trn2 core's HBM bandwidth (362.5 GB/s), as the other parts without a kernel; one launch per dense layer. MoE models
+    have none."""
+    from pathlib import Path
+
+    config = Path(__file__).parents[2] / "benchmarks" / "configs" / "llama-3.2-1b.json"
+    shapes = kernel_shapes(str(config), 1)
+    parts = {p.name: p for p in step_model.rest_of_step(shapes, 1, {"qkv_proj", "o_proj", "lm_head"}, 5)}
+    silu = parts["dense MLP silu * up"]
+    assert silu.count == 16
+    assert silu.seconds == pytest.approx(3 * 8192 * 2 / 362.5e9)
+    assert parts["kernel boundaries"].count == 5 + 16
+    moe = {p.name for p in step_model.rest_of_step(kernel_shapes(None, 4), 1, set(), 5)}
+    assert "dense MLP silu * up" not in moe

@@ -108,13 +108,18 @@ def rest_of_step(shapes: KernelShapes, tokens: int, covered: set[str], kernel_ca
     act = tokens * shapes.hidden * ACT_BYTES
     parts.append(StepPart("all-reduce (attention, MLP)", all_reduce_seconds(act, tp), 2 * layers, "collective model"))
     parts.append(StepPart("embedding gather", _hbm_seconds(2 * act), 1, "HBM bytes"))
+    dense_layers = layers - shapes.moe_layers
+    if dense_layers and shapes.intermediate:  # the dense MLP's silu(gate) * up between its two matmuls: no kernel
+        inter = tokens * shapes.intermediate * ACT_BYTES
+        parts.append(StepPart("dense MLP silu * up", _hbm_seconds(3 * inter), dense_layers, "HBM bytes (no kernel)"))
     if "final_norm" not in covered:
         parts.append(StepPart("final norm", _hbm_seconds(3 * act), 1, "HBM bytes"))
     logits = tokens * math.ceil(shapes.vocab / tp) * LOGIT_BYTES
     parts.append(
         StepPart("sampling (greedy)", _hbm_seconds(logits) + all_gather_seconds(tokens * 8, tp), 1, "HBM + collective")
     )
-    boundaries = kernel_calls + sum(p.count for p in parts if p.name in ("qkv_proj", "o_proj", "lm_head"))
+    launched = ("qkv_proj", "o_proj", "lm_head", "dense MLP silu * up")
+    boundaries = kernel_calls + sum(p.count for p in parts if p.name in launched)
     parts.append(StepPart("kernel boundaries", KERNEL_BOUNDARY_SECONDS, boundaries, "assumption"))
     return parts
 
