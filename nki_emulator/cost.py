@@ -34,30 +34,20 @@ from . import targets
 from .hardware import PE_COLS, PE_ROWS, PMAX
 from .tensor import CLOCK, MemoryRegion, take_accesses
 
-# --- trn2 numbers; sources in aws-neuron/aws-neuron-sdk (research/nki.md section 2). The cost functions read the
-# current target's table (targets.py: trn2 by default, trn1 on request); these names are trn2's values. -----------
-TENSOR_CLOCK_HZ = 2.4e9  # nki/guides/architecture/trainium2_arch.rst, "Compute Engine Specifications"
-VECTOR_CLOCK_HZ = 0.96e9  # same table
-SCALAR_CLOCK_HZ = 1.2e9  # same table
-GPSIMD_CLOCK_HZ = 1.2e9  # same table
-VECTOR_ELEMS_PER_CYCLE_16BIT = 512  # same table: "512 BF16/FP16 input/output"
-VECTOR_ELEMS_PER_CYCLE = 256  # same table: "256 input/output for other data types"
-SCALAR_ELEMS_PER_CYCLE = 128  # same table: "128 input/output"
-# GpSimd: 8 programmable cores with 512-bit SIMD (trainium2_arch.rst / research note 2.1) = 8 x 16 fp32 lanes.
-GPSIMD_ELEMS_PER_CYCLE = 8 * 512 // 32
+# --- Constants. Per-target hardware numbers (clocks, data-path widths, bandwidths, queues) live once, with their
+# sources, in targets.py; the cost functions read the current target. These names are trn2's, for callers that
+# quote them. --------------------------------------------------------------------------------------------------------
+TENSOR_CLOCK_HZ = targets.TRN2.tensor_hz
+VECTOR_CLOCK_HZ = targets.TRN2.vector_hz
+SCALAR_CLOCK_HZ = targets.TRN2.scalar_hz
+HBM_BYTES_PER_S_PER_CORE = targets.TRN2.hbm_bytes_per_s_per_core
 VECTOR_RECIPROCAL_SLOWDOWN = 8  # nki.api.shared.rst: Vector reciprocal costs max(MIN_II, 8*N)
 MIN_II_CYCLES = 64  # nki.api.shared.rst, "MIN_II is roughly 64 engine cycles"
-# Tensor Engine: 79 BF16 TFLOPS = 128 x 128 PEs x 2 FLOP x 2.4 GHz: one moving column per cycle for bf16/fp16/fp8;
-# fp32 runs at 20 TFLOPS (4x slower), FP8 double_row packs two rows per PE (2x faster) (trainium2_arch.rst).
+# Tensor Engine: one moving column per cycle for bf16/fp16/fp8; fp32 runs 4x slower (trn2: 79 vs 20 TFLOPS,
+# trainium2_arch.rst; trn1: 190 vs 47.5 per chip, trainium.rst); FP8 double_row packs two rows per PE (2x faster).
 TENSOR_FP32_SLOWDOWN = 4
 TENSOR_DOUBLE_ROW_SPEEDUP = 2
-# HBM: Trainium2 chip 2.9 TB/s (about-neuron/arch/neuron-hardware/trainium2.rst) shared by 8 physical NeuronCores.
-HBM_BYTES_PER_S_PER_CORE = 2.9e12 / 8
-# DMA: chip DMA bandwidth 3.5 TB/s (trainium2.rst) over 8 cores; 16 DMA engines (queues) per core
-# (trainium2_arch.rst, "each NeuronCore-v3 is typically paired with 16x DMA engines").
-DMA_BYTES_PER_S_PER_CORE = 3.5e12 / 8
-DMA_QUEUES_PER_CORE = 16
-# ~600 ns per DMA instruction to generate descriptors (research/nki.md 2.1, DGE); issued on 16 queues in parallel.
+# ~600 ns per DMA instruction to generate descriptors (research/nki.md 2.1, DGE); issued on the queues in parallel.
 DMA_FIXED_SECONDS = 600e-9
 
 ENGINES = ("tensor", "vector", "scalar", "gpsimd", "dma")
@@ -67,9 +57,6 @@ def clocks() -> dict[str, float]:
     """Engine clocks of the current target (Hz)."""
     t = targets.current()
     return {"tensor": t.tensor_hz, "vector": t.vector_hz, "scalar": t.scalar_hz, "gpsimd": t.gpsimd_hz}
-
-
-CLOCKS = {"tensor": TENSOR_CLOCK_HZ, "vector": VECTOR_CLOCK_HZ, "scalar": SCALAR_CLOCK_HZ, "gpsimd": GPSIMD_CLOCK_HZ}
 
 
 ON_CHIP = (MemoryRegion.sbuf, MemoryRegion.psum)

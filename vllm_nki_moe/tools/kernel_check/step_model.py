@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from nki_emulator import targets
 from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes
 
-LNC = 2  # physical cores per logical core, trn2 default (research/nki.md 2.2); one TP rank per logical core
-
 
 def logical_core_size() -> int:
-    """Physical cores per logical core on the current target (trn2: ``LNC``; trn1: 1)."""
+    """Physical cores per logical core on the current target (trn2: 2, its default LNC, research/nki.md 2.2; trn1:
+    1); one TP rank per logical core."""
     return targets.current().logical_core_size
 
 
@@ -66,7 +65,7 @@ def all_reduce_seconds(nbytes: int, ranks: int) -> float:
 
     Mesh below 1 MB: ReduceScatter + AllGather, one hop each; RDH above: log2(ranks) hops per phase. Each rank reads
     and writes about 2 (ranks - 1) / ranks of the buffer (the bandwidth-optimal volume), through one logical core's
-    HBM bandwidth (``LNC`` physical cores)."""
+    HBM bandwidth (``logical_core_size()`` physical cores)."""
     if ranks <= 1:
         return 0.0
     hops = 2 if nbytes < MESH_MAX_BYTES else 2 * math.ceil(math.log2(ranks))
@@ -136,7 +135,8 @@ def limit_seconds(shapes: KernelShapes, tokens: int) -> float:
     """The memory wall of a decode step of ``tokens`` sequences on one rank: the bytes it must read once (the
     weights it touches: attention, router, the experts ``tokens`` tokens select in expectation under uniform routing,
     dense MLP layers, its LM-head shard; the KV cache of ``shapes.context_len`` tokens per sequence) at the logical
-    core's HBM bandwidth (``LNC`` physical cores). Ranks run in parallel, so this is the replica's limit too."""
+    core's HBM bandwidth (``logical_core_size()`` physical cores). Ranks run in parallel, so this is the replica's
+    limit too."""
     h, d = shapes.hidden, shapes.head_dim
     attn = h * (shapes.q_heads + 2 * shapes.kv_heads) * d + shapes.q_heads * d * h
     experts = expected_distinct_experts(shapes.experts, shapes.top_k, tokens)
