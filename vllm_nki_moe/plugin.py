@@ -1,12 +1,10 @@
-"""vLLM general plugin: registers this package's model classes (Qwen3-MoE; Qwen3 and Llama dense on CPU).
+"""vLLM general plugin: registers this package's model classes (Qwen3-MoE, Qwen3 and Llama dense).
 
 vLLM loads ``vllm.general_plugins`` entry points once in every process (API server, engine core, workers), so this
 must be idempotent and cheap: the class is registered lazily as ``"module:Class"`` and imported only when used.
-On our Neuron platform the class registered is the runner-contract subclass
-(``models.qwen3_moe_neuron.model.NeuronQwen3MoeForCausalLM``, with the ``from_configs`` vllm-neuron's runner calls);
-elsewhere the vLLM-style class. The base class never refers to its Neuron subclass. The dense classes
-(``models/dense.py``) are registered off Neuron only: the Neuron runner adapter is written for Qwen3-MoE so far, so
-on Neuron vLLM's own registry keeps serving those architectures.
+On our Neuron platform the classes registered are the runner-contract subclasses (``models.neuron_runner.model``, with
+the ``from_configs`` vllm-neuron's runner calls), replacing vllm-neuron's own Llama and Qwen3 for those architectures;
+elsewhere the vLLM-style classes. The base classes never refer to their Neuron subclasses.
 """
 
 from __future__ import annotations
@@ -15,12 +13,17 @@ import sys
 
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 MODEL_CLASS = "vllm_nki_moe.models.qwen3_moe:Qwen3MoeForCausalLM"
-NEURON_MODEL_CLASS = "vllm_nki_moe.models.qwen3_moe_neuron.model:NeuronQwen3MoeForCausalLM"
-# architecture -> "module:Class" of our class for it (off Neuron)
+NEURON_MODEL_CLASS = "vllm_nki_moe.models.neuron_runner.model:NeuronQwen3MoeForCausalLM"
+# architecture -> "module:Class" of our class for it, off Neuron and on it
 MODEL_CLASSES = {
     ARCHITECTURE: MODEL_CLASS,
     "Qwen3ForCausalLM": "vllm_nki_moe.models.dense:Qwen3ForCausalLM",
     "LlamaForCausalLM": "vllm_nki_moe.models.dense:LlamaForCausalLM",
+}
+NEURON_MODEL_CLASSES = {
+    ARCHITECTURE: NEURON_MODEL_CLASS,
+    "Qwen3ForCausalLM": "vllm_nki_moe.models.neuron_runner.model:NeuronQwen3ForCausalLM",
+    "LlamaForCausalLM": "vllm_nki_moe.models.neuron_runner.model:NeuronLlamaForCausalLM",
 }
 
 
@@ -55,8 +58,6 @@ def register_models() -> None:
     attach_to_vllm_logging()
 
     # Registering an architecture vLLM already has replaces its class in this process; repeating it is harmless.
-    if serving_on_neuron():
-        ModelRegistry.register_model(ARCHITECTURE, NEURON_MODEL_CLASS)
-        return
-    for architecture, cls in MODEL_CLASSES.items():
+    classes = NEURON_MODEL_CLASSES if serving_on_neuron() else MODEL_CLASSES
+    for architecture, cls in classes.items():
         ModelRegistry.register_model(architecture, cls)

@@ -120,7 +120,7 @@ def test_our_model_is_registered_for_qwen3_moe_after_upstreams(neuron_host):
     neuron_platform_class().pre_register_and_update(None)
     ours = ModelRegistry.models["Qwen3MoeForCausalLM"]
     assert (ours.module_name, ours.class_name) == (
-        "vllm_nki_moe.models.qwen3_moe_neuron.model",
+        "vllm_nki_moe.models.neuron_runner.model",
         "NeuronQwen3MoeForCausalLM",
     )  # the runner-contract subclass, registered directly (it has the from_configs the runner calls)
     assert fakes.UPSTREAM_ARCH in ModelRegistry.models  # upstream's own registrations are kept
@@ -213,6 +213,10 @@ def test_our_class_serves_in_every_worker_whatever_upstream_registers(neuron_hos
     worker = _build_worker(config.parallel_config.worker_cls)
     assert isinstance(worker, upstream_worker.NeuronWorker) and upstream_worker.CONSTRUCTED  # upstream's init ran
     assert _registered_qwen3_moe() == plugin.NEURON_MODEL_CLASS
+    from vllm_nki_moe.platforms.neuron_worker import registered_class
+
+    assert registered_class("LlamaForCausalLM") == plugin.NEURON_MODEL_CLASSES["LlamaForCausalLM"]  # upstream lists one
+    assert registered_class("Qwen3ForCausalLM") == plugin.NEURON_MODEL_CLASSES["Qwen3ForCausalLM"]
     assert fakes.UPSTREAM_ARCH in ModelRegistry.models  # upstream's other models kept
 
 
@@ -251,9 +255,22 @@ def test_expert_parallel_is_not_implemented(neuron_host):
 
 
 def test_other_architectures_are_left_to_upstream(neuron_host):
-    config = vllm_config({"architectures": ["LlamaForCausalLM"]}, dtype=torch.float32, tp=3)
+    config = vllm_config({"architectures": ["GptOssForCausalLM"]}, dtype=torch.float32, tp=3)
     neuron_platform_class().check_and_update_config(config)
     assert config.parallel_config.worker_cls.startswith("vllm_neuron.")
+
+
+def test_dense_architectures_are_ours_and_checked_at_startup(neuron_host):
+    llama = {"architectures": ["LlamaForCausalLM"], "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    with pytest.raises(NotImplementedError, match=r"LlamaForCausalLM \(vllm_nki_moe\): rope_type='yarn'"):
+        neuron_platform_class().check_and_update_config(vllm_config(llama))
+    with pytest.raises(ValueError, match="dtype=float32; Neuron serving requires bfloat16"):
+        neuron_platform_class().check_and_update_config(
+            vllm_config({"architectures": ["Qwen3ForCausalLM"]}, dtype=torch.float32)
+        )
+    config = vllm_config({"architectures": ["LlamaForCausalLM"]})
+    neuron_platform_class().check_and_update_config(config)
+    assert config.parallel_config.worker_cls == "vllm_nki_moe.platforms.neuron_worker.NkiMoeNeuronWorker"
 
 
 def test_empty_config_passes_through_to_upstream(neuron_host):

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 # Builds a layer's attention module in place of vLLM's ``Attention``: ``factory(attention, layer_idx) -> module`` with
 # ``module(q [T, Hq*D], k, v [T, Hk*D]) -> [T, Hq*D]``; ``attention`` is the Qwen3MoeAttention being built (its head
-# counts and head_dim are set). The Neuron runner adapter (``models/qwen3_moe_neuron/``) uses it for the runner-owned
+# counts and head_dim are set). The Neuron runner adapter (``models/neuron_runner/``) uses it for the runner-owned
 # paged cache.
 AttentionFactory = Callable[["Qwen3MoeAttention", int], nn.Module]
 

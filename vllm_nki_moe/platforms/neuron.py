@@ -180,16 +180,17 @@ def check_kernel_backend(additional: dict | None = None) -> str:
 
 
 def validate_config(vllm_config) -> None:
-    """Reject at start-up what the Qwen3-MoE model cannot serve on Neuron; other architectures are upstream's.
+    """Reject at start-up what our models (``plugin.NEURON_MODEL_CLASSES``) cannot serve on Neuron; other
+    architectures are upstream's.
 
     Raises ValueError (NotImplementedError for features not built yet) as ``<where>: <what>=<value>; <rule>``.
     """
     from vllm_nki_moe.models.config import read_sizes
-    from vllm_nki_moe.plugin import ARCHITECTURE as OUR_ARCHITECTURE
 
     model_config = vllm_config.model_config
     hf_config = model_config.hf_config
-    if OUR_ARCHITECTURE not in (getattr(hf_config, "architectures", None) or ()):
+    architecture = _our_architecture(vllm_config)
+    if architecture is None:
         return
     additional = getattr(vllm_config, "additional_config", None) or {}
     check_kernel_backend(additional)
@@ -215,7 +216,8 @@ def validate_config(vllm_config) -> None:
             "take bf16 activations and weights with fp32 accumulation, and vllm-neuron compiles bf16 graphs); use "
             "--dtype bfloat16, or serve float32 on CPU with --device cpu"
         )
-    sizes = read_sizes(hf_config, tp_size=parallel.tensor_parallel_size)  # heads, KV heads, expert intermediate vs TP
+    # heads, KV heads, expert intermediate vs TP; the architecture's RoPE and MLP rules
+    sizes = read_sizes(hf_config, tp_size=parallel.tensor_parallel_size, architecture=architecture)
     if sizes.head_dim > MAX_HEAD_DIM:
         raise ValueError(
             f"{WHERE}: head_dim={sizes.head_dim}; the attention kernels hold head_dim on the SBUF partitions, at most "
@@ -235,7 +237,7 @@ class _NkiMoeNeuronHooks:
         super().pre_register_and_update(parser)
         from vllm_nki_moe.plugin import register_models
 
-        register_models()  # after upstream's registrations, so ours holds Qwen3MoeForCausalLM whatever it registers
+        register_models()  # after upstream's registrations, so ours hold our architectures whatever it registers
         if parser is not None:
             device_flag.add_device_flag(parser, serving_device="neuron")
             try:  # the value's spelling only: --additional-config may still choose the backend (validate_config)
@@ -248,15 +250,17 @@ class _NkiMoeNeuronHooks:
         if vllm_config.model_config is not None:
             validate_config(vllm_config)  # ours first: its messages name our rules before upstream's checks run
         super().check_and_update_config(vllm_config)
-        if vllm_config.model_config is not None and _serves_our_architecture(vllm_config):
+        if vllm_config.model_config is not None and _our_architecture(vllm_config) is not None:
             _use_our_worker(vllm_config.parallel_config)
 
 
-def _serves_our_architecture(vllm_config) -> bool:
-    from vllm_nki_moe.plugin import ARCHITECTURE
+def _our_architecture(vllm_config) -> str | None:
+    """The config's architecture when one of ours serves it on Neuron, else None (upstream's model serves)."""
+    from vllm_nki_moe.plugin import NEURON_MODEL_CLASSES
 
     hf_config = getattr(vllm_config.model_config, "hf_config", None)
-    return ARCHITECTURE in (getattr(hf_config, "architectures", None) or [])
+    ours = [a for a in (getattr(hf_config, "architectures", None) or []) if a in NEURON_MODEL_CLASSES]
+    return ours[0] if ours else None
 
 
 def _use_our_worker(parallel_config) -> None:

@@ -1,10 +1,11 @@
-"""The worker our Neuron platform configures: vllm-neuron's ``NeuronWorker`` that keeps our Qwen3-MoE registered.
+"""The worker our Neuron platform configures: vllm-neuron's ``NeuronWorker`` that keeps our models registered.
 
 vllm-neuron's ``NeuronWorker.__init__`` registers every model of ``vllm_neuron.model.registry.get_models()`` again
 in each worker process, after the plugins ran and with vLLM's overwrite warning filtered out (jinhuang12/vllm-neuron
 @03bd80a, ``vllm_neuron/vllm/worker/neuron_worker.py``; upstream's comment: vLLM's registry would otherwise overwrite
-its models). vllm-neuron ships its own Qwen3-MoE (vllm-project/vllm-neuron ``vllm_neuron/model/qwen3_moe/``); once its
-registry lists it, the workers would build upstream's class while our start-up validation checked ours. The subclass
+its models). Its registry lists its own Llama and Qwen3, and it ships a Qwen3-MoE (vllm-project/vllm-neuron
+``vllm_neuron/model/qwen3_moe/``) that a release may list; the workers would then build upstream's class while our
+start-up validation checked ours. The subclass
 here registers ours again at the end of ``__init__``, the last registration before the worker loads its model
 (``init_device`` builds the runner, ``load_model`` resolves the architecture). Its class is built on first access
 (module ``__getattr__``), so importing this module imports nothing of the SDK.
@@ -35,15 +36,17 @@ def registered_class(architecture: str) -> str | None:
     return f"{held.module_name}:{held.class_name}"
 
 
-def _reclaim_architecture() -> None:
-    """Register our class for Qwen3-MoE again, saying so when upstream had put another class there."""
+def _reclaim_architectures() -> None:
+    """Register our classes again, saying so for each architecture where upstream had put another class."""
     from vllm_nki_moe import plugin
 
-    where = registered_class(plugin.ARCHITECTURE)
-    if where is not None and where not in (plugin.NEURON_MODEL_CLASS, plugin.MODEL_CLASS):
-        logger.info(
-            "vllm_nki_moe: vllm-neuron registered %s for %s in this worker; ours serves it", where, plugin.ARCHITECTURE
-        )
+    ours = set(plugin.NEURON_MODEL_CLASSES.values()) | set(plugin.MODEL_CLASSES.values())
+    for architecture in plugin.NEURON_MODEL_CLASSES:
+        where = registered_class(architecture)
+        if where is not None and where not in ours:
+            logger.info(
+                "vllm_nki_moe: vllm-neuron registered %s for %s in this worker; ours serves it", where, architecture
+            )
     plugin.register_models()
 
 
@@ -54,7 +57,7 @@ def _build_worker_class() -> type:
 
     def __init__(self, *args, **kwargs):
         base.__init__(self, *args, **kwargs)
-        _reclaim_architecture()
+        _reclaim_architectures()
 
     return type("NkiMoeNeuronWorker", (base,), {"__init__": __init__, "__module__": __name__, "__doc__": __doc__})
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-WHERE = "qwen3_moe_neuron.rank_embedding"
+WHERE = "neuron_runner.rank_embedding"
 
 
 def rank_embedding(

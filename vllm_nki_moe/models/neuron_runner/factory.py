@@ -1,22 +1,23 @@
-"""``from_configs``: how vllm-neuron's runner builds our Qwen3-MoE (the plugin's factory step, guide section 1c).
+"""``from_configs``: how vllm-neuron's runner builds our models (the plugin's factory step, guide section 1c).
 
 ``NeuronModelRunner.load_model()`` (``jinhuang12/vllm-neuron:vllm_neuron/vllm/worker/neuron_model_runner.py``)
 resolves the architecture with ``ModelRegistry.resolve_model_cls``, then, under ``torch.device("meta")``, calls
 ``model_cls.from_configs(hf_config, neuron_config)`` (text models, positional) or
 ``from_configs(hf_config=..., text_neuron_config=..., vision_neuron_config=...)`` (when a vision config is set), then
 ``load_weights(model_path, device, download_dir)`` and ``model.to(device)``. On our Neuron platform the class the
-registry resolves is ``NeuronQwen3MoeForCausalLM`` (``vllm_nki_moe.plugin.register_models``, in every process), and
-its ``from_configs`` classmethod lands here.
+registry resolves is our runner-contract class for the architecture (``NeuronQwen3MoeForCausalLM``,
+``NeuronQwen3ForCausalLM``, ``NeuronLlamaForCausalLM``; ``vllm_nki_moe.plugin.register_models``, in every process),
+and its ``from_configs`` classmethod lands here.
 """
 
 from __future__ import annotations
 
-from vllm_nki_moe.models.qwen3_moe_neuron.config import WHERE, Qwen3MoeNeuronConfig
+from vllm_nki_moe.models.neuron_runner.config import WHERE, NeuronRunnerConfig
 
 
 def from_configs(model_cls, hf_config, neuron_config=None, *, text_neuron_config=None, vision_neuron_config=None):
-    """Validate the configuration and build ``model_cls`` (``model.NeuronQwen3MoeForCausalLM``, whose ``from_configs``
-    classmethod calls this).
+    """Validate the configuration for ``model_cls.architecture`` and build ``model_cls`` (a class of ``model``, whose
+    ``from_configs`` classmethod calls this).
 
     Reads the current ``VllmConfig`` (set by vLLM's worker around model loading) for the dtype, the cache dtype and
     the layers' construction, and vLLM's tensor-parallel group for the TP degree. Parameters are created on the
@@ -26,8 +27,9 @@ def from_configs(model_cls, hf_config, neuron_config=None, *, text_neuron_config
     from vllm.distributed import get_tensor_model_parallel_world_size
     from vllm.utils.torch_utils import set_default_torch_dtype
 
+    where = WHERE.format(model_cls.architecture)
     if vision_neuron_config is not None:
-        raise NotImplementedError(f"{WHERE}: vision_neuron_config is set; Qwen3-MoE is a text model")
+        raise NotImplementedError(f"{where}: vision_neuron_config is set; {model_cls.architecture} is a text model")
     if neuron_config is None:
         neuron_config = text_neuron_config
     try:
@@ -35,13 +37,14 @@ def from_configs(model_cls, hf_config, neuron_config=None, *, text_neuron_config
     except AssertionError:
         vllm_config = None
     if vllm_config is None or vllm_config.model_config is None:
-        raise RuntimeError(f"{WHERE}: from_configs needs vLLM's current config (set_current_vllm_config); none is set")
-    config = Qwen3MoeNeuronConfig.from_configs(
+        raise RuntimeError(f"{where}: from_configs needs vLLM's current config (set_current_vllm_config); none is set")
+    config = NeuronRunnerConfig.from_configs(
         hf_config,
         neuron_config,
         tp_size=get_tensor_model_parallel_world_size(),
         dtype=vllm_config.model_config.dtype,
         cache_dtype=getattr(vllm_config.cache_config, "cache_dtype", "auto"),
+        architecture=model_cls.architecture,
     )
     with set_current_vllm_config(vllm_config), set_default_torch_dtype(config.dtype):
         return model_cls(vllm_config=vllm_config, config=config)

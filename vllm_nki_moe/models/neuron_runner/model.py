@@ -1,4 +1,5 @@
-"""The runner-facing Qwen3-MoE: our vLLM-style model with attention on vllm-neuron's runner-owned paged KV cache.
+"""The runner-facing models: our vLLM-style classes (Qwen3-MoE, Qwen3, Llama) with attention on vllm-neuron's
+runner-owned paged KV cache.
 
 The contract (``aws-neuron/aws-neuron-sdk:vllm-neuron/docs/model-dev/onboarding-models.md``, "Understanding the
 runner → model interface", "Top-level model class", "KV cache lifecycle"; as called by
@@ -14,11 +15,13 @@ runner → model interface", "Top-level model class", "KV cache lifecycle"; as c
   logit_mask, rank, inputs_embeds, is_token_ids)`` -> logits ``[R, vocab]``, or ``(sampled_ids [R], logits | None)``
   with on-device sampling.
 
-Nothing of the model is duplicated: the class subclasses ``vllm_nki_moe.models.qwen3_moe.Qwen3MoeForCausalLM`` (same
-embedding, decoder layers, norms, router and experts through ``vllm_nki_moe.ops``, same checkpoint table) and only
-swaps each layer's vLLM ``Attention`` for :class:`~vllm_nki_moe.models.paged_attention.PagedAttention` (through the
+Nothing of the model is duplicated: :class:`NeuronRunnerMixin` holds the contract, and each runner class is the mixin
+over one of our vLLM-style classes (``models.qwen3_moe.Qwen3MoeForCausalLM``, ``models.dense.Qwen3ForCausalLM`` /
+``LlamaForCausalLM``: same embedding, decoder layers, norms, router, experts and dense MLP through
+``vllm_nki_moe.ops``, same checkpoint table). The mixin only swaps each layer's vLLM ``Attention`` for
+:class:`~vllm_nki_moe.models.paged_attention.PagedAttention` (through the
 model's ``attn_factory`` seam), which calls ``ops.attention_prefill`` / ``ops.attention_decode`` on the bound caches.
-The runner's per-step metadata becomes the cache's ``step`` (see :meth:`NeuronQwen3MoeForCausalLM.describe_step`).
+The runner's per-step metadata becomes the cache's ``step`` (see :meth:`NeuronRunnerMixin.describe_step`).
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from vllm_nki_moe.models.dense import LlamaForCausalLM, Qwen3ForCausalLM
+from vllm_nki_moe.models.neuron_runner import factory, rank_embedding
+from vllm_nki_moe.models.neuron_runner.config import WHERE, NeuronRunnerConfig
 from vllm_nki_moe.models.paged_attention import PagedAttention
 from vllm_nki_moe.models.qwen3_moe import Qwen3MoeAttention, Qwen3MoeForCausalLM
-from vllm_nki_moe.models.qwen3_moe_neuron import factory, rank_embedding
-from vllm_nki_moe.models.qwen3_moe_neuron.config import WHERE, Qwen3MoeNeuronConfig
 from vllm_nki_moe.ops.rope import rope_cos_sin_cache
 
 LAYER_NAME = "layers.{}.self_attn"  # upstream's convention: KVSpec layer names = attn_metadata keys
@@ -49,10 +53,11 @@ class RunnerKVCache:
         self.step: dict = {}
 
 
-class NeuronQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
-    """Qwen3-MoE under vllm-neuron's ``NeuronModelRunner`` (module docstring); built by ``factory.from_configs``."""
+class NeuronRunnerMixin:
+    """vllm-neuron's runner contract (module docstring) over one of our model classes, placed after this mixin in the
+    bases; built by ``factory.from_configs``."""
 
-    def __init__(self, *, vllm_config, config: Qwen3MoeNeuronConfig) -> None:
+    def __init__(self, *, vllm_config, config: NeuronRunnerConfig) -> None:
         kv = RunnerKVCache(config.sizes.num_hidden_layers)
 
         def paged_attention(attention: Qwen3MoeAttention, layer_idx: int) -> PagedAttention:
@@ -64,9 +69,13 @@ class NeuronQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
         self.vllm_config = vllm_config
 
     @classmethod
-    def from_configs(cls, hf_config, neuron_config=None, **kwargs) -> NeuronQwen3MoeForCausalLM:
+    def from_configs(cls, hf_config, neuron_config=None, **kwargs):
         """How vllm-neuron's runner builds models (``NeuronModelRunner.load_model``): see ``factory.from_configs``."""
         return factory.from_configs(cls, hf_config, neuron_config, **kwargs)
+
+    @property
+    def where(self) -> str:
+        return WHERE.format(self.architecture)
 
     # ----------------------------------------------------------------------------------------------------------------
     # KV cache
@@ -93,18 +102,18 @@ class NeuronQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
         for i, layer in enumerate(self.model.layers):
             name = LAYER_NAME.format(i)
             if name not in kv_caches:
-                raise ValueError(f"{WHERE}: bind_kv_cache has no cache for {name!r}; get_kv_spec declared it")
+                raise ValueError(f"{self.where}: bind_kv_cache has no cache for {name!r}; get_kv_spec declared it")
             k_cache, v_cache = kv_caches[name][0], kv_caches[name][1]
             attn = layer.self_attn
             want = (attn.num_kv_heads, attn.head_dim)
             for what, cache in (("k", k_cache), ("v", v_cache)):
                 if cache.dim() != 4 or (cache.shape[1], cache.shape[3]) != want or cache.dtype != self.config.dtype:
                     raise ValueError(
-                        f"{WHERE}: {name} {what}_cache shape={tuple(cache.shape)} dtype={cache.dtype}; must be "
+                        f"{self.where}: {name} {what}_cache shape={tuple(cache.shape)} dtype={cache.dtype}; must be "
                         f"[num_blocks, {want[0]}, block_size, {want[1]}] {self.config.dtype} (HND paged layout)"
                     )
             if v_cache.shape != k_cache.shape:
-                raise ValueError(f"{WHERE}: {name} v_cache{tuple(v_cache.shape)} != k_cache{tuple(k_cache.shape)}")
+                raise ValueError(f"{self.where}: {name} v_cache{tuple(v_cache.shape)} != k_cache{tuple(k_cache.shape)}")
             self.kv.k[i], self.kv.v[i] = k_cache, v_cache
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -126,10 +135,12 @@ class NeuronQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
         model_dir = _checkpoint_dir(checkpoint_path, cache_dir)
         self._materialize()
         with set_current_vllm_config(self.vllm_config):
-            loaded = super().load_weights(_safetensors_weights(model_dir))
+            loaded = super().load_weights(_safetensors_weights(model_dir, self.where))
             missing = sorted({name for name, _ in self.named_parameters()} - loaded)
             if missing:
-                raise ValueError(f"{WHERE}: checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+                raise ValueError(
+                    f"{self.where}: checkpoint {model_dir} lacks {len(missing)} tensors, e.g. {missing[:3]}"
+                )
             process_weights_after_loading(self, self.vllm_config.model_config, torch.device("cpu"))
         return loaded
 
@@ -157,7 +168,7 @@ class NeuronQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
         for module in self.modules():
             if isinstance(module, Qwen3MoeAttention):  # a derived buffer, never in the checkpoint
                 module.cos_sin_cache = rope_cos_sin_cache(
-                    module.head_dim, sizes.max_position_embeddings, sizes.rope_theta
+                    module.head_dim, sizes.max_position_embeddings, sizes.rope_theta, sizes.rope_llama3
                 ).to(module.cos_sin_cache.device)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -191,7 +202,9 @@ class NeuronQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
         block_size = int(meta["block_size"])
         cache_block_size = self.kv.k[0].shape[2]
         if block_size != cache_block_size:
-            raise ValueError(f"{WHERE}: attn_metadata block_size={block_size}; the bound cache has {cache_block_size}")
+            raise ValueError(
+                f"{self.where}: attn_metadata block_size={block_size}; the bound cache has {cache_block_size}"
+            )
         table = meta["block_table_tensor"]
         requests = table.shape[0]
         is_decode = num_tokens // requests <= meta["decode_token_threshold"]
@@ -200,11 +213,11 @@ class NeuronQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
             return {"phase": "prefill", "slot_mapping": slot_mapping}
         if not is_decode and requests != 1:
             raise NotImplementedError(
-                f"{WHERE}: a prefill step of {num_tokens} tokens over block_table_tensor rows={requests}; one request "
-                f"per prefill step"
+                f"{self.where}: a prefill step of {num_tokens} tokens over block_table_tensor rows={requests}; "
+                "one request per prefill step"
             )
         if num_tokens % requests:
-            raise ValueError(f"{WHERE}: {num_tokens} tokens for {requests} block-table rows; must be a multiple")
+            raise ValueError(f"{self.where}: {num_tokens} tokens for {requests} block-table rows; must be a multiple")
         table = torch.where(table < 0, torch.zeros_like(table), table)
         max_context = table.shape[1] * block_size
         return {
@@ -220,7 +233,7 @@ class NeuronQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
         if embedding.tp_size == 1:
             return self.model.embed_input_ids(input_ids)
         if rank is None:
-            raise ValueError(f"{WHERE}: forward without rank at tensor_parallel_size={embedding.tp_size}")
+            raise ValueError(f"{self.where}: forward without rank at tensor_parallel_size={embedding.tp_size}")
         from vllm.distributed import get_tensor_model_parallel_rank, tensor_model_parallel_all_reduce
 
         per_rank = rank_embedding.rows_per_rank(embedding, get_tensor_model_parallel_rank())
@@ -246,9 +259,11 @@ class NeuronQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
     ):
         """Logits ``[R, vocab]``; with on-device sampling ``(sampled_ids [R] int32, logits [R, vocab] | None)``."""
         if spec_decode_metadata is not None:
-            raise NotImplementedError(f"{WHERE}: spec_decode_metadata is set; speculative decoding is not supported")
+            raise NotImplementedError(
+                f"{self.where}: spec_decode_metadata is set; speculative decoding is not supported"
+            )
         if self.kv.k[0] is None:
-            raise RuntimeError(f"{WHERE}: forward before bind_kv_cache")
+            raise RuntimeError(f"{self.where}: forward before bind_kv_cache")
         self.kv.step = self.describe_step(attn_metadata[LAYER_NAME.format(0)], positions)
         # Rows past the RoPE table (padding only) would index out of it; real positions are < max_model_len.
         rope_positions = positions.long().clamp(0, self.sizes.max_position_embeddings - 1)
@@ -268,6 +283,18 @@ class NeuronQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
             logits = logits.masked_fill(~logit_mask.bool(), float("-inf"))
         sampled = sample(logits, None if self.config.all_greedy else sampling_params)
         return sampled, (logits if self.config.return_logits else None)
+
+
+class NeuronQwen3MoeForCausalLM(NeuronRunnerMixin, Qwen3MoeForCausalLM):
+    """Qwen3-MoE under vllm-neuron's ``NeuronModelRunner``."""
+
+
+class NeuronQwen3ForCausalLM(NeuronRunnerMixin, Qwen3ForCausalLM):
+    """Qwen3 dense under vllm-neuron's ``NeuronModelRunner``."""
+
+
+class NeuronLlamaForCausalLM(NeuronRunnerMixin, LlamaForCausalLM):
+    """Llama 3.x under vllm-neuron's ``NeuronModelRunner``."""
 
 
 def sample(logits: torch.Tensor, sampling_params: torch.Tensor | None) -> torch.Tensor:
@@ -308,13 +335,13 @@ def _checkpoint_dir(checkpoint_path: str, cache_dir: str | None) -> str:
     return snapshot_download(checkpoint_path, cache_dir=cache_dir, allow_patterns=["*.safetensors", "*.json"])
 
 
-def _safetensors_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _safetensors_weights(model_dir: str, where: str) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of every ``*.safetensors`` file, read lazily one at a time."""
     from safetensors import safe_open
 
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
-        raise ValueError(f"{WHERE}: no *.safetensors in {model_dir}")
+        raise ValueError(f"{where}: no *.safetensors in {model_dir}")
     for path in files:
         with safe_open(path, framework="pt") as handle:
             for name in handle.keys():

@@ -1,4 +1,4 @@
-"""The vocab-parallel embedding from a rank tensor (``qwen3_moe_neuron.rank_embedding``) against vLLM's own shard
+"""The vocab-parallel embedding from a rank tensor (``neuron_runner.rank_embedding``) against vLLM's own shard
 layout (``VocabParallelEmbedding._get_indices``, the real function) and the full lookup."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     pad_vocab_size,
 )
 
-from vllm_nki_moe.models.qwen3_moe_neuron.rank_embedding import rank_embedding, rows_per_rank
+from vllm_nki_moe.models.neuron_runner.rank_embedding import rank_embedding, rows_per_rank
 
 VOCAB, HIDDEN = 1000, 8  # 1000 pads to 1024: the last rank's shard ends in padding rows
 

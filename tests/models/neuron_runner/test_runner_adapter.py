@@ -1,4 +1,4 @@
-"""Our Qwen3-MoE behind vllm-neuron's runner-to-model contract (``vllm_nki_moe.models.qwen3_moe_neuron``), on CPU.
+"""Our Qwen3-MoE behind vllm-neuron's runner-to-model contract (``vllm_nki_moe.models.neuron_runner``), on CPU.
 
 (a) Against fakes of the upstream types it touches (``vllm_neuron.model.kv_cache.KVSpec`` / ``LayerSpec`` and the
 ``NeuronConfig`` fields it reads, ``tests/fakes/``): the KV spec, cache binding, config rejections, sampling.
@@ -25,8 +25,10 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from tests.models.test_dense import CONFIGS as DENSE_CONFIGS
 from vllm_nki_moe.ops import moe as ops_moe
 from vllm_nki_moe.tools import generate as gen
+from vllm_nki_moe.tools import tiny_model
 
 PROMPTS = ["Hello world, the quick brown fox", "def is_palindrome(text):", "A"]
 NEW_TOKENS = 10
@@ -333,6 +335,32 @@ def test_segmented_prefill_in_padded_chunks_matches_hf_greedy(
     assert tokens == hf_reference(tiny_model_dir)
 
 
+@pytest.mark.parametrize(
+    "name,kernels,compile",
+    [
+        ("qwen3-tied-gqa4", "torch", False),
+        ("llama-3.2-like", "torch", False),
+        ("llama-3.2-like", "torch", True),
+        ("qwen3-tied-gqa4", "emulator", False),
+        ("llama-3.2-like", "emulator", False),
+    ],
+)
+def test_dense_architectures_under_the_runner_match_hf_greedy(
+    name, kernels, compile, fake_sdk, make_model, hf_reference, monkeypatch
+):
+    """Qwen3 and Llama 3.x through the same runner contract: the registry resolves our runner class for each
+    architecture, and the meta-built model's RoPE table is recomputed at load with the config's scaling (llama3 here:
+    a default table would change the tokens)."""
+    arch, overrides = DENSE_CONFIGS[name]
+    model_dir = make_model(overrides, arch=arch)
+    runner, tokens = _run(model_dir, kernels, ODS_GREEDY, monkeypatch, compile=compile, strict=compile)
+    assert type(runner.model).__name__ == f"Neuron{tiny_model.ARCHS[arch][1]}"
+    assert not hasattr(runner.model.model.layers[0].mlp, "experts")
+    if kernels == "emulator":
+        assert {"attention_prefill", "attention_decode", "linear"} <= set(runner.model.opset.kernel_ops)
+    assert tokens == hf_reference(model_dir)
+
+
 def test_dense_layers_and_unnormalised_routing_match_hf_greedy(fake_sdk, make_model, hf_reference, monkeypatch):
     model_dir = make_model({"num_hidden_layers": 3, "mlp_only_layers": [1], "norm_topk_prob": False})
     _, tokens = _run(model_dir, "torch", ODS_GREEDY, monkeypatch)
@@ -421,9 +449,7 @@ def test_registry_resolves_a_class_with_from_configs_that_builds_on_meta(fake_sd
     vllm_config = _vllm_config(tiny_model_dir)
     model_config = vllm_config.model_config
     cls, _ = ModelRegistry.resolve_model_cls(model_config.architecture, model_config=model_config)
-    assert (
-        f"{cls.__module__}.{cls.__qualname__}" == "vllm_nki_moe.models.qwen3_moe_neuron.model.NeuronQwen3MoeForCausalLM"
-    )
+    assert f"{cls.__module__}.{cls.__qualname__}" == "vllm_nki_moe.models.neuron_runner.model.NeuronQwen3MoeForCausalLM"
     with set_current_vllm_config(vllm_config), torch.device("meta"):
         model = cls.from_configs(model_config.hf_config, NeuronConfig())
         by_keyword = cls.from_configs(hf_config=model_config.hf_config, text_neuron_config=NeuronConfig())
@@ -517,7 +543,7 @@ def test_from_configs_rejects_unsupported_neuron_config(field, value, message, f
     from vllm.config import set_current_vllm_config
     from vllm_neuron.model.neuron_config import NeuronConfig
 
-    from vllm_nki_moe.models.qwen3_moe_neuron.model import NeuronQwen3MoeForCausalLM
+    from vllm_nki_moe.models.neuron_runner.model import NeuronQwen3MoeForCausalLM
 
     monkeypatch.setenv("VLLM_NKI_MOE_KERNELS", "torch")
     vllm_config = _vllm_config(tiny_model_dir)
@@ -526,7 +552,7 @@ def test_from_configs_rejects_unsupported_neuron_config(field, value, message, f
 
 
 def test_from_configs_rejects_a_vision_config_and_a_missing_vllm_config(fake_sdk, tiny_model_dir):
-    from vllm_nki_moe.models.qwen3_moe_neuron.model import NeuronQwen3MoeForCausalLM
+    from vllm_nki_moe.models.neuron_runner.model import NeuronQwen3MoeForCausalLM
 
     hf_config = SimpleNamespace()
     with pytest.raises(NotImplementedError, match="vision_neuron_config"):
@@ -536,7 +562,7 @@ def test_from_configs_rejects_a_vision_config_and_a_missing_vllm_config(fake_sdk
 
 
 def test_on_device_sampling_greedy_rows_take_the_argmax_and_others_stay_in_top_k():
-    from vllm_nki_moe.models.qwen3_moe_neuron.model import sample
+    from vllm_nki_moe.models.neuron_runner.model import sample
 
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
@@ -564,7 +590,7 @@ def test_the_cpu_model_path_never_imports_the_runner_adapter(tiny_model_dir):
         "import sys\n"
         "from vllm_nki_moe.tools import generate\n"
         "print(generate.Harness(sys.argv[1], 'torch').generate('A', 2).tokens)\n"
-        "neuron_path = ('vllm_nki_moe.models.qwen3_moe_neuron', 'vllm_neuron')\n"
+        "neuron_path = ('vllm_nki_moe.models.neuron_runner', 'vllm_neuron')\n"
         "print(sorted(m for m in sys.modules if m.startswith(neuron_path)))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_NKI_MOE", "VLLM_NEURON"))}
