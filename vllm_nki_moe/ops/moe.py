@@ -404,6 +404,20 @@ def _moe_block_supports(hidden, residual, norm_weight, eps, gate_weight, w13, w2
     return _moe_experts_supports(hidden, w13, w2, ids.float(), ids)
 
 
+def _silu_mul_supports(gate_up: torch.Tensor) -> str | None:
+    if gate_up.dtype not in KERNEL_DTYPES:
+        return f"gate_up.dtype={gate_up.dtype}; the kernel takes bfloat16 or float32"
+    if gate_up.dim() < 1 or gate_up.numel() == 0 or gate_up.shape[-1] % 2:
+        return f"gate_up.shape={tuple(gate_up.shape)}; the kernel needs rows of an even, non-zero width [..., 2I]"
+    return None
+
+
+def _silu_mul_kernel(backend: str, gate_up: torch.Tensor) -> torch.Tensor:
+    rows = gate_up.reshape(-1, gate_up.shape[-1]).contiguous()
+    out = call_kernel(backend, load_kernels("silu_mul").silu_mul, rows)
+    return out.view(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
 def _moe_block_kernel(backend: str, hidden, residual, norm_weight, eps, gate_weight, w13, w2, top_k, renormalize):
     moe_common, moe_block = load_kernels("moe_common"), load_kernels("moe_block")
     w13k, w2k = _kernel_layout(w13, w2)
@@ -428,7 +442,7 @@ def _moe_block_kernel(backend: str, hidden, residual, norm_weight, eps, gate_wei
 
 
 SPECS = (
-    OpSpec("silu_mul", silu_mul, silu_mul_host),
+    OpSpec("silu_mul", silu_mul, silu_mul_host, KernelImpl(_silu_mul_kernel, _silu_mul_supports)),
     # the reference loops over the experts in use (a host read of the routing): opaque under torch.compile
     OpSpec(
         "moe_experts",

@@ -46,7 +46,7 @@ NOT_ESTIMATED = (
     "each taking its issue cost)",
 )
 # Names of step parts that a kernel case takes over once it exists (a case whose kernel name contains the part name).
-KERNEL_PARTS = ("qkv_proj", "o_proj", "lm_head", "final_norm")
+KERNEL_PARTS = ("qkv_proj", "o_proj", "lm_head", "final_norm", "silu_mul")
 
 
 @dataclass(frozen=True)

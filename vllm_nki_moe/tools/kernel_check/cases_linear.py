@@ -3,7 +3,8 @@
 Per layer: the fused q/k/v projection (``qkv_proj``, N = (q + 2 kv) x head_dim per rank) and the o projection
 (``o_proj``, K = q x head_dim per rank); per step: the LM head (``lm_head``, the rank's ceil(V / tp) vocabulary rows,
 one row of logits per sequence: the rows vLLM samples from) and, once per dense layer (``mlp_only_layers`` /
-``decoder_sparse_step``), the dense SwiGLU MLP's ``gate_up`` (N = 2 x intermediate per rank) and ``down``.
+``decoder_sparse_step``), the dense SwiGLU MLP's ``gate_up`` (N = 2 x intermediate per rank), its ``silu_mul``
+(``kernels/silu_mul.py``, between the two matmuls) and ``down``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from nki_emulator import install
 
 install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
 
-from vllm_nki_moe.kernels import linear  # noqa: E402 - after install()
+from vllm_nki_moe.kernels import linear, silu_mul  # noqa: E402 - after install()
+from vllm_nki_moe.ops.moe import silu_mul as silu_mul_ref  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.registry import KernelCase  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes  # noqa: E402
 
@@ -48,6 +50,21 @@ def _case(
     )
 
 
+def _silu_mul_case(shapes: KernelShapes, rows: int, per_layer: int, per_step: int) -> KernelCase:
+    dt, inter = shapes.torch_dtype, shapes.intermediate
+    return KernelCase(
+        kernel="silu_mul",
+        shapes=f"T={rows} I={inter} {_DT_NAMES[shapes.dtype]}",
+        build_inputs=lambda rng: (torch.from_numpy(rng.standard_normal((rows, 2 * inter), dtype=np.float32)).to(dt),),
+        kernel_fn=silu_mul.silu_mul,
+        reference=silu_mul_ref,
+        tolerance="float32" if shapes.dtype == "float32" else "bfloat16",
+        min_hbm_bytes=3 * rows * inter * dt.itemsize,  # gate and up read, the product written
+        calls_per_layer=per_layer,
+        calls_per_step=per_step,
+    )
+
+
 def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
     s = shapes
     h, d = s.hidden, s.head_dim
@@ -57,8 +74,11 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
     ]
     dense_layers = s.layers - s.moe_layers
     if dense_layers and s.intermediate:
-        out.append(_case("mlp_gate_up", s, tokens, h, 2 * s.intermediate, 0, dense_layers))
-        out.append(_case("mlp_down", s, tokens, s.intermediate, h, 0, dense_layers))
+        # every layer dense (a dense model): per layer; some (mlp_only_layers): counted per step
+        per_layer, per_step = (1, 0) if dense_layers == s.layers else (0, dense_layers)
+        out.append(_case("mlp_gate_up", s, tokens, h, 2 * s.intermediate, per_layer, per_step))
+        out.append(_silu_mul_case(s, tokens, per_layer, per_step))
+        out.append(_case("mlp_down", s, tokens, s.intermediate, h, per_layer, per_step))
     # One sampled row per sequence: a decode step of `tokens` sequences, or the last token of one prefill.
     vocab_rows = -(-s.vocab // s.tp)
     out.append(_case("lm_head", s, tokens, h, vocab_rows, 0, 1, phase="decode"))

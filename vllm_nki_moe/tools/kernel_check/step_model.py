@@ -108,7 +108,7 @@ def rest_of_step(shapes: KernelShapes, tokens: int, covered: set[str], kernel_ca
     parts.append(StepPart("all-reduce (attention, MLP)", all_reduce_seconds(act, tp), 2 * layers, "collective model"))
     parts.append(StepPart("embedding gather", _hbm_seconds(2 * act), 1, "HBM bytes"))
     dense_layers = layers - shapes.moe_layers
-    if dense_layers and shapes.intermediate:  # the dense MLP's silu(gate) * up between its two matmuls: no kernel
+    if dense_layers and shapes.intermediate and "silu_mul" not in covered:  # the dense MLP's silu(gate) * up
         inter = tokens * shapes.intermediate * ACT_BYTES
         parts.append(StepPart("dense MLP silu * up", _hbm_seconds(3 * inter), dense_layers, "HBM bytes (no kernel)"))
     if "final_norm" not in covered:
