@@ -54,6 +54,7 @@ def register_models() -> None:
     from vllm import ModelRegistry
 
     from vllm_nki_moe.logs import attach_to_vllm_logging
+    from vllm_nki_moe.models import fp8  # noqa: F401 - registers our FP8 quantization method with vLLM
 
     attach_to_vllm_logging()
 

@@ -42,6 +42,9 @@ class Qwen3MoeSizes:
     qk_norm: bool = True  # per-head RMSNorm of q and k before RoPE (Qwen3)
     # Llama 3 RoPE scaling: (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
     rope_llama3: tuple[float, float, float, int] | None = None
+    # Block-scaled FP8 weights (quantization_config of Qwen's FP8 checkpoints): projections and experts in
+    # float8_e4m3fn with 128 x 128 fp32 block scales; embeddings, norms, router and LM head unquantized
+    fp8: bool = False
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Qwen3-MoE's rule, as transformers and vLLM apply it."""
@@ -50,6 +53,39 @@ class Qwen3MoeSizes:
             and self.num_experts > 0
             and (layer_idx + 1) % self.decoder_sparse_step == 0
         )
+
+
+# The one FP8 scheme served: Qwen's (and DeepSeek's) fine-grained FP8 checkpoints, weight-only.
+FP8_SCHEME = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+# modules_to_not_convert entries that name what this plugin keeps unquantized anyway
+FP8_UNQUANTIZED = ("lm_head", "embed_tokens", "mlp.gate", "norm")
+
+
+def _fp8(hf_config, where: str) -> bool:
+    """Whether the checkpoint is FP8 (``quantization_config``); anything but ``FP8_SCHEME`` is an error naming the
+    field. ``activation_scheme`` is the checkpoint's suggestion for activation quantization; activations stay in the
+    model dtype here (weight-only), which needs no activation scales, so 'dynamic' is the only value accepted (a
+    'static' checkpoint would carry activation scales this plugin would silently ignore)."""
+    quant = getattr(hf_config, "quantization_config", None)
+    if quant is None:
+        return False
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    supported = ", ".join(f"{k}={v!r}" for k, v in FP8_SCHEME.items())
+    for key, want in FP8_SCHEME.items():
+        value = quant.get(key)
+        if key == "weight_block_size" and value is not None:
+            value = list(value)
+        if value != want:
+            raise NotImplementedError(
+                f"{where}: quantization_config.{key}={value!r}; supported: {supported} (Qwen's FP8 checkpoints)"
+            )
+    for module in quant.get("modules_to_not_convert") or ():
+        if not any(part in module for part in FP8_UNQUANTIZED):
+            raise NotImplementedError(
+                f"{where}: quantization_config.modules_to_not_convert lists {module!r}; only the modules kept "
+                f"unquantized anyway ({', '.join(FP8_UNQUANTIZED)}) may be listed"
+            )
+    return True
 
 
 LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -115,6 +151,7 @@ def read_sizes(hf_config, tp_size: int = 1, architecture: str = "Qwen3MoeForCaus
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         qk_norm=QK_NORM[architecture],
         rope_llama3=llama3,
+        fp8=_fp8(hf_config, f"{architecture} (vllm_nki_moe)"),
     )
     where = f"{architecture} (vllm_nki_moe)"
     if getattr(hf_config, "mlp_bias", False):
@@ -147,4 +184,10 @@ def read_sizes(hf_config, tp_size: int = 1, architecture: str = "Qwen3MoeForCaus
         )
     if sizes.head_dim % 2:
         raise ValueError(f"{where}: head_dim={sizes.head_dim}; rotary embedding needs an even head_dim")
+    moe_per_rank = sizes.moe_intermediate_size // tp_size
+    if sizes.fp8 and tp_size > 1 and moe_per_rank % FP8_SCHEME["weight_block_size"][0]:
+        raise ValueError(
+            f"{where}: moe_intermediate_size={sizes.moe_intermediate_size} at tensor_parallel_size={tp_size} gives "
+            f"{moe_per_rank} rows per rank; FP8 block scales need a multiple of 128 (a rank cannot split a block)"
+        )
     return sizes

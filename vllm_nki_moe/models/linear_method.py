@@ -42,7 +42,10 @@ class OpsLinearMethod(QuantizeMethodBase):
 
 def route_linears_through_ops(model: nn.Module, lm_head: nn.Module, opset: OpSet) -> None:
     """Give every vLLM linear layer of ``model`` and ``lm_head`` an :class:`OpsLinearMethod`."""
+    from vllm_nki_moe.models.fp8 import Fp8BlockLinearMethod
+
     layers = [m for m in model.modules() if isinstance(m, LinearBase)] + [lm_head]
     for layer in layers:
-        if not isinstance(layer.quant_method, OpsLinearMethod):
+        # FP8 layers already run their matmul as an op (ops.linear_fp8)
+        if not isinstance(layer.quant_method, (OpsLinearMethod, Fp8BlockLinearMethod)):
             layer.quant_method = OpsLinearMethod(opset, layer.quant_method)

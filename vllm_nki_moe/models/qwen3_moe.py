@@ -30,6 +30,7 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.sequence import IntermediateTensors
@@ -66,12 +67,21 @@ class Qwen3MoeRMSNorm(nn.Module):
 class Qwen3MoeMLP(nn.Module):
     """Dense SwiGLU MLP, for the layers listed in ``mlp_only_layers`` or off ``decoder_sparse_step``."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, opset: ops.OpSet, prefix: str = "") -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        opset: ops.OpSet,
+        prefix: str = "",
+        quant_config: QuantizationConfig | None = None,
+    ) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
-            hidden_size, [intermediate_size] * 2, bias=False, prefix=f"{prefix}.gate_up_proj"
+            hidden_size, [intermediate_size] * 2, bias=False, quant_config=quant_config, prefix=f"{prefix}.gate_up_proj"
         )
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False, prefix=f"{prefix}.down_proj")
+        self.down_proj = RowParallelLinear(
+            intermediate_size, hidden_size, bias=False, quant_config=quant_config, prefix=f"{prefix}.down_proj"
+        )
         self.ops = opset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,16 +94,27 @@ class Qwen3MoeExperts(nn.Module):
     """The routed experts of one layer, stacked: ``w13 [E, 2*I_tp, H]`` (gate rows, then up rows), ``w2 [E, H, I_tp]``.
 
     Tensor parallelism splits the intermediate size I across ranks (I_tp = I / tp); each rank's partial sums are
-    all-reduced by the caller.
+    all-reduced by the caller. With ``fp8`` the weights are ``float8_e4m3fn`` as in the checkpoint, with fp32 block
+    scales ``w13_weight_scale_inv [E, 2*ceil(I_tp/128), ceil(H/128)]`` (gate's blocks, then up's) and
+    ``w2_weight_scale_inv [E, ceil(H/128), ceil(I_tp/128)]`` (``ops.fp8``); I_tp is whole blocks when TP > 1
+    (``config.read_sizes``).
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, fp8: bool = False) -> None:
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
         self.tp_rank = get_tensor_model_parallel_rank()
-        self.intermediate_per_rank = intermediate_size // tp_size
-        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate_per_rank, hidden_size))
-        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, self.intermediate_per_rank))
+        self.intermediate_per_rank = inter = intermediate_size // tp_size
+        self.fp8 = fp8
+        dtype = ops.fp8.FP8_DTYPE if fp8 else None
+        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden_size, dtype=dtype), False)
+        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, inter, dtype=dtype), False)
+        if fp8:
+            blocks = ops.fp8.blocks
+            scales = (num_experts, 2 * blocks(inter), blocks(hidden_size))
+            self.w13_weight_scale_inv = nn.Parameter(torch.empty(scales, dtype=torch.float32), False)
+            scales = (num_experts, blocks(hidden_size), blocks(inter))
+            self.w2_weight_scale_inv = nn.Parameter(torch.empty(scales, dtype=torch.float32), False)
 
     def load_expert_weight(self, param_name: str, expert: int, shard: int | None, loaded: torch.Tensor) -> None:
         """Copy one checkpoint tensor (``gate_proj``/``up_proj`` ``[I, H]`` or ``down_proj`` ``[H, I]``) into place."""
@@ -104,10 +125,13 @@ class Qwen3MoeExperts(nn.Module):
             )
         rows = self.intermediate_per_rank
         start = self.tp_rank * rows
-        if param_name == "w13_weight":
-            self.w13_weight.data[expert, shard * rows : (shard + 1) * rows].copy_(loaded[start : start + rows])
+        if param_name.endswith("_scale_inv"):  # the same cut in 128-row/column blocks (whole blocks when TP > 1)
+            rows, start = ops.fp8.blocks(rows), start // ops.fp8.BLOCK
+        target = getattr(self, param_name).data[expert]
+        if param_name.startswith("w13"):
+            target[shard * rows : (shard + 1) * rows].copy_(loaded[start : start + rows])
         else:
-            self.w2_weight.data[expert].copy_(loaded[:, start : start + rows])
+            target.copy_(loaded[:, start : start + rows])
         # Copies through .data leave the version counter alone; bump it so caches of derived layouts (ops.host
         # prepacked experts) see a reload.
         torch.autograd.graph.increment_version(getattr(self, param_name))
@@ -137,12 +161,28 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         # The router weight [E, H] as a plain parameter: the ops read it directly (vLLM's CPU linear layers repack
         # their weight for oneDNN and leave the parameter empty).
         self.gate = Qwen3MoeRouterGate(sizes.hidden_size, sizes.num_experts)
-        self.experts = Qwen3MoeExperts(sizes.num_experts, sizes.hidden_size, sizes.moe_intermediate_size)
+        self.experts = Qwen3MoeExperts(sizes.num_experts, sizes.hidden_size, sizes.moe_intermediate_size, sizes.fp8)
         self.ops = opset
 
     def forward(
         self, hidden_states: torch.Tensor, residual: torch.Tensor, norm: Qwen3MoeRMSNorm
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.experts.fp8:  # the same sequence as moe_block's, with the FP8 experts op
+            hidden_states, residual = self.ops.fused_add_rms_norm(hidden_states, residual, norm.weight, norm.eps)
+            weights, ids = self.ops.router_gate_topk(hidden_states, self.gate.weight, self.top_k, self.norm_topk_prob)
+            experts = self.experts
+            out = self.ops.moe_experts_fp8(
+                hidden_states,
+                experts.w13_weight,
+                experts.w13_weight_scale_inv,
+                experts.w2_weight,
+                experts.w2_weight_scale_inv,
+                weights,
+                ids,
+            )
+            if self.tp_size > 1:
+                out = tensor_model_parallel_all_reduce(out)
+            return out, residual
         out, residual = self.ops.moe_block(
             hidden_states,
             residual,
@@ -172,6 +212,7 @@ class Qwen3MoeAttention(nn.Module):
         *,
         layer_idx: int = 0,
         attn_factory: AttentionFactory | None = None,
+        quant_config: QuantizationConfig | None = None,
     ) -> None:
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
@@ -187,10 +228,15 @@ class Qwen3MoeAttention(nn.Module):
             sizes.num_attention_heads,
             sizes.num_key_value_heads,
             bias=sizes.attention_bias,
+            quant_config=quant_config,
             prefix=f"{prefix}.qkv_proj",
         )
         self.o_proj = RowParallelLinear(
-            sizes.num_attention_heads * self.head_dim, sizes.hidden_size, bias=False, prefix=f"{prefix}.o_proj"
+            sizes.num_attention_heads * self.head_dim,
+            sizes.hidden_size,
+            bias=False,
+            quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
         )
         self.qk_norm = sizes.qk_norm
         if self.qk_norm:
@@ -245,15 +291,24 @@ class Qwen3MoeDecoderLayer(nn.Module):
         prefix: str = "",
         *,
         attn_factory: AttentionFactory | None = None,
+        quant_config: QuantizationConfig | None = None,
     ) -> None:
         super().__init__()
         self.self_attn = Qwen3MoeAttention(
-            vllm_config, sizes, opset, prefix=f"{prefix}.self_attn", layer_idx=layer_idx, attn_factory=attn_factory
+            vllm_config,
+            sizes,
+            opset,
+            prefix=f"{prefix}.self_attn",
+            layer_idx=layer_idx,
+            attn_factory=attn_factory,
+            quant_config=quant_config,
         )
         if sizes.is_moe_layer(layer_idx):
             self.mlp: nn.Module = Qwen3MoeSparseMoeBlock(sizes, opset, prefix=f"{prefix}.mlp")
         else:
-            self.mlp = Qwen3MoeMLP(sizes.hidden_size, sizes.intermediate_size, opset, prefix=f"{prefix}.mlp")
+            self.mlp = Qwen3MoeMLP(
+                sizes.hidden_size, sizes.intermediate_size, opset, prefix=f"{prefix}.mlp", quant_config=quant_config
+            )
         self.input_layernorm = Qwen3MoeRMSNorm(sizes.hidden_size, sizes.rms_norm_eps, opset)
         self.post_attention_layernorm = Qwen3MoeRMSNorm(sizes.hidden_size, sizes.rms_norm_eps, opset)
 
@@ -293,11 +348,20 @@ class Qwen3MoeModel(nn.Module):
         opset: ops.OpSet,
         prefix: str = "",
         attn_factory: AttentionFactory | None = None,
+        quant_config: QuantizationConfig | None = None,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(sizes.vocab_size, sizes.hidden_size, prefix=f"{prefix}.embed_tokens")
         self.layers = nn.ModuleList(
-            Qwen3MoeDecoderLayer(vllm_config, sizes, i, opset, prefix=f"{prefix}.layers.{i}", attn_factory=attn_factory)
+            Qwen3MoeDecoderLayer(
+                vllm_config,
+                sizes,
+                i,
+                opset,
+                prefix=f"{prefix}.layers.{i}",
+                attn_factory=attn_factory,
+                quant_config=quant_config,
+            )
             for i in range(sizes.num_hidden_layers)
         )
         self.norm = Qwen3MoeRMSNorm(sizes.hidden_size, sizes.rms_norm_eps, opset)
@@ -341,8 +405,18 @@ class Qwen3MoeForCausalLM(nn.Module):
         kernels = envs.configured_kernels(vllm_config.additional_config)
         self.opset = ops.bind(kernels, host_ops=True) if kernels else ops.bind()
         model_prefix = f"{prefix}.model" if prefix else "model"
+        quant_config = None
+        if self.sizes.fp8:  # the projections keep the checkpoint's FP8 weights (models/fp8.py); the LM head does not
+            from vllm_nki_moe.models.fp8 import Fp8BlockConfig
+
+            quant_config = Fp8BlockConfig(self.opset)
         self.model = Qwen3MoeModel(
-            vllm_config=vllm_config, sizes=self.sizes, opset=self.opset, prefix=model_prefix, attn_factory=attn_factory
+            vllm_config=vllm_config,
+            sizes=self.sizes,
+            opset=self.opset,
+            prefix=model_prefix,
+            attn_factory=attn_factory,
+            quant_config=quant_config,
         )
         self.lm_head = ParallelLMHead(self.sizes.vocab_size, self.sizes.hidden_size, prefix="lm_head")
         if self.sizes.tie_word_embeddings:
@@ -379,8 +453,14 @@ class Qwen3MoeForCausalLM(nn.Module):
                 continue
             expert = weight_map.EXPERT_WEIGHT.match(name)
             if expert:
-                param_name, shard = weight_map.EXPERT_TARGETS[expert["proj"]]
+                stack, shard = weight_map.EXPERT_TARGETS[expert["proj"]]
+                param_name = f"{stack}_{expert['tensor']}"
                 experts: Qwen3MoeExperts = self.get_submodule(expert["prefix"])
+                if not hasattr(experts, param_name):
+                    raise ValueError(
+                        f"{self.architecture}.load_weights: checkpoint tensor {name!r} has no parameter (an FP8 scale "
+                        "in a checkpoint without quantization_config?)"
+                    )
                 experts.load_expert_weight(param_name, int(expert["expert"]), shard, tensor)
                 loaded.add(f"{expert['prefix']}.{param_name}")
                 continue
@@ -400,7 +480,8 @@ class Qwen3MoeForCausalLM(nn.Module):
         # The experts' and the router's one copy: converted in place to the layout the bound ops read (kernel tiles,
         # prepacked experts; the router weight column-major, its transpose being the kernels' layout).
         for name, module in self.named_modules():
-            if isinstance(module, Qwen3MoeExperts) and {f"{name}.w13_weight", f"{name}.w2_weight"} <= loaded:
+            both = {f"{name}.w13_weight", f"{name}.w2_weight"} <= loaded
+            if isinstance(module, Qwen3MoeExperts) and both and not module.fp8:  # FP8 experts: read as loaded
                 self.opset.prepare_weights("moe_experts", module.w13_weight, module.w2_weight)
             if isinstance(module, Qwen3MoeRouterGate) and f"{name}.weight" in loaded:
                 self.opset.prepare_weights("router_gate_topk", module.weight)

@@ -17,11 +17,13 @@ STACKED_PARAMS: tuple[tuple[str, str, str | int], ...] = (
 )
 
 # Per-expert checkpoint tensors (`mlp.experts.<e>.<proj>.weight`) go into the experts' stacked tensors:
-# gate and up rows into w13 (gate first), down into w2.
+# gate and up rows into w13 (gate first), down into w2; an FP8 checkpoint's `.weight_scale_inv` likewise into
+# w13_weight_scale_inv / w2_weight_scale_inv.
 EXPERT_WEIGHT = re.compile(
-    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)"
+    r"\.(?P<tensor>weight|weight_scale_inv)$"
 )
-EXPERT_TARGETS = {"gate_proj": ("w13_weight", 0), "up_proj": ("w13_weight", 1), "down_proj": ("w2_weight", None)}
+EXPERT_TARGETS = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", None)}
 
 # Checkpoint tensors the model does not use (rotary caches some exporters write).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -40,23 +40,25 @@ from typing import Callable
 import torch
 
 from vllm_nki_moe import envs
-from vllm_nki_moe.ops import attention, custom_ops, host, kernel_call, linear, moe, norms, rope, router
+from vllm_nki_moe.ops import attention, custom_ops, fp8, host, kernel_call, linear, moe, norms, rope, router
 from vllm_nki_moe.ops.spec import OpSpec
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = (norms, linear, rope, router, moe, attention)
+FAMILIES = (norms, linear, rope, router, moe, fp8, attention)
 SPECS: dict[str, OpSpec] = {spec.name: spec for family in FAMILIES for spec in family.SPECS}
 # The ops in the order a decoder layer runs them.
 OP_NAMES = (
     "rms_norm",
     "fused_add_rms_norm",
     "linear",
+    "linear_fp8",
     "apply_rope",
     "qk_norm_rope",
     "silu_mul",
     "router_topk",
     "moe_experts",
+    "moe_experts_fp8",
     "attention_prefill",
     "attention_decode",
 )
@@ -76,11 +78,13 @@ class OpSet:
     rms_norm: Callable
     fused_add_rms_norm: Callable
     linear: Callable  # x @ W^T: vLLM's linear layers route their matmul here under kernel backends
+    linear_fp8: Callable  # x @ W^T with a block-scaled FP8 W (FP8 checkpoints; ops.fp8)
     apply_rope: Callable
     qk_norm_rope: Callable  # per-head q/k RMSNorm + RoPE in one call (Qwen3 attention)
     silu_mul: Callable
     router_topk: Callable
     moe_experts: Callable
+    moe_experts_fp8: Callable  # moe_experts with block-scaled FP8 experts (ops.fp8)
     attention_prefill: Callable  # writes the paged KV cache in place; vLLM's Attention does this on the CPU path
     attention_decode: Callable
     router_gate_topk: Callable  # composite: see router.router_gate_topk_sequence

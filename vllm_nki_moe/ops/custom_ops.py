@@ -58,6 +58,8 @@ FAKES: dict[str, Callable] = {
     "router_topk": lambda logits, top_k, renormalize, binding: _fake_topk(logits, top_k),
     "router_gate_topk": lambda hidden, gate_weight, top_k, renormalize, binding: _fake_topk(hidden, top_k),
     "moe_experts": _fake_like(0),
+    "moe_experts_fp8": _fake_like(0),
+    "linear_fp8": lambda x, weight, weight_scale_inv, binding: x.new_empty(x.shape[0], weight.shape[0]),
     "moe_block": _fake_like(0, 0),
     "attention_prefill": _fake_like(0),
     "attention_decode": _fake_like(0),

@@ -11,11 +11,12 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 
     try:
         overrides = load_config_overrides(args.config, args.arch) if args.config else None
-        out = make_tiny_model(args.dir, overrides, seed=args.seed, arch=args.arch)
+        out = make_tiny_model(args.dir, overrides, seed=args.seed, arch=args.arch, fp8=args.fp8)
     except TinyModelConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote a random-weight {ARCHS[args.arch][1]} checkpoint to {out}")
+    kind = "FP8 (128 x 128 block scales) " if args.fp8 else ""
+    print(f"wrote a random-weight {kind}{ARCHS[args.arch][1]} checkpoint to {out}")
     return 0
 
 
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("--config", help="JSON file of the architecture's transformers config fields overriding defaults")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    tiny.add_argument(
+        "--fp8",
+        action="store_true",
+        help="Qwen's FP8 checkpoint format: projections and experts float8_e4m3fn with fp32 128 x 128 block scales "
+        "(weight_scale_inv) and quantization_config; embeddings, norms, router and LM head unquantized",
+    )
     tiny.set_defaults(handler=_make_tiny_model)
 
     kernels = sub.add_parser("kernels", help="check NKI kernels against their references; cost-model benchmark")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +254,34 @@ def random_state_dict(config, seed: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# The tensors Qwen's FP8 checkpoints store in float8_e4m3fn (with `.weight_scale_inv`): the attention projections
+# and the (dense or expert) MLP matrices; embeddings, norms, the router gate and the LM head stay unquantized.
+FP8_TENSOR = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.)?(gate|up|down)_proj)\.weight$")
+
+
+def quantize_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every ``FP8_TENSOR`` as block-scaled FP8 (``ops.fp8.quantize``) plus its ``weight_scale_inv``.
+
+    Each quantized dimension must be at most one block or a whole number of blocks: the published checkpoints' sizes
+    all are, and transformers' dequantization derives the block from the scale grid (rows // scale rows), which only
+    agrees with the 128 x 128 blocks for such sizes."""
+    from vllm_nki_moe.ops import fp8
+
+    out = {}
+    for name, tensor in tensors.items():
+        if not FP8_TENSOR.search(name):
+            out[name] = tensor
+            continue
+        for dim in tensor.shape:
+            if dim > fp8.BLOCK and dim % fp8.BLOCK:
+                raise TinyModelConfigError(
+                    f"make-tiny-model --fp8: {name} has shape {tuple(tensor.shape)}; each dimension must be at most "
+                    f"{fp8.BLOCK} or a multiple of it (128 x 128 scale blocks)"
+                )
+        out[name], out[f"{name}_scale_inv"] = fp8.quantize(tensor)
+    return out
+
+
 def train_tokenizer(vocab_size: int):
     """A byte-level BPE tokenizer trained on a built-in corpus, with Qwen's special tokens and a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -280,9 +309,14 @@ def train_tokenizer(vocab_size: int):
 
 
 def make_tiny_model(
-    out_dir: str | Path, overrides: dict[str, Any] | None = None, seed: int = 0, arch: str = "qwen3_moe"
+    out_dir: str | Path,
+    overrides: dict[str, Any] | None = None,
+    seed: int = 0,
+    arch: str = "qwen3_moe",
+    fp8: bool = False,
 ) -> Path:
-    """Write the ``arch`` checkpoint to ``out_dir`` (created if needed) and return its path."""
+    """Write the ``arch`` checkpoint to ``out_dir`` (created if needed) and return its path; ``fp8``: in the format
+    of Qwen's FP8 checkpoints (``quantize_fp8``, ``quantization_config``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = int((overrides or {}).get("vocab_size", DEFAULT_CONFIG["vocab_size"]))
@@ -294,10 +328,16 @@ def make_tiny_model(
     config.eos_token_id = im_end
     config.pad_token_id = endoftext
     config.dtype = "float32"
+    tensors = random_state_dict(config, seed)
+    if fp8:
+        from vllm_nki_moe.models.config import FP8_SCHEME
+
+        tensors = quantize_fp8(tensors)
+        config.quantization_config = dict(FP8_SCHEME)
 
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    save_file(random_state_dict(config, seed), out / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     generation_config = {
         "bos_token_id": endoftext,
         "eos_token_id": [im_end, endoftext],
