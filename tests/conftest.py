@@ -35,10 +35,11 @@ def make_model(tmp_path_factory):
 
     cache: dict[str, Path] = {}
 
-    def make(overrides: dict | None = None, seed: int = 0, arch: str = "qwen3_moe") -> Path:
-        key = json.dumps([overrides, seed, arch], sort_keys=True)
+    def make(overrides: dict | None = None, seed: int = 0, arch: str = "qwen3_moe", fp8: bool = False) -> Path:
+        key = json.dumps([overrides, seed, arch, fp8], sort_keys=True)
         if key not in cache:
-            cache[key] = make_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), overrides, seed=seed, arch=arch)
+            out = tmp_path_factory.mktemp(f"tiny-{arch}{'-fp8' if fp8 else ''}")
+            cache[key] = make_tiny_model(out, overrides, seed=seed, arch=arch, fp8=fp8)
         return cache[key]
 
     return make

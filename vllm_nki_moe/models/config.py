@@ -57,7 +57,7 @@ class Qwen3MoeSizes:
 
 # The one FP8 scheme served: Qwen's (and DeepSeek's) fine-grained FP8 checkpoints, weight-only.
 FP8_SCHEME = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
-# modules_to_not_convert entries that name what this plugin keeps unquantized anyway
+# modules_to_not_convert entries (module names, by their ending) that this plugin keeps unquantized anyway
 FP8_UNQUANTIZED = ("lm_head", "embed_tokens", "mlp.gate", "norm")
 
 
@@ -80,7 +80,7 @@ def _fp8(hf_config, where: str) -> bool:
                 f"{where}: quantization_config.{key}={value!r}; supported: {supported} (Qwen's FP8 checkpoints)"
             )
     for module in quant.get("modules_to_not_convert") or ():
-        if not any(part in module for part in FP8_UNQUANTIZED):
+        if not module.endswith(FP8_UNQUANTIZED):  # "norm": layernorms, q/k norms, the final norm
             raise NotImplementedError(
                 f"{where}: quantization_config.modules_to_not_convert lists {module!r}; only the modules kept "
                 f"unquantized anyway ({', '.join(FP8_UNQUANTIZED)}) may be listed"

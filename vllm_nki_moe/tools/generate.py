@@ -156,7 +156,13 @@ class Harness:
         for path in sorted(glob.glob(os.path.join(self.model_dir, "*.safetensors"))):
             weights.update(load_file(path))
         with set_current_vllm_config(self.vllm_config):
-            self.model.load_weights(weights.items())
+            loaded = self.model.load_weights(weights.items())
+            # as vLLM's DefaultModelLoader.load_weights: every parameter must come from the checkpoint
+            missing = sorted({name for name, _ in self.model.named_parameters()} - loaded)
+            if missing:
+                raise ValueError(
+                    f"generate: checkpoint {self.model_dir} lacks {len(missing)} tensors, e.g. {missing[:3]}"
+                )
             # what vLLM's loader does next: layers repack their weights for the platform (CPU GEMM handles here)
             process_weights_after_loading(self.model, self.vllm_config.model_config, torch.device("cpu"))
         layers = self.model.model.layers

@@ -85,6 +85,8 @@ def _main(spec: GreedySpec) -> None:
     result = {
         "model_class": None if model is None else f"{type(model).__module__}.{type(model).__qualname__}",
         "opset": getattr(getattr(model, "opset", None), "backend", None),
+        "quantization": llm.llm_engine.vllm_config.model_config.quantization,
+        "weight_bytes": None if model is None else sum(p.nbytes for p in model.parameters()),
         "tokens": [list(o.outputs[0].token_ids) for o in outputs],
     }
     print(RESULT_PREFIX + json.dumps(result), flush=True)

@@ -1,0 +1,250 @@
+"""FP8 checkpoints (Qwen's block-scaled format): the tiny-model writer, the block math, loading under vLLM with the
+weights kept in FP8, greedy parity with Hugging Face loading the same checkpoint (transformers' fine-grained FP8
+support, which dequantizes on a machine without a GPU), and the errors for what is not served."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vllm_nki_moe.models.config import read_sizes
+from vllm_nki_moe.ops import fp8
+from vllm_nki_moe.tools import generate as gen
+from vllm_nki_moe.tools import tiny_model
+
+PROMPTS = ["Hello world, the quick brown fox", "def is_palindrome(text):", "A"]
+NEW_TOKENS = 12
+# (arch, overrides): two FP8 MoE configs (the default; dense layers among MoE ones, unnormalised routing, tied
+# embeddings, 16 experts of intermediate 128), and one dense config per dense architecture
+CONFIGS = {
+    "moe-default": ("qwen3_moe", None),
+    "moe-mixed-tied": (
+        "qwen3_moe",
+        {
+            "num_hidden_layers": 3,
+            "mlp_only_layers": [1],
+            "norm_topk_prob": False,
+            "tie_word_embeddings": True,
+            "num_experts": 16,
+            "num_experts_per_tok": 4,
+            "moe_intermediate_size": 128,
+        },
+    ),
+    "qwen3-dense": ("qwen3", None),
+    "llama-dense": ("llama", {"tie_word_embeddings": True}),
+}
+
+
+def _model(make_model, name):
+    arch, overrides = CONFIGS[name]
+    return make_model(overrides, arch=arch, fp8=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the block math
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (300, 200), (1, 7), (256, 384)])
+def test_quantize_then_dequantize_stays_within_e4m3_rounding_of_each_block(shape):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.3
+    w[0, 0] = 0.0
+    q, scale_inv = fp8.quantize(w)
+    assert q.dtype == torch.float8_e4m3fn and scale_inv.dtype == torch.float32
+    assert scale_inv.shape == (-(-shape[0] // 128), -(-shape[1] // 128))
+    back = fp8.dequantize(q, scale_inv, torch.float32)
+    # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 of the value (normals), absolute <= 2^-9 * scale (subnormals)
+    full_scale = scale_inv.repeat_interleave(128, 0)[: shape[0]].repeat_interleave(128, 1)[:, : shape[1]]
+    assert torch.all((back - w).abs() <= w.abs() / 16 + full_scale * 2**-9 + 1e-12)
+    # each block's largest magnitude maps to 448 exactly (up to fp32 division rounding)
+    assert torch.allclose(q.float().abs().amax(), torch.tensor(448.0))
+
+
+def test_dequantize_applies_each_blocks_own_scale():
+    q = torch.ones(200, 130).to(torch.float8_e4m3fn)
+    scale_inv = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    w = fp8.dequantize(q, scale_inv, torch.float32)
+    assert w[0, 0] == 1 and w[127, 127] == 1 and w[0, 128] == 2 and w[128, 0] == 3 and w[199, 129] == 4
+
+
+def test_dequantize_rejects_a_scale_grid_of_the_wrong_shape():
+    with pytest.raises(ValueError, match=r"scale_inv \(1, 1\); the scales must be .* \[\.\.\., 2, 1\]"):
+        fp8.dequantize(torch.zeros(200, 64).to(torch.float8_e4m3fn), torch.ones(1, 1), torch.float32)
+
+
+def test_w13_dequantizes_gate_and_up_on_their_own_block_grids():
+    """I = 64 (less than a block): gate's scale row and up's scale row each cover 64 rows, not one 128-row block."""
+    w13 = torch.ones(2, 128, 128).to(torch.float8_e4m3fn)
+    scale = torch.tensor([[[2.0], [5.0]], [[1.0], [1.0]]])  # expert 0: gate x2, up x5
+    w = fp8.dequantize_w13(w13, scale, torch.float32)
+    assert torch.all(w[0, :64] == 2) and torch.all(w[0, 64:] == 5) and torch.all(w[1] == 1)
+
+
+def test_moe_experts_fp8_equals_moe_experts_on_dequantized_weights():
+    g = torch.Generator().manual_seed(1)
+    E, H, inter, T, K = 6, 128, 128, 5, 2
+    w13 = [fp8.quantize(torch.randn(2 * inter, H, generator=g) * 0.2) for _ in range(E)]
+    w2 = [fp8.quantize(torch.randn(H, inter, generator=g) * 0.2) for _ in range(E)]
+    w13q, w13s = torch.stack([q for q, _ in w13]), torch.stack([s for _, s in w13])
+    w2q, w2s = torch.stack([q for q, _ in w2]), torch.stack([s for _, s in w2])
+    x = torch.randn(T, H, generator=g)
+    ids = torch.tensor([[0, 3], [3, 5], [5, 0], [3, 3], [1, 0]])
+    weights = torch.rand(T, K, generator=g)
+    out = fp8.moe_experts_fp8(x, w13q, w13s, w2q, w2s, weights, ids)
+    from vllm_nki_moe.ops.moe import moe_experts
+
+    ref = moe_experts(x, fp8.dequantize_w13(w13q, w13s, x.dtype), fp8.dequantize(w2q, w2s, x.dtype), weights, ids)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# make-tiny-model --fp8
+
+
+def test_tiny_fp8_checkpoint_has_qwens_tensor_names_dtypes_and_config(make_model):
+    model_dir = _model(make_model, "moe-default")
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["quantization_config"] == {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "weight_block_size": [128, 128],
+        "activation_scheme": "dynamic",
+    }
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    p = "model.layers.0"
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.experts.7.gate_proj", "mlp.experts.0.down_proj"):
+        assert tensors[f"{p}.{name}.weight"].dtype == torch.float8_e4m3fn
+        scale = tensors[f"{p}.{name}.weight_scale_inv"]
+        rows, cols = tensors[f"{p}.{name}.weight"].shape
+        assert scale.dtype == torch.float32 and scale.shape == (-(-rows // 128), -(-cols // 128))
+    unquantized = ("model.embed_tokens.weight", "lm_head.weight", f"{p}.mlp.gate.weight", f"{p}.input_layernorm.weight")
+    for name in unquantized + (f"{p}.self_attn.q_norm.weight", "model.norm.weight"):
+        assert tensors[name].dtype == torch.float32 and f"{name}_scale_inv" not in tensors
+    # the same random weights as the unquantized checkpoint of the seed, up to FP8 rounding
+    plain = tiny_model.random_state_dict(tiny_model.build_config(arch="qwen3_moe"), seed=0)
+    name = f"{p}.self_attn.k_proj.weight"
+    back = fp8.dequantize(tensors[name], tensors[f"{name}_scale_inv"], torch.float32)
+    assert (back - plain[name]).abs().max() <= plain[name].abs().max() / 16
+
+
+def test_tiny_fp8_rejects_sizes_transformers_would_dequantize_on_another_grid(tmp_path):
+    with pytest.raises(tiny_model.TinyModelConfigError, match=r"gate_proj.weight has shape \(200, 128\); each dim"):
+        tiny_model.make_tiny_model(tmp_path, {"intermediate_size": 200}, arch="qwen3", fp8=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# parity with Hugging Face
+
+
+@pytest.mark.parametrize(
+    "name, kernels", [(name, "torch") for name in CONFIGS] + [(name, "emulator") for name in CONFIGS]
+)
+def test_fp8_models_match_hf_loading_the_same_checkpoint(name, kernels, make_model):
+    model_dir = _model(make_model, name)
+    harness = gen.Harness(model_dir, kernels)
+    ours = [harness.generate(p, NEW_TOKENS).tokens for p in PROMPTS]
+    layer = harness.model.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn  # kept in FP8, no dequantized copy
+    assert layer.self_attn.o_proj.weight_scale_inv.dtype == torch.float32
+    if hasattr(layer.mlp, "experts"):
+        assert layer.mlp.experts.w13_weight.dtype == torch.float8_e4m3fn
+        assert layer.mlp.gate.weight.dtype == torch.float32  # the router stays unquantized
+    assert harness.model.lm_head.weight.dtype == torch.float32
+    assert ours == gen.hf_greedy(model_dir, PROMPTS, NEW_TOKENS)
+
+
+def test_fp8_model_weighs_less_than_the_same_model_unquantized(make_model):
+    """fp32 tiny models: the quantized projections and experts take 1 byte per weight plus 4 per 128 x 128 block."""
+    arch, overrides = CONFIGS["moe-mixed-tied"]
+    quantized = gen.Harness(make_model(overrides, arch=arch, fp8=True), "torch").model
+    plain = gen.Harness(make_model(overrides, arch=arch), "torch").model
+    fp8_bytes = sum(p.nbytes for p in quantized.parameters())
+    plain_bytes = sum(p.nbytes for p in plain.parameters())
+    experts = quantized.model.layers[0].mlp.experts
+    assert experts.w13_weight.nbytes * 4 == plain.model.layers[0].mlp.experts.w13_weight.nbytes
+    assert fp8_bytes < plain_bytes
+    print(f"tiny FP8 model {fp8_bytes:,} B of parameters vs {plain_bytes:,} B unquantized (fp32)")
+
+
+def test_vllm_serves_an_fp8_checkpoint_with_our_quantization_method(make_model):
+    from vllm_nki_moe.tools.vllm_greedy import GreedySpec, run_vllm_greedy
+
+    model_dir = _model(make_model, "moe-mixed-tied")
+    spec = GreedySpec(model=str(model_dir), prompts=PROMPTS, max_tokens=NEW_TOKENS, enforce_eager=True)
+    got = run_vllm_greedy(spec, env={"VLLM_NKI_MOE_KERNELS": "torch"}, timeout=600)
+    assert got["quantization"] == "nki_moe_fp8"
+    assert got["model_class"] == "vllm_nki_moe.models.qwen3_moe.Qwen3MoeForCausalLM"
+    assert got["tokens"] == gen.hf_greedy(model_dir, PROMPTS, NEW_TOKENS)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what is not served
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("quant_method", "gptq"),
+        ("fmt", "e5m2"),
+        ("weight_block_size", [64, 64]),
+        ("activation_scheme", "static"),
+        ("modules_to_not_convert", ["model.layers.0.self_attn.q_proj"]),
+        ("modules_to_not_convert", ["model.layers.0.mlp.gate_proj"]),  # not the router gate
+    ],
+)
+def test_unsupported_quantization_fields_fail_at_build_naming_them(field, value):
+    config = tiny_model.build_config()
+    config.quantization_config = {**fp8_scheme(), field: value}
+    with pytest.raises(NotImplementedError, match=rf"quantization_config\.{field}[= ]"):
+        read_sizes(config)
+
+
+def fp8_scheme() -> dict:
+    from vllm_nki_moe.models.config import FP8_SCHEME
+
+    return dict(FP8_SCHEME)
+
+
+def test_modules_kept_unquantized_anyway_may_be_listed():
+    config = tiny_model.build_config()
+    listed = ["lm_head", "model.embed_tokens", "model.layers.0.mlp.gate", "model.layers.1.input_layernorm"]
+    config.quantization_config = {**fp8_scheme(), "modules_to_not_convert": listed}
+    assert read_sizes(config).fp8
+
+
+def test_a_tp_degree_that_splits_an_expert_block_is_named():
+    config = tiny_model.build_config({"moe_intermediate_size": 128})
+    config.quantization_config = fp8_scheme()
+    with pytest.raises(ValueError, match=r"moe_intermediate_size=128 at tensor_parallel_size=2 gives 64 rows per rank"):
+        read_sizes(config, tp_size=2)
+    read_sizes(config, tp_size=1)
+
+
+def test_missing_scale_tensors_fail_at_load_naming_them(make_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    source = _model(make_model, "qwen3-dense")
+    model_dir = tmp_path / "no-scales"
+    shutil.copytree(source, model_dir)
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.o_proj.weight_scale_inv"]
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks .*model.layers.1.self_attn.o_proj.weight_scale_inv"):
+        gen.Harness(model_dir, "torch")
+
+
+def test_fp8_scales_in_an_unquantized_checkpoint_are_named(make_model, tmp_path):
+    import shutil
+
+    source = _model(make_model, "moe-default")
+    model_dir = tmp_path / "no-config"
+    shutil.copytree(source, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    del config["quantization_config"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"weight_scale_inv' has no parameter"):
+        gen.Harness(model_dir, "torch")
