@@ -25,16 +25,30 @@ def _inputs(name: str, g: torch.Generator) -> tuple:
     weights, ids = ops.router.router_topk(randn(T, E), K, True)
     k_cache, v_cache = torch.zeros(BLOCKS, KV_HEADS, BLOCK, D), torch.zeros(BLOCKS, KV_HEADS, BLOCK, D)
     slots = torch.tensor([9, 10, 11, 12, -1])  # scattered blocks, one padding slot
+    w_fp8 = ops.fp8.quantize(randn(130, H))
+    w13_fp8 = [ops.fp8.quantize(e) for e in w13]  # I < 128: gate and up one block row each, as the model stores them
+    w13_scales = torch.stack([torch.cat([ops.fp8.quantize(e[:I])[1], ops.fp8.quantize(e[I:])[1]]) for e in w13])
+    w2_fp8 = [ops.fp8.quantize(e) for e in w2]
     return {
         "rms_norm": (x, w, EPS),
         "fused_add_rms_norm": (x, randn(T, H), w, EPS),
         "linear": (x, randn(130, H)),  # N across no tile boundary but not a multiple of anything
+        "linear_fp8": (x, *w_fp8),
         "apply_rope": (q, k, positions, cache, D),
         "qk_norm_rope": (q, k, randn(D), randn(D), EPS, positions, cache, D),
         "silu_mul": (randn(T, 2 * I),),
         "router_topk": (randn(T, E), K, True),
         "router_gate_topk": (x, randn(E, H), K, True),
         "moe_experts": (x, w13, w2, weights, ids),
+        "moe_experts_fp8": (
+            x,
+            torch.stack([q for q, _ in w13_fp8]),
+            w13_scales,
+            torch.stack([q for q, _ in w2_fp8]),
+            torch.stack([s for _, s in w2_fp8]),
+            weights,
+            ids,
+        ),
         "moe_block": (randn(1, H), randn(1, H), w, EPS, randn(E, H), w13, w2, K, True),
         "attention_prefill": (q, k, v, k_cache, v_cache, slots, D**-0.5),
         "attention_decode": (
@@ -57,8 +71,15 @@ def test_custom_op_passes_opcheck_and_matches_its_binding(name, backend):
     opset = ops.bind(backend)
     key = opset.binding
     args = _inputs(name, torch.Generator().manual_seed(0))
-    result = torch.library.opcheck(getattr(torch.ops.nki_moe, name).default, (*args, key))
+    fp8_args = [a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.float8_e4m3fn]
+    # opcheck's schema test compares inputs with allclose, which float8 lacks: check those unmutated bit for bit here
+    utils = {"test_utils": ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")}
+    before = [a.view(torch.uint8).clone() for a in fp8_args]
+    result = torch.library.opcheck(
+        getattr(torch.ops.nki_moe, name).default, (*args, key), **(utils if fp8_args else {})
+    )
     assert set(result.values()) == {"SUCCESS"}, result
+    assert all(torch.equal(a.view(torch.uint8), b) for a, b in zip(fp8_args, before))
     expected = opset.implementations[name](*_inputs(name, torch.Generator().manual_seed(0)))
     got = getattr(opset, name)(*_inputs(name, torch.Generator().manual_seed(0)))
     for e, r in zip(*(o if isinstance(o, tuple) else (o,) for o in (expected, got))):

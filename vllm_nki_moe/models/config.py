@@ -12,6 +12,7 @@ from dataclasses import dataclass
 # The architectures our classes serve (config.json "architectures"), and what differs between them: q/k RMSNorm
 # before RoPE (Qwen3 families) and the RoPE scalings accepted beyond the default.
 QK_NORM = {"Qwen3MoeForCausalLM": True, "Qwen3ForCausalLM": True, "LlamaForCausalLM": False}
+ARCHITECTURES = tuple(QK_NORM)
 ROPE_TYPES = {
     "Qwen3MoeForCausalLM": ("default",),
     "Qwen3ForCausalLM": ("default",),

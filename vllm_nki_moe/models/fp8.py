@@ -35,6 +35,7 @@ from vllm.model_executor.layers.quantization.utils.fp8_utils import (
 )
 from vllm.model_executor.parameter import BlockQuantScaleParameter
 
+from vllm_nki_moe.models.config import ARCHITECTURES
 from vllm_nki_moe.ops import OpSet
 from vllm_nki_moe.ops.fp8 import BLOCK
 
@@ -106,10 +107,8 @@ class Fp8BlockConfig(QuantizationConfig):
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:
         """Claim ``quant_method: fp8`` checkpoints of the architectures our plugin registers (the scheme's other
         fields are checked at model build, naming the field), unless the user chose another method."""
-        from vllm_nki_moe.plugin import MODEL_CLASSES
-
         architectures = getattr(hf_config, "architectures", None) or ()
-        ours = any(a in MODEL_CLASSES for a in architectures)
+        ours = any(a in ARCHITECTURES for a in architectures)
         if ours and hf_quant_cfg.get("quant_method") == "fp8" and user_quant in (None, "fp8", NAME):
             return NAME
         return None

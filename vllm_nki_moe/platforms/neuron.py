@@ -218,6 +218,11 @@ def validate_config(vllm_config) -> None:
         )
     # heads, KV heads, expert intermediate vs TP; the architecture's RoPE and MLP rules
     sizes = read_sizes(hf_config, tp_size=parallel.tensor_parallel_size, architecture=architecture)
+    if sizes.fp8:
+        raise NotImplementedError(
+            f"{WHERE}: quantization_config.quant_method='fp8'; FP8 checkpoints are served on CPU so far (no NKI FP8 "
+            "kernels yet), serve the bf16 checkpoint on Neuron"
+        )
     if sizes.head_dim > MAX_HEAD_DIM:
         raise ValueError(
             f"{WHERE}: head_dim={sizes.head_dim}; the attention kernels hold head_dim on the SBUF partitions, at most "
