@@ -28,7 +28,14 @@ def _kernels(args: argparse.Namespace) -> int:
 
 def _export_contest(args: argparse.Namespace) -> int:
     from vllm_nki_moe.tools.contest_export import ExportError, export_contest
+    from vllm_nki_moe.tools.contest_report import build_report, format_report
+    from vllm_nki_moe.tools.kernel_check.shapes import ShapesError, kernel_shapes
 
+    try:
+        shapes = kernel_shapes(None, args.tp) if args.report else None  # checked before anything is written
+    except ShapesError as err:
+        print(f"error: export-contest --report --tp {args.tp}: {err}", file=sys.stderr)
+        return 2
     try:
         result = export_contest(args.out)
     except ExportError as err:
@@ -37,6 +44,8 @@ def _export_contest(args: argparse.Namespace) -> int:
     print(f"wrote {result.path}: kernels/{{{', '.join(result.kernel_files)}}}.py embedded")
     for hook, reason in result.hooks.items():
         print(f"  {hook}: {'wired' if reason is None else 'not wired, ' + reason}")
+    if shapes is not None:
+        print(format_report(build_report(result.hooks, shapes), shapes))
     return 0
 
 
@@ -92,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         "export-contest", help="write our kernels as one drop-in qwen_with_nki.py for aws-neuron/nki-moe's main.py"
     )
     contest.add_argument("out", help="the module to write, e.g. qwen_with_nki.py")
+    contest.add_argument(
+        "--report",
+        action="store_true",
+        help="also print per kernel family wired or not and why, the estimated rho (NKI share of MACs, the "
+        "harness's rule) and the eligibility rule it meets (Qwen3-30B-A3B shapes)",
+    )
+    contest.add_argument("--tp", type=int, default=4, help="TP degree of the report's shapes (default 4)")
     contest.set_defaults(handler=_export_contest)
 
     gen = sub.add_parser(

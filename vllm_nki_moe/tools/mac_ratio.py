@@ -44,10 +44,18 @@ def _kernel_ops(kernels: str) -> set[str]:
     return {name for name, spec in SPECS.items() if spec.kernel is not None}
 
 
-def phase_macs(shapes: KernelShapes, phase: str, tokens: int, context: int, kernels: str) -> list[MacRow]:
+def phase_macs(
+    shapes: KernelShapes,
+    phase: str,
+    tokens: int,
+    context: int,
+    kernels: str = "nki",
+    nki_ops: set[str] | None = None,
+) -> list[MacRow]:
     """MACs of one step on one rank: ``phase`` "prefill" (``tokens`` tokens of one sequence, ``context`` = tokens) or
-    "decode" (``tokens`` sequences, one token each, ``context`` cached tokens each)."""
-    nki_ops = _kernel_ops(kernels)
+    "decode" (``tokens`` sequences, one token each, ``context`` cached tokens each). The ops counted as NKI: those
+    with a kernel under ``kernels``, or exactly ``nki_ops`` when given (e.g. what a contest export wires)."""
+    nki_ops = _kernel_ops(kernels) if nki_ops is None else nki_ops
     h, d = shapes.hidden, shapes.head_dim
     q, kv = shapes.q_heads, shapes.kv_heads
     sequences = 1 if phase == "prefill" else tokens

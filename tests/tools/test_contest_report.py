@@ -1,0 +1,61 @@
+"""``export-contest --report``: families wired or not, rho by the harness's rule worked by hand, eligibility."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_nki_moe.tools import cli, contest_report
+from vllm_nki_moe.tools.kernel_check.shapes import kernel_shapes
+
+# Qwen3-30B-A3B at TP 4 (config.json; per rank: 8 q heads, 1 kv head of 128, expert intermediate 192), 48 MoE layers
+L, H, D, Q, KV, E, K, INTER, V = 48, 2048, 128, 8, 1, 128, 8, 192, 151936 // 4
+
+
+def _hand_macs(tokens: int, context: int, rows: int) -> dict[str, int]:
+    """The harness's dot MACs of one step on rank 0 (research/contest.md 1.3), by hand."""
+    return {
+        "qkv": L * tokens * H * (Q + 2 * KV) * D,
+        "attention": L * 2 * Q * tokens * context * D,
+        "o": L * tokens * Q * D * H,
+        "router": L * tokens * H * E,
+        "experts": L * tokens * K * 3 * H * INTER,
+        "lm_head": rows * H * V,
+    }
+
+
+def test_as_exported_only_the_norms_are_wired_rho_is_zero_and_the_entry_is_not_eligible():
+    shapes = kernel_shapes(None, 4)
+    report = contest_report.build_report({"rmsnorm": None}, shapes)
+    wired = [family.name for family, why in report.rows if why is None]
+    assert wired == ["rmsnorm"]
+    assert report.rho == 0.0 and report.parts == ("normalisation",) and not report.eligible
+    why = dict((family.name, why) for family, why in report.rows)
+    assert why["router"] == "no export hook into NxDI's router (RouterTopK) yet"
+
+
+def test_rho_follows_the_harness_rule_worked_by_hand(monkeypatch):
+    """Wire router, experts (both phases) and attention: rho = their MACs over all MACs, prefill 128 tokens plus one
+    decode token at context 640, unweighted."""
+    families = tuple(
+        contest_report.Family(f.name, f.part, f.registry_ops, f.hook or f.name, f.nxdi_module)
+        for f in contest_report.FAMILIES
+    )
+    monkeypatch.setattr(contest_report, "FAMILIES", families)
+    hooks = {name: None for name in ("router", "moe decode", "moe prefill", "attention")}
+    hooks |= {"rmsnorm": "kernels/rmsnorm.py is not present", "rope": "x", "projections": "x"}
+    report = contest_report.build_report(hooks, kernel_shapes(None, 4))
+    prefill, decode = _hand_macs(128, 128, 1), _hand_macs(1, 640, 1)
+    nki = sum(m[k] for m in (prefill, decode) for k in ("router", "experts", "attention"))
+    assert report.rho == pytest.approx(nki / (sum(prefill.values()) + sum(decode.values())), rel=1e-12)
+    assert report.parts == ("routing", "expert execution", "attention") and report.eligible
+
+
+def test_cli_prints_the_report_and_checks_tp_before_writing(tmp_path, capsys):
+    out = tmp_path / "qwen_with_nki.py"
+    assert cli.main(["export-contest", str(out), "--report"]) == 0
+    text = capsys.readouterr().out
+    assert "estimated rho (NKI share of MACs, the harness's rule): 0.0000" in text
+    assert "NKI in 1 major part(s) (normalisation); does not meet" in text
+    bad = tmp_path / "bad.py"
+    assert cli.main(["export-contest", str(bad), "--report", "--tp", "3"]) == 2
+    assert "--tp 3" in capsys.readouterr().err and not bad.exists()

@@ -1,0 +1,96 @@
+"""``vllm-nki-moe export-contest OUT.py --report``: what the written drop-in wires, the share of MACs that would
+run in NKI by the harness's counting rule, and the eligibility rule it meets.
+
+Per kernel family: wired into NxDI's model (an export ``Hook`` whose kernel was found) or not, and why. rho is
+``mac_ratio``'s count (the harness's ``count_nki_flop_ratio`` rule: rank 0, prefill bucket 0 of 128 tokens plus a
+decode step; research/contest.md 1.3) with only the wired families' ops as NKI. Eligibility: the contest asks for
+"NKI for at least 3 major parts of the model (e.g. routing, expert execution, aggregation)" (research/contest.md,
+section 2); each family below names the part it stands for. Everything here is arithmetic on the exported file and
+the model's shapes: only a run of the harness on trn2/trn3 measures rho, accuracy and speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm_nki_moe.tools import mac_ratio
+from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes
+
+MIN_MAJOR_PARTS = 3  # the contest's eligibility rule
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    part: str  # the major part of the model it stands for
+    registry_ops: tuple[str, ...]  # the ops registry entries whose MACs it covers (mac_ratio's rows)
+    hook: str | None  # the export Hook that wires it, None: no hook written yet
+    nxdi_module: str  # what the drop-in would replace
+
+
+FAMILIES = (
+    Family("rmsnorm", "normalisation", ("rms_norm", "fused_add_rms_norm"), "rmsnorm", "RMSNorm (layer and q/k norms)"),
+    Family("rope", "positional encoding", ("apply_rope", "qk_norm_rope"), None, "rotary embedding"),
+    Family("router", "routing", ("router_gate_topk", "router_topk"), None, "router (RouterTopK)"),
+    Family("moe decode", "expert execution", ("moe_block",), None, "token-generation MoE"),
+    Family("moe prefill", "expert execution", ("moe_experts",), None, "context-encoding blockwise experts"),
+    Family(
+        "attention", "attention", ("attention_prefill", "attention_decode"), None, "attention (on its KV cache layout)"
+    ),
+    Family("projections", "projections", ("linear",), None, "q/k/v, o and LM head projections"),
+)
+
+
+@dataclass(frozen=True)
+class Report:
+    rows: list[tuple[Family, str | None]]  # family, None (wired) or why not
+    prefill_ratio: float
+    decode_ratio: float
+    rho: float
+    parts: tuple[str, ...]  # major parts with NKI
+
+    @property
+    def eligible(self) -> bool:
+        return len(self.parts) >= MIN_MAJOR_PARTS
+
+
+def build_report(hooks: dict[str, str | None], shapes: KernelShapes) -> Report:
+    """``hooks``: the export's hook name -> None (wired) or the reason it is not (``ExportResult.hooks``)."""
+    rows = []
+    for family in FAMILIES:
+        if family.hook is None:
+            why = f"no export hook into NxDI's {family.nxdi_module} yet"
+        else:
+            why = hooks.get(family.hook, f"hook {family.hook!r} not in this export")
+        rows.append((family, why))
+    nki_ops = {op for family, why in rows if why is None for op in family.registry_ops}
+    prefill = mac_ratio.phase_macs(
+        shapes, "prefill", mac_ratio.DEFAULT_PREFILL_TOKENS, mac_ratio.DEFAULT_PREFILL_TOKENS, nki_ops=nki_ops
+    )
+    decode = mac_ratio.phase_macs(
+        shapes, "decode", mac_ratio.DEFAULT_DECODE_BATCH, mac_ratio.DEFAULT_CONTEXT, nki_ops=nki_ops
+    )
+    parts = tuple(dict.fromkeys(family.part for family, why in rows if why is None))
+    return Report(rows, mac_ratio.ratio(prefill), mac_ratio.ratio(decode), mac_ratio.ratio(prefill + decode), parts)
+
+
+def format_report(report: Report, shapes: KernelShapes) -> str:
+    lines = [
+        f"export-contest report: {shapes.describe()}; rank 0, prefill bucket {mac_ratio.DEFAULT_PREFILL_TOKENS} "
+        f"tokens, decode batch {mac_ratio.DEFAULT_DECODE_BATCH} at context {mac_ratio.DEFAULT_CONTEXT}",
+        f"  {'family':<13} {'wired':<6} {'major part':<20} why not",
+    ]
+    for family, why in report.rows:
+        lines.append(f"  {family.name:<13} {'yes' if why is None else 'no':<6} {family.part:<20} {why or ''}")
+    lines.append(
+        f"estimated rho (NKI share of MACs, the harness's rule): {report.rho:.4f} "
+        f"(prefill {report.prefill_ratio:.4f}, decode {report.decode_ratio:.4f})"
+    )
+    parts = ", ".join(report.parts) or "none"
+    verdict = "meets" if report.eligible else "does not meet"
+    lines.append(
+        f"eligibility: NKI in {len(report.parts)} major part(s) ({parts}); {verdict} the contest's "
+        f"'at least {MIN_MAJOR_PARTS} major parts' rule as exported"
+    )
+    lines.append("(estimates from the exported file and the model's shapes; only the harness on trn2/trn3 measures)")
+    return "\n".join(lines)
