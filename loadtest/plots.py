@@ -125,11 +125,16 @@ def _latency_vs_baseline(report: Mapping, path: Path) -> Path:
         ax.legend(fontsize=8, loc="upper center", ncol=3)
         ax.grid(axis="y", alpha=0.3)
     run, totals = report["run"], report["totals"]
-    score = totals.get("score")
+    score, partial = totals.get("score"), totals.get("score_partial")
+    if score is not None:
+        scored = f": total score {score:.3f}"
+    elif partial is not None:
+        scored = f": partial sum {partial:.3f} over {totals['prompts_scored']}/{totals['prompts']} prompts, no total"
+    else:
+        scored = ": no score"
     fig.suptitle(
         f"{run.get('model', '?')} at {run.get('host', '?')}, mode {run.get('mode')}, seq_len "
-        f"{run.get('seq_len')}, {run.get('runs_per_prompt')} runs/prompt"
-        + (f": total score {score:.3f}" if score is not None else ": no baseline, no score"),
+        f"{run.get('seq_len')}, {run.get('runs_per_prompt')} runs/prompt" + scored,
         fontsize=10,
     )
     return _save(fig, path)

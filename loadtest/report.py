@@ -32,8 +32,12 @@ REQUESTS_CSV = "requests.csv"
 MAC_RATIO_NOTE = "not observable over HTTP: reported as given by --nki-mac-ratio"
 ACCURACY_NOTE = (
     "generated text equal to the reference report's, for every successful timed run; without a "
-    "reference accuracy is null and the score takes it as 1, as the contest harness did on trn2"
+    "reference accuracy is null and the score takes it as 1, as the contest harness did on trn2; against the trn3 "
+    "baseline (where the harness checks logits against NxDI's) no reference means no score: accuracy unverified"
 )
+# Baselines whose harness gates the score on accuracy (trn3: logits compared with the NxDI baseline on the device,
+# research/contest.md): there a missing reference is "unverified", never accuracy 1.
+ACCURACY_GATED_BASELINES = ("trn3", "prompt_data_trn3.csv")
 
 CSV_COLUMNS = (
     "id",
@@ -92,6 +96,7 @@ def build_report(
     ``report["run"]``; ``setup_errors`` maps a prompt id to why it never ran (e.g. longer than ``--seq-len``)."""
     setup_errors = setup_errors or {}
     contest = run.get("mode", "contest") == "contest"
+    accuracy_gated = str(run.get("baseline") or "").endswith(ACCURACY_GATED_BASELINES)
     entries = []
     for prompt in prompts:
         mine = [s for s in samples if s.prompt_id == prompt.id]
@@ -100,6 +105,7 @@ def build_report(
                 prompt,
                 mine,
                 contest=contest,
+                accuracy_gated=accuracy_gated,
                 prompt_tokens=prompt_tokens.get(prompt.id),
                 requested=requested_tokens.get(prompt.id),
                 baseline=baselines.get(prompt.id),
@@ -111,10 +117,13 @@ def build_report(
     ok = [s for s in samples if s.ok]
     scored = [e["score"] for e in entries if e["score"] is not None]
     failures = Counter((s.prompt_id, s.error) for s in samples if not s.ok)
+    complete = bool(entries) and len(scored) == len(entries)
     totals = {
         "prompts": len(entries),
         "prompts_scored": len(scored),
-        "score": sum(scored) if scored else None,
+        # the contest's total is over every prompt: a sum over fewer is reported apart, as partial, never as the score
+        "score": sum(scored) if complete else None,
+        "score_partial": sum(scored) if scored and not complete else None,
         "requests": len(samples),
         "requests_ok": len(ok),
         "failures": len(samples) - len(ok),
@@ -152,6 +161,7 @@ def _prompt_entry(
     samples: list[Sample],
     *,
     contest: bool,
+    accuracy_gated: bool = False,
     prompt_tokens: int | None,
     requested: int | None,
     baseline: Baseline | None,
@@ -221,6 +231,11 @@ def _prompt_entry(
         notes.append("load mode: the contest score is defined for batch 1 (contest mode) only")
     elif not ok or len(ok) < len(samples):
         notes.append("score is null: a prompt with failed runs gets none (the contest harness would crash)")
+    elif accuracy is None and accuracy_gated:
+        notes.append(
+            "score is null: accuracy unverified (the trn3 harness compares logits with NxDI's baseline; pass "
+            "--reference with a report of the baseline's outputs)"
+        )
     else:
         entry["reduced_latency"] = baseline.p99_ms / e2e["p99"]
         entry["increased_throughput"] = throughput / baseline.throughput_tok_s
@@ -286,7 +301,10 @@ def write_report(report: Mapping, samples: Sequence[Sample], out_dir: str | Path
         writer.writerow(
             {
                 "id": "TOTAL",
-                "name": "",
+                "name": ""
+                if totals["score_partial"] is None
+                else f"partial: {totals['prompts_scored']} of {totals['prompts']} prompts scored, sum "
+                f"{totals['score_partial']:.6g} (not a contest total)",
                 "runs": totals["requests"],
                 "runs_ok": totals["requests_ok"],
                 "failures": totals["failures"],
@@ -350,8 +368,12 @@ def format_table(report: Mapping) -> str:
             + " |"
         )
     t = report["totals"]
+    if t.get("score_partial") is not None:
+        total = f"none (partial sum {_fmt(t['score_partial'], 3)}, not a contest total)"
+    else:
+        total = _fmt(t["score"], 3)
     lines.append(
-        f"\ntotal score: {_fmt(t['score'], 3)} over {t['prompts_scored']}/{t['prompts']} prompts scored; "
+        f"\ntotal score: {total} over {t['prompts_scored']}/{t['prompts']} prompts scored; "
         f"requests {t['requests_ok']}/{t['requests']} ok, {t['failures']} failed"
     )
     return "\n".join(lines)

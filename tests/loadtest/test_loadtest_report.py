@@ -103,8 +103,35 @@ def test_failed_runs_void_the_score_and_are_listed():
     report = build(data, baselines=base)
     assert report["prompts"][0]["score"] is None and report["prompts"][0]["failures"] == 1
     assert report["prompts"][1]["score"] == pytest.approx(1.0)
-    assert report["totals"]["score"] == pytest.approx(1.0) and report["totals"]["prompts_scored"] == 1
+    # one of two prompts scored: a partial sum, never reported as the total
+    assert report["totals"]["score"] is None and report["totals"]["prompts_scored"] == 1
+    assert report["totals"]["score_partial"] == pytest.approx(1.0)
+    assert "total score: none (partial sum 1.000, not a contest total) over 1/2" in format_table(report)
     assert report["failures"] == [{"prompt_id": 0, "error": "HTTP 500: x", "count": 1}]
+
+
+def test_partial_total_row_in_the_csv_says_partial(tmp_path):
+    base = {0: Baseline(1000.0, 10.0, 2, "x"), 1: Baseline(1000.0, 10.0, 3, "x")}
+    data = samples(0, [1.0] * 4) + samples(1, [1.0], ok=False)
+    write_report(build(data, baselines=base), data, tmp_path, plots=False)
+    total = list(csv.DictReader((tmp_path / "report.csv").open()))[-1]
+    assert total["id"] == "TOTAL" and total["score"] == ""
+    assert total["name"].startswith("partial: 1 of 2 prompts scored, sum 1 (not a contest total)")
+
+
+@pytest.mark.parametrize("baseline_name", ["trn3", "/data/prompt_data_trn3.csv"])
+def test_trn3_without_a_reference_leaves_accuracy_unverified_and_no_score(baseline_name):
+    base = {0: Baseline(1000.0, 10.0, 2, "x"), 1: Baseline(1000.0, 10.0, 3, "x")}
+    data = samples(0, [1.0] * 4) + samples(1, [1.0] * 4)
+    report = build(data, run={**RUN, "baseline": baseline_name}, baselines=base)
+    assert all(e["score"] is None for e in report["prompts"])
+    assert all(any("accuracy unverified" in n for n in e["notes"]) for e in report["prompts"])
+    assert report["totals"]["score"] is None and report["totals"]["score_partial"] is None
+    refs = {0: ("alpha prompt", " t0"), 1: ("beta prompt text", " t0")}
+    checked = build(data, run={**RUN, "baseline": baseline_name}, baselines=base, references=refs)
+    assert checked["totals"]["score"] == pytest.approx(2.0)  # 1000/1000 x 10/10 per prompt, accuracy 1
+    on_trn2 = build(data, run={**RUN, "baseline": "trn2"}, baselines=base)  # trn2's harness took accuracy as 1
+    assert on_trn2["totals"]["score"] == pytest.approx(2.0)
 
 
 def test_load_mode_has_no_score_but_a_concurrency_table():
