@@ -74,29 +74,70 @@ def test_dequantize_rejects_a_scale_grid_of_the_wrong_shape():
         fp8.dequantize(torch.zeros(200, 64).to(torch.float8_e4m3fn), torch.ones(1, 1), torch.float32)
 
 
-def test_w13_dequantizes_gate_and_up_on_their_own_block_grids():
-    """I = 64 (less than a block): gate's scale row and up's scale row each cover 64 rows, not one 128-row block."""
-    w13 = torch.ones(2, 128, 128).to(torch.float8_e4m3fn)
-    scale = torch.tensor([[[2.0], [5.0]], [[1.0], [1.0]]])  # expert 0: gate x2, up x5
-    w = fp8.dequantize_w13(w13, scale, torch.float32)
-    assert torch.all(w[0, :64] == 2) and torch.all(w[0, 64:] == 5) and torch.all(w[1] == 1)
+def test_expanded_scales_dequantize_as_the_block_grid_for_any_row_range():
+    """A rank's rows 192..383 of a 768-row weight (Qwen3-30B-A3B's experts at TP 4, rank 1) start mid-block: its
+    expanded scales dequantize exactly those rows of the whole weight."""
+    g = torch.Generator().manual_seed(2)
+    q, scale_inv = fp8.quantize(torch.randn(768, 300, generator=g))
+    whole = fp8.dequantize(q, scale_inv, torch.float32)
+    rows = fp8.dequantize_rows(q[192:384], fp8.expand_rows(scale_inv, 192, 192), torch.float32)
+    assert torch.equal(rows, whole[192:384])
+    qt, st = fp8.quantize(torch.randn(300, 768, generator=g))  # a row-parallel weight: its columns are cut
+    cols = fp8.dequantize_cols(qt[:, 192:384], fp8.expand_cols(st, 192, 192), torch.float32)
+    assert torch.equal(cols, fp8.dequantize(qt, st, torch.float32)[:, 192:384])
+    with pytest.raises(ValueError, match=r"dequantize_rows: weight \(192, 300\) with scales \(1, 3\)"):
+        fp8.dequantize_rows(q[192:384], scale_inv[:1], torch.float32)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_experts_load_each_ranks_share_with_its_scales(tp, monkeypatch):
+    """Qwen3MoeExperts at every rank of TP 1/2/4 (I = 384: 96 rows per rank at TP 4, mid-block): the dequantized
+    stacked weights equal the whole checkpoint weights' shares."""
+    from vllm_nki_moe.models import qwen3_moe
+
+    g = torch.Generator().manual_seed(3)
+    E, H, inter = 2, 256, 384
+    ckpt = {
+        (e, proj): fp8.quantize(torch.randn(*shape, generator=g))
+        for e in range(E)
+        for proj, shape in (("gate_proj", (inter, H)), ("up_proj", (inter, H)), ("down_proj", (H, inter)))
+    }
+    targets = {"gate_proj": ("w13", 0), "up_proj": ("w13", 1), "down_proj": ("w2", None)}
+    monkeypatch.setattr(qwen3_moe, "get_tensor_model_parallel_world_size", lambda: tp)
+    for rank in range(tp):
+        monkeypatch.setattr(qwen3_moe, "get_tensor_model_parallel_rank", lambda: rank)
+        experts = qwen3_moe.Qwen3MoeExperts(E, H, inter, fp8=True)
+        for (e, proj), (q, s) in ckpt.items():
+            stack, shard = targets[proj]
+            experts.load_expert_weight(f"{stack}_weight", e, shard, q)
+            experts.load_expert_weight(f"{stack}_weight_scale_inv", e, shard, s)
+        rows = slice(rank * inter // tp, (rank + 1) * inter // tp)
+        for e in range(E):
+            w13 = fp8.dequantize_rows(experts.w13_weight[e], experts.w13_weight_scale_inv[e], torch.float32)
+            w2 = fp8.dequantize_cols(experts.w2_weight[e], experts.w2_weight_scale_inv[e], torch.float32)
+            whole = {p: fp8.dequantize(*ckpt[(e, p)], torch.float32) for p in targets}
+            assert torch.equal(w13, torch.cat((whole["gate_proj"][rows], whole["up_proj"][rows])))
+            assert torch.equal(w2, whole["down_proj"][:, rows])
 
 
 def test_moe_experts_fp8_equals_moe_experts_on_dequantized_weights():
     g = torch.Generator().manual_seed(1)
-    E, H, inter, T, K = 6, 128, 128, 5, 2
+    E, H, inter, T, K = 6, 128, 96, 5, 2
     w13 = [fp8.quantize(torch.randn(2 * inter, H, generator=g) * 0.2) for _ in range(E)]
     w2 = [fp8.quantize(torch.randn(H, inter, generator=g) * 0.2) for _ in range(E)]
-    w13q, w13s = torch.stack([q for q, _ in w13]), torch.stack([s for _, s in w13])
-    w2q, w2s = torch.stack([q for q, _ in w2]), torch.stack([s for _, s in w2])
+    w13q = torch.stack([q for q, _ in w13])
+    w13s = torch.stack([fp8.expand_rows(s, 0, 2 * inter) for _, s in w13])
+    w2q = torch.stack([q for q, _ in w2])
+    w2s = torch.stack([fp8.expand_cols(s, 0, inter) for _, s in w2])
     x = torch.randn(T, H, generator=g)
     ids = torch.tensor([[0, 3], [3, 5], [5, 0], [3, 3], [1, 0]])
     weights = torch.rand(T, K, generator=g)
     out = fp8.moe_experts_fp8(x, w13q, w13s, w2q, w2s, weights, ids)
     from vllm_nki_moe.ops.moe import moe_experts
 
-    ref = moe_experts(x, fp8.dequantize_w13(w13q, w13s, x.dtype), fp8.dequantize(w2q, w2s, x.dtype), weights, ids)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    whole13 = torch.stack([fp8.dequantize(q, s, x.dtype) for q, s in w13])
+    whole2 = torch.stack([fp8.dequantize(q, s, x.dtype) for q, s in w2])
+    torch.testing.assert_close(out, moe_experts(x, whole13, whole2, weights, ids), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -212,14 +253,6 @@ def test_modules_kept_unquantized_anyway_may_be_listed():
     listed = ["lm_head", "model.embed_tokens", "model.layers.0.mlp.gate", "model.layers.1.input_layernorm"]
     config.quantization_config = {**fp8_scheme(), "modules_to_not_convert": listed}
     assert read_sizes(config).fp8
-
-
-def test_a_tp_degree_that_splits_an_expert_block_is_named():
-    config = tiny_model.build_config({"moe_intermediate_size": 128})
-    config.quantization_config = fp8_scheme()
-    with pytest.raises(ValueError, match=r"moe_intermediate_size=128 at tensor_parallel_size=2 gives 64 rows per rank"):
-        read_sizes(config, tp_size=2)
-    read_sizes(config, tp_size=1)
 
 
 def test_missing_scale_tensors_fail_at_load_naming_them(make_model, tmp_path):

@@ -26,8 +26,8 @@ def _inputs(name: str, g: torch.Generator) -> tuple:
     k_cache, v_cache = torch.zeros(BLOCKS, KV_HEADS, BLOCK, D), torch.zeros(BLOCKS, KV_HEADS, BLOCK, D)
     slots = torch.tensor([9, 10, 11, 12, -1])  # scattered blocks, one padding slot
     w_fp8 = ops.fp8.quantize(randn(130, H))
-    w13_fp8 = [ops.fp8.quantize(e) for e in w13]  # I < 128: gate and up one block row each, as the model stores them
-    w13_scales = torch.stack([torch.cat([ops.fp8.quantize(e[:I])[1], ops.fp8.quantize(e[I:])[1]]) for e in w13])
+    w13_fp8 = [ops.fp8.quantize(e) for e in w13]
+    w13_scales = torch.stack([ops.fp8.expand_rows(s, 0, 2 * I) for _, s in w13_fp8])  # the model's expanded scales
     w2_fp8 = [ops.fp8.quantize(e) for e in w2]
     return {
         "rms_norm": (x, w, EPS),
@@ -45,7 +45,7 @@ def _inputs(name: str, g: torch.Generator) -> tuple:
             torch.stack([q for q, _ in w13_fp8]),
             w13_scales,
             torch.stack([q for q, _ in w2_fp8]),
-            torch.stack([s for _, s in w2_fp8]),
+            torch.stack([ops.fp8.expand_cols(s, 0, I) for _, s in w2_fp8]),
             weights,
             ids,
         ),

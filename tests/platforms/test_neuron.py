@@ -57,7 +57,7 @@ INVALID = [
                 "activation_scheme": "dynamic",
             }
         },
-        {"tp": 2},  # 384 expert rows per rank: whole blocks (at TP 4, 192 rows split a block: read_sizes says so)
+        {},
         "quantization_config.quant_method='fp8'; FP8 checkpoints are served on CPU so far",
     ),
 ]

@@ -185,10 +185,4 @@ def read_sizes(hf_config, tp_size: int = 1, architecture: str = "Qwen3MoeForCaus
         )
     if sizes.head_dim % 2:
         raise ValueError(f"{where}: head_dim={sizes.head_dim}; rotary embedding needs an even head_dim")
-    moe_per_rank = sizes.moe_intermediate_size // tp_size
-    if sizes.fp8 and tp_size > 1 and moe_per_rank % FP8_SCHEME["weight_block_size"][0]:
-        raise ValueError(
-            f"{where}: moe_intermediate_size={sizes.moe_intermediate_size} at tensor_parallel_size={tp_size} gives "
-            f"{moe_per_rank} rows per rank; FP8 block scales need a multiple of 128 (a rank cannot split a block)"
-        )
     return sizes

@@ -94,10 +94,10 @@ class Qwen3MoeExperts(nn.Module):
     """The routed experts of one layer, stacked: ``w13 [E, 2*I_tp, H]`` (gate rows, then up rows), ``w2 [E, H, I_tp]``.
 
     Tensor parallelism splits the intermediate size I across ranks (I_tp = I / tp); each rank's partial sums are
-    all-reduced by the caller. With ``fp8`` the weights are ``float8_e4m3fn`` as in the checkpoint, with fp32 block
-    scales ``w13_weight_scale_inv [E, 2*ceil(I_tp/128), ceil(H/128)]`` (gate's blocks, then up's) and
-    ``w2_weight_scale_inv [E, ceil(H/128), ceil(I_tp/128)]`` (``ops.fp8``); I_tp is whole blocks when TP > 1
-    (``config.read_sizes``).
+    all-reduced by the caller. With ``fp8`` the weights are ``float8_e4m3fn`` as in the checkpoint, with their fp32
+    block scales expanded along I (``ops.fp8``): ``w13_weight_scale_inv [E, 2*I_tp, ceil(H/128)]`` (a scale row per
+    weight row) and ``w2_weight_scale_inv [E, ceil(H/128), I_tp]`` (a scale column per weight column), so a rank's
+    rows need not start on a block boundary.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, fp8: bool = False) -> None:
@@ -110,11 +110,10 @@ class Qwen3MoeExperts(nn.Module):
         self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden_size, dtype=dtype), False)
         self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, inter, dtype=dtype), False)
         if fp8:
-            blocks = ops.fp8.blocks
-            scales = (num_experts, 2 * blocks(inter), blocks(hidden_size))
-            self.w13_weight_scale_inv = nn.Parameter(torch.empty(scales, dtype=torch.float32), False)
-            scales = (num_experts, blocks(hidden_size), blocks(inter))
-            self.w2_weight_scale_inv = nn.Parameter(torch.empty(scales, dtype=torch.float32), False)
+            blocks = ops.fp8.blocks(hidden_size)
+            scales = dict(dtype=torch.float32)  # fp32 whatever the model dtype, as in the checkpoint
+            self.w13_weight_scale_inv = nn.Parameter(torch.empty(num_experts, 2 * inter, blocks, **scales), False)
+            self.w2_weight_scale_inv = nn.Parameter(torch.empty(num_experts, blocks, inter, **scales), False)
 
     def load_expert_weight(self, param_name: str, expert: int, shard: int | None, loaded: torch.Tensor) -> None:
         """Copy one checkpoint tensor (``gate_proj``/``up_proj`` ``[I, H]`` or ``down_proj`` ``[H, I]``) into place."""
@@ -125,8 +124,10 @@ class Qwen3MoeExperts(nn.Module):
             )
         rows = self.intermediate_per_rank
         start = self.tp_rank * rows
-        if param_name.endswith("_scale_inv"):  # the same cut in 128-row/column blocks (whole blocks when TP > 1)
-            rows, start = ops.fp8.blocks(rows), start // ops.fp8.BLOCK
+        if param_name == "w13_weight_scale_inv":  # this rank's rows of a scale row per weight row
+            loaded, start = ops.fp8.expand_rows(loaded, start, rows), 0
+        elif param_name == "w2_weight_scale_inv":  # this rank's columns of a scale column per weight column
+            loaded, start = ops.fp8.expand_cols(loaded, start, rows), 0
         target = getattr(self, param_name).data[expert]
         if param_name.startswith("w13"):
             target[shard * rows : (shard + 1) * rows].copy_(loaded[start : start + rows])

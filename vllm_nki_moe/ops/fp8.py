@@ -7,9 +7,12 @@ float(Wq[n, k]) * scale_inv[n // BLOCK, k // BLOCK]``. The references dequantize
 once to the activation dtype, as transformers' ``Fp8Dequantize`` does) and run the unquantized references, so an
 FP8 model matches Hugging Face loading the same checkpoint with ``dequantize=True``.
 
-Experts keep ``w13 [E, 2I, H]`` with ``w13_scale_inv [E, 2 * ceil(I / BLOCK), ceil(H / BLOCK)]``: gate's blocks then
-up's, as the two checkpoint tensors are scaled separately; ``w2 [E, H, I]`` with ``[E, ceil(H / BLOCK), ceil(I /
-BLOCK)]``. No NKI kernel yet: under every backend these ops run their torch references (``ops.bind`` logs it).
+Experts are stored per rank with their scales expanded along the tensor-parallel dimension, so that any TP degree
+works (a rank's share of rows need not start on a block boundary: Qwen3-30B-A3B's 768 expert rows give 192 per rank
+at TP 4): ``w13 [E, 2I, H]`` with ``w13_scale_inv [E, 2I, ceil(H / BLOCK)]`` (one row of block scales per weight row,
+gate's rows then up's) and ``w2 [E, H, I]`` with ``w2_scale_inv [E, ceil(H / BLOCK), I]`` (one column per weight
+column); a few percent of the FP8 bytes. No NKI kernel yet: under every backend these ops run their torch references
+(``ops.bind`` logs it).
 """
 
 from __future__ import annotations
@@ -42,14 +45,37 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype
     return (weight.float() * scale).to(dtype)
 
 
-def dequantize_w13(w13: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Experts' ``w13 [E, 2I, H]``: gate and up dequantized with their own block grids (``scale_inv`` rows: gate's
-    ``ceil(I/B)`` then up's)."""
-    inter = w13.shape[-2] // 2
-    nb = blocks(inter)
-    gate = dequantize(w13[..., :inter, :], scale_inv[..., :nb, :], dtype)
-    up = dequantize(w13[..., inter:, :], scale_inv[..., nb:, :], dtype)
-    return torch.cat((gate, up), dim=-2)
+def dequantize_rows(weight: torch.Tensor, row_scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight [..., N, K]`` fp8 with one row of block scales per weight row ``[..., N, ceil(K/B)]`` (experts' w13)."""
+    k = weight.shape[-1]
+    _check_expanded("rows", weight, row_scales, (*weight.shape[:-1], blocks(k)))
+    return (weight.float() * row_scales.float().repeat_interleave(BLOCK, dim=-1)[..., :k]).to(dtype)
+
+
+def dequantize_cols(weight: torch.Tensor, col_scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight [..., N, K]`` fp8 with one column of block scales per weight column ``[..., ceil(N/B), K]`` (w2)."""
+    n = weight.shape[-2]
+    _check_expanded("cols", weight, col_scales, (*weight.shape[:-2], blocks(n), weight.shape[-1]))
+    return (weight.float() * col_scales.float().repeat_interleave(BLOCK, dim=-2)[..., :n, :]).to(dtype)
+
+
+def _check_expanded(kind: str, weight: torch.Tensor, scales: torch.Tensor, want: tuple) -> None:
+    if tuple(scales.shape) != tuple(want):
+        raise ValueError(
+            f"fp8 dequantize_{kind}: weight {tuple(weight.shape)} with scales {tuple(scales.shape)}; must be {want}"
+        )
+
+
+def expand_rows(scale_inv: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """Checkpoint block scales ``[ceil(N/B), ceil(K/B)]`` -> rows ``start .. start+rows`` of one scale row per weight
+    row ``[rows, ceil(K/B)]`` (a rank's share of a column-parallel weight)."""
+    return scale_inv.repeat_interleave(BLOCK, dim=0)[start : start + rows]
+
+
+def expand_cols(scale_inv: torch.Tensor, start: int, cols: int) -> torch.Tensor:
+    """Checkpoint block scales ``[ceil(N/B), ceil(K/B)]`` -> columns ``start .. start+cols`` of one scale column per
+    weight column ``[ceil(N/B), cols]`` (a rank's share of a row-parallel weight)."""
+    return scale_inv.repeat_interleave(BLOCK, dim=1)[:, start : start + cols]
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +108,8 @@ def moe_experts_fp8(
     """``moe_experts`` with FP8 experts (module docstring for the scale layouts). The reference dequantizes only the
     experts the tokens selected."""
     used = torch.unique(topk_ids)
-    w13_used = dequantize_w13(w13[used], w13_scale_inv[used], hidden.dtype)
-    w2_used = dequantize(w2[used], w2_scale_inv[used], hidden.dtype)
+    w13_used = dequantize_rows(w13[used], w13_scale_inv[used], hidden.dtype)
+    w2_used = dequantize_cols(w2[used], w2_scale_inv[used], hidden.dtype)
     remap = torch.full((w13.shape[0],), -1, dtype=topk_ids.dtype, device=topk_ids.device)
     remap[used] = torch.arange(used.numel(), dtype=topk_ids.dtype, device=topk_ids.device)
     return moe_experts(hidden, w13_used, w2_used, topk_weights, remap[topk_ids])
