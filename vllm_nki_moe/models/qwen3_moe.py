@@ -482,8 +482,16 @@ class Qwen3MoeForCausalLM(nn.Module):
         # prepacked experts; the router weight column-major, its transpose being the kernels' layout).
         for name, module in self.named_modules():
             both = {f"{name}.w13_weight", f"{name}.w2_weight"} <= loaded
-            if isinstance(module, Qwen3MoeExperts) and both and not module.fp8:  # FP8 experts: read as loaded
+            if isinstance(module, Qwen3MoeExperts) and both and not module.fp8:
                 self.opset.prepare_weights("moe_experts", module.w13_weight, module.w2_weight)
+            elif isinstance(module, Qwen3MoeExperts) and both:
+                self.opset.prepare_weights(
+                    "moe_experts_fp8",
+                    module.w13_weight,
+                    module.w13_weight_scale_inv,
+                    module.w2_weight,
+                    module.w2_weight_scale_inv,
+                )
             if isinstance(module, Qwen3MoeRouterGate) and f"{name}.weight" in loaded:
                 self.opset.prepare_weights("router_gate_topk", module.weight)
         return loaded

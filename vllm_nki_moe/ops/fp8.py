@@ -11,17 +11,22 @@ Experts are stored per rank with their scales expanded along the tensor-parallel
 works (a rank's share of rows need not start on a block boundary: Qwen3-30B-A3B's 768 expert rows give 192 per rank
 at TP 4): ``w13 [E, 2I, H]`` with ``w13_scale_inv [E, 2I, ceil(H / BLOCK)]`` (one row of block scales per weight row,
 gate's rows then up's) and ``w2 [E, H, I]`` with ``w2_scale_inv [E, ceil(H / BLOCK), I]`` (one column per weight
-column); a few percent of the FP8 bytes. No NKI kernel yet: under every backend these ops run their torch references
-(``ops.bind`` logs it).
+column); a few percent of the FP8 bytes.
+
+Kernels: ``moe_experts_fp8`` runs ``kernels/moe_fp8.py`` (decode-sized token tiles of up to 128; longer inputs go
+through it tile by tile) on the experts converted once at load, in place, to its layout (trn2's FP8 format, hidden
+split into scale blocks: ``prepare_fp8_experts_for_kernels``). ``linear_fp8`` has no kernel yet: it runs its torch
+reference under every backend (``ops.bind`` logs it).
 """
 
 from __future__ import annotations
 
 import torch
 
+from vllm_nki_moe.ops.kernel_call import call_kernel, launch_grid, load_kernels
 from vllm_nki_moe.ops.linear import linear
 from vllm_nki_moe.ops.moe import moe_experts
-from vllm_nki_moe.ops.spec import OpSpec
+from vllm_nki_moe.ops.spec import KernelImpl, OpSpec, WeightLayouts
 
 BLOCK = 128  # weight_block_size [128, 128]: the only block the published checkpoints use
 FP8_DTYPE = torch.float8_e4m3fn
@@ -115,7 +120,104 @@ def moe_experts_fp8(
     return moe_experts(hidden, w13_used, w2_used, topk_weights, remap[topk_ids])
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# NKI kernel (kernels/moe_fp8.py)
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+KERNEL_TOKENS = 128  # the kernel's token tile (tokens on partitions for the router; one tile per call)
+
+
+def _is_kernel_layout(w13: torch.Tensor) -> bool:
+    return w13.dtype == torch.uint8  # trn2 FP8 bytes (moe_fp8.fp8_experts_kernel_layout)
+
+
+def _moe_experts_fp8_supports(hidden, w13, w13_scale_inv, w2, w2_scale_inv, topk_weights, topk_ids) -> str | None:
+    if hidden.dtype not in KERNEL_DTYPES:
+        return f"hidden.dtype={hidden.dtype}; the kernel takes bfloat16 or float32 activations"
+    if hidden.dim() != 2 or hidden.shape[0] == 0:
+        return f"hidden.shape={tuple(hidden.shape)}; must be [T >= 1, H]"
+    if _is_kernel_layout(w13):
+        return None
+    H, inter = hidden.shape[1], w13.shape[1] // 2
+    if H % BLOCK:
+        return f"H={H}; the kernel needs a multiple of {BLOCK} (one scale block per contraction tile)"
+    tiles = -(-inter // 128)
+    if inter % tiles:
+        return f"I={inter}; the kernel splits I into ceil(I/128)={tiles} equal partition tiles"
+    return None
+
+
+def prepare_fp8_experts_for_kernels(w13, w13_scale_inv, w2, w2_scale_inv) -> None:
+    """In place, once after loading: the kernel's layout (``moe_fp8.fp8_experts_kernel_layout``) where the kernel
+    takes these experts, so the model keeps one copy."""
+    probe = torch.zeros(1, w13.shape[2], dtype=torch.bfloat16)
+    ids = torch.zeros(1, 1, dtype=torch.int64)
+    if _is_kernel_layout(w13) or _moe_experts_fp8_supports(probe, w13, w13_scale_inv, w2, w2_scale_inv, ids, ids):
+        return
+    converted = load_kernels("moe_fp8").fp8_experts_kernel_layout(w13, w13_scale_inv, w2, w2_scale_inv)
+    for param, data in zip((w13, w13_scale_inv, w2, w2_scale_inv), converted):
+        param.data = data
+
+
+def _model_layout(w13, w13_scale_inv, w2, w2_scale_inv) -> tuple[torch.Tensor, ...]:
+    """The kernel layout back in the model's (trn2's halved values as e4m3fn, exact; the doubled scales)."""
+    import ml_dtypes
+    import numpy as np
+
+    E, IT, P, KT, IP2 = w13.shape
+    IP = IP2 // 2
+
+    def values(t):
+        return torch.from_numpy(t.numpy().view(ml_dtypes.float8_e4m3).astype(np.float32)).to(FP8_DTYPE)
+
+    q13 = values(w13).reshape(E, IT, P, KT, 2, IP).permute(0, 4, 1, 5, 3, 2).reshape(E, 2 * IT * IP, KT * P)
+    s13 = w13_scale_inv.permute(0, 3, 1, 2, 4).reshape(E, 2 * IT * IP, KT)
+    q2 = values(w2).permute(0, 3, 1, 2).reshape(E, KT * P, IT * IP)
+    s2 = w2_scale_inv.permute(0, 3, 1, 2).reshape(E, KT, IT * IP)
+    return q13, s13, q2, s2
+
+
+def moe_experts_fp8_any_layout(hidden, w13, w13_scale_inv, w2, w2_scale_inv, topk_weights, topk_ids):
+    """:func:`moe_experts_fp8` on experts in the model's layout or the kernel's."""
+    if _is_kernel_layout(w13):
+        w13, w13_scale_inv, w2, w2_scale_inv = _model_layout(w13, w13_scale_inv, w2, w2_scale_inv)
+    return moe_experts_fp8(hidden, w13, w13_scale_inv, w2, w2_scale_inv, topk_weights, topk_ids)
+
+
+def _moe_experts_fp8_kernel(backend, hidden, w13, w13_scale_inv, w2, w2_scale_inv, topk_weights, topk_ids):
+    kernel = load_kernels("moe_fp8")
+    weights = (w13, w13_scale_inv, w2, w2_scale_inv)
+    if not _is_kernel_layout(w13):  # tools and tests hand model-layout experts: a converted copy, made once
+        from vllm_nki_moe.ops.moe import _kernel_weights
+
+        weights = _kernel_weights.get(kernel.fp8_experts_kernel_layout, *weights)
+    ids, routing = topk_ids.to(torch.int32).contiguous(), topk_weights.float().contiguous()
+    tiles = [
+        call_kernel(
+            backend,
+            kernel.moe_decode_fp8,
+            hidden[t0 : t0 + KERNEL_TOKENS].contiguous(),
+            *weights,
+            routing[t0 : t0 + KERNEL_TOKENS],
+            ids[t0 : t0 + KERNEL_TOKENS],
+            grid=launch_grid(backend),  # slots split over the physical cores (kernels/moe_fp8.py, "Grid")
+        )
+        for t0 in range(0, hidden.shape[0], KERNEL_TOKENS)
+    ]
+    return tiles[0] if len(tiles) == 1 else torch.cat(tiles)
+
+
+def _no_host_layout(*weights: torch.Tensor) -> None:
+    """The torch backend reads the model's layout."""
+
+
 SPECS = (
     OpSpec("linear_fp8", linear_fp8),
-    OpSpec("moe_experts_fp8", moe_experts_fp8, traceable=False),  # data-dependent expert selection
+    OpSpec(
+        "moe_experts_fp8",
+        moe_experts_fp8,
+        kernel=KernelImpl(_moe_experts_fp8_kernel, _moe_experts_fp8_supports),
+        traceable=False,  # data-dependent expert selection
+        weights=WeightLayouts(_no_host_layout, prepare_fp8_experts_for_kernels, moe_experts_fp8_any_layout),
+    ),
 )

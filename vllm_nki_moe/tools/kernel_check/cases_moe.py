@@ -7,6 +7,11 @@ fused ``moe_block_decode`` instead (post-attention norm, router and experts in o
 once per layer, and the experts, router and one of the two norms per layer count zero (``cases_norms``,
 ``cases_router`` ask the same function).
 
+``moe_decode_fp8`` (``kernels/moe_fp8.py``) is checked at every shape; it counts in the step only when the shapes
+say the experts are FP8 (``KernelShapes.fp8_experts``, the FP8 step ``kernels bench`` prints beside the bf16 one):
+then it replaces the fused block and the decode/prefill experts (for up to 128 tokens), and the norms and router run
+separately.
+
 Routing is fixed per case (seeded here, uniform over experts, distinct experts per token), so ``min_hbm_bytes`` is
 exact: the weights of the distinct experts the tokens select, read once, plus activations in and out and the routing
 data. The decode kernel reads one expert per (token, slot), so duplicates among a batch's slots are charged to it.
@@ -28,7 +33,7 @@ from nki_emulator import install
 
 install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
 
-from vllm_nki_moe.kernels import moe_block, moe_common, moe_decode, moe_prefill  # noqa: E402 - after install()
+from vllm_nki_moe.kernels import moe_block, moe_common, moe_decode, moe_fp8, moe_prefill  # noqa: E402
 from vllm_nki_moe.kernels.limits import PMAX, TOPK8  # noqa: E402
 from vllm_nki_moe.ops.moe import bucket_block_size, fused_block_applies, use_decode  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.registry import KernelCase  # noqa: E402
@@ -61,6 +66,59 @@ def _routing(T: int, E: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(w / w.sum(-1, keepdims=True)), torch.from_numpy(ids)
 
 
+@functools.lru_cache(maxsize=1)
+def _fp8_expert_weights(E: int, H: int, inter: int) -> tuple[torch.Tensor, ...]:
+    """FP8 experts as the model holds them (``ops.fp8``: checkpoint-style block quantization, scales expanded along
+    I), then in ``moe_fp8``'s kernel layout; one copy per shape."""
+    from vllm_nki_moe.ops import fp8
+
+    g = torch.Generator().manual_seed(WEIGHT_SEED)
+    w13 = torch.empty(E, 2 * inter, H, dtype=fp8.FP8_DTYPE)
+    s13 = torch.empty(E, 2 * inter, fp8.blocks(H))
+    w2 = torch.empty(E, H, inter, dtype=fp8.FP8_DTYPE)
+    s2 = torch.empty(E, fp8.blocks(H), inter)
+    for e in range(E):
+        for half in range(2):  # gate and up are separate checkpoint tensors, scaled separately
+            q, sc = fp8.quantize(torch.randn(inter, H, generator=g) * H**-0.5)
+            w13[e, half * inter : (half + 1) * inter], s13[e, half * inter : (half + 1) * inter] = (
+                q,
+                fp8.expand_rows(sc, 0, inter),
+            )
+        q, sc = fp8.quantize(torch.randn(H, inter, generator=g) * inter**-0.5)
+        w2[e], s2[e] = q, fp8.expand_cols(sc, 0, inter)
+    return moe_fp8.fp8_experts_kernel_layout(w13, s13, w2, s2)
+
+
+def _fp8_decode_case(s: KernelShapes, T: int, weights, ids, distinct: int, act_bytes: int) -> KernelCase:
+    E, K, H, inter = s.experts, s.top_k, s.hidden, s.moe_intermediate
+    unsupported = None
+    if H % PMAX:
+        unsupported = f"H={H}; FP8 experts need a multiple of {PMAX} (one scale block per contraction tile)"
+    else:
+        unsupported = _split_reason(inter, "I")
+    blocks = H // PMAX
+    # per expert: 1 byte per weight, 4 per expanded scale (a row of H/128 per w13 row, a column per w2 column)
+    expert_bytes = 3 * H * inter + 4 * 3 * inter * blocks
+
+    def inputs(rng: np.random.Generator) -> tuple:
+        x = torch.from_numpy(rng.standard_normal((T, H), dtype=np.float32)).to(s.torch_dtype)
+        return (x, *_fp8_expert_weights(E, H, inter), weights, ids)
+
+    return KernelCase(
+        kernel="moe_decode_fp8",
+        shapes=f"T={T} H={H} I={inter} E={E} k={K} fp8/{_DT_NAMES[s.dtype]}",
+        build_inputs=inputs,
+        kernel_fn=moe_fp8.moe_decode_fp8,
+        reference=moe_fp8.moe_decode_fp8_ref,
+        tolerance="bfloat16_matmul" if s.dtype == "bfloat16" else "float32_matmul",
+        min_hbm_bytes=distinct * expert_bytes + act_bytes + T * K * 8,
+        calls_per_layer=1 if s.fp8_experts else 0,  # the FP8 op runs it for any T, tile by tile
+        lnc_grid=True,  # the slots split over the programs (kernels/moe_fp8.py, "Grid")
+        phase="decode",
+        unsupported=unsupported,
+    )
+
+
 def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
     s, T, E, K, H, inter = shapes, tokens, shapes.experts, shapes.top_k, shapes.hidden, shapes.moe_intermediate
     if E == 0:  # a dense model: no experts
@@ -82,8 +140,8 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
         return [torch.from_numpy(rng.standard_normal((T, H), dtype=np.float32)).to(dt) for _ in range(n)]
 
     out: list[KernelCase] = []
-    decode = T <= moe_decode.MAX_DECODE_TOKENS and use_decode(T, K, E)
-    fused = fused_block_applies(T, K, E)  # the model's moe_block then runs moe_block_decode instead
+    decode = T <= moe_decode.MAX_DECODE_TOKENS and use_decode(T, K, E) and not s.fp8_experts
+    fused = fused_block_applies(T, K, E) and not s.fp8_experts  # the model's moe_block runs moe_block_decode
     if T <= moe_decode.MAX_DECODE_TOKENS:
 
         def decode_inputs(rng: np.random.Generator) -> tuple:
@@ -134,6 +192,9 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             )
         )
 
+    if T <= moe_fp8.MAX_DECODE_TOKENS:
+        out.append(_fp8_decode_case(s, T, weights, ids, distinct, act_bytes))
+
     B = bucket_block_size(T, K, E, inter) if K <= E else PMAX
     NB = moe_prefill.max_blocks(T, K, E, B) if K <= E else 0
 
@@ -151,7 +212,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             reference=moe_prefill.moe_prefill_ref,
             tolerance=tol,
             min_hbm_bytes=distinct * expert_bytes + act_bytes + NB * (B * 8 + 4) + 4,
-            calls_per_layer=0 if decode else 1,
+            calls_per_layer=0 if decode or (s.fp8_experts and T <= moe_fp8.MAX_DECODE_TOKENS) else 1,
             lnc_grid=True,  # blocks interleaved over the programs (kernels/moe_prefill.py, "Grid")
             phase="prefill" if decode else "any",
             unsupported=unsupported or (f"top_k={K} > E={E}" if K > E else None),

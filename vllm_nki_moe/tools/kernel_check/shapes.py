@@ -77,6 +77,7 @@ class KernelShapes:
     context_len: int = DEFAULT_CONTEXT_LEN
     dtype: str = "bfloat16"  # activation dtype of the cases ("bfloat16": the hardware path; or "float32")
     qk_norm: bool = True  # Qwen3: q/k RMSNorm fused with RoPE (qk_norm_rope); Llama: RoPE alone (rope)
+    fp8_experts: bool = False  # the step with block-scaled FP8 experts (moe_decode_fp8 instead of the fused block)
 
     @property
     def torch_dtype(self):

@@ -149,4 +149,9 @@ def limit_seconds(shapes: KernelShapes, tokens: int) -> float:
         + (shapes.layers - shapes.moe_layers) * dense
         + math.ceil(shapes.vocab / shapes.tp) * h
     )
-    return _hbm_seconds(weights * ACT_BYTES, logical_core_size())
+    nbytes = weights * ACT_BYTES
+    if shapes.fp8_experts:  # 1 byte per expert weight instead of ACT_BYTES, plus 4 per expanded scale
+        expert_weights = shapes.moe_layers * experts * 3 * h * shapes.moe_intermediate
+        scales = shapes.moe_layers * experts * 3 * shapes.moe_intermediate * math.ceil(h / 128)
+        nbytes -= expert_weights * (ACT_BYTES - 1) - 4 * scales
+    return _hbm_seconds(nbytes, logical_core_size())

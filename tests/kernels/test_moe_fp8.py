@@ -1,0 +1,132 @@
+"""kernels/moe_fp8.py: FP8 experts for decode against their fp32 reference, the host conversion to trn2's FP8 format,
+and the model op (ops.fp8.moe_experts_fp8) on the kernel against its dequantizing torch reference."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from vllm_nki_moe.kernels import moe_fp8
+
+from nki_emulator import run
+from vllm_nki_moe import ops
+from vllm_nki_moe.ops import fp8
+from vllm_nki_moe.tools.kernel_check.tolerances import assert_close
+
+
+def _experts(E: int, H: int, inter: int, seed: int = 0):
+    """Model-layout FP8 experts (gate and up quantized separately, scales expanded along I)."""
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.empty(E, 2 * inter, H, dtype=fp8.FP8_DTYPE)
+    s13 = torch.empty(E, 2 * inter, fp8.blocks(H))
+    w2 = torch.empty(E, H, inter, dtype=fp8.FP8_DTYPE)
+    s2 = torch.empty(E, fp8.blocks(H), inter)
+    for e in range(E):
+        for half in (0, 1):
+            q, s = fp8.quantize(torch.randn(inter, H, generator=g) * H**-0.5)
+            rows = slice(half * inter, (half + 1) * inter)
+            w13[e, rows], s13[e, rows] = q, fp8.expand_rows(s, 0, inter)
+        q, s = fp8.quantize(torch.randn(H, inter, generator=g) * inter**-0.5)
+        w2[e], s2[e] = q, fp8.expand_cols(s, 0, inter)
+    return w13, s13, w2, s2
+
+
+def _routing(T: int, E: int, K: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(torch.int32)
+    w = torch.rand(T, K, generator=g) + 0.1
+    return w / w.sum(-1, keepdim=True), ids
+
+
+def test_trn2_conversion_halves_values_exactly_and_doubles_scales():
+    q = torch.tensor([448.0, -240.0, 1.0, 0.015625, 2**-9, 3 * 2**-9]).to(fp8.FP8_DTYPE)
+    bits, scales = moe_fp8.to_trn2_fp8(q, torch.tensor([0.5]))
+    values = bits.numpy().view(ml_dtypes.float8_e4m3).astype(np.float32)
+    # normals halve exactly; the odd-mantissa subnormals round to even (the documented loss)
+    assert values.tolist()[:4] == [224.0, -120.0, 0.5, 0.0078125]
+    assert values[4] in (0.0, 2**-9) and values[5] in (2**-9, 2 * 2**-9)
+    assert np.abs(values).max() <= moe_fp8.TRN2_FP8_MAX and scales.tolist() == [1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "T,E,K,H,inter",
+    [
+        (1, 16, 8, 2048, 192),  # Qwen3-30B-A3B at TP 4 per rank (hidden 2048, 768/4 rows), fewer experts
+        (3, 8, 2, 256, 64),  # one intermediate tile, two scale blocks
+        (5, 6, 3, 128, 200),  # I split into two 100-row tiles: scale rows cross the tile boundary
+    ],
+)
+def test_moe_decode_fp8_matches_its_reference(T, E, K, H, inter, dtype):
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(2)).to(dtype)
+    weights, ids = _routing(T, E, K)
+    layout = moe_fp8.fp8_experts_kernel_layout(*_experts(E, H, inter))
+    out, _ = run(moe_fp8.moe_decode_fp8, x, *layout, weights, ids)
+    assert out.dtype == dtype and out.shape == (T, H)
+    key = "bfloat16_matmul" if dtype == torch.bfloat16 else "float32_matmul"
+    assert_close(out, moe_fp8.moe_decode_fp8_ref(x, *layout, weights, ids), key)
+
+
+def test_the_reference_reads_the_layout_as_the_model_does():
+    """The kernel reference (from the kernel layout) and the model op's reference (from the model layout) agree:
+    the layout and the trn2 conversion lose nothing above the subnormals."""
+    E, H, inter, T, K = 4, 256, 96, 2, 2
+    experts = _experts(E, H, inter)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(4))
+    weights, ids = _routing(T, E, K)
+    ours = moe_fp8.moe_decode_fp8_ref(x, *moe_fp8.fp8_experts_kernel_layout(*experts), weights, ids)
+    torch.testing.assert_close(ours, fp8.moe_experts_fp8(x, *experts, weights, ids.long()), rtol=1e-5, atol=1e-6)
+
+
+def test_lnc2_grid_splits_the_slots_and_matches_one_program():
+    E, H, inter, T, K = 8, 256, 64, 2, 3
+    layout = moe_fp8.fp8_experts_kernel_layout(*_experts(E, H, inter))
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    weights, ids = _routing(T, E, K)
+    one, _ = run(moe_fp8.moe_decode_fp8, x, *layout, weights, ids)
+    two, _ = run(moe_fp8.moe_decode_fp8[2], x, *layout, weights, ids)
+    assert_close(two, one, "bfloat16_matmul")
+
+
+def test_the_op_runs_the_kernel_tile_by_tile_and_matches_the_torch_op():
+    """More than 128 tokens go through the kernel in 128-token tiles; experts in the model layout are converted."""
+    E, H, inter, T, K = 4, 128, 64, 130, 2
+    experts = _experts(E, H, inter)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(6))
+    weights, ids = _routing(T, E, K)
+    emulated = ops.bind("emulator")
+    assert "moe_experts_fp8" in emulated.kernel_ops
+    got = emulated.moe_experts_fp8(x, *experts, weights, ids.long())
+    want = ops.bind("torch").moe_experts_fp8(x, *experts, weights, ids.long())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_prepared_experts_keep_one_byte_per_weight_and_any_layout_reads_them():
+    E, H, inter, T, K = 4, 128, 64, 3, 2
+    experts = [torch.nn.Parameter(t, requires_grad=False) for t in _experts(E, H, inter)]
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(7))
+    weights, ids = _routing(T, E, K)
+    before = fp8.moe_experts_fp8(x, *experts, weights, ids.long())
+    fp8.prepare_fp8_experts_for_kernels(*experts)
+    assert experts[0].dtype == torch.uint8 and experts[0].numel() == E * 2 * inter * H
+    after = fp8.moe_experts_fp8_any_layout(x, *experts, weights, ids.long())
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+
+
+def test_shapes_the_kernel_cannot_take_are_named():
+    x = torch.zeros(1, 200)
+    w13, s13, w2, s2 = (torch.zeros(1, 4, 200, dtype=fp8.FP8_DTYPE), torch.zeros(1, 4, 2), None, None)
+    assert "H=200; the kernel needs a multiple of 128" in fp8._moe_experts_fp8_supports(x, w13, s13, w2, s2, x, x)
+    assert "float16" in fp8._moe_experts_fp8_supports(x.half(), w13, s13, w2, s2, x, x)
+    with pytest.raises(ValueError, match=r"fp8_experts_kernel_layout: H=200; must be a multiple of 128"):
+        moe_fp8.fp8_experts_kernel_layout(w13, s13, torch.zeros(1, 200, 2, dtype=fp8.FP8_DTYPE), torch.zeros(1, 2, 2))
+    layout = moe_fp8.fp8_experts_kernel_layout(*_experts(2, 128, 64))
+    with pytest.raises(ValueError, match=r"moe_decode_fp8: T=129; must be 1..128"):
+        run(
+            moe_fp8.moe_decode_fp8,
+            torch.zeros(129, 128),
+            *layout,
+            torch.ones(129, 1),
+            torch.zeros(129, 1, dtype=torch.int32),
+        )
