@@ -16,20 +16,10 @@ from vllm_nki_moe.tools.kernel_check.tolerances import assert_close
 
 
 def _experts(E: int, H: int, inter: int, seed: int = 0):
-    """Model-layout FP8 experts (gate and up quantized separately, scales expanded along I)."""
+    """Model-layout FP8 experts (ops.fp8.quantize_experts: gate, up, down quantized separately, scales along I)."""
     g = torch.Generator().manual_seed(seed)
-    w13 = torch.empty(E, 2 * inter, H, dtype=fp8.FP8_DTYPE)
-    s13 = torch.empty(E, 2 * inter, fp8.blocks(H))
-    w2 = torch.empty(E, H, inter, dtype=fp8.FP8_DTYPE)
-    s2 = torch.empty(E, fp8.blocks(H), inter)
-    for e in range(E):
-        for half in (0, 1):
-            q, s = fp8.quantize(torch.randn(inter, H, generator=g) * H**-0.5)
-            rows = slice(half * inter, (half + 1) * inter)
-            w13[e, rows], s13[e, rows] = q, fp8.expand_rows(s, 0, inter)
-        q, s = fp8.quantize(torch.randn(H, inter, generator=g) * inter**-0.5)
-        w2[e], s2[e] = q, fp8.expand_cols(s, 0, inter)
-    return w13, s13, w2, s2
+    w13 = torch.randn(E, 2 * inter, H, generator=g) * H**-0.5
+    return fp8.quantize_experts(w13, torch.randn(E, H, inter, generator=g) * inter**-0.5)
 
 
 def _routing(T: int, E: int, K: int, seed: int = 1):
@@ -76,7 +66,7 @@ def test_the_reference_reads_the_layout_as_the_model_does():
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(4))
     weights, ids = _routing(T, E, K)
     ours = moe_fp8.moe_decode_fp8_ref(x, *moe_fp8.fp8_experts_kernel_layout(*experts), weights, ids)
-    torch.testing.assert_close(ours, fp8.moe_experts_fp8(x, *experts, weights, ids.long()), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours, fp8.moe_experts_fp8(x, *experts, weights, ids.long()), rtol=1e-4, atol=1e-5)
 
 
 def test_lnc2_grid_splits_the_slots_and_matches_one_program():
@@ -111,7 +101,8 @@ def test_prepared_experts_keep_one_byte_per_weight_and_any_layout_reads_them():
     fp8.prepare_fp8_experts_for_kernels(*experts)
     assert experts[0].dtype == torch.uint8 and experts[0].numel() == E * 2 * inter * H
     after = fp8.moe_experts_fp8_any_layout(x, *experts, weights, ids.long())
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    # equal but for the trn2 conversion's rounding of odd subnormals (moe_fp8.to_trn2_fp8): ~1e-6 absolute here
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
 
 
 def test_shapes_the_kernel_cannot_take_are_named():

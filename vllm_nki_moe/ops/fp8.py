@@ -96,6 +96,25 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale_inv
 
 
+def quantize_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Float experts ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` -> FP8 experts as the model holds them (``w13``,
+    ``w13_scale_inv``, ``w2``, ``w2_scale_inv``; module docstring): gate, up and down quantized as the checkpoints'
+    separate tensors are, their scales expanded along I (one rank, TP 1)."""
+    E, I2, H = w13.shape
+    inter = I2 // 2
+    q13 = torch.empty(E, I2, H, dtype=FP8_DTYPE)
+    s13 = torch.empty(E, I2, blocks(H))
+    q2 = torch.empty(E, H, inter, dtype=FP8_DTYPE)
+    s2 = torch.empty(E, blocks(H), inter)
+    for e in range(E):
+        for rows in (slice(0, inter), slice(inter, I2)):
+            q, scale = quantize(w13[e, rows])
+            q13[e, rows], s13[e, rows] = q, expand_rows(scale, 0, inter)
+        q, scale = quantize(w2[e])
+        q2[e], s2[e] = q, expand_cols(scale, 0, inter)
+    return q13, s13, q2, s2
+
+
 def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
     """``x [T, K] @ W^T`` for an FP8 ``weight [N, K]`` with block scales ``[ceil(N/B), ceil(K/B)]``; x's dtype."""
     return linear(x, dequantize(weight, weight_scale_inv, x.dtype))

@@ -68,25 +68,14 @@ def _routing(T: int, E: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.lru_cache(maxsize=1)
 def _fp8_expert_weights(E: int, H: int, inter: int) -> tuple[torch.Tensor, ...]:
-    """FP8 experts as the model holds them (``ops.fp8``: checkpoint-style block quantization, scales expanded along
-    I), then in ``moe_fp8``'s kernel layout; one copy per shape."""
+    """FP8 experts as the model holds them (``ops.fp8.quantize_experts``), in ``moe_fp8``'s kernel layout; one copy
+    per shape."""
     from vllm_nki_moe.ops import fp8
 
     g = torch.Generator().manual_seed(WEIGHT_SEED)
-    w13 = torch.empty(E, 2 * inter, H, dtype=fp8.FP8_DTYPE)
-    s13 = torch.empty(E, 2 * inter, fp8.blocks(H))
-    w2 = torch.empty(E, H, inter, dtype=fp8.FP8_DTYPE)
-    s2 = torch.empty(E, fp8.blocks(H), inter)
-    for e in range(E):
-        for half in range(2):  # gate and up are separate checkpoint tensors, scaled separately
-            q, sc = fp8.quantize(torch.randn(inter, H, generator=g) * H**-0.5)
-            w13[e, half * inter : (half + 1) * inter], s13[e, half * inter : (half + 1) * inter] = (
-                q,
-                fp8.expand_rows(sc, 0, inter),
-            )
-        q, sc = fp8.quantize(torch.randn(H, inter, generator=g) * inter**-0.5)
-        w2[e], s2[e] = q, fp8.expand_cols(sc, 0, inter)
-    return moe_fp8.fp8_experts_kernel_layout(w13, s13, w2, s2)
+    w13 = torch.randn(E, 2 * inter, H, generator=g) * H**-0.5
+    w2 = torch.randn(E, H, inter, generator=g) * inter**-0.5
+    return moe_fp8.fp8_experts_kernel_layout(*fp8.quantize_experts(w13, w2))
 
 
 def _fp8_decode_case(s: KernelShapes, T: int, weights, ids, distinct: int, act_bytes: int) -> KernelCase:
