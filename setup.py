@@ -19,6 +19,7 @@ TEST = [
     "openai>=1.40",
     "requests>=2.31",
     "pyyaml>=6",
+    "accelerate>=1.0",  # transformers dequantizes FP8 checkpoints (the parity oracle) only with it installed
 ]
 LOADTEST = [
     "locust>=2.40",
