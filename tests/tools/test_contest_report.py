@@ -59,3 +59,17 @@ def test_cli_prints_the_report_and_checks_tp_before_writing(tmp_path, capsys):
     bad = tmp_path / "bad.py"
     assert cli.main(["export-contest", str(bad), "--report", "--tp", "3"]) == 2
     assert "--tp 3" in capsys.readouterr().err and not bad.exists()
+
+
+def test_the_report_names_what_the_harness_nki_release_would_reject():
+    """NKI 0.3 (Neuron SDK 2.29, the harness's) lacks the 0.5 view primitives and 0.6's fori_loop: the emulator's
+    rule table finds them in the kernels; under 0.6 (the project's target) nothing is rejected."""
+    families = {f.name: f for f in contest_report.FAMILIES}
+    rmsnorm = contest_report.harness_nki_violations(families["rmsnorm"])
+    assert rmsnorm and all("available from NKI 0.5" in v for v in rmsnorm)
+    prefill = contest_report.harness_nki_violations(families["moe prefill"])
+    assert prefill and "fori_loop" in prefill[0] and "available from NKI 0.6" in prefill[0]
+    assert all(not contest_report.harness_nki_violations(f, "0.6") for f in contest_report.FAMILIES)
+    report = contest_report.build_report({"rmsnorm": None}, kernel_shapes(None, 4))
+    text = contest_report.format_report(report, kernel_shapes(None, 4))
+    assert "kernels NKI 0.3 (the harness's release) would reject" in text and "rmsnorm.rms_norm:" in text
