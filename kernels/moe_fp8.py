@@ -34,11 +34,10 @@ import torch
 
 from .grid import program_share, sum_over_programs
 from .limits import PMAX, require
-from .moe_common import split_tiles
+from .moe_common import DTYPES, split_tiles
 
 MAX_DECODE_TOKENS = PMAX
 TRN2_FP8_MAX = 240.0  # float8_e4m3 (IEEE-style) largest finite value
-DTYPES = (nl.bfloat16, nl.float32)
 
 
 # ----- host-side layout -----------------------------------------------------------------------------------------
@@ -193,22 +192,35 @@ def moe_decode_fp8(hidden, w13, s13, w2, s2, topk_weights, topk_ids):
     return out
 
 
+def trn2_fp8_values(q: torch.Tensor) -> torch.Tensor:
+    """trn2 FP8 bytes (uint8, IEEE ``float8_e4m3``) -> their values as fp32."""
+    return torch.from_numpy(q.numpy().view(ml_dtypes.float8_e4m3).astype(np.float32))
+
+
+def fp8_experts_model_layout(w13k, s13k, w2k, s2k) -> tuple[torch.Tensor, ...]:
+    """Inverse of ``fp8_experts_kernel_layout`` up to the format: ``(w13 [E, 2I, H], w13_scale [E, 2I, H/128],
+    w2 [E, H, I], w2_scale [E, H/128, I])`` with the trn2 values as fp32 (halved) and the scales as stored (doubled),
+    so value x scale is the model's weight."""
+    E, IT, P, KT, IP2 = w13k.shape
+    IP = IP2 // 2
+    H, inter = KT * P, IT * IP
+    w13 = trn2_fp8_values(w13k).reshape(E, IT, P, KT, 2, IP).permute(0, 4, 1, 5, 3, 2).reshape(E, 2 * inter, H)
+    s13 = s13k.permute(0, 3, 1, 2, 4).reshape(E, 2 * inter, KT)
+    w2 = trn2_fp8_values(w2k).permute(0, 3, 1, 2).reshape(E, H, inter)
+    s2 = s2k.permute(0, 3, 1, 2).reshape(E, KT, inter)
+    return w13, s13, w2, s2
+
+
 def moe_decode_fp8_ref(hidden, w13, s13, w2, s2, topk_weights, topk_ids) -> torch.Tensor:
     """``moe_decode_fp8`` in fp32 torch from the kernel layout: each weight dequantized (trn2 FP8 value x its scale),
     h rounded to the activation dtype as in the kernel."""
-    E, IT, P, KT, IP2 = w13.shape
-    IP, H = IP2 // 2, KT * P
-    f13 = torch.from_numpy(w13.numpy().view(ml_dtypes.float8_e4m3).astype(np.float32))
-    f2 = torch.from_numpy(w2.numpy().view(ml_dtypes.float8_e4m3).astype(np.float32))
-    # back to the model's [E, 2I, H] and [E, H, I], dequantized in fp32
-    w13m = f13.reshape(E, IT, P, KT, 2, IP).permute(0, 4, 1, 5, 3, 2).reshape(E, 2 * IT * IP, H)
-    s13m = s13.permute(0, 3, 1, 2, 4).reshape(E, 2 * IT * IP, KT).repeat_interleave(P, dim=-1)
-    w2m = f2.permute(0, 3, 1, 2).reshape(E, H, IT * IP)
-    s2m = s2.permute(0, 3, 1, 2).reshape(E, KT, IT * IP).repeat_interleave(P, dim=1)
-    w13d, w2d = w13m * s13m, w2m * s2m
+    w13m, s13m, w2m, s2m = fp8_experts_model_layout(w13, s13, w2, s2)
+    P = w13.shape[2]
+    w13d = w13m * s13m.repeat_interleave(P, dim=-1)
+    w2d = w2m * s2m.repeat_interleave(P, dim=1)
+    inter = w13m.shape[1] // 2
     x = hidden.float()
     out = torch.zeros_like(x)
-    inter = IT * IP
     for t in range(hidden.shape[0]):
         for k in range(topk_ids.shape[1]):
             e = int(topk_ids[t, k])

@@ -29,6 +29,12 @@ def _inputs(name: str, g: torch.Generator) -> tuple:
     w13_fp8 = [ops.fp8.quantize(e) for e in w13]
     w13_scales = torch.stack([ops.fp8.expand_rows(s, 0, 2 * I) for _, s in w13_fp8])  # the model's expanded scales
     w2_fp8 = [ops.fp8.quantize(e) for e in w2]
+    fp8_experts = (
+        torch.stack([q for q, _ in w13_fp8]),
+        w13_scales,
+        torch.stack([q for q, _ in w2_fp8]),
+        torch.stack([ops.fp8.expand_cols(s, 0, I) for _, s in w2_fp8]),
+    )
     return {
         "rms_norm": (x, w, EPS),
         "fused_add_rms_norm": (x, randn(T, H), w, EPS),
@@ -40,16 +46,9 @@ def _inputs(name: str, g: torch.Generator) -> tuple:
         "router_topk": (randn(T, E), K, True),
         "router_gate_topk": (x, randn(E, H), K, True),
         "moe_experts": (x, w13, w2, weights, ids),
-        "moe_experts_fp8": (
-            x,
-            torch.stack([q for q, _ in w13_fp8]),
-            w13_scales,
-            torch.stack([q for q, _ in w2_fp8]),
-            torch.stack([ops.fp8.expand_cols(s, 0, I) for _, s in w2_fp8]),
-            weights,
-            ids,
-        ),
+        "moe_experts_fp8": (x, *fp8_experts, weights, ids),
         "moe_block": (randn(1, H), randn(1, H), w, EPS, randn(E, H), w13, w2, K, True),
+        "moe_block_fp8": (randn(1, H), randn(1, H), w, EPS, randn(E, H), *fp8_experts, K, True),
         "attention_prefill": (q, k, v, k_cache, v_cache, slots, D**-0.5),
         "attention_decode": (
             q[:2],

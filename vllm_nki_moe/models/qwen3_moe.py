@@ -168,33 +168,14 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, residual: torch.Tensor, norm: Qwen3MoeRMSNorm
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.experts.fp8:  # the same sequence as moe_block's, with the FP8 experts op
-            hidden_states, residual = self.ops.fused_add_rms_norm(hidden_states, residual, norm.weight, norm.eps)
-            weights, ids = self.ops.router_gate_topk(hidden_states, self.gate.weight, self.top_k, self.norm_topk_prob)
-            experts = self.experts
-            out = self.ops.moe_experts_fp8(
-                hidden_states,
-                experts.w13_weight,
-                experts.w13_weight_scale_inv,
-                experts.w2_weight,
-                experts.w2_weight_scale_inv,
-                weights,
-                ids,
+        experts, args = self.experts, (hidden_states, residual, norm.weight, norm.eps, self.gate.weight)
+        if experts.fp8:
+            scaled = (experts.w13_weight, experts.w13_weight_scale_inv, experts.w2_weight, experts.w2_weight_scale_inv)
+            out, residual = self.ops.moe_block_fp8(*args, *scaled, self.top_k, self.norm_topk_prob)
+        else:
+            out, residual = self.ops.moe_block(
+                *args, experts.w13_weight, experts.w2_weight, self.top_k, self.norm_topk_prob
             )
-            if self.tp_size > 1:
-                out = tensor_model_parallel_all_reduce(out)
-            return out, residual
-        out, residual = self.ops.moe_block(
-            hidden_states,
-            residual,
-            norm.weight,
-            norm.eps,
-            self.gate.weight,
-            self.experts.w13_weight,
-            self.experts.w2_weight,
-            self.top_k,
-            self.norm_topk_prob,
-        )
         if self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         return out, residual

@@ -61,6 +61,7 @@ FAKES: dict[str, Callable] = {
     "moe_experts_fp8": _fake_like(0),
     "linear_fp8": lambda x, weight, weight_scale_inv, binding: x.new_empty(x.shape[0], weight.shape[0]),
     "moe_block": _fake_like(0, 0),
+    "moe_block_fp8": _fake_like(0, 0),
     "attention_prefill": _fake_like(0),
     "attention_decode": _fake_like(0),
 }

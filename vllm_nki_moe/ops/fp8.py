@@ -21,12 +21,15 @@ reference under every backend (``ops.bind`` logs it).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from vllm_nki_moe.ops.kernel_call import call_kernel, launch_grid, load_kernels
 from vllm_nki_moe.ops.linear import linear
 from vllm_nki_moe.ops.moe import moe_experts
 from vllm_nki_moe.ops.spec import KernelImpl, OpSpec, WeightLayouts
+from vllm_nki_moe.ops.weight_cache import WeightCache
 
 BLOCK = 128  # weight_block_size [128, 128]: the only block the published checkpoints use
 FP8_DTYPE = torch.float8_e4m3fn
@@ -143,7 +146,7 @@ def moe_experts_fp8(
 # NKI kernel (kernels/moe_fp8.py)
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
-KERNEL_TOKENS = 128  # the kernel's token tile (tokens on partitions for the router; one tile per call)
+_kernel_weights = WeightCache()  # model-layout experts handed by tools and tests, converted once
 
 
 def _is_kernel_layout(w13: torch.Tensor) -> bool:
@@ -179,21 +182,9 @@ def prepare_fp8_experts_for_kernels(w13, w13_scale_inv, w2, w2_scale_inv) -> Non
 
 
 def _model_layout(w13, w13_scale_inv, w2, w2_scale_inv) -> tuple[torch.Tensor, ...]:
-    """The kernel layout back in the model's (trn2's halved values as e4m3fn, exact; the doubled scales)."""
-    import ml_dtypes
-    import numpy as np
-
-    E, IT, P, KT, IP2 = w13.shape
-    IP = IP2 // 2
-
-    def values(t):
-        return torch.from_numpy(t.numpy().view(ml_dtypes.float8_e4m3).astype(np.float32)).to(FP8_DTYPE)
-
-    q13 = values(w13).reshape(E, IT, P, KT, 2, IP).permute(0, 4, 1, 5, 3, 2).reshape(E, 2 * IT * IP, KT * P)
-    s13 = w13_scale_inv.permute(0, 3, 1, 2, 4).reshape(E, 2 * IT * IP, KT)
-    q2 = values(w2).permute(0, 3, 1, 2).reshape(E, KT * P, IT * IP)
-    s2 = w2_scale_inv.permute(0, 3, 1, 2).reshape(E, KT, IT * IP)
-    return q13, s13, q2, s2
+    """The kernel layout back in the model's: trn2's halved values as e4m3fn (exact), the doubled scales."""
+    w13, s13, w2, s2 = load_kernels("moe_fp8").fp8_experts_model_layout(w13, w13_scale_inv, w2, w2_scale_inv)
+    return w13.to(FP8_DTYPE), s13, w2.to(FP8_DTYPE), s2
 
 
 def moe_experts_fp8_any_layout(hidden, w13, w13_scale_inv, w2, w2_scale_inv, topk_weights, topk_ids):
@@ -207,23 +198,53 @@ def _moe_experts_fp8_kernel(backend, hidden, w13, w13_scale_inv, w2, w2_scale_in
     kernel = load_kernels("moe_fp8")
     weights = (w13, w13_scale_inv, w2, w2_scale_inv)
     if not _is_kernel_layout(w13):  # tools and tests hand model-layout experts: a converted copy, made once
-        from vllm_nki_moe.ops.moe import _kernel_weights
-
         weights = _kernel_weights.get(kernel.fp8_experts_kernel_layout, *weights)
+    tokens = kernel.MAX_DECODE_TOKENS  # the kernel's token tile; longer inputs go through it tile by tile
     ids, routing = topk_ids.to(torch.int32).contiguous(), topk_weights.float().contiguous()
     tiles = [
         call_kernel(
             backend,
             kernel.moe_decode_fp8,
-            hidden[t0 : t0 + KERNEL_TOKENS].contiguous(),
+            hidden[t0 : t0 + tokens].contiguous(),
             *weights,
-            routing[t0 : t0 + KERNEL_TOKENS],
-            ids[t0 : t0 + KERNEL_TOKENS],
+            routing[t0 : t0 + tokens],
+            ids[t0 : t0 + tokens],
             grid=launch_grid(backend),  # slots split over the physical cores (kernels/moe_fp8.py, "Grid")
         )
-        for t0 in range(0, hidden.shape[0], KERNEL_TOKENS)
+        for t0 in range(0, hidden.shape[0], tokens)
     ]
     return tiles[0] if len(tiles) == 1 else torch.cat(tiles)
+
+
+def moe_block_fp8_sequence(impls: dict[str, Callable]) -> Callable:
+    """The decoder layer's MoE half with FP8 experts: ``moe_block``'s sequence (residual add + RMSNorm, gate, router)
+    with ``moe_experts_fp8``. ``moe_block_fp8(hidden [T, H], residual [T, H], norm_weight [H], eps, gate_weight [E, H],
+    w13, w13_scale_inv, w2, w2_scale_inv, top_k, renormalize) -> (experts' output [T, H], new residual [T, H])``.
+    No fused kernel yet: this sequence runs under every backend, each op its own kernel."""
+    fused_add_rms_norm, router_gate_topk, experts = (
+        impls["fused_add_rms_norm"],
+        impls["router_gate_topk"],
+        impls["moe_experts_fp8"],
+    )
+
+    def moe_block_fp8(
+        hidden: torch.Tensor,
+        residual: torch.Tensor,
+        norm_weight: torch.Tensor,
+        eps: float,
+        gate_weight: torch.Tensor,
+        w13: torch.Tensor,
+        w13_scale_inv: torch.Tensor,
+        w2: torch.Tensor,
+        w2_scale_inv: torch.Tensor,
+        top_k: int,
+        renormalize: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        normed, residual = fused_add_rms_norm(hidden, residual, norm_weight, eps)
+        topk_weights, topk_ids = router_gate_topk(normed, gate_weight, top_k, renormalize)
+        return experts(normed, w13, w13_scale_inv, w2, w2_scale_inv, topk_weights, topk_ids), residual
+
+    return moe_block_fp8
 
 
 def _no_host_layout(*weights: torch.Tensor) -> None:
@@ -239,4 +260,5 @@ SPECS = (
         traceable=False,  # data-dependent expert selection
         weights=WeightLayouts(_no_host_layout, prepare_fp8_experts_for_kernels, moe_experts_fp8_any_layout),
     ),
+    OpSpec("moe_block_fp8", compose=moe_block_fp8_sequence),
 )
