@@ -135,7 +135,8 @@ def simulate(kernel):
 
 
 def _is_torch(x: Any) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+    """A torch tensor, subclasses included (vLLM's weight parameters), recognised without importing torch."""
+    return any(c.__module__.startswith("torch") and c.__name__ == "Tensor" for c in type(x).__mro__)
 
 
 def to_numpy(x: Any) -> np.ndarray:

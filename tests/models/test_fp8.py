@@ -187,15 +187,19 @@ def test_fp8_models_match_hf_loading_the_same_checkpoint(name, kernels, make_mod
     harness = gen.Harness(model_dir, kernels)
     ours = [harness.generate(p, NEW_TOKENS).tokens for p in PROMPTS]
     layer = harness.model.model.layers[0]
-    assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn  # kept in FP8, no dequantized copy
+    # one byte per weight, no dequantized copy; under the emulator trn2's FP8 bytes in the kernels' layouts
+    fp8_bytes = torch.uint8 if kernels == "emulator" else torch.float8_e4m3fn
+    qkv = layer.self_attn.qkv_proj
+    assert qkv.weight.dtype == fp8_bytes and qkv.weight.shape == (qkv.output_size_per_partition, qkv.input_size)
     assert layer.self_attn.o_proj.weight_scale_inv.dtype == torch.float32
     if hasattr(layer.mlp, "experts"):
-        experts = layer.mlp.experts  # one byte per weight; under the emulator trn2's FP8 bytes in the kernel layout
-        assert experts.w13_weight.dtype == (torch.uint8 if kernels == "emulator" else torch.float8_e4m3fn)
+        experts = layer.mlp.experts
+        assert experts.w13_weight.dtype == fp8_bytes
         assert experts.w13_weight.element_size() == 1 and experts.w2_weight.element_size() == 1
         assert layer.mlp.gate.weight.dtype == torch.float32  # the router stays unquantized
     assert harness.model.lm_head.weight.dtype == torch.float32
-    if kernels == "emulator" and hasattr(layer.mlp, "experts"):
+    if kernels == "emulator":
+        assert "linear_fp8" in harness.model.opset.kernel_ops
         assert "moe_experts_fp8" in harness.model.opset.kernel_ops
     assert ours == gen.hf_greedy(model_dir, PROMPTS, NEW_TOKENS)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -93,3 +94,25 @@ def test_a_dense_models_silu_mul_is_in_the_rest_of_the_step_by_hand():
     assert parts["kernel boundaries"].count == 5 + 16
     moe = {p.name for p in step_model.rest_of_step(kernel_shapes(None, 4), 1, set(), 5)}
     assert "dense MLP silu * up" not in moe
+
+
+def test_fp8_checkpoint_limit_by_hand():
+    # As the bf16 limit above, with the experts and the projections at 1 byte per weight: per layer attention
+    # 4,718,592 B + its 4,718,592 / 16,384 = 288 block scales x 4 B; experts 8 x 3 x 2048 x 192 = 9,437,184 B + their
+    # scales expanded along I, 8 x 3 x 192 x 16 blocks x 4 B = 294,912 B; the router (262,144) and KV cache (163,840)
+    # stay bf16; x 48 layers, plus the bf16 LM head shard 77,791,232 x 2 B.
+    per_layer = 4_718_592 + 288 * 4 + 9_437_184 + 294_912 + (262_144 + 163_840) * 2
+    nbytes = 48 * per_layer + 77_791_232 * 2
+    fp8 = replace(kernel_shapes(None, 4), fp8=True)
+    assert step_model.limit_seconds(fp8, 1) == pytest.approx(nbytes / (2 * CORE_BW))
+
+
+def test_the_fp8_step_counts_the_fp8_kernels_and_not_the_bf16_ones():
+    st = bench.step_cost(replace(kernel_shapes(None, 4), fp8=True), "decode", 1)
+    per_layer = {r.kernel for r in st.rows if r.passed and r.calls_per_layer}
+    assert {"linear_fp8.qkv_proj", "linear_fp8.o_proj", "moe_decode_fp8", "router_topk_matmul"} <= per_layer
+    assert not {"linear.qkv_proj", "linear.o_proj", "moe_block_decode"} & per_layer
+    lm_head = [r for r in st.rows if r.calls_per_step and r.kernel.startswith("linear")]
+    assert [r.kernel for r in lm_head] == ["linear.lm_head"]  # the LM head stays bf16 in FP8 checkpoints
+    assert {p.name for p in st.rest}.isdisjoint({"qkv_proj", "o_proj", "lm_head"})  # all covered by kernels
+    assert bench.step_line(st).startswith("decode step with FP8 weights, batch 1: ")

@@ -8,8 +8,8 @@ layers/linear.py``, ``quantization/base_config.py``). :class:`Fp8BlockConfig` gi
 :class:`Fp8BlockLinearMethod`: an fp8 ``weight`` and an fp32 ``weight_scale_inv`` per 128 x 128 block, both vLLM's own
 parameter classes (``ModelWeightParameter``, ``BlockQuantScaleParameter``) so that vLLM's weight loaders cut the TP
 shards and place q/k/v and gate/up pieces in block units; vLLM's ``validate_fp8_block_shape`` rejects a TP degree
-that would split a block. After loading nothing is converted: the layer keeps the fp8 weight and its scales (no
-dequantized copy).
+that would split a block. After loading the layer keeps the fp8 weight and its scales (no dequantized copy), converted
+in place to the kernel's layout under a kernel backend (``ops.fp8.prepare_linear_fp8_for_kernels``).
 
 vLLM picks a checkpoint's quantization method when it builds its config (``ModelConfig._verify_quantization``: a
 registered method's ``override_quantization_method`` may claim the checkpoint, custom ones first). Its own ``fp8``
@@ -86,7 +86,9 @@ class Fp8BlockLinearMethod(QuantizeMethodBase):
         return y if bias is None else y + bias
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
-        """Nothing: the fp8 weight and its scales are what ``linear_fp8`` reads."""
+        """The fp8 weight and its scales in the layout the bound ``linear_fp8`` reads (the kernel's under
+        ``emulator``/``nki``, converted in place: still one byte per weight; as loaded under ``torch``)."""
+        self.opset.prepare_weights("linear_fp8", layer.weight, layer.weight_scale_inv)
 
 
 @register_quantization_config(NAME)

@@ -15,8 +15,8 @@ column); a few percent of the FP8 bytes.
 
 Kernels: ``moe_experts_fp8`` runs ``kernels/moe_fp8.py`` (decode-sized token tiles of up to 128; longer inputs go
 through it tile by tile) on the experts converted once at load, in place, to its layout (trn2's FP8 format, hidden
-split into scale blocks: ``prepare_fp8_experts_for_kernels``). ``linear_fp8`` has no kernel yet: it runs its torch
-reference under every backend (``ops.bind`` logs it).
+split into scale blocks: ``prepare_fp8_experts_for_kernels``); ``linear_fp8`` runs ``kernels/linear_fp8.py`` on the
+weight converted the same way (``prepare_linear_fp8_for_kernels``: trn2's format, block-major, the model's shapes).
 """
 
 from __future__ import annotations
@@ -247,12 +247,65 @@ def moe_block_fp8_sequence(impls: dict[str, Callable]) -> Callable:
     return moe_block_fp8
 
 
+def _is_linear_kernel_layout(weight: torch.Tensor) -> bool:
+    return weight.dtype == torch.uint8  # trn2 FP8 bytes (linear_fp8.linear_fp8_kernel_layout)
+
+
+def _linear_fp8_supports(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> str | None:
+    if x.dtype not in KERNEL_DTYPES:
+        return f"x.dtype={x.dtype}; the kernel takes bfloat16 or float32 activations"
+    if x.dim() != 2 or x.shape[0] == 0 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        return f"x {tuple(x.shape)}, weight {tuple(weight.shape)}; must be [T >= 1, K], [N, K]"
+    K = x.shape[1]
+    if K > BLOCK and K % BLOCK:
+        return f"K={K}; the kernel needs K < {BLOCK} or a multiple of {BLOCK} (one scale block per contraction tile)"
+    return None
+
+
+def prepare_linear_fp8_for_kernels(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> None:
+    """In place, once after loading: the kernel's layout (``linear_fp8.linear_fp8_kernel_layout``: the same shapes,
+    trn2 FP8 bytes) where the kernel takes the weight, so the layer keeps one copy."""
+    probe = torch.zeros(1, weight.shape[1], dtype=torch.bfloat16)
+    if _is_linear_kernel_layout(weight) or _linear_fp8_supports(probe, weight, weight_scale_inv):
+        return
+    converted = load_kernels("linear_fp8").linear_fp8_kernel_layout(weight, weight_scale_inv)
+    for param, data in zip((weight, weight_scale_inv), converted):
+        param.data = data
+
+
+def linear_fp8_any_layout(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    """:func:`linear_fp8` on a weight in the model's layout or the kernel's."""
+    if _is_linear_kernel_layout(weight):
+        values, weight_scale_inv = load_kernels("linear_fp8").linear_fp8_model_layout(weight, weight_scale_inv)
+        weight = values.to(FP8_DTYPE)  # trn2's halved values are e4m3fn values too (exact)
+    return linear_fp8(x, weight, weight_scale_inv)
+
+
+def _linear_fp8_kernel(backend: str, x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor):
+    kernel = load_kernels("linear_fp8")
+    weights = (weight, weight_scale_inv)
+    if not _is_linear_kernel_layout(weight):  # tools and tests hand model-layout weights: converted once
+        weights = _kernel_weights.get(kernel.linear_fp8_kernel_layout, *weights)
+    rows = kernel.max_tokens(x.shape[1], x.element_size())  # x stays in SBUF: longer inputs go in token tiles
+    tiles = [
+        # output blocks split over the physical cores (kernels/linear_fp8.py, "Grid")
+        call_kernel(backend, kernel.linear_fp8, x[t0 : t0 + rows].contiguous(), *weights, grid=launch_grid(backend))
+        for t0 in range(0, x.shape[0], rows)
+    ]
+    return tiles[0] if len(tiles) == 1 else torch.cat(tiles)
+
+
 def _no_host_layout(*weights: torch.Tensor) -> None:
     """The torch backend reads the model's layout."""
 
 
 SPECS = (
-    OpSpec("linear_fp8", linear_fp8),
+    OpSpec(
+        "linear_fp8",
+        linear_fp8,
+        kernel=KernelImpl(_linear_fp8_kernel, _linear_fp8_supports),
+        weights=WeightLayouts(_no_host_layout, prepare_linear_fp8_for_kernels, linear_fp8_any_layout),
+    ),
     OpSpec(
         "moe_experts_fp8",
         moe_experts_fp8,

@@ -61,7 +61,7 @@ class StepCost:
     tokens_per_s_per_chip: float
     failed: tuple[str, ...]  # kernels that failed or were unsupported (not counted)
     limit_seconds: float | None = None  # decode: the memory wall of the step
-    fp8_experts: bool = False  # the step with block-scaled FP8 experts
+    fp8: bool = False  # the step of an FP8 checkpoint (block-scaled FP8 experts and projections)
 
 
 def replicas_per_chip(tp: int) -> float:
@@ -85,9 +85,7 @@ def step_cost(
     tps = tokens / step_seconds * replicas_per_chip(shapes.tp) if step_seconds > 0 else 0.0
     failed = tuple(f"{r.kernel} ({r.shapes})" for r in rows if not r.passed)
     limit = limit_seconds(shapes, tokens) if step == "decode" else None
-    return StepCost(
-        step, tokens, rows, per_layer, kernels_seconds, rest, step_seconds, tps, failed, limit, shapes.fp8_experts
-    )
+    return StepCost(step, tokens, rows, per_layer, kernels_seconds, rest, step_seconds, tps, failed, limit, shapes.fp8)
 
 
 def step_line(st: StepCost) -> str:
@@ -95,7 +93,7 @@ def step_line(st: StepCost) -> str:
     if st.step == "decode":
         pct = 100.0 * st.limit_seconds / st.step_seconds if st.step_seconds else 0.0
         return (
-            f"decode step{' with FP8 experts' if st.fp8_experts else ''}, batch {st.tokens}: "
+            f"decode step{' with FP8 weights' if st.fp8 else ''}, batch {st.tokens}: "
             f"{st.step_seconds * 1e3:.3f} ms per token "
             f"(limit {st.limit_seconds * 1e3:.3f} ms, {pct:.0f}% of it)"
         )
@@ -106,8 +104,8 @@ def step_line(st: StepCost) -> str:
 def bench(shapes: KernelShapes, backend: str = "emulator", lnc: int | None = None) -> list[StepCost]:
     steps = [step_cost(shapes, "decode", b, backend, lnc) for b in DECODE_BATCHES]
     steps.append(step_cost(shapes, "prefill", PREFILL_TOKENS, backend, lnc))
-    if shapes.experts and not shapes.fp8_experts:  # the batch-1 step again with FP8 experts (FP8 checkpoints)
-        steps.append(step_cost(replace(shapes, fp8_experts=True), "decode", 1, backend, lnc))
+    if shapes.experts and not shapes.fp8:  # the batch-1 step again for an FP8 checkpoint
+        steps.append(step_cost(replace(shapes, fp8=True), "decode", 1, backend, lnc))
     return steps
 
 
@@ -120,7 +118,7 @@ def format_bench(shapes: KernelShapes, steps: list[StepCost]) -> str:
     lines = [f"kernels bench: {shapes.describe()}; target {target.name}", ""]
     for st in steps:
         title = f"decode, batch {st.tokens}" if st.step == "decode" else f"prefill, {st.tokens} tokens"
-        title += ", FP8 experts" if st.fp8_experts else ""
+        title += ", FP8 weights (experts and projections)" if st.fp8 else ""
         lines.append(f"== {title} ==")
         lines.append(
             f"  {'kernel':<22} {'shapes':<40} {'est us':>9} {'engines':>9} {'roof us':>9} {'% roof':>6} {'x/layer':>7} "

@@ -8,7 +8,7 @@ once per layer, and the experts, router and one of the two norms per layer count
 ``cases_router`` ask the same function).
 
 ``moe_decode_fp8`` (``kernels/moe_fp8.py``) is checked at every shape; it counts in the step only when the shapes
-say the experts are FP8 (``KernelShapes.fp8_experts``, the FP8 step ``kernels bench`` prints beside the bf16 one):
+say the experts are FP8 (``KernelShapes.fp8``, the FP8 step ``kernels bench`` prints beside the bf16 one):
 then it replaces the fused block and the decode/prefill experts (for up to 128 tokens), and the norms and router run
 separately.
 
@@ -101,7 +101,7 @@ def _fp8_decode_case(s: KernelShapes, T: int, weights, ids, distinct: int, act_b
         reference=moe_fp8.moe_decode_fp8_ref,
         tolerance="bfloat16_matmul" if s.dtype == "bfloat16" else "float32_matmul",
         min_hbm_bytes=distinct * expert_bytes + act_bytes + T * K * 8,
-        calls_per_layer=1 if s.fp8_experts else 0,  # the FP8 op runs it for any T, tile by tile
+        calls_per_layer=1 if s.fp8 else 0,  # the FP8 op runs it for any T, tile by tile
         lnc_grid=True,  # the slots split over the programs (kernels/moe_fp8.py, "Grid")
         phase="decode",
         unsupported=unsupported,
@@ -129,8 +129,8 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
         return [torch.from_numpy(rng.standard_normal((T, H), dtype=np.float32)).to(dt) for _ in range(n)]
 
     out: list[KernelCase] = []
-    decode = T <= moe_decode.MAX_DECODE_TOKENS and use_decode(T, K, E) and not s.fp8_experts
-    fused = fused_block_applies(T, K, E) and not s.fp8_experts  # the model's moe_block runs moe_block_decode
+    decode = T <= moe_decode.MAX_DECODE_TOKENS and use_decode(T, K, E) and not s.fp8
+    fused = fused_block_applies(T, K, E) and not s.fp8  # the model's moe_block runs moe_block_decode
     if T <= moe_decode.MAX_DECODE_TOKENS:
 
         def decode_inputs(rng: np.random.Generator) -> tuple:
@@ -201,7 +201,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             reference=moe_prefill.moe_prefill_ref,
             tolerance=tol,
             min_hbm_bytes=distinct * expert_bytes + act_bytes + NB * (B * 8 + 4) + 4,
-            calls_per_layer=0 if decode or (s.fp8_experts and T <= moe_fp8.MAX_DECODE_TOKENS) else 1,
+            calls_per_layer=0 if decode or (s.fp8 and T <= moe_fp8.MAX_DECODE_TOKENS) else 1,
             lnc_grid=True,  # blocks interleaved over the programs (kernels/moe_prefill.py, "Grid")
             phase="prefill" if decode else "any",
             unsupported=unsupported or (f"top_k={K} > E={E}" if K > E else None),

@@ -77,7 +77,9 @@ class KernelShapes:
     context_len: int = DEFAULT_CONTEXT_LEN
     dtype: str = "bfloat16"  # activation dtype of the cases ("bfloat16": the hardware path; or "float32")
     qk_norm: bool = True  # Qwen3: q/k RMSNorm fused with RoPE (qk_norm_rope); Llama: RoPE alone (rope)
-    fp8_experts: bool = False  # the step with block-scaled FP8 experts (moe_decode_fp8 instead of the fused block)
+    # The step of an FP8 checkpoint: block-scaled FP8 experts (moe_decode_fp8 instead of the fused block) and
+    # projections (linear_fp8 for q/k/v, o and the dense MLP; the LM head stays bf16, as in Qwen's checkpoints).
+    fp8: bool = False
 
     @property
     def torch_dtype(self):

@@ -150,8 +150,11 @@ def limit_seconds(shapes: KernelShapes, tokens: int) -> float:
         + math.ceil(shapes.vocab / shapes.tp) * h
     )
     nbytes = weights * ACT_BYTES
-    if shapes.fp8_experts:  # 1 byte per expert weight instead of ACT_BYTES, plus 4 per expanded scale
+    if shapes.fp8:  # FP8 checkpoint: 1 byte per expert and projection weight instead of ACT_BYTES, plus the scales
+        blocks = math.ceil(h / 128)
         expert_weights = shapes.moe_layers * experts * 3 * h * shapes.moe_intermediate
-        scales = shapes.moe_layers * experts * 3 * shapes.moe_intermediate * math.ceil(h / 128)
-        nbytes -= expert_weights * (ACT_BYTES - 1) - 4 * scales
+        expert_scales = shapes.moe_layers * experts * 3 * shapes.moe_intermediate * blocks  # expanded along I
+        proj_weights = shapes.layers * attn + (shapes.layers - shapes.moe_layers) * dense
+        proj_scales = proj_weights // (128 * 128)  # one per 128 x 128 block
+        nbytes -= (expert_weights + proj_weights) * (ACT_BYTES - 1) - 4 * (expert_scales + proj_scales)
     return _hbm_seconds(nbytes, logical_core_size())
