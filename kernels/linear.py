@@ -16,6 +16,7 @@ import torch
 from .grid import program_share
 from .limits import GEMM_MOVING_FMAX, GEMM_STATIONARY_FMAX, SBUF_PARTITION_BYTES, require
 from .moe_common import split_tiles
+from .views import rows_over_partitions
 
 N_TILE = GEMM_MOVING_FMAX  # output columns per matmul: the moving free size, one 2 KiB PSUM bank of fp32
 ROWS_PER_TILE = GEMM_STATIONARY_FMAX  # tokens per matmul: the stationary free size
@@ -68,7 +69,7 @@ def linear(x, weight_t):
     )
     y = nl.ndarray((T, N), dtype=x.dtype, buffer=nl.shared_hbm)
     xs = nl.ndarray((KP, T, F), dtype=x.dtype, buffer=nl.sbuf)
-    nisa.dma_copy(dst=xs, src=x.reshape((T, KP, F)).permute((1, 0, 2)))
+    nisa.dma_copy(dst=xs, src=rows_over_partitions(x, 0, T, KP))
     w_all = weight_t.reshape((KP, F, N))
     first, last = program_share(N)  # this program's columns
     per_dma = -(-F // WEIGHT_DMAS_PER_CHUNK)  # K tiles per weight DMA

@@ -18,6 +18,7 @@ from .moe_common import (
 )
 from .moe_decode import MAX_DECODE_TOKENS
 from .subkernels import softmax_rows
+from .views import sbuf_view
 
 # The router's logits tile [T, E] is one matmul's moving free size (nc_matmul: N <= gemm_moving_fmax).
 MAX_ROUTER_EXPERTS = GEMM_MOVING_FMAX
@@ -106,8 +107,8 @@ def moe_block_decode(hidden, residual, gamma, router_w, w13, w2, eps, top_k, nor
     nisa.tensor_scalar(dst=rstd, data=ss_ps, op0=nl.multiply, operand0=1.0 / H, op1=nl.add, operand1=float(eps))
     nisa.activation(dst=rstd, op=nl.rsqrt, data=rstd)
     x_sb = nl.ndarray((HP, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=x_sb, data1=r_sb, data2=rstd.expand_dim(2).broadcast(2, KT), op=nl.multiply)
-    nisa.tensor_tensor(dst=x_sb, data1=x_sb, data2=gamma_sb.expand_dim(1).broadcast(1, T), op=nl.multiply)
+    nisa.tensor_tensor(dst=x_sb, data1=r_sb, data2=sbuf_view(rstd, [[1, T], [0, KT]]), op=nl.multiply)
+    nisa.tensor_tensor(dst=x_sb, data1=x_sb, data2=sbuf_view(gamma_sb, [[0, T], [1, KT]]), op=nl.multiply)
 
     # router logits [T, E], rounded to the activation dtype, then softmax in fp32
     lg_ps = nl.ndarray((T, E), dtype=nl.float32, buffer=nl.psum)
@@ -138,7 +139,7 @@ def moe_block_decode(hidden, residual, gamma, router_w, w13, w2, eps, top_k, nor
         dst=diag,
         pattern=[[-1, T], [0, K]],
         channel_multiplier=1,
-        on_true_tile=wk.expand_dim(1).broadcast(1, T),
+        on_true_tile=sbuf_view(wk, [[0, T], [1, K]]),
         on_false_value=0.0,
         cmp_op=nl.equal,
     )

@@ -24,6 +24,7 @@ import torch
 from .grid import program_share
 from .limits import GEMM_MOVING_FMAX, PMAX, PSUM_BANK_BYTES, require
 from .moe_common import check_experts, experts_model_layout, slots_ref
+from .views import sbuf_view
 
 DEFAULT_BLOCK_SIZE = PMAX  # one gather / transpose / scatter sub-block per expert block
 # Blocks larger than a partition tile are processed as sub-blocks of PMAX tokens (gather, transpose, down, scatter);
@@ -110,7 +111,39 @@ def moe_prefill(hidden, w13, w2, block_expert, block_tokens, block_weights, num_
              num_blocks [1] <= NB; ids valid as ``prefill_block_metadata`` makes them (an expert id out of range
              fails its DMA; a token id in [0, T) may appear at most once per block).
     """
-    where = "moe_prefill"
+    out, partials, nb_reg, SB, NSUB = _begin(
+        "moe_prefill", hidden, w13, w2, block_expert, block_tokens, block_weights, num_blocks
+    )
+    programs, pid = nl.num_programs(), nl.program_id(0)
+
+    def block(i):
+        _expert_block(partials[pid], hidden, w13, w2, block_expert, block_tokens, block_weights, i, SB, NSUB)
+
+    nl.fori_loop(pid, nb_reg, block, step=programs)  # blocks interleaved over the programs
+    _end(out, partials)
+    return out
+
+
+@nki.jit
+def moe_prefill_nki03(hidden, w13, w2, block_expert, block_tokens, block_weights, num_blocks):
+    """``moe_prefill`` for NKI 0.2 to 0.5 (the contest harness's 0.3 among them): the same blocks and tiling, the
+    runtime block loop written as ``for i in nl.dynamic_range(...)``, which ``nl.fori_loop`` replaces from NKI 0.6 on
+    (0.6 deprecates dynamic_range: nki/migration/index.rst, "Migrating from NKI 0.5.0 to NKI 0.6.0"). Same
+    arguments, result and limits as ``moe_prefill``; ``export-contest`` ships this one for the harness.
+    """
+    out, partials, nb_reg, SB, NSUB = _begin(
+        "moe_prefill_nki03", hidden, w13, w2, block_expert, block_tokens, block_weights, num_blocks
+    )
+    programs, pid = nl.num_programs(), nl.program_id(0)
+    for i in nl.dynamic_range(pid, nb_reg, programs):  # blocks interleaved over the programs
+        _expert_block(partials[pid], hidden, w13, w2, block_expert, block_tokens, block_weights, i, SB, NSUB)
+    _end(out, partials)
+    return out
+
+
+def _begin(where, hidden, w13, w2, block_expert, block_tokens, block_weights, num_blocks):
+    """Both loop forms' start: the argument checks, the output and per-program partials (this program's zeroed),
+    the block count in a register. Returns (out, partials, nb_reg, SB, NSUB)."""
     T, H, E, HP, KT, IP, IT = check_experts(where, hidden, w13, w2, MAX_PREFILL_TOKENS)
     require(len(block_tokens.shape) == 2, where, f"block_tokens.shape={tuple(block_tokens.shape)}; must be [NB, B]")
     NB, B = block_tokens.shape
@@ -158,14 +191,14 @@ def moe_prefill(hidden, w13, w2, block_expert, block_tokens, block_weights, num_
     nb_reg = nisa.register_alloc()
     nisa.register_load(nb_reg, nb_sb)
 
-    def block(i):
-        _expert_block(mine, hidden, w13, w2, block_expert, block_tokens, block_weights, i, SB, NSUB)
+    return out, partials, nb_reg, SB, NSUB
 
-    nl.fori_loop(pid, nb_reg, block, step=programs)  # blocks interleaved over the programs
-    if programs > 1:
-        nisa.core_barrier(data=mine, cores=(0, 1))  # both partials complete
-        _sum_partials(out, partials, T, H)
-    return out
+
+def _end(out, partials) -> None:
+    """Both loop forms' end: under a grid, wait for both partials, then each program sums its share of the rows."""
+    if len(partials) > 1:
+        nisa.core_barrier(data=partials[nl.program_id(0)], cores=(0, 1))  # both partials complete
+        _sum_partials(out, partials, out.shape[0], out.shape[1])
 
 
 def _sum_partials(out, partials, T: int, H: int) -> None:
@@ -252,7 +285,7 @@ def _expert_block(out, hidden, w13, w2, block_expert, block_tokens, block_weight
                     accumulate=c > 0,
                 )
             nisa.tensor_scalar(
-                dst=y_sb[:, :, kt0 : kt0 + g].permute((0, 2, 1)),
+                dst=sbuf_view(y_sb, [[1, g], [KT, HP]], offset=kt0),  # [token, kt, p] of this group
                 data=y_ps,
                 op0=nl.multiply,
                 operand0=wts[:, s : s + 1],

@@ -20,6 +20,7 @@ import torch
 
 from .limits import GEMM_MOVING_FMAX, PMAX, SBUF_PARTITION_BYTES, require
 from .subkernels import broadcast_weight
+from .views import rows_over_partitions, sbuf_view
 
 ROWS_PER_TILE = PMAX  # one row (token, or token x head) per partition
 # SBUF per partition: x, the normalised row, the output (activation dtype) and the broadcast weight (weight dtype),
@@ -108,12 +109,6 @@ def _use_h_layout(where: str, T: int, H: int, itemsize: int, layout: str) -> boo
     return layout == "auto" and H % PMAX == 0 and H >= H_LAYOUT_MIN_H and small_t
 
 
-def _h_view(t, r0: int, n: int):
-    """HBM rows r0..r0+n of ``t [T, H]`` as [PMAX, n, H/PMAX]: partition p holds h = p*F .. p*F+F-1 of each row."""
-    H = t.shape[1]
-    return t[r0 : r0 + n, :].reshape((n, PMAX, H // PMAX)).permute((1, 0, 2))
-
-
 def _rms_norm_h(out, new_residual, x, residual, weight, eps) -> None:
     """The h layout of rms_norm (``residual`` None) and fused_add_rms_norm; writes ``out`` (and ``new_residual``).
 
@@ -134,12 +129,12 @@ def _rms_norm_h(out, new_residual, x, residual, weight, eps) -> None:
     for r0 in range(0, T, chunk):
         n = min(chunk, T - r0)
         xt = nl.ndarray((PMAX, n, F), dtype=x.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=xt, src=_h_view(x, r0, n))
+        nisa.dma_copy(dst=xt, src=rows_over_partitions(x, r0, n))
         if residual is not None:
             rt = nl.ndarray((PMAX, n, F), dtype=x.dtype, buffer=nl.sbuf)
-            nisa.dma_copy(dst=rt, src=_h_view(residual, r0, n))
+            nisa.dma_copy(dst=rt, src=rows_over_partitions(residual, r0, n))
             nisa.tensor_tensor(dst=xt, data1=xt, data2=rt, op=nl.add)  # rounded to x's dtype, as torch adds
-            nisa.dma_copy(dst=_h_view(new_residual, r0, n), src=xt)
+            nisa.dma_copy(dst=rows_over_partitions(new_residual, r0, n), src=xt)
         partial = nl.ndarray((PMAX, n), dtype=nl.float32, buffer=nl.sbuf)
         ot = nl.ndarray((PMAX, n, F), dtype=x.dtype, buffer=nl.sbuf)
         if n == 1:
@@ -164,9 +159,9 @@ def _rms_norm_h(out, new_residual, x, residual, weight, eps) -> None:
         if n == 1:
             nisa.activation(dst=normed[:, 0, :], op=nl.copy, data=xt[:, 0, :], scale=rstd)
         else:
-            nisa.tensor_tensor(dst=normed, data1=xt, data2=rstd.expand_dim(2).broadcast(2, F), op=nl.multiply)
-        nisa.tensor_tensor(dst=ot, data1=normed, data2=w.expand_dim(1).broadcast(1, n), op=nl.multiply)
-        nisa.dma_copy(dst=_h_view(out, r0, n), src=ot)
+            nisa.tensor_tensor(dst=normed, data1=xt, data2=sbuf_view(rstd, [[1, n], [0, F]]), op=nl.multiply)
+        nisa.tensor_tensor(dst=ot, data1=normed, data2=sbuf_view(w, [[0, n], [1, F]]), op=nl.multiply)
+        nisa.dma_copy(dst=rows_over_partitions(out, r0, n), src=ot)
 
 
 @nki.jit

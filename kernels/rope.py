@@ -17,6 +17,7 @@ import torch
 from .limits import PMAX, SBUF_PARTITION_BYTES, require
 from .rmsnorm import rms_norm_ref
 from .subkernels import broadcast_weight  # one HBM read, Tensor Engine copy
+from .views import sbuf_view
 
 ROWS_PER_TILE = PMAX  # one token per partition; all heads of the token in the free axis
 
@@ -76,18 +77,20 @@ def _rotate_tile(out_tile, x_tile, cs_tile, heads: int, D: int) -> None:
     """
     n = x_tile.shape[0]
     half = D // 2
-    x = x_tile.reshape_dim(1, [heads, 2, half])
-    o = out_tile.reshape_dim(1, [heads, 2, half])
+    x = sbuf_view(x_tile, [[D, heads], [half, 2], [1, half]])  # [n, heads, 2, half]
 
-    def halves(cols):  # [n, half] -> [n, heads, 2, half], stride 0 over heads and halves
-        return cols.expand_dim(1).expand_dim(1).broadcast(1, heads).broadcast(2, 2)
+    def out_half(i):  # [n, heads, half]: half i of every head of out_tile
+        return sbuf_view(out_tile, [[D, heads], [1, half]], offset=i * half)
+
+    def halves(offset):  # cs_tile's cos (offset 0) or sin (half) as [n, heads, 2, half], stride 0 over heads and halves
+        return sbuf_view(cs_tile, [[0, heads], [0, 2], [1, half]], offset=offset)
 
     a = nl.ndarray((n, heads, 2, half), dtype=x_tile.dtype, buffer=nl.sbuf)
     b = nl.ndarray((n, heads, 2, half), dtype=x_tile.dtype, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=a, data1=x, data2=halves(cs_tile[:, 0:half]), op=nl.multiply)
-    nisa.tensor_tensor(dst=b, data1=x, data2=halves(cs_tile[:, half:D]), op=nl.multiply)
-    nisa.tensor_tensor(dst=o[:, :, 0, :], data1=a[:, :, 0, :], data2=b[:, :, 1, :], op=nl.subtract)
-    nisa.tensor_tensor(dst=o[:, :, 1, :], data1=a[:, :, 1, :], data2=b[:, :, 0, :], op=nl.add)
+    nisa.tensor_tensor(dst=a, data1=x, data2=halves(0), op=nl.multiply)
+    nisa.tensor_tensor(dst=b, data1=x, data2=halves(half), op=nl.multiply)
+    nisa.tensor_tensor(dst=out_half(0), data1=a[:, :, 0, :], data2=b[:, :, 1, :], op=nl.subtract)
+    nisa.tensor_tensor(dst=out_half(1), data1=a[:, :, 1, :], data2=b[:, :, 0, :], op=nl.add)
 
 
 @nki.jit
@@ -163,7 +166,6 @@ def _norm_rope_tile(out_tile, x_tile, w_tile, cs_tile, eps_tile, heads: int, D: 
         nisa.activation(dst=rstd, op=nl.rsqrt, data=ss, scale=1.0 / D, bias=eps_tile[0:n, :])
         nisa.activation(dst=normed, op=nl.copy, data=x_tile, scale=rstd)
     else:
-        x3 = x_tile.reshape_dim(1, [heads, D])
         # Sums of squares per head on the Scalar engine (one square+reduce per head), which keeps the Vector engine
         # (normalise, weight, rope) the only busy one: TP=4 T=128 bf16 3.33 -> 2.13 us est vs a Vector square+reduce.
         sq = nl.ndarray((n, D), dtype=nl.float32, buffer=nl.sbuf)
@@ -172,20 +174,23 @@ def _norm_rope_tile(out_tile, x_tile, w_tile, cs_tile, eps_tile, heads: int, D: 
             nisa.activation(
                 dst=sq,
                 op=nl.square,
-                data=x3[:, j, :],
+                data=sbuf_view(x_tile, [[1, D]], offset=j * D),
                 reduce_op=nl.add,
                 reduce_res=ss[:, j : j + 1],
                 reduce_cmd=nisa.reduce_cmd.reset_reduce,
             )
         nisa.activation(dst=rstd, op=nl.rsqrt, data=ss, scale=1.0 / D, bias=eps_tile[0:n, :])
         nisa.tensor_tensor(
-            dst=normed.reshape_dim(1, [heads, D]), data1=x3, data2=rstd.expand_dim(2).broadcast(2, D), op=nl.multiply
+            dst=sbuf_view(normed, [[D, heads], [1, D]]),
+            data1=sbuf_view(x_tile, [[D, heads], [1, D]]),
+            data2=sbuf_view(rstd, [[1, heads], [0, D]]),
+            op=nl.multiply,
         )
     weighted = nl.ndarray((n, heads * D), dtype=x_tile.dtype, buffer=nl.sbuf)
     nisa.tensor_tensor(
-        dst=weighted.reshape_dim(1, [heads, D]),
-        data1=normed.reshape_dim(1, [heads, D]),
-        data2=w_tile[0:n, :].expand_dim(1).broadcast(1, heads),
+        dst=sbuf_view(weighted, [[D, heads], [1, D]]),
+        data1=sbuf_view(normed, [[D, heads], [1, D]]),
+        data2=sbuf_view(w_tile, [[0, heads], [1, D]], partitions=n),
         op=nl.multiply,
     )
     _rotate_tile(out_tile, weighted, cs_tile, heads, D)

@@ -17,6 +17,7 @@ import torch
 
 from .limits import GEMM_MOVING_FMAX, PMAX, SBUF_PARTITION_BYTES, TOPK8, TOPK8_MAX_ELEMS, TOPK8_MIN_ELEMS, require
 from .subkernels import softmax_rows
+from .views import rows_over_partitions
 
 ROWS_PER_TILE = PMAX  # one token per partition, all experts in the free axis
 # max8 / nc_find_index8 read at least 8 elements per partition: fewer experts are padded with -inf logits
@@ -143,7 +144,7 @@ def router_topk_matmul(x, gate_weight_t, top_k, renormalize):
     for r0 in range(0, T, ROWS_PER_TILE):
         n = min(ROWS_PER_TILE, T - r0)
         xt = nl.ndarray((PMAX, n, F), dtype=x.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=xt, src=x[r0 : r0 + n, :].reshape((n, PMAX, F)).permute((1, 0, 2)))
+        nisa.dma_copy(dst=xt, src=rows_over_partitions(x, r0, n))
         logits = nl.ndarray((n, E), dtype=nl.float32, buffer=nl.psum)
         for f in range(F):
             nisa.nc_matmul(dst=logits, stationary=xt[:, :, f], moving=w[:, f, :], accumulate=f > 0)

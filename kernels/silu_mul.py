@@ -47,7 +47,8 @@ def _gate_up_tile(dst_dtype, shape, gate_src, up_src, out_dst) -> None:
 def _spread_view(t, half: int, inter: int):
     """Half ``half`` (width I) of every row of ``t`` as [PMAX, T, I/PMAX]: partition p holds i = p*F .. p*F+F-1."""
     T, width = t.shape
-    return t.reshape((T, width // inter, PMAX, inter // PMAX))[:, half, :, :].permute((1, 0, 2))
+    F = inter // PMAX
+    return t.ap([[F, PMAX], [width, T], [1, F]], offset=half * inter)
 
 
 @nki.jit

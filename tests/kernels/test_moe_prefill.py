@@ -156,6 +156,22 @@ def test_moe_prefill_on_two_programs_matches_ref_each_core_taking_every_other_bl
         assert two_rep.estimated_seconds < 0.75 * one_rep.estimated_seconds, two_rep.format()
 
 
+@pytest.mark.parametrize("grid", [1, 2])
+def test_the_nki_0_3_loop_form_runs_the_same_blocks_to_the_same_bits(grid):
+    """moe_prefill_nki03 (nl.dynamic_range, what NKI 0.3 has) vs moe_prefill (nl.fori_loop, NKI 0.6): the same
+    instructions on the same blocks, so the same output bits and the same cost estimate."""
+    from nki_emulator import language_rules
+
+    name, H, I, E, K = SMALL  # noqa: E741
+    args, _ = _inputs(129, H, I, E, K, torch.bfloat16, 32)
+    new, new_rep = emulator.run(mp.moe_prefill[grid] if grid > 1 else mp.moe_prefill, *args)
+    old, old_rep = emulator.run(mp.moe_prefill_nki03[grid] if grid > 1 else mp.moe_prefill_nki03, *args)
+    assert torch.equal(old, new)
+    assert old_rep.estimated_seconds == pytest.approx(new_rep.estimated_seconds)
+    assert language_rules.check(mp.moe_prefill_nki03, "0.3") == []
+    assert "fori_loop" in language_rules.check(mp.moe_prefill, "0.3")[0].format("0.3")
+
+
 def test_moe_prefill_on_two_programs_halves_the_weight_traffic_per_core_at_qwen3_30b_a3b_tp8():
     name, H, I, E, K = QWEN3_30B_A3B_TP8  # noqa: E741
     args, _ = _inputs(37, H, I, E, K, torch.bfloat16, 8)
