@@ -163,6 +163,35 @@ def test_kernel_rmsnorm_module_matches_hugging_face_rmsnorm_in_the_emulator(writ
     assert "def rms_norm(" in inspect.getsource(getattr(kernel, "__wrapped__", kernel))
 
 
+def test_kernels_load_from_real_source_files_beside_the_module(written, harness):
+    """No exec or linecache: the kernels are written as files of the package <module>_kernels next to the module
+    and imported from there, so inspect (and nki.jit) read them from disk; a stale file is rewritten."""
+    import nki_emulator as emulator
+
+    emulator.install()  # the kernel files import nki
+    assert "linecache" not in written.read_text() and "exec(" not in written.read_text()
+    folder = written.parent / f"{MODULE}_kernels"
+    folder.mkdir()
+    (folder / "limits.py").write_text("PMAX = 1  # an older export's file\n")
+    qwen = harness.load(written)
+    kernel = qwen.kernel("rmsnorm")
+    path = inspect.getsourcefile(getattr(kernel, "fn", kernel))
+    assert path == str(folder / "rmsnorm.py")
+    assert (folder / "rmsnorm.py").read_text() == (kernels_dir() / "rmsnorm.py").read_text()
+    assert (folder / "limits.py").read_text() == (kernels_dir() / "limits.py").read_text()  # rewritten
+    assert qwen.load_kernels().limits.PMAX == 128
+
+
+def test_a_read_only_folder_puts_the_kernel_files_under_the_temporary_directory(written, harness, monkeypatch):
+    import os
+    import tempfile
+
+    qwen = harness.load(written)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    folder = qwen.kernel_folder()
+    assert folder.startswith(tempfile.gettempdir()) and folder.endswith(f"{MODULE}_kernels")
+
+
 def test_an_edited_embedded_kernel_is_refused(written, harness):
     qwen = harness.load(written)
     qwen.KERNEL_FILES["limits"] += "\n# edited\n"

@@ -9,8 +9,10 @@ The written module therefore:
 - subclasses NxDI's stock Qwen3-MoE (``neuronx_distributed_inference.models.qwen3_moe.modeling_qwen3_moe``, what
   ``main.py`` uses as its baseline), replacing modules where one of our kernels plugs in (:data:`HOOKS`) and inheriting
   everything else (config, weight conversion, compiler arguments), instead of copying the ~600-line model file;
-- embeds the source of every kernel file in ``kernels/`` at export time, byte for byte with its sha256, executed on
-  first use as the package ``<module>_kernels`` (so the files' ``from .limits import ...`` lines work unchanged);
+- embeds the source of every kernel file in ``kernels/`` at export time, byte for byte with its sha256 (the harness
+  takes one file), and on first use writes them as real source files into the package ``<module>_kernels`` beside
+  itself and imports them from there: the files' ``from .limits import ...`` lines work unchanged, and ``nki.jit``
+  reads each kernel's source from its file as it would in any package;
 - falls back to NxDI's own layers under ``neuronx_distributed.utils.cpu_mode()``, as the harness's ``qwen_with_nki.py``
   does (its ``get_rmsnorm_cls``), so the module imports and runs on CPU without ``nki``;
 - imports nothing from ``vllm_nki_moe``.
@@ -195,15 +197,17 @@ get_config_cls(), NeuronQwen3MoeForCausalLM(model_path, config), compile(path), 
 The model is NxDI's stock Qwen3-MoE (neuronx_distributed_inference.models.qwen3_moe.modeling_qwen3_moe), subclassed;
 our kernels replace these modules on device:
 {hook_lines}
-Under neuronx_distributed.utils.cpu_mode() NxDI's own layers run. Embedded kernel files, executed on first use as the
-package <this module>_kernels:
+Under neuronx_distributed.utils.cpu_mode() NxDI's own layers run. Embedded kernel files, written on first use as
+real source files into the package <this module>_kernels beside this file (or under the temporary directory when
+this folder is read-only) and imported from there:
 {file_lines}
 """
 
 import hashlib
-import linecache
+import importlib
+import os
 import sys
-import types
+import tempfile
 
 import torch
 from neuronx_distributed.utils import cpu_mode
@@ -220,34 +224,49 @@ KERNEL_PACKAGE = __name__ + "_kernels"
 Qwen3MoeInferenceConfig = _nxdi.Qwen3MoeInferenceConfig
 
 
+def kernel_folder():
+    """Where the kernel files are written as real source (nki.jit reads a kernel's source from its file): the folder
+    KERNEL_PACKAGE beside this module, or under the temporary directory when this module's folder is read-only."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.access(here, os.W_OK):
+        return os.path.join(here, KERNEL_PACKAGE)
+    digest = hashlib.sha256("".join(KERNEL_SHA256[s] for s in KERNEL_LOAD_ORDER).encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"{{KERNEL_PACKAGE}}-{{digest}}", KERNEL_PACKAGE)
+
+
+def write_kernel_files(folder):
+    """The embedded kernel files written into ``folder`` as the package KERNEL_PACKAGE, byte for byte; a file that
+    differs (an older export, an edit) is rewritten: this module's copy is the submission."""
+    os.makedirs(folder, exist_ok=True)
+    for stem, source in [("__init__", "")] + [(s, KERNEL_FILES[s]) for s in KERNEL_LOAD_ORDER]:
+        if stem != "__init__" and hashlib.sha256(source.encode()).hexdigest() != KERNEL_SHA256[stem]:
+            raise ImportError(f"{{__name__}}: embedded kernels/{{stem}}.py was edited; regenerate this file")
+        path = os.path.join(folder, stem + ".py")
+        if not os.path.exists(path) or open(path, encoding="utf-8").read() != source:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(source)
+
+
 def load_kernels():
-    """The embedded kernel files as modules of KERNEL_PACKAGE (imports nki; only called on device)."""
+    """The kernel files as the package KERNEL_PACKAGE, imported from real source files (imports nki; only called on
+    device)."""
     package = sys.modules.get(KERNEL_PACKAGE)
     if package is not None:
         return package
-    package = types.ModuleType(KERNEL_PACKAGE)
-    package.__path__ = []
-    package.__package__ = KERNEL_PACKAGE
-    sys.modules[KERNEL_PACKAGE] = package
+    folder = kernel_folder()
+    write_kernel_files(folder)
+    parent = os.path.dirname(folder)
+    sys.path.insert(0, parent)
     try:
+        package = importlib.import_module(KERNEL_PACKAGE)
         for stem in KERNEL_LOAD_ORDER:
-            source = KERNEL_FILES[stem]
-            if hashlib.sha256(source.encode()).hexdigest() != KERNEL_SHA256[stem]:
-                raise ImportError(f"{{__name__}}: embedded kernels/{{stem}}.py was edited; regenerate this file")
-            name = f"{{KERNEL_PACKAGE}}.{{stem}}"
-            filename = f"<{{__name__}}: kernels/{{stem}}.py>"
-            # nki.jit reads a kernel's source through inspect, which finds it in linecache.
-            linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-            module = types.ModuleType(name)
-            module.__file__ = filename
-            module.__package__ = KERNEL_PACKAGE
-            sys.modules[name] = module
-            exec(compile(source, filename, "exec"), module.__dict__)
-            setattr(package, stem, module)
+            setattr(package, stem, importlib.import_module(f"{{KERNEL_PACKAGE}}.{{stem}}"))
     except BaseException:
         for name in [m for m in sys.modules if m == KERNEL_PACKAGE or m.startswith(KERNEL_PACKAGE + ".")]:
             del sys.modules[name]
         raise
+    finally:
+        sys.path.remove(parent)
     return package
 
 
