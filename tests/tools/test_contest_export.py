@@ -60,8 +60,16 @@ def written(tmp_path):
     return out
 
 
+def neuron_config(**extra):
+    """The MoE fields of NxDI's Qwen3MoeInferenceConfig that initialize_moe_module reads (router in fp32, softmax:
+    modeling_qwen3_moe.py sets both)."""
+    fields = dict(sequence_parallel_enabled=False, return_router_logits=False)
+    return SimpleNamespace(router_config=SimpleNamespace(dtype=torch.float32, act_fn="softmax"), **{**fields, **extra})
+
+
 def tiny_config(**extra):
-    return SimpleNamespace(**TINY, **extra)
+    fields = dict(TINY, num_local_experts=8, num_experts_per_tok=2, neuron_config=neuron_config())
+    return SimpleNamespace(**{**fields, **extra})
 
 
 def test_written_module_imports_against_harness_fakes_and_exposes_what_main_py_uses(written, harness):
@@ -192,6 +200,69 @@ def test_a_read_only_folder_puts_the_kernel_files_under_the_temporary_directory(
     assert folder.startswith(tempfile.gettempdir()) and folder.endswith(f"{MODULE}_kernels")
 
 
+def test_on_device_each_moe_router_is_the_kernel_router_with_the_checkpoints_parameters(written, harness):
+    qwen = harness.load(written)
+    plain = qwen.NeuronQwen3MoeForCausalLM("/m", tiny_config(hidden_size=128)).build_model()
+    routers = [layer.mlp.router for layer in plain.layers]
+    assert all(type(r) is qwen.NkiRouterTopK for r in routers)
+    assert [k for k in plain.state_dict() if "router" in k] == [
+        "layers.0.mlp.router.linear_router.weight",  # the name NxDI's state-dict conversion writes
+        "layers.1.mlp.router.linear_router.weight",
+    ]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        tiny_config(),  # hidden 64: the kernel contracts H in 128-row tiles
+        tiny_config(hidden_size=128, neuron_config=neuron_config(return_router_logits=True)),
+        tiny_config(hidden_size=128, neuron_config=neuron_config(sequence_parallel_enabled=True)),
+        tiny_config(hidden_size=128, num_experts_per_tok=9, num_local_experts=16),
+    ],
+    ids=["hidden-64", "router-logits-returned", "sequence-parallel", "top-9"],
+)
+def test_the_router_hook_leaves_nxds_router_where_it_would_compute_something_else(written, harness, config):
+    qwen = harness.load(written)
+    body = qwen.NeuronQwen3MoeForCausalLM("/m", config).build_model()
+    assert all(type(layer.mlp.router).__name__ == "RouterTopK" for layer in body.layers)
+    harness.utils().CPU_MODE[0] = True  # and under cpu_mode() always
+    cpu = qwen.NeuronQwen3MoeForCausalLM("/m", tiny_config(hidden_size=128)).build_model()
+    assert all(type(layer.mlp.router).__name__ == "RouterTopK" for layer in cpu.layers)
+    harness.utils().CPU_MODE[0] = False
+
+
+@pytest.mark.parametrize("tokens", [1, 128])  # a decode step; the harness's measured prefill bucket
+def test_kernel_router_matches_nxds_router_topk_at_qwen3_30b_a3b_shapes(written, harness, tokens):
+    """Qwen3-30B-A3B (hidden 2048, 128 experts, top 8; NxDI's router in fp32 on bf16 hidden states) in the emulator:
+    the same experts, and the same affinities where ExpertMLPsV2 reads them (chosen experts, renormalised as
+    norm_topk_prob asks), within fp32 (NxD's softmax is fp64, ours fp32)."""
+    import nki_emulator as emulator
+
+    if not emulator.install():
+        pytest.skip("the real nki package is installed: this test runs the kernels in the emulator")
+    qwen = harness.load(written)
+    routing = sys.modules["neuronx_distributed.modules.moe.routing"]
+    nxd = routing.RouterTopK(num_experts=128, top_k=8, hidden_size=2048, dtype=torch.float32)
+    with torch.no_grad():
+        nxd.linear_router.weight.copy_(torch.randn(128, 2048, generator=torch.Generator().manual_seed(0)) * 0.02)
+    hidden = torch.randn(1, tokens, 2048, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    _, want, want_index = nxd(hidden)
+    ours = routing.RouterTopK(num_experts=128, top_k=8, hidden_size=2048, dtype=torch.float32)
+    ours.load_state_dict(nxd.state_dict())
+    assert qwen.router_hook_applies(ours, tiny_config())
+    ours.__class__ = qwen.NkiRouterTopK
+    logits, got, got_index = ours(hidden)
+    assert logits is None and got.dtype == torch.bfloat16 and got_index.dtype == torch.long
+    assert torch.equal(got_index, want_index)
+    picked = got.float().gather(1, got_index)
+    torch.testing.assert_close(picked, want.float().gather(1, want_index), rtol=1e-5, atol=1e-7)
+    normalised = picked / picked.sum(1, keepdim=True)
+    torch.testing.assert_close(
+        normalised, want.float().gather(1, want_index) / want.float().gather(1, want_index).sum(1, keepdim=True)
+    )
+    assert (got.float().sum(1) <= 1.0 + 1e-3).all() and int((got != 0).sum()) == tokens * 8
+
+
 def test_an_edited_embedded_kernel_is_refused(written, harness):
     qwen = harness.load(written)
     qwen.KERNEL_FILES["limits"] += "\n# edited\n"
@@ -205,7 +276,10 @@ def test_a_missing_kernel_file_leaves_nxdis_module_and_says_why(tmp_path, harnes
     kdir.mkdir()
     (kdir / "limits.py").write_text((kernels_dir() / "limits.py").read_text())
     result = export_contest(tmp_path / "out" / "qwen_min.py", kdir)
-    assert result.hooks == {"rmsnorm": "kernels/rmsnorm.py is not present"}
+    assert result.hooks == {
+        "rmsnorm": "kernels/rmsnorm.py is not present",
+        "router": "kernels/router.py is not present",
+    }
     qwen = harness.load(result.path, "qwen_min")
     assert qwen.HOOKS == {} and qwen.get_rmsnorm_cls().__name__ == "CustomRMSNorm"
 

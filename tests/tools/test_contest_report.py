@@ -26,14 +26,23 @@ def _hand_macs(tokens: int, context: int, rows: int) -> dict[str, int]:
 SHAPES = kernel_shapes(None, 4)
 
 
-def test_as_exported_only_the_norms_are_wired_rho_is_zero_and_the_entry_is_not_eligible():
+def _as_exported_rho() -> float:
+    """Norms and router wired: the router's MACs (the norms have no dot MACs) over all, by hand."""
+    prefill, decode = _hand_macs(128, 128, 1), _hand_macs(1, 640, 1)
+    return (prefill["router"] + decode["router"]) / (sum(prefill.values()) + sum(decode.values()))
+
+
+def test_as_exported_norms_and_router_are_wired_and_the_entry_is_not_yet_eligible():
     shapes = kernel_shapes(None, 4)
-    report = contest_report.build_report({"rmsnorm": None}, shapes)
+    report = contest_report.build_report({"rmsnorm": None, "router": None}, shapes)
     wired = [family.name for family, why in report.rows if why is None]
-    assert wired == ["rmsnorm"]
-    assert report.rho == 0.0 and report.parts == ("normalisation",) and not report.eligible
+    assert wired == ["rmsnorm", "router"]
+    assert report.rho == pytest.approx(_as_exported_rho(), rel=1e-12)
+    assert report.parts == ("normalisation", "routing") and not report.eligible
     why = dict((family.name, why) for family, why in report.rows)
-    assert why["router"] == "no export hook into NxDI's router (RouterTopK) yet"
+    assert why["moe decode"] == "no export hook into NxDI's token-generation MoE yet"
+    unwired = contest_report.build_report({"rmsnorm": None, "router": "kernels/router.py is not present"}, shapes)
+    assert dict((f.name, w) for f, w in unwired.rows)["router"] == "kernels/router.py is not present"
 
 
 def test_rho_follows_the_harness_rule_worked_by_hand(monkeypatch):
@@ -57,8 +66,8 @@ def test_cli_prints_the_report_and_checks_tp_before_writing(tmp_path, capsys):
     out = tmp_path / "qwen_with_nki.py"
     assert cli.main(["export-contest", str(out), "--report"]) == 0
     text = capsys.readouterr().out
-    assert "estimated rho (NKI share of MACs, the harness's rule): 0.0000" in text
-    assert "NKI in 1 major part(s) (normalisation); does not meet" in text
+    assert f"estimated rho (NKI share of MACs, the harness's rule): {_as_exported_rho():.4f}" in text
+    assert "NKI in 2 major part(s) (normalisation, routing); does not meet" in text
     bad = tmp_path / "bad.py"
     assert cli.main(["export-contest", str(bad), "--report", "--tp", "3"]) == 2
     assert "--tp 3" in capsys.readouterr().err and not bad.exists()

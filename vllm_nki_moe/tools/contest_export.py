@@ -50,6 +50,14 @@ HOOKS = (
         positional=("x", "weight", "eps"),
         replaces="every RMSNorm (input, post-attention unless NxDI's fused MoE kernel owns it, per-head q/k, final)",
     ),
+    Hook(
+        name="router",
+        file="router",
+        kernel="router_topk_matmul",
+        positional=("x", "gate_weight_t", "top_k", "renormalize"),
+        replaces="each MoE layer's router (NxD's RouterTopK: logits, softmax over the experts, top-k), where it "
+        "computes what RouterTopK does (router_hook_applies)",
+    ),
 )
 
 
@@ -210,6 +218,7 @@ import sys
 import tempfile
 
 import torch
+from neuronx_distributed.modules.moe.routing import RouterTopK
 from neuronx_distributed.utils import cpu_mode
 from neuronx_distributed_inference.models.qwen3_moe import modeling_qwen3_moe as _nxdi
 from torch import nn
@@ -306,11 +315,62 @@ def _swap_norms(layer, config):
     layer.self_attn.k_layernorm = norm(config.head_dim, config.rms_norm_eps)
 
 
+ROUTER_MAX_EXPERTS = 512  # router_topk_matmul: the logits of a token tile are one PSUM bank
+ROUTER_MAX_TOP_K = 8  # max8
+
+
+class NkiRouterTopK(RouterTopK):
+    """NxD's RouterTopK with the logits, the softmax over the experts and the top-k in the router_topk_matmul kernel
+    (logits and softmax in fp32; NxD takes the softmax in fp64). Returns RouterTopK's triple but for two things the
+    MoE does not read: router_logits is None (the hook is not wired where the MoE returns logits), and
+    expert_affinities holds the softmax values of the chosen experts only (ExpertMLPsV2 masks every other entry,
+    expert_mlps_v2.py get_expert_affinities_masked, and renormalises the chosen ones itself)."""
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1]).to(self.linear_router.weight.dtype)
+        weights, index = kernel("router")(x, self.linear_router.weight.t(), self.top_k, False)
+        index = index.to(torch.long)
+        affinities = torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=weights.device)
+        affinities = affinities.scatter(1, index, weights)
+        return None, affinities.to(hidden_states.dtype), index
+
+
+def router_hook_applies(router, config):
+    """Whether NkiRouterTopK computes what this RouterTopK does: softmax over all experts, no bias, no sequence
+    parallelism in the router, logits not returned by the MoE, and sizes and dtypes the kernel takes."""
+    neuron_config = getattr(config, "neuron_config", None)
+    return (
+        "router" in HOOKS
+        and type(router) is RouterTopK
+        and router.act_fn == "softmax"
+        and not router.apply_act_fn_over_topk
+        and router.linear_router.bias is None
+        and not router.sequence_parallel_enabled
+        and not getattr(neuron_config, "return_router_logits", False)
+        and router.hidden_size % 128 == 0
+        and router.num_experts <= ROUTER_MAX_EXPERTS
+        and router.top_k <= min(ROUTER_MAX_TOP_K, router.num_experts)
+        and router.linear_router.weight.dtype in (torch.float32, torch.bfloat16)
+    )
+
+
+def _swap_router(layer, config):
+    router = getattr(getattr(layer, "mlp", None), "router", None)
+    if router is not None and router_hook_applies(router, config):
+        # The same module, parameters and hooks (the checkpoint's linear_router.weight, NxDI's fused decode kernel's
+        # reference to this router); only forward changes.
+        router.__class__ = NkiRouterTopK
+
+
 class NeuronQwen3MoeModel(_nxdi.NeuronQwen3MoeModel):
     """NxDI's traced Qwen3-MoE body with our kernels' modules swapped in after it is built."""
 
     def init_model(self, config):
         super().init_model(config)
+        if cpu_mode():
+            return
+        for layer in self.layers:
+            _swap_router(layer, config)
         if get_rmsnorm_cls() is NkiRMSNorm:
             for layer in self.layers:
                 _swap_norms(layer, config)

@@ -54,7 +54,7 @@ FAMILIES = (
         "router",
         "routing",
         ("router_gate_topk", "router_topk"),
-        None,
+        "router",
         "router (RouterTopK)",
         ("router.router_topk", "router.router_topk_matmul"),
     ),

@@ -5,6 +5,8 @@ from neuronx_distributed.utils import cpu_mode
 from torch import nn
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
 
+from neuronx_distributed_inference.modules.moe_v2 import initialize_moe_module
+
 
 class CustomRMSNorm(nn.Module):
     def __init__(self, hidden_size=None, eps=1e-6):
@@ -47,6 +49,10 @@ class NeuronQwen3MoeDecoderLayer(nn.Module):
         self.moe_fused_nki_kernel_enabled = getattr(config, "moe_fused_nki_kernel_enabled", False)
         self.input_layernorm = get_rmsnorm_cls()(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = get_rmsnorm_cls()(config.hidden_size, eps=config.rms_norm_eps)
+        if self.moe_fused_nki_kernel_enabled:
+            self.mlp = initialize_moe_module(config=config, rmsnorm=self.post_attention_layernorm, init_tkg_module=True)
+        else:
+            self.mlp = initialize_moe_module(config=config)
 
 
 class NeuronBaseModel(nn.Module):
