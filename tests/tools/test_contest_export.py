@@ -61,14 +61,31 @@ def written(tmp_path):
 
 
 def neuron_config(**extra):
-    """The MoE fields of NxDI's Qwen3MoeInferenceConfig that initialize_moe_module reads (router in fp32, softmax:
-    modeling_qwen3_moe.py sets both)."""
-    fields = dict(sequence_parallel_enabled=False, return_router_logits=False)
+    """The MoE fields of NxDI's neuron config that initialize_moe_module reads, at MoENeuronConfig's defaults but for
+    what NxDI's Qwen3-MoE config sets (router in fp32 with softmax; modeling_qwen3_moe.py) and bf16."""
+    fields = dict(
+        sequence_parallel_enabled=False,
+        return_router_logits=False,
+        torch_dtype=torch.bfloat16,
+        glu_mlp=True,
+        glu_type="glu",
+        hidden_act_scaling_factor=1.0,
+        hidden_act_bias=0.0,
+        is_hidden_dim_shuffled=False,
+        is_intermediate_dim_shuffled=False,
+        gate_clamp_upper_limit=None,
+        gate_clamp_lower_limit=None,
+        up_clamp_upper_limit=None,
+        up_clamp_lower_limit=None,
+        early_expert_affinity_modulation=False,
+        normalize_top_k_affinities=True,
+    )
     return SimpleNamespace(router_config=SimpleNamespace(dtype=torch.float32, act_fn="softmax"), **{**fields, **extra})
 
 
 def tiny_config(**extra):
     fields = dict(TINY, num_local_experts=8, num_experts_per_tok=2, neuron_config=neuron_config())
+    fields |= dict(intermediate_size=32, hidden_act="silu")
     return SimpleNamespace(**{**fields, **extra})
 
 
@@ -263,6 +280,66 @@ def test_kernel_router_matches_nxds_router_topk_at_qwen3_30b_a3b_shapes(written,
     assert (got.float().sum(1) <= 1.0 + 1e-3).all() and int((got != 0).sum()) == tokens * 8
 
 
+def test_on_device_each_layers_routed_experts_take_token_generation_with_the_same_weights(written, harness):
+    qwen = harness.load(written)
+    body = qwen.NeuronQwen3MoeForCausalLM("/m", tiny_config(hidden_size=128)).build_model()
+    assert all(type(layer.mlp.expert_mlps) is qwen.NkiExpertMLPsV2 for layer in body.layers)
+    names = [k for k in body.state_dict() if "expert_mlps" in k][:2]
+    assert names == [
+        "layers.0.mlp.expert_mlps.mlp_op.gate_up_proj.weight",
+        "layers.0.mlp.expert_mlps.mlp_op.down_proj.weight",
+    ]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(hidden_act="gelu"),
+        dict(neuron_config=neuron_config(early_expert_affinity_modulation=True)),
+        dict(neuron_config=neuron_config(gate_clamp_upper_limit=7.0)),
+        dict(neuron_config=neuron_config(sequence_parallel_enabled=True)),
+        dict(neuron_config=neuron_config(glu_type="swiglu")),
+        dict(hidden_size=64),
+    ],
+    ids=["gelu", "early-affinity", "clamp", "sequence-parallel", "swiglu", "hidden-64"],
+)
+def test_the_decode_experts_hook_leaves_nxds_experts_where_they_compute_something_else(written, harness, extra):
+    qwen = harness.load(written)
+    body = qwen.NeuronQwen3MoeForCausalLM("/m", tiny_config(**{"hidden_size": 128, **extra})).build_model()
+    assert all(type(layer.mlp.expert_mlps).__name__ == "ExpertMLPsV2" for layer in body.layers)
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_kernel_decode_experts_match_nxds_selective_loading_at_qwen3_30b_a3b_shapes(written, harness, tokens):
+    """Qwen3-30B-A3B per rank at TP 4 (hidden 2048, expert intermediate 192, top 8; 16 of the 128 experts) in bf16,
+    routed by NxD's RouterTopK: the kernel experts against the fake of NxD's forward_selective_loading (bf16 after
+    every step) within the bf16 matmul tolerance; context encoding goes to NxD's own forward."""
+    import nki_emulator as emulator
+
+    if not emulator.install():
+        pytest.skip("the real nki package is installed: this test runs the kernels in the emulator")
+    qwen = harness.load(written)
+    config = tiny_config(hidden_size=2048, intermediate_size=192, num_local_experts=16, num_experts_per_tok=8)
+    moe = sys.modules["neuronx_distributed_inference.modules.moe_v2"].initialize_moe_module(config=config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        op = moe.expert_mlps.mlp_op
+        op.gate_up_proj.weight.copy_(torch.randn(op.gate_up_proj.weight.shape, generator=gen) * 2048**-0.5)
+        op.down_proj.weight.copy_(torch.randn(op.down_proj.weight.shape, generator=gen) * 192**-0.5)
+        moe.router.linear_router.weight.copy_(torch.randn(16, 2048, generator=gen) * 0.02)
+    hidden = torch.randn(tokens, 2048, generator=gen).to(torch.bfloat16)
+    _, affinities, index = moe.router(hidden)
+    want = moe.expert_mlps(hidden, affinities, index, seq_len=1)
+    assert qwen.moe_decode_hook_applies(moe.expert_mlps)
+    moe.expert_mlps.__class__ = qwen.NkiExpertMLPsV2
+    got = moe.expert_mlps(hidden, affinities, index, seq_len=1)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    tol = tolerance_for("bfloat16_matmul")
+    torch.testing.assert_close(got.float(), want.float(), atol=tol.atol, rtol=tol.rtol)
+    with pytest.raises(NotImplementedError, match="only token generation"):  # seq_len 128: NxD's own path
+        moe.expert_mlps(hidden, affinities, index, seq_len=128)
+
+
 def test_an_edited_embedded_kernel_is_refused(written, harness):
     qwen = harness.load(written)
     qwen.KERNEL_FILES["limits"] += "\n# edited\n"
@@ -279,6 +356,7 @@ def test_a_missing_kernel_file_leaves_nxdis_module_and_says_why(tmp_path, harnes
     assert result.hooks == {
         "rmsnorm": "kernels/rmsnorm.py is not present",
         "router": "kernels/router.py is not present",
+        "moe_decode": "kernels/moe_nxdi.py is not present",
     }
     qwen = harness.load(result.path, "qwen_min")
     assert qwen.HOOKS == {} and qwen.get_rmsnorm_cls().__name__ == "CustomRMSNorm"

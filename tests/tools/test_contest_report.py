@@ -26,23 +26,29 @@ def _hand_macs(tokens: int, context: int, rows: int) -> dict[str, int]:
 SHAPES = kernel_shapes(None, 4)
 
 
+AS_EXPORTED = {"rmsnorm": None, "router": None, "moe_decode": None}
+
+
 def _as_exported_rho() -> float:
-    """Norms and router wired: the router's MACs (the norms have no dot MACs) over all, by hand."""
+    """Norms, router and the token-generation experts wired: the router's MACs in both phases and the experts' in the
+    decode step (the norms have no dot MACs) over all, by hand."""
     prefill, decode = _hand_macs(128, 128, 1), _hand_macs(1, 640, 1)
-    return (prefill["router"] + decode["router"]) / (sum(prefill.values()) + sum(decode.values()))
+    nki = prefill["router"] + decode["router"] + decode["experts"]
+    return nki / (sum(prefill.values()) + sum(decode.values()))
 
 
-def test_as_exported_norms_and_router_are_wired_and_the_entry_is_not_yet_eligible():
+def test_as_exported_norms_router_and_decode_experts_are_wired_and_the_entry_is_eligible():
     shapes = kernel_shapes(None, 4)
-    report = contest_report.build_report({"rmsnorm": None, "router": None}, shapes)
+    report = contest_report.build_report(AS_EXPORTED, shapes)
     wired = [family.name for family, why in report.rows if why is None]
-    assert wired == ["rmsnorm", "router"]
+    assert wired == ["rmsnorm", "router", "moe decode"]
     assert report.rho == pytest.approx(_as_exported_rho(), rel=1e-12)
-    assert report.parts == ("normalisation", "routing") and not report.eligible
+    assert report.parts == ("normalisation", "routing", "expert execution") and report.eligible
     why = dict((family.name, why) for family, why in report.rows)
-    assert why["moe decode"] == "no export hook into NxDI's token-generation MoE yet"
-    unwired = contest_report.build_report({"rmsnorm": None, "router": "kernels/router.py is not present"}, shapes)
+    assert why["moe prefill"] == "no export hook into NxDI's context-encoding blockwise experts yet"
+    unwired = contest_report.build_report({**AS_EXPORTED, "router": "kernels/router.py is not present"}, shapes)
     assert dict((f.name, w) for f, w in unwired.rows)["router"] == "kernels/router.py is not present"
+    assert unwired.parts == ("normalisation", "expert execution") and not unwired.eligible
 
 
 def test_rho_follows_the_harness_rule_worked_by_hand(monkeypatch):
@@ -67,7 +73,7 @@ def test_cli_prints_the_report_and_checks_tp_before_writing(tmp_path, capsys):
     assert cli.main(["export-contest", str(out), "--report"]) == 0
     text = capsys.readouterr().out
     assert f"estimated rho (NKI share of MACs, the harness's rule): {_as_exported_rho():.4f}" in text
-    assert "NKI in 2 major part(s) (normalisation, routing); does not meet" in text
+    assert "NKI in 3 major part(s) (normalisation, routing, expert execution); meets" in text
     bad = tmp_path / "bad.py"
     assert cli.main(["export-contest", str(bad), "--report", "--tp", "3"]) == 2
     assert "--tp 3" in capsys.readouterr().err and not bad.exists()
@@ -81,7 +87,7 @@ def test_every_family_ships_kernels_the_harness_nki_release_accepts():
         assert all(not contest_report.harness_nki_violations(f, version) for f in contest_report.FAMILIES), version
     assert contest_report.shipped_kernel("moe_prefill.moe_prefill", "0.3") == "moe_prefill.moe_prefill_nki03"
     assert contest_report.shipped_kernel("moe_prefill.moe_prefill", "0.6") == "moe_prefill.moe_prefill"
-    text = contest_report.format_report(contest_report.build_report({"rmsnorm": None}, kernel_shapes(None, 4)), SHAPES)
+    text = contest_report.format_report(contest_report.build_report(AS_EXPORTED, SHAPES), SHAPES)
     assert "would reject" not in text
     assert [line[23:31].strip() for line in text.splitlines()[2:9]] == ["ok"] * 7, text  # the NKI 0.3 column
 
@@ -91,6 +97,6 @@ def test_a_kernel_the_harness_release_rejects_is_named_with_its_rule(monkeypatch
     families = {f.name: f for f in contest_report.FAMILIES}
     prefill = contest_report.harness_nki_violations(families["moe prefill"])
     assert len(prefill) == 1 and "fori_loop" in prefill[0] and "available from NKI 0.6" in prefill[0]
-    text = contest_report.format_report(contest_report.build_report({"rmsnorm": None}, SHAPES), SHAPES)
+    text = contest_report.format_report(contest_report.build_report(AS_EXPORTED, SHAPES), SHAPES)
     assert "kernels NKI 0.3 (the harness's release) would reject" in text and "moe_prefill.moe_prefill:" in text
     assert "  moe prefill   no     no " in text

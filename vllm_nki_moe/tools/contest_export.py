@@ -58,6 +58,15 @@ HOOKS = (
         replaces="each MoE layer's router (NxD's RouterTopK: logits, softmax over the experts, top-k), where it "
         "computes what RouterTopK does (router_hook_applies)",
     ),
+    Hook(
+        name="moe_decode",
+        file="moe_nxdi",
+        kernel="moe_decode_nxdi",
+        positional=("hidden", "gate_up", "down", "topk_weights", "topk_ids"),
+        replaces="each MoE layer's routed experts at token generation (NxD's ExpertMLPsV2 with seq_len 1, on its own "
+        "gate_up/down weights), where it computes what ExpertMLPsV2 does (moe_decode_hook_applies); context "
+        "encoding stays NxD's",
+    ),
 )
 
 
@@ -218,6 +227,7 @@ import sys
 import tempfile
 
 import torch
+from neuronx_distributed.modules.moe.expert_mlps_v2 import ExpertMLPsV2
 from neuronx_distributed.modules.moe.routing import RouterTopK
 from neuronx_distributed.utils import cpu_mode
 from neuronx_distributed_inference.models.qwen3_moe import modeling_qwen3_moe as _nxdi
@@ -362,6 +372,59 @@ def _swap_router(layer, config):
         router.__class__ = NkiRouterTopK
 
 
+MOE_DECODE_MAX_TOKENS = 128  # moe_decode_nxdi: tokens on one partition tile
+_CLAMPS = ("gate_clamp_upper_limit", "gate_clamp_lower_limit", "up_clamp_upper_limit", "up_clamp_lower_limit")
+
+
+class NkiExpertMLPsV2(ExpertMLPsV2):
+    """NxD's ExpertMLPsV2 with token generation (seq_len 1, up to 128 tokens) in the moe_decode_nxdi kernel, on NxD's
+    own gate_up_proj / down_proj weights; context encoding and everything else stay NxD's. The chosen experts'
+    affinities are normalised as NxD's forward_selective_loading normalises them (F.normalize, p=1)."""
+
+    def forward(self, hidden_states, expert_affinities, expert_index, seq_len, padding_mask=None, **kwargs):
+        if self.training or seq_len != 1 or hidden_states.shape[0] > MOE_DECODE_MAX_TOKENS:
+            return super().forward(hidden_states, expert_affinities, expert_index, seq_len, padding_mask, **kwargs)
+        chosen = expert_affinities.gather(1, expert_index).float()
+        if self.routed_experts_mlp_config.normalize_top_k_affinities:
+            chosen = chosen / chosen.sum(dim=1, keepdim=True)
+        mlp_op = self.get_mlp_op()
+        weights = (mlp_op.gate_up_proj.weight, mlp_op.down_proj.weight)
+        return kernel("moe_decode")(hidden_states, *weights, chosen, expert_index.to(torch.int32))
+
+
+def moe_decode_hook_applies(expert_mlps):
+    """Whether NkiExpertMLPsV2 computes what this ExpertMLPsV2 does at token generation: GLU with silu, no bias,
+    scaling, clamping, shuffled dims, early affinity modulation, expert parallelism, sequence parallelism or
+    quantization scales, and sizes and dtypes the kernel takes."""
+    cfg = expert_mlps.routed_experts_mlp_config
+    gate_up = expert_mlps.get_mlp_op().gate_up_proj
+    return (
+        "moe_decode" in HOOKS
+        and type(expert_mlps) is ExpertMLPsV2
+        and cfg.glu_mlp
+        and cfg.hidden_act == "silu"
+        and str(getattr(cfg.glu_type, "value", cfg.glu_type)).lower() == "glu"
+        and not cfg.bias
+        and cfg.hidden_act_scaling_factor == 1.0
+        and cfg.hidden_act_bias == 0.0
+        and all(getattr(cfg, name, None) is None for name in _CLAMPS)
+        and not getattr(cfg, "early_expert_affinity_modulation", False)
+        and not getattr(cfg, "is_hidden_dim_shuffled", False)
+        and not getattr(cfg, "is_intermediate_dim_shuffled", False)
+        and not expert_mlps.sequence_parallel_enabled
+        and expert_mlps.moe_expert_model_parallel_group.size() == 1
+        and getattr(gate_up, "scale", None) is None
+        and cfg.hidden_size % 128 == 0
+        and gate_up.weight.dtype in (torch.bfloat16, torch.float32)
+    )
+
+
+def _swap_experts(layer):
+    experts = getattr(getattr(layer, "mlp", None), "expert_mlps", None)
+    if experts is not None and moe_decode_hook_applies(experts):
+        experts.__class__ = NkiExpertMLPsV2  # the same module and weights; only forward changes
+
+
 class NeuronQwen3MoeModel(_nxdi.NeuronQwen3MoeModel):
     """NxDI's traced Qwen3-MoE body with our kernels' modules swapped in after it is built."""
 
@@ -371,6 +434,7 @@ class NeuronQwen3MoeModel(_nxdi.NeuronQwen3MoeModel):
             return
         for layer in self.layers:
             _swap_router(layer, config)
+            _swap_experts(layer)
         if get_rmsnorm_cls() is NkiRMSNorm:
             for layer in self.layers:
                 _swap_norms(layer, config)

@@ -62,9 +62,9 @@ FAMILIES = (
         "moe decode",
         "expert execution",
         ("moe_block",),
-        None,
+        "moe_decode",
         "token-generation MoE",
-        ("moe_block.moe_block_decode", "moe_decode.moe_decode"),
+        ("moe_nxdi.moe_decode_nxdi",),
     ),
     Family(
         "moe prefill",
