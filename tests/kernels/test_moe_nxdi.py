@@ -78,7 +78,7 @@ def test_two_programs_split_the_slots_and_match_one():
     [
         (lambda a: (a[0][:, :100], *a[1:]), r"H=100; must be a multiple of 128"),
         (lambda a: (a[0], a[1], a[2][:, :-1], *a[3:]), r"down.shape=\(4, 31, 128\); must be \(4, 32, 128\)"),
-        (lambda a: (a[0], a[1].float(), *a[2:]), r"gate_up torch.float32.*must be hidden's"),
+        (lambda a: (a[0], a[1].float(), *a[2:]), r"gate_up float32, down bfloat16; must be hidden's bfloat16"),
         (lambda a: (torch.zeros(129, 128, dtype=torch.bfloat16), *a[1:]), r"T=129; must be 1..128"),
     ],
     ids=["hidden-not-128", "down-shape", "dtype-mix", "too-many-tokens"],
