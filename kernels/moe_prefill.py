@@ -23,7 +23,7 @@ import torch
 
 from .grid import program_share
 from .limits import GEMM_MOVING_FMAX, PMAX, PSUM_BANK_BYTES, require
-from .moe_common import check_experts, experts_model_layout, slots_ref
+from .moe_common import DTYPES, check_experts, experts_model_layout, slots_ref, split_tiles
 from .views import sbuf_view
 
 DEFAULT_BLOCK_SIZE = PMAX  # one gather / transpose / scatter sub-block per expert block
@@ -111,8 +111,9 @@ def moe_prefill(hidden, w13, w2, block_expert, block_tokens, block_weights, num_
              num_blocks [1] <= NB; ids valid as ``prefill_block_metadata`` makes them (an expert id out of range
              fails its DMA; a token id in [0, T) may appear at most once per block).
     """
+    check_experts("moe_prefill", hidden, w13, w2, MAX_PREFILL_TOKENS)
     out, partials, nb_reg, SB, NSUB = _begin(
-        "moe_prefill", hidden, w13, w2, block_expert, block_tokens, block_weights, num_blocks
+        "moe_prefill", hidden, block_expert, block_tokens, block_weights, num_blocks
     )
     programs, pid = nl.num_programs(), nl.program_id(0)
 
@@ -125,26 +126,62 @@ def moe_prefill(hidden, w13, w2, block_expert, block_tokens, block_weights, num_
 
 
 @nki.jit
-def moe_prefill_nki03(hidden, w13, w2, block_expert, block_tokens, block_weights, num_blocks):
-    """``moe_prefill`` for NKI 0.2 to 0.5 (the contest harness's 0.3 among them): the same blocks and tiling, the
-    runtime block loop written as ``for i in nl.dynamic_range(...)``, which ``nl.fori_loop`` replaces from NKI 0.6 on
-    (0.6 deprecates dynamic_range: nki/migration/index.rst, "Migrating from NKI 0.5.0 to NKI 0.6.0"). Same
-    arguments, result and limits as ``moe_prefill``; ``export-contest`` ships this one for the harness.
+def moe_prefill_nxdi(hidden, gate_up, down, block_expert, block_tokens, block_weights, num_blocks):
+    """``moe_prefill`` on NxD Inference's own expert weights, for NKI 0.2 to 0.5 (the contest drop-in's context
+    encoding; the harness compiles with NKI 0.3):
+    ``gate_up [E, H, 2I]`` (the rank's gate columns, then its up columns) and ``down [E, I, H]``, as ``ExpertMLPsV2``
+    holds them (``moe_nxdi`` module docstring). The same blocks and numerics; the runtime block loop is written
+    ``for i in nl.dynamic_range(...)``, which ``nl.fori_loop`` replaces from NKI 0.6 on (0.6 deprecates it:
+    nki/migration/index.rst, "Migrating from NKI 0.5.0 to NKI 0.6.0"); gate/up rows arrive as runs of IP elements,
+    down rows whole, and the down output is already in natural h order. Limits as ``moe_prefill``, with hidden,
+    gate_up and down sharing a dtype.
     """
+    _check_nxdi_experts("moe_prefill_nxdi", hidden, gate_up, down)
     out, partials, nb_reg, SB, NSUB = _begin(
-        "moe_prefill_nki03", hidden, w13, w2, block_expert, block_tokens, block_weights, num_blocks
+        "moe_prefill_nxdi", hidden, block_expert, block_tokens, block_weights, num_blocks
     )
     programs, pid = nl.num_programs(), nl.program_id(0)
     for i in nl.dynamic_range(pid, nb_reg, programs):  # blocks interleaved over the programs
-        _expert_block(partials[pid], hidden, w13, w2, block_expert, block_tokens, block_weights, i, SB, NSUB)
+        _expert_block(
+            partials[pid], hidden, gate_up, down, block_expert, block_tokens, block_weights, i, SB, NSUB, True
+        )
     _end(out, partials)
     return out
 
 
-def _begin(where, hidden, w13, w2, block_expert, block_tokens, block_weights, num_blocks):
-    """Both loop forms' start: the argument checks, the output and per-program partials (this program's zeroed),
-    the block count in a register. Returns (out, partials, nb_reg, SB, NSUB)."""
-    T, H, E, HP, KT, IP, IT = check_experts(where, hidden, w13, w2, MAX_PREFILL_TOKENS)
+def _check_nxdi_experts(where, hidden, gate_up, down) -> None:
+    require(len(hidden.shape) == 2, where, f"hidden.shape={tuple(hidden.shape)}; must be [T, H]")
+    T, H = hidden.shape
+    require(1 <= T <= MAX_PREFILL_TOKENS, where, f"T={T}; must be 1..{MAX_PREFILL_TOKENS}")
+    require(hidden.dtype in DTYPES, where, f"hidden.dtype={hidden.dtype}; must be bfloat16 or float32")
+    require(
+        len(gate_up.shape) == 3 and gate_up.shape[1] == H and gate_up.shape[2] % 2 == 0,
+        where,
+        f"gate_up.shape={tuple(gate_up.shape)}; must be [E, H={H}, 2I] (NxD's layout)",
+    )
+    E, _, I2 = gate_up.shape
+    require(tuple(down.shape) == (E, I2 // 2, H), where, f"down.shape={tuple(down.shape)}; must be {(E, I2 // 2, H)}")
+    require(
+        gate_up.dtype == hidden.dtype and down.dtype == hidden.dtype,
+        where,
+        f"gate_up {gate_up.dtype}, down {down.dtype}; must be hidden's {hidden.dtype}",
+    )
+    split_tiles(H, where, "H")
+    split_tiles(I2 // 2, where, "I")
+
+
+def moe_prefill_nxdi_ref(hidden, gate_up, down, block_expert, block_tokens, block_weights, num_blocks) -> torch.Tensor:
+    """``moe_prefill_nxdi`` in fp32 torch: ``moe_prefill_ref`` on the model's [E, 2I, H] / [E, H, I]."""
+    return _blocks_ref(
+        hidden, gate_up.transpose(1, 2), down.transpose(1, 2), block_expert, block_tokens, block_weights, num_blocks
+    )
+
+
+def _begin(where, hidden, block_expert, block_tokens, block_weights, num_blocks):
+    """Every form's start, after the caller checked hidden against its experts: the block table's checks, the
+    output and per-program partials (this program's zeroed), the block count in a register. Returns (out, partials,
+    nb_reg, SB, NSUB)."""
+    T, H = hidden.shape
     require(len(block_tokens.shape) == 2, where, f"block_tokens.shape={tuple(block_tokens.shape)}; must be [NB, B]")
     NB, B = block_tokens.shape
     require(
@@ -215,11 +252,21 @@ def _sum_partials(out, partials, T: int, H: int) -> None:
         nisa.dma_copy(dst=out[r0 : r0 + n, :], src=total)
 
 
-def _expert_block(out, hidden, w13, w2, block_expert, block_tokens, block_weights, i, SB: int, NSUB: int) -> None:
-    """Block ``i`` (a loop register): gather, gate/up, silu * up, down, weight, scatter-add (see ``moe_prefill``)."""
+def _expert_block(
+    out, hidden, w13, w2, block_expert, block_tokens, block_weights, i, SB: int, NSUB: int, nxdi: bool = False
+) -> None:
+    """Block ``i`` (a loop register): gather, gate/up, silu * up, down, weight, scatter-add (see ``moe_prefill``).
+    ``nxdi``: w13 / w2 are NxD's ``gate_up [E, H, 2I]`` / ``down [E, I, H]`` (``moe_prefill_nxdi``), else the kernel
+    layout."""
     T, H = hidden.shape
-    _, IT, HP, KT, IP2 = w13.shape
-    IP = IP2 // 2
+    if nxdi:
+        I2 = w13.shape[2]
+        IP, IT = split_tiles(I2 // 2, "moe_prefill_nxdi", "I")
+        HP, KT = split_tiles(H, "moe_prefill_nxdi", "H")
+        IP2 = 2 * IP
+    else:
+        _, IT, HP, KT, IP2 = w13.shape
+        IP = IP2 // 2
     B = SB * NSUB
     dt = hidden.dtype
     skip = nisa.oob_mode.skip
@@ -254,9 +301,14 @@ def _expert_block(out, hidden, w13, w2, block_expert, block_tokens, block_weight
     chunk13 = HP * KT * IP2
     for c in range(IT):
         w13_sb = nl.ndarray((HP, KT, IP2), dtype=w13.dtype, buffer=nl.sbuf)
-        nisa.dma_copy(
-            dst=w13_sb, src=w13.ap([[KT * IP2, HP], [IP2, KT], [1, IP2]], offset=c * chunk13, scalar_offset=eid)
-        )
+        if nxdi:  # rows h = p * KT + kt of gate_up, the chunk's gate columns then its up columns
+            I2 = w13.shape[2]
+            src = w13.ap([[KT * I2, HP], [I2, KT], [I2 // 2, 2], [1, IP]], offset=c * IP, scalar_offset=eid)
+            nisa.dma_copy(dst=sbuf_view(w13_sb, [[IP2, KT], [IP, 2], [1, IP]]), src=src)
+        else:
+            nisa.dma_copy(
+                dst=w13_sb, src=w13.ap([[KT * IP2, HP], [IP2, KT], [1, IP2]], offset=c * chunk13, scalar_offset=eid)
+            )
         g_ps = nl.ndarray((IP, B), dtype=nl.float32, buffer=nl.psum)
         u_ps = nl.ndarray((IP, B), dtype=nl.float32, buffer=nl.psum)
         for kt in range(KT):
@@ -284,12 +336,13 @@ def _expert_block(out, hidden, w13, w2, block_expert, block_tokens, block_weight
                     moving=w2_sb[:, c, kt0 * HP : (kt0 + g) * HP],
                     accumulate=c > 0,
                 )
-            nisa.tensor_scalar(
-                dst=sbuf_view(y_sb, [[1, g], [KT, HP]], offset=kt0),  # [token, kt, p] of this group
-                data=y_ps,
-                op0=nl.multiply,
-                operand0=wts[:, s : s + 1],
+            # kernel layout: columns (kt, p) go to natural h = p * KT + kt; NxD's down is in natural h order already
+            dst = (
+                sbuf_view(y_sb, [[1, g * HP]], offset=kt0 * HP)
+                if nxdi
+                else sbuf_view(y_sb, [[1, g], [KT, HP]], offset=kt0)
             )
+            nisa.tensor_scalar(dst=dst, data=y_ps, op0=nl.multiply, operand0=wts[:, s : s + 1])
         rows = out.ap([[H, SB], [1, H]], offset=0, vector_offset=tok[:, s : s + 1], indirect_dim=0)
         nisa.dma_compute(dst=rows, srcs=[rows, y_sb], reduce_op=nl.add, oob_mode=skip)
 
@@ -308,10 +361,15 @@ def moe_prefill_ref(
     num_blocks: torch.Tensor,
 ) -> torch.Tensor:
     """``moe_prefill`` in plain fp32 torch over the used blocks' valid slots (h rounded to the weights' dtype)."""
+    w13m, w2m = experts_model_layout(w13, w2)
+    return _blocks_ref(hidden, w13m, w2m, block_expert, block_tokens, block_weights, num_blocks)
+
+
+def _blocks_ref(hidden, w13m, w2m, block_expert, block_tokens, block_weights, num_blocks) -> torch.Tensor:
+    """The used blocks' valid slots through ``slots_ref`` on the model's ``w13m [E, 2I, H]``, ``w2m [E, H, I]``."""
     T = hidden.shape[0]
     n = int(num_blocks.reshape(-1)[0])
     tokens = block_tokens[:n].long()
     valid = tokens < T
     experts = block_expert[:n].long()[:, None].expand_as(tokens)
-    w13m, w2m = experts_model_layout(w13, w2)
     return slots_ref(hidden, w13m, w2m, tokens[valid], experts[valid], block_weights[:n][valid])

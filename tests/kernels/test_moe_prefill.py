@@ -157,18 +157,21 @@ def test_moe_prefill_on_two_programs_matches_ref_each_core_taking_every_other_bl
 
 
 @pytest.mark.parametrize("grid", [1, 2])
-def test_the_nki_0_3_loop_form_runs_the_same_blocks_to_the_same_bits(grid):
-    """moe_prefill_nki03 (nl.dynamic_range, what NKI 0.3 has) vs moe_prefill (nl.fori_loop, NKI 0.6): the same
-    instructions on the same blocks, so the same output bits and the same cost estimate."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,B", [(129, 32), (128, 128), (5, 16)])
+def test_moe_prefill_nxdi_reads_nxds_expert_layout_and_matches_ref(T, B, dtype, grid):
+    """The contest drop-in's form: NxD's gate_up [E, H, 2I] / down [E, I, H] (moe_nxdi docstring), the NKI 0.3
+    loop (nl.dynamic_range); same blocks as moe_prefill, so within its tolerance of the same reference."""
     from nki_emulator import language_rules
 
     name, H, I, E, K = SMALL  # noqa: E741
-    args, _ = _inputs(129, H, I, E, K, torch.bfloat16, 32)
-    new, new_rep = emulator.run(mp.moe_prefill[grid] if grid > 1 else mp.moe_prefill, *args)
-    old, old_rep = emulator.run(mp.moe_prefill_nki03[grid] if grid > 1 else mp.moe_prefill_nki03, *args)
-    assert torch.equal(old, new)
-    assert old_rep.estimated_seconds == pytest.approx(new_rep.estimated_seconds)
-    assert language_rules.check(mp.moe_prefill_nki03, "0.3") == []
+    args, (w13, w2, _, _) = _inputs(T, H, I, E, K, dtype, B)
+    gate_up, down = w13.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()  # NxDI's conversion
+    nxdi = (args[0], gate_up, down, *args[3:])
+    out, _ = emulator.run(mp.moe_prefill_nxdi[grid] if grid > 1 else mp.moe_prefill_nxdi, *nxdi)
+    assert_close(out, mp.moe_prefill_nxdi_ref(*nxdi), DTYPES[dtype])
+    assert_close(out, mp.moe_prefill_ref(*args), DTYPES[dtype])
+    assert language_rules.check(mp.moe_prefill_nxdi, "0.3") == []
     assert "fori_loop" in language_rules.check(mp.moe_prefill, "0.3")[0].format("0.3")
 
 

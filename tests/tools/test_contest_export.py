@@ -330,14 +330,42 @@ def test_kernel_decode_experts_match_nxds_selective_loading_at_qwen3_30b_a3b_sha
     hidden = torch.randn(tokens, 2048, generator=gen).to(torch.bfloat16)
     _, affinities, index = moe.router(hidden)
     want = moe.expert_mlps(hidden, affinities, index, seq_len=1)
-    assert qwen.moe_decode_hook_applies(moe.expert_mlps)
+    assert qwen.moe_experts_hook_applies(moe.expert_mlps)
     moe.expert_mlps.__class__ = qwen.NkiExpertMLPsV2
     got = moe.expert_mlps(hidden, affinities, index, seq_len=1)
     assert got.shape == want.shape and got.dtype == torch.bfloat16
     tol = tolerance_for("bfloat16_matmul")
     torch.testing.assert_close(got.float(), want.float(), atol=tol.atol, rtol=tol.rtol)
-    with pytest.raises(NotImplementedError, match="only token generation"):  # seq_len 128: NxD's own path
-        moe.expert_mlps(hidden, affinities, index, seq_len=128)
+    moe.expert_mlps.routed_experts_mlp_config.capacity_factor = 1.0  # token dropping: NxD's own path
+    with pytest.raises(NotImplementedError, match="token dropping"):
+        moe.expert_mlps(hidden, affinities, index, seq_len=tokens + 1)
+
+
+@pytest.mark.parametrize("tokens", [128, 37])  # the harness's measured bucket; a prompt the bucket pads
+def test_kernel_context_encoding_experts_match_nxds_dropless_experts_at_qwen3_30b_a3b_shapes(written, harness, tokens):
+    """Context encoding (seq_len > 1, no capacity factor) at Qwen3-30B-A3B per-rank sizes (TP 4; 16 of the 128
+    experts), routed by NxD's RouterTopK: the block table built by graph ops, the blockwise kernel on NxD's weights
+    in the emulator, against the fake of NxD's dropless experts (bf16 after every step)."""
+    import nki_emulator as emulator
+
+    if not emulator.install():
+        pytest.skip("the real nki package is installed: this test runs the kernels in the emulator")
+    qwen = harness.load(written)
+    config = tiny_config(hidden_size=2048, intermediate_size=192, num_local_experts=16, num_experts_per_tok=8)
+    moe = sys.modules["neuronx_distributed_inference.modules.moe_v2"].initialize_moe_module(config=config)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        op = moe.expert_mlps.mlp_op
+        op.gate_up_proj.weight.copy_(torch.randn(op.gate_up_proj.weight.shape, generator=gen) * 2048**-0.5)
+        op.down_proj.weight.copy_(torch.randn(op.down_proj.weight.shape, generator=gen) * 192**-0.5)
+        moe.router.linear_router.weight.copy_(torch.randn(16, 2048, generator=gen) * 0.02)
+    hidden = torch.randn(tokens, 2048, generator=gen).to(torch.bfloat16)
+    _, affinities, index = moe.router(hidden)
+    want = moe.expert_mlps(hidden, affinities, index, seq_len=tokens)
+    moe.expert_mlps.__class__ = qwen.NkiExpertMLPsV2
+    got = moe.expert_mlps(hidden, affinities, index, seq_len=tokens)
+    tol = tolerance_for("bfloat16_matmul")
+    torch.testing.assert_close(got.float(), want.float(), atol=tol.atol, rtol=tol.rtol)
 
 
 def test_an_edited_embedded_kernel_is_refused(written, harness):
@@ -357,6 +385,7 @@ def test_a_missing_kernel_file_leaves_nxdis_module_and_says_why(tmp_path, harnes
         "rmsnorm": "kernels/rmsnorm.py is not present",
         "router": "kernels/router.py is not present",
         "moe_decode": "kernels/moe_nxdi.py is not present",
+        "moe_prefill": "kernels/moe_prefill.py is not present",
     }
     qwen = harness.load(result.path, "qwen_min")
     assert qwen.HOOKS == {} and qwen.get_rmsnorm_cls().__name__ == "CustomRMSNorm"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from vllm_nki_moe.tools import cli, contest_report
@@ -26,14 +28,14 @@ def _hand_macs(tokens: int, context: int, rows: int) -> dict[str, int]:
 SHAPES = kernel_shapes(None, 4)
 
 
-AS_EXPORTED = {"rmsnorm": None, "router": None, "moe_decode": None}
+AS_EXPORTED = {"rmsnorm": None, "router": None, "moe_decode": None, "moe_prefill": None}
 
 
 def _as_exported_rho() -> float:
-    """Norms, router and the token-generation experts wired: the router's MACs in both phases and the experts' in the
-    decode step (the norms have no dot MACs) over all, by hand."""
+    """Norms, router and the experts of both phases wired: the router's and the experts' MACs (the norms have no dot
+    MACs) over all, by hand."""
     prefill, decode = _hand_macs(128, 128, 1), _hand_macs(1, 640, 1)
-    nki = prefill["router"] + decode["router"] + decode["experts"]
+    nki = sum(m[k] for m in (prefill, decode) for k in ("router", "experts"))
     return nki / (sum(prefill.values()) + sum(decode.values()))
 
 
@@ -41,11 +43,11 @@ def test_as_exported_norms_router_and_decode_experts_are_wired_and_the_entry_is_
     shapes = kernel_shapes(None, 4)
     report = contest_report.build_report(AS_EXPORTED, shapes)
     wired = [family.name for family, why in report.rows if why is None]
-    assert wired == ["rmsnorm", "router", "moe decode"]
+    assert wired == ["rmsnorm", "router", "moe decode", "moe prefill"]
     assert report.rho == pytest.approx(_as_exported_rho(), rel=1e-12)
     assert report.parts == ("normalisation", "routing", "expert execution") and report.eligible
     why = dict((family.name, why) for family, why in report.rows)
-    assert why["moe prefill"] == "no export hook into NxDI's context-encoding blockwise experts yet"
+    assert why["attention"] == "no export hook into NxDI's attention (on its KV cache layout) yet"
     unwired = contest_report.build_report({**AS_EXPORTED, "router": "kernels/router.py is not present"}, shapes)
     assert dict((f.name, w) for f, w in unwired.rows)["router"] == "kernels/router.py is not present"
     assert unwired.parts == ("normalisation", "expert execution") and not unwired.eligible
@@ -59,8 +61,8 @@ def test_rho_follows_the_harness_rule_worked_by_hand(monkeypatch):
         for f in contest_report.FAMILIES
     )
     monkeypatch.setattr(contest_report, "FAMILIES", families)
-    hooks = {name: None for name in ("router", "moe decode", "moe prefill", "attention")}
-    hooks |= {"rmsnorm": "kernels/rmsnorm.py is not present", "rope": "x", "projections": "x"}
+    wired = ("router", "moe decode", "moe prefill", "attention")
+    hooks = {f.hook: None if f.name in wired else "not in this export" for f in families}
     report = contest_report.build_report(hooks, kernel_shapes(None, 4))
     prefill, decode = _hand_macs(128, 128, 1), _hand_macs(1, 640, 1)
     nki = sum(m[k] for m in (prefill, decode) for k in ("router", "experts", "attention"))
@@ -81,22 +83,24 @@ def test_cli_prints_the_report_and_checks_tp_before_writing(tmp_path, capsys):
 
 def test_every_family_ships_kernels_the_harness_nki_release_accepts():
     """NKI 0.3 (Neuron SDK 2.29, the harness's) has no 0.5 view primitives and no 0.6 fori_loop: views are access
-    patterns (kernels/views.py), and moe prefill ships its dynamic_range form; by the emulator's rule table nothing
-    the export ships is rejected, under 0.3 or 0.6."""
+    patterns (kernels/views.py), and the drop-in's prefill experts loop with dynamic_range; by the emulator's rule
+    table nothing the export ships is rejected, under 0.3 or 0.6."""
     for version in ("0.3", "0.6"):
         assert all(not contest_report.harness_nki_violations(f, version) for f in contest_report.FAMILIES), version
-    assert contest_report.shipped_kernel("moe_prefill.moe_prefill", "0.3") == "moe_prefill.moe_prefill_nki03"
-    assert contest_report.shipped_kernel("moe_prefill.moe_prefill", "0.6") == "moe_prefill.moe_prefill"
     text = contest_report.format_report(contest_report.build_report(AS_EXPORTED, SHAPES), SHAPES)
     assert "would reject" not in text
     assert [line[23:31].strip() for line in text.splitlines()[2:9]] == ["ok"] * 7, text  # the NKI 0.3 column
 
 
 def test_a_kernel_the_harness_release_rejects_is_named_with_its_rule(monkeypatch):
-    monkeypatch.setattr(contest_report, "RELEASE_VARIANTS", {})  # ship the serving moe_prefill (fori_loop, 0.6)
+    serving = tuple(  # ship the serving moe_prefill instead (nl.fori_loop: NKI 0.6)
+        replace(f, kernels=("moe_prefill.moe_prefill",)) if f.name == "moe prefill" else f
+        for f in contest_report.FAMILIES
+    )
+    monkeypatch.setattr(contest_report, "FAMILIES", serving)
     families = {f.name: f for f in contest_report.FAMILIES}
     prefill = contest_report.harness_nki_violations(families["moe prefill"])
     assert len(prefill) == 1 and "fori_loop" in prefill[0] and "available from NKI 0.6" in prefill[0]
     text = contest_report.format_report(contest_report.build_report(AS_EXPORTED, SHAPES), SHAPES)
     assert "kernels NKI 0.3 (the harness's release) would reject" in text and "moe_prefill.moe_prefill:" in text
-    assert "  moe prefill   no     no " in text
+    assert "  moe prefill   yes    no " in text

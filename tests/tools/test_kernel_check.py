@@ -165,8 +165,8 @@ def test_kernels_check_under_nki_0_3_rules_names_the_kernel_that_needs_0_6(capsy
 
 def test_every_kernel_but_the_serving_moe_prefill_runs_and_matches_under_nki_0_3(capsys):
     """The contest harness's release: each case runs in the emulator imitating NKI 0.3 (its language rules, its API:
-    the 0.5 view methods raise) and matches its reference; only moe_prefill fails (nl.fori_loop), whose 0.3 form
-    moe_prefill_nki03 export-contest ships (tests/kernels/test_moe_prefill.py runs it)."""
+    the 0.5 view methods raise) and matches its reference; only moe_prefill fails (nl.fori_loop); the drop-in's
+    prefill experts, moe_prefill_nxdi, loop as NKI 0.3 does (tests/kernels/test_moe_prefill.py runs it)."""
     main(["kernels", "check", "--nki-version", "0.3", "--tokens", "1,131"])
     rows = capsys.readouterr().out.splitlines()
     failed = {line.split()[0] for line in rows if " FAIL" in line}

@@ -64,8 +64,16 @@ HOOKS = (
         kernel="moe_decode_nxdi",
         positional=("hidden", "gate_up", "down", "topk_weights", "topk_ids"),
         replaces="each MoE layer's routed experts at token generation (NxD's ExpertMLPsV2 with seq_len 1, on its own "
-        "gate_up/down weights), where it computes what ExpertMLPsV2 does (moe_decode_hook_applies); context "
-        "encoding stays NxD's",
+        "gate_up/down weights), where it computes what ExpertMLPsV2 does (moe_experts_hook_applies)",
+    ),
+    Hook(
+        name="moe_prefill",
+        file="moe_prefill",
+        kernel="moe_prefill_nxdi",
+        positional=("hidden", "gate_up", "down", "block_expert", "block_tokens", "block_weights", "num_blocks"),
+        replaces="each MoE layer's routed experts at context encoding (NxD's ExpertMLPsV2 with seq_len > 1 and no "
+        "capacity factor, on its own weights; blocks of tokens per expert built in the graph), where it computes "
+        "what ExpertMLPsV2 does (moe_experts_hook_applies)",
     ),
 )
 
@@ -377,29 +385,41 @@ _CLAMPS = ("gate_clamp_upper_limit", "gate_clamp_lower_limit", "up_clamp_upper_l
 
 
 class NkiExpertMLPsV2(ExpertMLPsV2):
-    """NxD's ExpertMLPsV2 with token generation (seq_len 1, up to 128 tokens) in the moe_decode_nxdi kernel, on NxD's
-    own gate_up_proj / down_proj weights; context encoding and everything else stay NxD's. The chosen experts'
-    affinities are normalised as NxD's forward_selective_loading normalises them (F.normalize, p=1)."""
+    """NxD's ExpertMLPsV2 with token generation (seq_len 1, up to 128 tokens: moe_decode_nxdi) and dropless context
+    encoding (no capacity factor: the blockwise moe_prefill_nxdi) in our kernels, on NxD's own gate_up_proj /
+    down_proj weights; anything else stays NxD's. The chosen experts' affinities are normalised as NxD normalises
+    them (F.normalize, p=1). Context encoding computes the bucket's padding tokens too (NxD masks them out of the
+    blocks): their rows are never read back."""
 
     def forward(self, hidden_states, expert_affinities, expert_index, seq_len, padding_mask=None, **kwargs):
-        if self.training or seq_len != 1 or hidden_states.shape[0] > MOE_DECODE_MAX_TOKENS:
+        decode = seq_len == 1
+        if decode:
+            ours = "moe_decode" in HOOKS and hidden_states.shape[0] <= MOE_DECODE_MAX_TOKENS
+        else:
+            ours = "moe_prefill" in HOOKS and self.routed_experts_mlp_config.capacity_factor is None
+        ours = ours and not self.training
+        if not ours:
             return super().forward(hidden_states, expert_affinities, expert_index, seq_len, padding_mask, **kwargs)
         chosen = expert_affinities.gather(1, expert_index).float()
         if self.routed_experts_mlp_config.normalize_top_k_affinities:
             chosen = chosen / chosen.sum(dim=1, keepdim=True)
         mlp_op = self.get_mlp_op()
         weights = (mlp_op.gate_up_proj.weight, mlp_op.down_proj.weight)
-        return kernel("moe_decode")(hidden_states, *weights, chosen, expert_index.to(torch.int32))
+        if decode:
+            return kernel("moe_decode")(hidden_states, *weights, chosen, expert_index.to(torch.int32))
+        experts = self.routed_experts_mlp_config.num_experts
+        blocks = load_kernels().moe_prefill.prefill_block_metadata(expert_index, chosen, experts)  # graph ops
+        return kernel("moe_prefill")(hidden_states, *weights, *blocks)
 
 
-def moe_decode_hook_applies(expert_mlps):
-    """Whether NkiExpertMLPsV2 computes what this ExpertMLPsV2 does at token generation: GLU with silu, no bias,
-    scaling, clamping, shuffled dims, early affinity modulation, expert parallelism, sequence parallelism or
-    quantization scales, and sizes and dtypes the kernel takes."""
+def moe_experts_hook_applies(expert_mlps):
+    """Whether NkiExpertMLPsV2 computes what this ExpertMLPsV2 does where its forward takes over: GLU with silu, no
+    bias, scaling, clamping, shuffled dims, early affinity modulation, expert parallelism, sequence parallelism or
+    quantization scales, and sizes and dtypes the kernels take."""
     cfg = expert_mlps.routed_experts_mlp_config
     gate_up = expert_mlps.get_mlp_op().gate_up_proj
     return (
-        "moe_decode" in HOOKS
+        ("moe_decode" in HOOKS or "moe_prefill" in HOOKS)
         and type(expert_mlps) is ExpertMLPsV2
         and cfg.glu_mlp
         and cfg.hidden_act == "silu"
@@ -421,7 +441,7 @@ def moe_decode_hook_applies(expert_mlps):
 
 def _swap_experts(layer):
     experts = getattr(getattr(layer, "mlp", None), "expert_mlps", None)
-    if experts is not None and moe_decode_hook_applies(experts):
+    if experts is not None and moe_experts_hook_applies(experts):
         experts.__class__ = NkiExpertMLPsV2  # the same module and weights; only forward changes
 
 

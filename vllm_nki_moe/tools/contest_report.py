@@ -30,7 +30,7 @@ class Family:
     registry_ops: tuple[str, ...]  # the ops registry entries whose MACs it covers (mac_ratio's rows)
     hook: str | None  # the export Hook that wires it, None: no hook written yet
     nxdi_module: str  # what the drop-in would replace
-    kernels: tuple[str, ...] = ()  # "file.function" of its kernels in kernels/
+    kernels: tuple[str, ...] = ()  # "file.function" of the kernels the export ships for it (kernels/)
 
 
 FAMILIES = (
@@ -70,9 +70,9 @@ FAMILIES = (
         "moe prefill",
         "expert execution",
         ("moe_experts",),
-        None,
+        "moe_prefill",
         "context-encoding blockwise experts",
-        ("moe_prefill.moe_prefill",),
+        ("moe_prefill.moe_prefill_nxdi",),
     ),
     Family(
         "attention",
@@ -86,29 +86,14 @@ FAMILIES = (
 )
 
 
-# A kernel whose serving form needs a newer NKI than the harness's, and the form the export ships for older
-# releases: "file.function" -> (the release the serving form needs, the older releases' "file.function"). Only
-# where an older release lacks what the serving kernel uses (views are written as access patterns, which every
-# release accepts: kernels/views.py).
-RELEASE_VARIANTS = {"moe_prefill.moe_prefill": ("0.6", "moe_prefill.moe_prefill_nki03")}  # nl.fori_loop: 0.6
-
-
-def shipped_kernel(name: str, version: str = HARNESS_NKI) -> str:
-    """The ``file.function`` the export ships for NKI ``version`` in place of the serving kernel ``name``."""
-    from nki_emulator.language_rules import release_key
-
-    variant = RELEASE_VARIANTS.get(name)
-    return variant[1] if variant and release_key(version) < release_key(variant[0]) else name
-
-
 def harness_nki_violations(family: Family, version: str = HARNESS_NKI) -> list[str]:
-    """``file.function: rule`` for each of the family's kernels, in the form shipped for NKI ``version``, that
-    ``version`` rejects (first rule each)."""
+    """``file.function: rule`` for each of the family's kernels (those the export ships) that NKI ``version``
+    rejects (first rule each)."""
     from nki_emulator import language_rules
     from vllm_nki_moe.ops.kernel_call import load_kernels
 
     found = []
-    for name in (shipped_kernel(k, version) for k in family.kernels):
+    for name in family.kernels:
         file, function = name.split(".")
         violations = language_rules.check(getattr(load_kernels(file), function), version)
         if violations:

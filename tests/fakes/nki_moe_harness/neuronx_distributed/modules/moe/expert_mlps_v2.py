@@ -2,7 +2,9 @@
 ExpertMLPsV2 with the fields the drop-in's decode hook reads and its token-generation math, as
 forward_selective_loading and experts.py's mlp_op compute it in the hidden dtype: per token, gate_up = x @
 gate_up_proj[e] ([E, H, 2I], gate columns then up), silu(gate) * up, @ down_proj[e] ([E, I, H]), times the chosen
-experts' affinities (F.normalize(p=1) when normalize_top_k_affinities), summed. Context encoding is not modelled."""
+experts' affinities (F.normalize(p=1) when normalize_top_k_affinities), summed. Dropless context encoding
+(capacity_factor None: forward_all_experts or forward_blockwise) computes the same sum, so the fake computes it the
+same way for any seq_len; token dropping (a capacity factor) is not modelled."""
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,7 @@ class RoutedExpertsMLPOpsConfig:
         up_clamp_lower_limit=None,
         early_expert_affinity_modulation=False,
         normalize_top_k_affinities=False,
+        capacity_factor=None,
         **others,
     ):
         self.__dict__.update({k: v for k, v in locals().items() if k not in ("self", "others")})
@@ -73,8 +76,8 @@ class ExpertMLPsV2(nn.Module):
         return self.mlp_op
 
     def forward(self, hidden_states, expert_affinities, expert_index, seq_len, padding_mask=None, **kwargs):
-        if seq_len != 1:
-            raise NotImplementedError("fake ExpertMLPsV2: only token generation (seq_len == 1) is modelled")
+        if seq_len != 1 and self.routed_experts_mlp_config.capacity_factor is not None:
+            raise NotImplementedError("fake ExpertMLPsV2: token dropping (capacity_factor) is not modelled")
         T = hidden_states.shape[0]
         chosen = expert_affinities[torch.arange(T).unsqueeze(1), expert_index]
         if self.routed_experts_mlp_config.normalize_top_k_affinities:
