@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command hardware validation of vllm-nki-moe on a trn2 host. Writes one report directory:
 #   summary.md, summary.tsv (step, status, seconds, log, note) and one log per step.
-# Steps: environment, preflight, kernels-check, parity, serve-start, loadtest, serve-stop.
+# Steps: environment, preflight, kernels-check, parity, serve-start, loadtest, serve-stop; with --harness DIR also
+# contest-harness (the MLSys 2026 harness, aws-neuron/nki-moe, run on our export-contest drop-in).
 # A step that cannot run here (no /dev/neuron*, SDK missing, a CLI subcommand or flag not available
 # yet) is recorded as SKIP with the reason; the other steps still run when they can.
 # Exit status: 0 every step passed; 1 a step failed; 2 nothing failed but some step could not run.
@@ -18,11 +19,15 @@ PYTHON="${PYTHON:-python3}"
 DEVICE_GLOB="${VALIDATE_TRN2_DEVICE_GLOB:-/dev/neuron*}"
 REPORT_DIR=""
 SERVE_EXTRA_ARGS=()
+HARNESS_DIR=""         # an aws-neuron/nki-moe checkout: adds the contest-harness step
+HARNESS_MODEL_PATH=""  # the Hugging Face checkpoint directory the harness loads (its --model-path)
+HARNESS_MODULE="qwen_vllm_nki_moe"  # the drop-in's module name in the harness checkout (its own files stay)
 
 usage() {
     cat <<USAGE
 Usage: deploy/validate-trn2.sh [--report-dir DIR] [--model ID] [--tensor-parallel-size N] [--port N]
-                               [--health-timeout SECONDS] [--repo DIR] [-- EXTRA VLLM SERVE ARGS]
+                               [--health-timeout SECONDS] [--repo DIR]
+                               [--harness NKI_MOE_CHECKOUT --harness-model-path HF_DIR] [-- EXTRA VLLM SERVE ARGS]
 
 Runs on a trn2 host with the Neuron SDK venv active (deploy/setup-trn2.sh):
   kernels-check  vllm-nki-moe kernels check --kernels nki --model MODEL --tensor-parallel-size N
@@ -33,6 +38,9 @@ Runs on a trn2 host with the Neuron SDK venv active (deploy/setup-trn2.sh):
   loadtest       locust -f loadtest/prompts.py --headless --mode contest --report-dir REPORT/loadtest
                  --nki-mac-ratio auto (the ratio computed from the served checkpoint's config)
   serve-stop     stops the server this script started
+  contest-harness  (only with --harness) vllm-nki-moe export-contest HARNESS/${HARNESS_MODULE}.py --report --tp N,
+                 then in HARNESS: python main.py --mode validate --qwen ${HARNESS_MODULE} --model-path HF_DIR
+                 --compiled-model-path REPORT/harness-traced (the harness's accuracy check on our drop-in)
 Defaults: --model ${MODEL} --tensor-parallel-size ${TP} --port ${PORT} --health-timeout ${HEALTH_TIMEOUT}
 Exit: 0 all passed, 1 a step failed, 2 no failure but some step could not run (reasons in summary.md).
 USAGE
@@ -46,6 +54,8 @@ while [[ $# -gt 0 ]]; do
         --port) PORT="${2:?--port needs a number}"; shift 2 ;;
         --health-timeout) HEALTH_TIMEOUT="${2:?--health-timeout needs seconds}"; shift 2 ;;
         --repo) REPO_DIR="${2:?--repo needs a directory}"; shift 2 ;;
+        --harness) HARNESS_DIR="${2:?--harness needs an aws-neuron/nki-moe checkout}"; shift 2 ;;
+        --harness-model-path) HARNESS_MODEL_PATH="${2:?--harness-model-path needs a directory}"; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         --) shift; SERVE_EXTRA_ARGS=("$@"); break ;;
         *) usage >&2; echo "validate-trn2: unknown argument: $1" >&2; exit 64 ;;
@@ -276,6 +286,22 @@ if [[ -n "${SERVER_PID}" ]]; then
     run_step serve-stop "" stop_server
 else
     run_step serve-stop "no server was started by this script" true
+fi
+
+# --- the contest harness on our drop-in (optional; after our server has released the cores) -------
+harness_run() {
+    vllm-nki-moe export-contest "${HARNESS_DIR}/${HARNESS_MODULE}.py" --report --tp "${TP}" || return 1
+    (cd "${HARNESS_DIR}" && "${PYTHON}" main.py --mode validate --qwen "${HARNESS_MODULE}" \
+        --model-path "${HARNESS_MODEL_PATH}" --compiled-model-path "${REPORT_DIR}/harness-traced")
+}
+
+if [[ -n "${HARNESS_DIR}" ]]; then
+    HARNESS_REASON="$(first_reason \
+        "$([[ -f "${HARNESS_DIR}/main.py" ]] || echo "no main.py in ${HARNESS_DIR} (--harness wants an aws-neuron/nki-moe checkout)")" \
+        "$([[ -n "${HARNESS_MODEL_PATH}" ]] || echo '--harness needs --harness-model-path (the Hugging Face checkpoint directory)')" \
+        "${HW_REASON}" \
+        "$(cli_reason export-contest -- --report --tp)")"
+    run_step contest-harness "${HARNESS_REASON}" harness_run
 fi
 
 # --- report -------------------------------------------------------------------------------------

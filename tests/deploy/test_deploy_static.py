@@ -402,13 +402,14 @@ echo '{"totals": {"score": 1.2345, "requests": 40, "requests_ok": 39, "e2e_ms": 
     # Stands in for the Neuron venv's python: every module "imports"; pip lists two of the SDK's packages.
     "fake-python": """#!/usr/bin/env bash
 [[ "$*" == "-m pip list" ]] && printf 'nki                 0.6.0\\nvllm-neuron         0.24.0.1.1.0\\n'
+[[ "$1" == main.py ]] && echo "fake python in $PWD: $*" >> "$FAKE_LOG"
 exit 0
 """,
 }
 
 
-def test_validate_runs_every_step_and_stops_its_server(tmp_path):
-    """With fakes for the device, SDK, CLI, vllm and locust, every step runs and the server is stopped."""
+def run_validate_with_fakes(tmp_path, *extra: str):
+    """validate-trn2.sh with fakes for the device, SDK, CLI, vllm and locust: (process, report dir, calls, port)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, body in FAKE_TOOLS.items():
@@ -421,6 +422,7 @@ def test_validate_runs_every_step_and_stops_its_server(tmp_path):
     (repo / "loadtest" / "prompts.py").write_text("")
     port = free_port()
     fake_log = tmp_path / "calls.log"
+    fake_log.touch()
     env = dict(
         os.environ,
         PATH=f"{bin_dir}:{os.environ['PATH']}",
@@ -430,26 +432,19 @@ def test_validate_runs_every_step_and_stops_its_server(tmp_path):
         FAKE_ROOT=str(tmp_path),
     )
     report = tmp_path / "report"
+    args = ["--report-dir", str(report), "--repo", str(repo), "--port", str(port), "--health-timeout", "60", *extra]
     out = subprocess.run(
-        [
-            str(DEPLOY / "validate-trn2.sh"),
-            "--report-dir",
-            str(report),
-            "--repo",
-            str(repo),
-            "--port",
-            str(port),
-            "--health-timeout",
-            "60",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
+        [str(DEPLOY / "validate-trn2.sh"), *args], capture_output=True, text=True, timeout=180, env=env
     )
+    return out, report, fake_log.read_text(), port
+
+
+def test_validate_runs_every_step_and_stops_its_server(tmp_path):
+    """With fakes for the device, SDK, CLI, vllm and locust, every step runs and the server is stopped."""
+    out, report, calls, port = run_validate_with_fakes(tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr + (report / "summary.tsv").read_text()
     assert {status for status, _ in read_summary(report).values()} == {"PASS"}
-    calls = fake_log.read_text()
+    assert "contest-harness" not in read_summary(report)  # optional: only with --harness
     assert "kernels check --kernels nki --model Qwen/Qwen3-30B-A3B --tensor-parallel-size 4" in calls
     assert "parity --model Qwen/Qwen3-30B-A3B --device neuron --tensor-parallel-size 4 --kernels nki" in calls
     assert f"serve Qwen/Qwen3-30B-A3B --device neuron --tensor-parallel-size 4 --host 127.0.0.1 --port {port}" in calls
@@ -462,6 +457,32 @@ def test_validate_runs_every_step_and_stops_its_server(tmp_path):
     summary = (report / "summary.md").read_text()
     assert "| nki | 0.6.0 |" in summary and "| vllm-neuron | 0.24.0.1.1.0 |" in summary
     assert "| contest mode | 1.234 | 39 of 40 | 812.2 | 1500.0 |" in summary
+
+
+def test_validate_runs_the_contest_harness_on_our_export_when_given_a_checkout(tmp_path):
+    harness = tmp_path / "nki-moe"
+    harness.mkdir()
+    (harness / "main.py").write_text("")
+    out, report, calls, _ = run_validate_with_fakes(
+        tmp_path, "--harness", str(harness), "--harness-model-path", "/models/Qwen3-30B-A3B"
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert read_summary(report)["contest-harness"] == ("PASS", "")
+    assert f"export-contest {harness}/qwen_vllm_nki_moe.py --report --tp 4" in calls  # parsed by the real CLI
+    assert (
+        f"fake python in {harness}: main.py --mode validate --qwen qwen_vllm_nki_moe --model-path "
+        f"/models/Qwen3-30B-A3B --compiled-model-path {report}/harness-traced" in calls
+    )
+
+
+def test_the_contest_harness_step_says_what_it_lacks(tmp_path):
+    harness = tmp_path / "empty"
+    harness.mkdir()
+    out, report, calls, _ = run_validate_with_fakes(tmp_path, "--harness", str(harness))
+    assert out.returncode == 2, out.stdout + out.stderr
+    status, note = read_summary(report)["contest-harness"]
+    assert status == "SKIP" and f"no main.py in {harness}" in note
+    assert "export-contest" not in calls
 
 
 def test_the_fake_cli_is_the_real_parser(tmp_path):
