@@ -69,8 +69,9 @@ def _check_args(where: str, x, weight, eps: float, tiles: int) -> None:
     )
 
 
-def _rms_norm_tile(out_tile, x_tile, w_tile, eps_tile, inv_h: float) -> None:
-    """One [n, H] tile: out = w * cast(x * rsqrt(sum(x^2) / H + eps)); the caller owns the buffers.
+def _rms_norm_tile(out_tile, x_tile, w_tile, eps_tile, inv_h: float, round_normed: bool = True) -> None:
+    """One [n, H] tile: out = w * cast(x * rsqrt(sum(x^2) / H + eps)) (no cast unless ``round_normed``); the caller
+    owns the buffers.
 
     Scalar: square with add-reduce into ss (fp32; the squares land in ``out_tile`` as scratch), rsqrt(ss/H + eps)
     in one activation, x * rstd (written in the activation dtype: Hugging Face's cast point).
@@ -88,7 +89,7 @@ def _rms_norm_tile(out_tile, x_tile, w_tile, eps_tile, inv_h: float) -> None:
     )
     rstd = nl.ndarray((n, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=rstd, op=nl.rsqrt, data=ss, scale=inv_h, bias=eps_tile[0:n, :])
-    normed = nl.ndarray(x_tile.shape, dtype=x_tile.dtype, buffer=nl.sbuf)
+    normed = nl.ndarray(x_tile.shape, dtype=x_tile.dtype if round_normed else nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=normed, op=nl.copy, data=x_tile, scale=rstd)
     nisa.tensor_tensor(dst=out_tile, data1=normed, data2=w_tile[0:n, :], op=nl.multiply)
 
@@ -109,7 +110,7 @@ def _use_h_layout(where: str, T: int, H: int, itemsize: int, layout: str) -> boo
     return layout == "auto" and H % PMAX == 0 and H >= H_LAYOUT_MIN_H and small_t
 
 
-def _rms_norm_h(out, new_residual, x, residual, weight, eps) -> None:
+def _rms_norm_h(out, new_residual, x, residual, weight, eps, round_normed: bool = True) -> None:
     """The h layout of rms_norm (``residual`` None) and fused_add_rms_norm; writes ``out`` (and ``new_residual``).
 
     Tensor: one ones[128,128]^T @ partial[128, n] per chunk (fp32, cross-partition sum broadcast to every partition).
@@ -155,7 +156,8 @@ def _rms_norm_h(out, new_residual, x, residual, weight, eps) -> None:
         nisa.nc_matmul(dst=total, stationary=ones, moving=partial, accumulate=False)
         rstd = nl.ndarray((PMAX, n), dtype=nl.float32, buffer=nl.sbuf)
         nisa.activation(dst=rstd, op=nl.rsqrt, data=total, scale=1.0 / H, bias=eps_t)
-        normed = nl.ndarray((PMAX, n, F), dtype=x.dtype, buffer=nl.sbuf)  # Hugging Face's cast point
+        # Hugging Face's cast point (round_normed), or fp32 until the weight multiply (NxDI's CustomRMSNorm)
+        normed = nl.ndarray((PMAX, n, F), dtype=x.dtype if round_normed else nl.float32, buffer=nl.sbuf)
         if n == 1:
             nisa.activation(dst=normed[:, 0, :], op=nl.copy, data=xt[:, 0, :], scale=rstd)
         else:
@@ -165,14 +167,16 @@ def _rms_norm_h(out, new_residual, x, residual, weight, eps) -> None:
 
 
 @nki.jit
-def rms_norm(x, weight, eps, layout="auto"):
+def rms_norm(x, weight, eps, layout="auto", round_normed=True):
     """RMSNorm of each row of x.
 
     Dimensions: T rows (tokens, or tokens x heads for the q/k norm), H normalised size (hidden, or head_dim),
     F = H / 128 (h layout).
 
     Args:    x [T, H] bf16|fp32 HBM; weight [H] bf16|fp32 HBM; eps float;
-             layout "auto" | "rows" | "h" (keyword-only; auto = h for few tokens, see H_LAYOUT_MAX_TOKEN_BYTES).
+             layout "auto" | "rows" | "h" (auto = h for few tokens, see H_LAYOUT_MAX_TOKEN_BYTES);
+             round_normed: True rounds the normalised value to x's dtype before the weight multiply (Hugging Face's
+             Qwen3MoeRMSNorm), False keeps it fp32 (NxDI's CustomRMSNorm: one rounding, at the end).
     Returns: [T, H] in x's dtype, nl.shared_hbm.
     Tiling:  rows: weight broadcast to all partitions once (broadcast_weight: Tensor + Vector); T by ROWS_PER_TILE
              rows on partitions, H whole in the free axis; per tile one load, Scalar square+reduce, rsqrt, scale,
@@ -188,7 +192,7 @@ def rms_norm(x, weight, eps, layout="auto"):
     T, H = x.shape
     out = nl.ndarray((T, H), dtype=x.dtype, buffer=nl.shared_hbm)
     if _use_h_layout("rms_norm", T, H, _itemsize(x.dtype), layout):
-        _rms_norm_h(out, None, x, None, weight, eps)
+        _rms_norm_h(out, None, x, None, weight, eps, round_normed)
         return out
     rows = min(T, ROWS_PER_TILE)
     w_all = broadcast_weight(weight, rows)
@@ -198,7 +202,7 @@ def rms_norm(x, weight, eps, layout="auto"):
         xt = nl.ndarray((n, H), dtype=x.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=xt, src=x[r0 : r0 + n, :])
         ot = nl.ndarray((n, H), dtype=x.dtype, buffer=nl.sbuf)
-        _rms_norm_tile(ot, xt, w_all, eps_all, 1.0 / H)
+        _rms_norm_tile(ot, xt, w_all, eps_all, 1.0 / H, round_normed)
         nisa.dma_copy(dst=out[r0 : r0 + n, :], src=ot)
     return out
 
@@ -252,11 +256,17 @@ def fused_add_rms_norm(x, residual, weight, eps, layout="auto"):
     return out, new_residual
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, layout: str = "auto") -> torch.Tensor:
-    """``layout`` is accepted for the kernel's signature and unused (both layouts compute the same values)."""
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, layout: str = "auto", round_normed: bool = True
+) -> torch.Tensor:
+    """``layout`` is accepted for the kernel's signature and unused (both layouts compute the same values);
+    ``round_normed``: Hugging Face's rounding (the normalised value cast to x's dtype before the weight multiply), else
+    NxDI's CustomRMSNorm's (fp32 throughout, one cast at the end)."""
     x32 = x.float()
-    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return (normed.float() * weight.float()).to(x.dtype)
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if round_normed:
+        normed = normed.to(x.dtype).float()
+    return (normed * weight.float()).to(x.dtype)
 
 
 def fused_add_rms_norm_ref(

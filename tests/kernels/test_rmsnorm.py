@@ -67,6 +67,22 @@ def test_rms_norm_bf16_is_bit_identical_to_hf_rounding(T, rng):
     assert torch.equal(out, norms.rms_norm(x, w, EPS))
 
 
+@pytest.mark.parametrize("layout", ["rows", "h"])
+@pytest.mark.parametrize("T", [1, 5, PMAX + 1])
+def test_rms_norm_can_round_once_as_nxdis_custom_rmsnorm(T, layout, rng):
+    """round_normed=False: fp32 until the weight multiply, one cast at the end, as NxDI's CustomRMSNorm
+    (modules/custom_calls.py: x.to(float32), RmsNorm, result.to(original dtype)): bit for bit in bf16 against that
+    math, and not HF's rounding (which rounds the normalised value first)."""
+    x, w = randn(rng, (T, HIDDEN), torch.bfloat16), _weight(rng, HIDDEN, torch.bfloat16)
+    out, _ = run(rmsnorm.rms_norm, x, w, EPS, layout, False)
+    x32 = x.float()
+    nxdi = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + EPS) * w.float()).to(torch.bfloat16)
+    assert_close(out, nxdi, "bfloat16")
+    assert (out != nxdi).float().mean() < 0.01  # rsqrt and summation order aside, the same bits
+    assert torch.equal(rmsnorm.rms_norm_ref(x, w, EPS, layout, False), nxdi)
+    assert not torch.equal(rmsnorm.rms_norm_ref(x, w, EPS), nxdi)  # the two roundings differ at these sizes
+
+
 @settings(max_examples=25, deadline=None)
 @given(T=st.integers(1, 300), H=st.integers(1, 600), bf16=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 50.0]))
 def test_rms_norm_matches_ref_any_shape(T, H, bf16, scale):
