@@ -94,32 +94,60 @@ def moe_block_decode(hidden, residual, gamma, router_w, w13, w2, eps, top_k, nor
     rw_sb = nl.ndarray((HP, KT, E), dtype=dt, buffer=nl.sbuf)
     nisa.dma_copy(dst=rw_sb, src=router_w)
 
-    # RMSNorm: sum of squares over kt (Vector), over partitions (ones matmul, result on every partition)
-    sq = nl.ndarray((HP, T, KT), dtype=nl.float32, buffer=nl.sbuf)
+    x_sb = normalise(r_sb, gamma_sb, eps, H, T)
+    ids8, w_sb = route(x_sb, rw_sb, T, K, bool(norm_topk_prob))
+
+    acc = nl.ndarray((HP, T, KT), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=acc, value=0.0)
+    selected_experts(acc, x_sb, w13, w2, ids8, True, w_sb, T, K)
+    store_experts_sum(out, acc, T, H, HP, KT)
+    return out, r_out
+
+
+def normalise(r_sb, gamma_sb, eps, H: int, T: int):
+    """x [P, T, KT] (r_sb's dtype) = gamma * cast(r * rsqrt(mean(r^2) + eps)) per token, for ``r_sb [P, T, KT]`` and
+    ``gamma_sb [P, KT]`` in the same split of H over (partition, kt), whichever it is (the sum runs over both).
+
+    Vector: r^2 and its sum over kt; Tensor: the sum over partitions, broadcast to all of them, as a ones[P, P] fp32
+    matmul; Vector/Scalar: rstd = rsqrt(sum / H + eps), x = (r * rstd) rounded (Hugging Face's cast point), times
+    gamma."""
+    P, _, KT = r_sb.shape
+    dt = r_sb.dtype
+    sq = nl.ndarray((P, T, KT), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=sq, data1=r_sb, data2=r_sb, op=nl.multiply)
-    part = nl.ndarray((HP, T), dtype=nl.float32, buffer=nl.sbuf)
+    part = nl.ndarray((P, T), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_reduce(dst=part, op=nl.add, data=sq, axis=2)
-    ones = nl.ndarray((HP, HP), dtype=nl.float32, buffer=nl.sbuf)
+    ones = nl.ndarray((P, P), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=ones, value=1.0)
-    ss_ps = nl.ndarray((HP, T), dtype=nl.float32, buffer=nl.psum)
+    ss_ps = nl.ndarray((P, T), dtype=nl.float32, buffer=nl.psum)
     nisa.nc_matmul(dst=ss_ps, stationary=ones, moving=part)
-    rstd = nl.ndarray((HP, T), dtype=nl.float32, buffer=nl.sbuf)
+    rstd = nl.ndarray((P, T), dtype=nl.float32, buffer=nl.sbuf)
     nisa.tensor_scalar(dst=rstd, data=ss_ps, op0=nl.multiply, operand0=1.0 / H, op1=nl.add, operand1=float(eps))
     nisa.activation(dst=rstd, op=nl.rsqrt, data=rstd)
-    x_sb = nl.ndarray((HP, T, KT), dtype=dt, buffer=nl.sbuf)
+    x_sb = nl.ndarray((P, T, KT), dtype=dt, buffer=nl.sbuf)
     nisa.tensor_tensor(dst=x_sb, data1=r_sb, data2=sbuf_view(rstd, [[1, T], [0, KT]]), op=nl.multiply)
     nisa.tensor_tensor(dst=x_sb, data1=x_sb, data2=sbuf_view(gamma_sb, [[0, T], [1, KT]]), op=nl.multiply)
+    return x_sb
 
-    # router logits [T, E], rounded to the activation dtype, then softmax in fp32
+
+def route(x_sb, rw_sb, T: int, K: int, norm_topk_prob: bool):
+    """The router on normalised tokens ``x_sb [P, T, KT]`` and its weight ``rw_sb [P, KT, E]`` (the same split of H):
+    logits [T, E] (fp32 PSUM over kt, rounded to x's dtype as the model's gate), softmax in fp32, the top K (max8 +
+    nc_find_index8: ties take the lowest id first), renormalised if ``norm_topk_prob``. Returns (ids8 [T, 8] uint32,
+    the top K in columns 0..K-1; w_sb [P, T*K] fp32: slot t*K + k's weight on every partition).
+
+    GpSimd + Tensor: the [T, K] weights reach every partition by a ones matmul over a diagonal mask built with
+    affine_select."""
+    P, _, KT = x_sb.shape
+    E = rw_sb.shape[2]
     lg_ps = nl.ndarray((T, E), dtype=nl.float32, buffer=nl.psum)
     for kt in range(KT):
         nisa.nc_matmul(dst=lg_ps, stationary=x_sb[:, :, kt], moving=rw_sb[:, kt, :], accumulate=kt > 0)
-    logits = nl.ndarray((T, E), dtype=dt, buffer=nl.sbuf)
+    logits = nl.ndarray((T, E), dtype=x_sb.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=logits, src=lg_ps)
     probs = nl.ndarray((T, E), dtype=nl.float32, buffer=nl.sbuf)
     softmax_rows(probs, logits, T)  # the router kernel's softmax sub-kernel
 
-    # top-k (max8 + nc_find_index8: ties take the lowest id first) and the routing weights [T, K]
     top8 = nl.ndarray((T, TOPK8), dtype=nl.float32, buffer=nl.sbuf)
     nisa.max8(dst=top8, src=probs)
     ids8 = nl.ndarray((T, TOPK8), dtype=nl.uint32, buffer=nl.sbuf)
@@ -133,7 +161,7 @@ def moe_block_decode(hidden, residual, gamma, router_w, w13, w2, eps, top_k, nor
     else:
         nisa.tensor_copy(dst=wk, src=top8[:, 0:K])
 
-    # weights to every partition: diag[t', t, k] = wk[t', k] if t' == t, then ones[T, HP]^T @ diag -> [HP, T*K]
+    # weights to every partition: diag[t', t, k] = wk[t', k] if t' == t, then ones[T, P]^T @ diag -> [P, T*K]
     diag = nl.ndarray((T, T, K), dtype=nl.float32, buffer=nl.sbuf)
     nisa.affine_select(
         dst=diag,
@@ -143,21 +171,16 @@ def moe_block_decode(hidden, residual, gamma, router_w, w13, w2, eps, top_k, nor
         on_false_value=0.0,
         cmp_op=nl.equal,
     )
-    ones_t = nl.ndarray((T, HP), dtype=nl.float32, buffer=nl.sbuf)
+    ones_t = nl.ndarray((T, P), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=ones_t, value=1.0)
-    w_sb = nl.ndarray((HP, T * K), dtype=nl.float32, buffer=nl.sbuf)
+    w_sb = nl.ndarray((P, T * K), dtype=nl.float32, buffer=nl.sbuf)
     diag_flat = diag.reshape((T, T * K))
     for n0 in range(0, T * K, GEMM_MOVING_FMAX):
         n = min(GEMM_MOVING_FMAX, T * K - n0)
-        wb_ps = nl.ndarray((HP, n), dtype=nl.float32, buffer=nl.psum)
+        wb_ps = nl.ndarray((P, n), dtype=nl.float32, buffer=nl.psum)
         nisa.nc_matmul(dst=wb_ps, stationary=ones_t, moving=diag_flat[:, n0 : n0 + n])
         nisa.tensor_copy(dst=w_sb[:, n0 : n0 + n], src=wb_ps)
-
-    acc = nl.ndarray((HP, T, KT), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.memset(dst=acc, value=0.0)
-    selected_experts(acc, x_sb, w13, w2, ids8, True, w_sb, T, K)
-    store_experts_sum(out, acc, T, H, HP, KT)
-    return out, r_out
+    return ids8, w_sb
 
 
 def moe_block_decode_ref(
@@ -172,18 +195,26 @@ def moe_block_decode_ref(
     norm_topk_prob: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``moe_block_decode`` in plain torch, rounding where the model rounds (r, normed x, x * gamma, logits)."""
+    E = router_w.shape[2]
+    wr = router_w.permute(2, 0, 1).reshape(E, -1)  # [E, H]
+    x, r, weights, ids = norm_route_ref(hidden, residual, gamma, wr, eps, top_k, norm_topk_prob)
+    w13m, w2m = experts_model_layout(w13, w2)
+    return experts_ref(x, w13m, w2m, weights, ids), r
+
+
+def norm_route_ref(hidden, residual, gamma, wr, eps: float, top_k: int, norm_topk_prob: bool):
+    """The fused blocks' residual add, RMSNorm and router in torch, rounded as the model rounds, for the router
+    weight ``wr [E, H]``: (x, r, weights [T, K] fp32, ids [T, K]); ties take the lowest id first (max8 +
+    nc_find_index8)."""
     dt = hidden.dtype
     r = hidden + residual
     r32 = r.float()
     normed = (r32 * torch.rsqrt(r32.pow(2).mean(-1, keepdim=True) + eps)).to(dt)
     x = (gamma * normed).to(dt)
-    E = router_w.shape[2]
-    wr = router_w.permute(2, 0, 1).reshape(E, -1)  # [E, H]
     logits = (x.float() @ wr.float().T).to(dt)
     probs = torch.softmax(logits.float(), dim=-1)
-    order = torch.sort(probs, dim=-1, descending=True, stable=True)  # ties: lowest id first, as max8/find_index8
+    order = torch.sort(probs, dim=-1, descending=True, stable=True)
     weights, ids = order.values[:, :top_k], order.indices[:, :top_k]
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    w13m, w2m = experts_model_layout(w13, w2)
-    return experts_ref(x, w13m, w2m, weights, ids), r
+    return x, r, weights, ids

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from .grid import program_share, sum_over_programs
-from .limits import PMAX, require
+from .limits import PMAX, TOPK8, TOPK8_MAX_ELEMS, TOPK8_MIN_ELEMS, require
+from .moe_block import MAX_ROUTER_EXPERTS, norm_route_ref, normalise, route
 from .moe_common import DTYPES, split_tiles
 
 MAX_DECODE_TOKENS = PMAX
@@ -93,7 +94,108 @@ def moe_decode_fp8(hidden, w13, s13, w2, s2, topk_weights, topk_ids):
              fp32 partial sums; each program stores its share of the hidden blocks).
     Limits:  1 <= T <= 128; H % 128 == 0; IP <= 128; hidden bf16 or fp32; ids in [0, E).
     """
-    where = "moe_decode_fp8"
+    T, H, E, IT, KT, IP = _check_fp8_experts("moe_decode_fp8", hidden, w13, s13, w2, s2)
+    require(
+        len(topk_ids.shape) == 2 and topk_ids.shape[0] == T,
+        "moe_decode_fp8",
+        f"topk_ids {tuple(topk_ids.shape)}; [T, K]",
+    )
+    K = topk_ids.shape[1]
+    require(
+        tuple(topk_weights.shape) == (T, K),
+        "moe_decode_fp8",
+        f"topk_weights {tuple(topk_weights.shape)}; must be [T, K]",
+    )
+    dt = hidden.dtype
+    out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
+    x_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
+    nisa.dma_copy(dst=x_sb, src=_tile_major(hidden, T, KT))
+    ids_sb = nl.ndarray((1, T * K), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=ids_sb, src=topk_ids.ap([[T * K, 1], [1, T * K]], offset=0))
+    w_sb = nl.ndarray((PMAX, T * K), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w_sb, src=topk_weights.ap([[0, PMAX], [1, T * K]], offset=0))
+    acc = nl.ndarray((PMAX, T, KT), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=acc, value=0.0)
+    _fp8_selected_experts(acc, x_sb, w13, s13, w2, s2, ids_sb, False, w_sb, T, K)
+    _store_tile_major(out, acc, T, KT, True)
+    return out
+
+
+@nki.jit
+def moe_block_decode_fp8(hidden, residual, gamma, gate_weight_t, w13, s13, w2, s2, eps, top_k, norm_topk_prob):
+    """The decode MoE block with FP8 experts in one call: residual add, RMSNorm, router, the selected FP8 experts.
+
+    Computes what ``moe_block_decode`` computes (same rounding points, same routing and ties), with the experts of
+    ``moe_decode_fp8``. Returns (out, r): the experts' weighted sum and the new residual.
+
+    Dimensions: T tokens (<= 128), H = KT * 128 hidden, E experts, K = top_k, I = IT * IP intermediate.
+
+    Args:    hidden, residual [T, H] bf16|fp32 HBM; gamma [H] HBM (hidden's dtype); gate_weight_t [H, E] HBM
+             (hidden's dtype; the router weight transposed, the view ``router.prepare_gate_for_kernels`` keeps);
+             w13, s13, w2, s2 in the FP8 kernel layout (``fp8_experts_kernel_layout``); eps float; top_k int;
+             norm_topk_prob bool.
+    Returns: (out [T, H], r [T, H]), hidden's dtype, in nl.shared_hbm.
+    Tiling:  hidden split h = kt * 128 + p everywhere (the FP8 layout's: contraction tile kt is scale block kt):
+             hidden, residual, gamma and the router weight ([128, KT, E]: rows h of gate_weight_t) to SBUF in that
+             split, one DMA each; Vector: r = hidden + residual, stored; ``moe_block.normalise`` (RMSNorm) and
+             ``moe_block.route`` (logits, softmax, max8 top-k, renormalisation, weights on every partition); then the
+             selected FP8 experts as ``moe_decode_fp8`` (ids straight from nc_find_index8's SBUF tile as DMA offsets).
+    Grid:    ``moe_block_decode_fp8[g]``: every program computes the norm and the router, then the slots split as
+             ``moe_decode_fp8``'s grid; r and out stored by hidden-tile shares.
+    Limits:  1 <= T <= 128; H % 128 == 0; 8 <= E <= 512; 1 <= top_k <= 8; hidden, residual, gamma, gate_weight_t
+             share a dtype (bf16 or fp32); the experts as ``moe_decode_fp8``.
+    """
+    where = "moe_block_decode_fp8"
+    T, H, E, IT, KT, IP = _check_fp8_experts(where, hidden, w13, s13, w2, s2)
+    dt = hidden.dtype
+    require(
+        tuple(residual.shape) == (T, H) and residual.dtype == dt,
+        where,
+        f"residual={tuple(residual.shape)} {residual.dtype}; must be [{T}, {H}] {dt}",
+    )
+    require(
+        tuple(gamma.shape) == (H,) and gamma.dtype == dt, where, f"gamma={tuple(gamma.shape)} {gamma.dtype}; [{H}] {dt}"
+    )
+    require(
+        len(gate_weight_t.shape) == 2
+        and gate_weight_t.shape[0] == H
+        and gate_weight_t.shape[1] == E
+        and gate_weight_t.dtype == dt,
+        where,
+        f"gate_weight_t={tuple(gate_weight_t.shape)} {gate_weight_t.dtype}; must be [{H}, {E}] {dt}",
+    )
+    require(
+        TOPK8_MIN_ELEMS <= E <= min(MAX_ROUTER_EXPERTS, TOPK8_MAX_ELEMS),
+        where,
+        f"E={E}; must be {TOPK8_MIN_ELEMS}..{MAX_ROUTER_EXPERTS} (max8 input; one moving tile of logits)",
+    )
+    K = int(top_k)
+    require(1 <= K <= TOPK8, where, f"top_k={top_k}; must be 1..{TOPK8} (max8 returns 8 values)")
+    out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
+    r_out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
+
+    r_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
+    nisa.dma_copy(dst=r_sb, src=_tile_major(hidden, T, KT))
+    res_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
+    nisa.dma_copy(dst=res_sb, src=_tile_major(residual, T, KT))
+    nisa.tensor_tensor(dst=r_sb, data1=r_sb, data2=res_sb, op=nl.add)  # rounded as the model's x + residual
+    _store_tile_major(r_out, r_sb, T, KT, False)
+    gamma_sb = nl.ndarray((PMAX, KT), dtype=dt, buffer=nl.sbuf)
+    nisa.dma_copy(dst=gamma_sb, src=gamma.ap([[1, PMAX], [PMAX, KT]], offset=0))
+    rw_sb = nl.ndarray((PMAX, KT, E), dtype=dt, buffer=nl.sbuf)
+    nisa.dma_copy(dst=rw_sb, src=gate_weight_t.ap([[E, PMAX], [PMAX * E, KT], [1, E]], offset=0))
+
+    x_sb = normalise(r_sb, gamma_sb, eps, H, T)
+    ids8, w_sb = route(x_sb, rw_sb, T, K, bool(norm_topk_prob))
+    acc = nl.ndarray((PMAX, T, KT), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=acc, value=0.0)
+    _fp8_selected_experts(acc, x_sb, w13, s13, w2, s2, ids8, True, w_sb, T, K)
+    _store_tile_major(out, acc, T, KT, True)
+    return out, r_out
+
+
+def _check_fp8_experts(where, hidden, w13, s13, w2, s2):
+    """hidden against the FP8 experts in the kernel layout; returns (T, H, E, IT, KT, IP)."""
     require(len(hidden.shape) == 2, where, f"hidden.shape={tuple(hidden.shape)}; must be [T, H]")
     T, H = hidden.shape
     require(1 <= T <= MAX_DECODE_TOKENS, where, f"T={T}; must be 1..{MAX_DECODE_TOKENS}")
@@ -108,27 +210,42 @@ def moe_decode_fp8(hidden, w13, s13, w2, s2, topk_weights, topk_ids):
     require(tuple(w2.shape) == (E, IT, IP, H), where, f"w2.shape={tuple(w2.shape)}; must be {(E, IT, IP, H)}")
     require(tuple(s2.shape) == (E, IT, IP, KT), where, f"s2.shape={tuple(s2.shape)}; must be {(E, IT, IP, KT)}")
     require(w13.dtype == nl.uint8 and w2.dtype == nl.uint8, where, "w13/w2 must be uint8 (float8_e4m3 bytes)")
-    require(len(topk_ids.shape) == 2 and topk_ids.shape[0] == T, where, f"topk_ids {tuple(topk_ids.shape)}; [T, K]")
-    K = topk_ids.shape[1]
-    require(tuple(topk_weights.shape) == (T, K), where, f"topk_weights {tuple(topk_weights.shape)}; must be [T, K]")
-    dt = hidden.dtype
+    return T, H, E, IT, KT, IP
+
+
+def _tile_major(t, T: int, KT: int):
+    """HBM rows of ``t [T, H]`` as [128, T, KT] with h = kt * 128 + p."""
+    return t.ap([[1, PMAX], [KT * PMAX, T], [PMAX, KT]], offset=0)
+
+
+def _store_tile_major(out, tile, T: int, KT: int, partial: bool) -> None:
+    """out [T, H] = tile [128, T, KT] (h = kt * 128 + p) rounded to out's dtype; ``partial``: the tile holds this
+    program's fp32 partial sums, added over the grid's programs first. Each program stores its share of the hidden
+    tiles."""
+    if partial:
+        sum_over_programs(tile)
+    o_sb = nl.ndarray((PMAX, T, KT), dtype=out.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=o_sb, src=tile)
+    k0, k1 = program_share(KT)
+    if k1 > k0:
+        H = KT * PMAX
+        nisa.dma_copy(dst=out.ap([[1, PMAX], [H, T], [PMAX, k1 - k0]], offset=k0 * PMAX), src=o_sb[:, :, k0:k1])
+
+
+def _fp8_selected_experts(acc, x_sb, w13, s13, w2, s2, ids, ids_token_rows: bool, w_sb, T: int, K: int) -> None:
+    """acc[:, t, :] += sum_k weight(t, k) * expert_{id(t, k)}(x[t]) for FP8 experts, this program's share of the
+    T * K slots (``moe_decode_fp8``'s Tiling). ``ids``: [1, T*K] (slot s in column s) or, with ``ids_token_rows``,
+    [T, >= K] (token t on partition t, nc_find_index8's tile); w_sb [128, T*K] fp32."""
+    dt = x_sb.dtype
+    E, IT, P, KT, IP2 = w13.shape
+    IP = IP2 // 2
+    H = KT * PMAX
     w13f, w2f = w13.view(nl.float8_e4m3), w2.view(nl.float8_e4m3)
-    out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
-
-    x_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=x_sb, src=hidden.ap([[1, PMAX], [H, T], [PMAX, KT]], offset=0))
-    ids_sb = nl.ndarray((1, T * K), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=ids_sb, src=topk_ids.ap([[T * K, 1], [1, T * K]], offset=0))
-    w_sb = nl.ndarray((PMAX, T * K), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=w_sb, src=topk_weights.ap([[0, PMAX], [1, T * K]], offset=0))
-    acc = nl.ndarray((PMAX, T, KT), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.memset(dst=acc, value=0.0)
-
     chunk13, chunk2 = PMAX * KT * IP2, IP * H
     first, last = program_share(T * K)
     for s in range(first, last):
         t = s // K
-        eid = ids_sb[0:1, s : s + 1]
+        eid = ids[t : t + 1, s - t * K : s - t * K + 1] if ids_token_rows else ids[0:1, s : s + 1]
         y_ps = nl.ndarray((PMAX, KT), dtype=nl.float32, buffer=nl.psum)
         for c in range(IT):
             w13_sb = nl.ndarray((PMAX, KT, IP2), dtype=nl.float8_e4m3, buffer=nl.sbuf)
@@ -183,13 +300,6 @@ def moe_decode_fp8(hidden, w13, s13, w2, s2, topk_weights, topk_ids):
         nisa.scalar_tensor_tensor(
             dst=acc[:, t, :], data=y_ps, op0=nl.multiply, operand0=w_sb[:, s : s + 1], op1=nl.add, operand1=acc[:, t, :]
         )
-    sum_over_programs(acc)
-    o_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=o_sb, src=acc)
-    k0, k1 = program_share(KT)  # each program stores its share of the hidden blocks
-    if k1 > k0:
-        nisa.dma_copy(dst=out.ap([[1, PMAX], [H, T], [PMAX, k1 - k0]], offset=k0 * PMAX), src=o_sb[:, :, k0:k1])
-    return out
 
 
 def trn2_fp8_values(q: torch.Tensor) -> torch.Tensor:
@@ -228,3 +338,10 @@ def moe_decode_fp8_ref(hidden, w13, s13, w2, s2, topk_weights, topk_ids) -> torc
             h = (torch.nn.functional.silu(gu[:inter]) * gu[inter:]).to(hidden.dtype).float()
             out[t] += topk_weights[t, k].float() * (w2d[e] @ h)
     return out.to(hidden.dtype)
+
+
+def moe_block_decode_fp8_ref(hidden, residual, gamma, gate_weight_t, w13, s13, w2, s2, eps, top_k, norm_topk_prob):
+    """``moe_block_decode_fp8`` in torch: ``moe_block``'s norm and router (``norm_route_ref``), then
+    ``moe_decode_fp8_ref``; returns (out, r)."""
+    x, r, weights, ids = norm_route_ref(hidden, residual, gamma, gate_weight_t.T, eps, top_k, norm_topk_prob)
+    return moe_decode_fp8_ref(x, w13, s13, w2, s2, weights, ids), r

@@ -105,6 +105,58 @@ def test_prepared_experts_keep_one_byte_per_weight_and_any_layout_reads_them():
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
 
 
+def _block_inputs(T, E, H, dtype, seed=8):
+    g = torch.Generator().manual_seed(seed)
+    hidden, residual = (torch.randn(T, H, generator=g).to(dtype) for _ in range(2))
+    gamma = (torch.rand(H, generator=g) + 0.5).to(dtype)
+    gate_t = (torch.randn(E, H, generator=g) * H**-0.5).to(dtype).t()  # the prepared router weight, [H, E] view
+    return hidden, residual, gamma, gate_t
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "T,E,K,H,inter,norm",
+    [
+        (1, 16, 8, 2048, 192, True),  # Qwen3-30B-A3B per rank at TP 4 (fewer experts), norm_topk_prob
+        (3, 8, 2, 256, 64, False),
+        (2, 12, 3, 128, 200, True),  # I in two 100-row tiles
+    ],
+)
+def test_moe_block_decode_fp8_matches_norm_router_and_fp8_experts(T, E, K, H, inter, norm, dtype):
+    hidden, residual, gamma, gate_t = _block_inputs(T, E, H, dtype)
+    layout = moe_fp8.fp8_experts_kernel_layout(*_experts(E, H, inter))
+    args = (hidden, residual, gamma, gate_t, *layout, 1e-6, K, norm)
+    (out, r), _ = run(moe_fp8.moe_block_decode_fp8, *args)
+    want_out, want_r = moe_fp8.moe_block_decode_fp8_ref(*args)
+    assert torch.equal(r, want_r)  # the residual sum, rounded as the model rounds
+    assert_close(out, want_out, "bfloat16_matmul" if dtype == torch.bfloat16 else "float32_matmul")
+    (two, r2), _ = run(moe_fp8.moe_block_decode_fp8[2], *args)
+    assert torch.equal(r2, r)
+    assert_close(two, out, "bfloat16_matmul" if dtype == torch.bfloat16 else "float32_matmul")
+
+
+def test_the_fused_fp8_block_routes_as_the_models_ops():
+    """Its norm + router + experts equal the model's sequence (fused_add_rms_norm, router_gate_topk, the FP8 experts
+    op) in float32."""
+    T, E, K, H, inter = 2, 8, 2, 256, 64
+    hidden, residual, gamma, gate_t = _block_inputs(T, E, H, torch.float32, seed=9)
+    experts = _experts(E, H, inter, seed=10)
+    sequence = ops.bind("torch").moe_block_fp8(hidden, residual, gamma, 1e-6, gate_t.t(), *experts, K, True)
+    (out, r), _ = run(
+        moe_fp8.moe_block_decode_fp8,
+        hidden,
+        residual,
+        gamma,
+        gate_t,
+        *moe_fp8.fp8_experts_kernel_layout(*experts),
+        1e-6,
+        K,
+        True,
+    )
+    torch.testing.assert_close(r, sequence[1], rtol=0, atol=0)
+    torch.testing.assert_close(out, sequence[0], rtol=1e-4, atol=1e-5)
+
+
 def test_shapes_the_kernel_cannot_take_are_named():
     x = torch.zeros(1, 200)
     w13, s13, w2, s2 = (torch.zeros(1, 4, 200, dtype=fp8.FP8_DTYPE), torch.zeros(1, 4, 2), None, None)
@@ -113,6 +165,9 @@ def test_shapes_the_kernel_cannot_take_are_named():
     with pytest.raises(ValueError, match=r"fp8_experts_kernel_layout: H=200; must be a multiple of 128"):
         moe_fp8.fp8_experts_kernel_layout(w13, s13, torch.zeros(1, 200, 2, dtype=fp8.FP8_DTYPE), torch.zeros(1, 2, 2))
     layout = moe_fp8.fp8_experts_kernel_layout(*_experts(2, 128, 64))
+    hidden, residual, gamma, gate_t = _block_inputs(1, 2, 128, torch.float32)
+    with pytest.raises(ValueError, match=r"moe_block_decode_fp8: E=2; must be 8..512"):
+        run(moe_fp8.moe_block_decode_fp8, hidden, residual, gamma, gate_t, *layout, 1e-6, 1, True)
     with pytest.raises(ValueError, match=r"moe_decode_fp8: T=129; must be 1..128"):
         run(
             moe_fp8.moe_decode_fp8,

@@ -16,7 +16,8 @@ column); a few percent of the FP8 bytes.
 Kernels: ``moe_experts_fp8`` runs ``kernels/moe_fp8.py`` (decode-sized token tiles of up to 128; longer inputs go
 through it tile by tile) on the experts converted once at load, in place, to its layout (trn2's FP8 format, hidden
 split into scale blocks: ``prepare_fp8_experts_for_kernels``); ``linear_fp8`` runs ``kernels/linear_fp8.py`` on the
-weight converted the same way (``prepare_linear_fp8_for_kernels``: trn2's format, block-major, the model's shapes).
+weight converted the same way (``prepare_linear_fp8_for_kernels``: trn2's format, block-major, the model's shapes);
+``moe_block_fp8`` (the MoE half of a layer with FP8 experts) runs the fused ``moe_block_decode_fp8`` at decode.
 """
 
 from __future__ import annotations
@@ -220,7 +221,8 @@ def moe_block_fp8_sequence(impls: dict[str, Callable]) -> Callable:
     """The decoder layer's MoE half with FP8 experts: ``moe_block``'s sequence (residual add + RMSNorm, gate, router)
     with ``moe_experts_fp8``. ``moe_block_fp8(hidden [T, H], residual [T, H], norm_weight [H], eps, gate_weight [E, H],
     w13, w13_scale_inv, w2, w2_scale_inv, top_k, renormalize) -> (experts' output [T, H], new residual [T, H])``.
-    No fused kernel yet: this sequence runs under every backend, each op its own kernel."""
+    A backend with the fused kernel (``moe_block_decode_fp8``) runs it where it applies (decode), this sequence
+    elsewhere."""
     fused_add_rms_norm, router_gate_topk, experts = (
         impls["fused_add_rms_norm"],
         impls["router_gate_topk"],
@@ -295,6 +297,52 @@ def _linear_fp8_kernel(backend: str, x: torch.Tensor, weight: torch.Tensor, weig
     return tiles[0] if len(tiles) == 1 else torch.cat(tiles)
 
 
+def _moe_block_fp8_supports(
+    hidden, residual, norm_weight, eps, gate_weight, w13, w13_scale_inv, w2, w2_scale_inv, top_k, renormalize
+) -> str | None:
+    """Where the fused FP8 decode block applies; elsewhere ``moe_block_fp8`` runs as separate ops (not an error)."""
+    from vllm_nki_moe.ops.moe import MAX8_MAX_EXPERTS, MAX8_MAX_K, MAX8_MIN_EXPERTS, fused_block_applies
+
+    T, E = hidden.shape[0], w13.shape[0]
+    if not fused_block_applies(T, top_k, E):
+        return (
+            f"T={T}, E={E}, top_k={top_k}; the fused block is a decode kernel (T=1 or T*top_k <= E/16) with "
+            f"{MAX8_MIN_EXPERTS} <= E <= {MAX8_MAX_EXPERTS} and top_k <= {MAX8_MAX_K}"
+        )
+    if residual.dtype != hidden.dtype or norm_weight.dtype != hidden.dtype or gate_weight.dtype != hidden.dtype:
+        return f"dtypes {residual.dtype}, {norm_weight.dtype}, {gate_weight.dtype}; must equal hidden's {hidden.dtype}"
+    ids = torch.zeros(T, top_k, dtype=torch.int32)
+    return _moe_experts_fp8_supports(hidden, w13, w13_scale_inv, w2, w2_scale_inv, ids.float(), ids)
+
+
+def _transposed(weight: torch.Tensor) -> torch.Tensor:
+    return weight.t().contiguous()
+
+
+def _moe_block_fp8_kernel(
+    backend, hidden, residual, norm_weight, eps, gate_weight, w13, w13_scale_inv, w2, w2_scale_inv, top_k, renormalize
+):
+    kernel = load_kernels("moe_fp8")
+    weights = (w13, w13_scale_inv, w2, w2_scale_inv)
+    if not _is_kernel_layout(w13):  # tools and tests hand model-layout experts: a converted copy, made once
+        weights = _kernel_weights.get(kernel.fp8_experts_kernel_layout, *weights)
+    # prepared (router.prepare_gate_for_kernels): the transpose [H, E] is a contiguous view; else converted once
+    gate_t = gate_weight.t() if gate_weight.t().is_contiguous() else _kernel_weights.get(_transposed, gate_weight)
+    return call_kernel(
+        backend,
+        kernel.moe_block_decode_fp8,
+        hidden.contiguous(),
+        residual.contiguous(),
+        norm_weight.contiguous(),
+        gate_t,
+        *weights,
+        float(eps),
+        int(top_k),
+        bool(renormalize),
+        grid=launch_grid(backend),  # slots split over the physical cores (kernels/moe_fp8.py, "Grid")
+    )
+
+
 def _no_host_layout(*weights: torch.Tensor) -> None:
     """The torch backend reads the model's layout."""
 
@@ -313,5 +361,9 @@ SPECS = (
         traceable=False,  # data-dependent expert selection
         weights=WeightLayouts(_no_host_layout, prepare_fp8_experts_for_kernels, moe_experts_fp8_any_layout),
     ),
-    OpSpec("moe_block_fp8", compose=moe_block_fp8_sequence),
+    OpSpec(
+        "moe_block_fp8",
+        kernel=KernelImpl(_moe_block_fp8_kernel, _moe_block_fp8_supports),
+        compose=moe_block_fp8_sequence,
+    ),
 )

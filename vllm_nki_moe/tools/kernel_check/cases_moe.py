@@ -7,10 +7,10 @@ fused ``moe_block_decode`` instead (post-attention norm, router and experts in o
 once per layer, and the experts, router and one of the two norms per layer count zero (``cases_norms``,
 ``cases_router`` ask the same function).
 
-``moe_decode_fp8`` (``kernels/moe_fp8.py``) is checked at every shape; it counts in the step only when the shapes
-say the experts are FP8 (``KernelShapes.fp8``, the FP8 step ``kernels bench`` prints beside the bf16 one):
-then it replaces the fused block and the decode/prefill experts (for up to 128 tokens), and the norms and router run
-separately.
+``moe_decode_fp8`` and the fused ``moe_block_decode_fp8`` (``kernels/moe_fp8.py``) are checked at every shape; they
+count in the step only when the shapes say the experts are FP8 (``KernelShapes.fp8``, the FP8 step ``kernels bench``
+prints beside the bf16 one): the fused FP8 block where the fused block applies (decode; it carries norm and
+router), the FP8 experts kernel elsewhere up to 128 tokens (norm and router then run as their own kernels).
 
 Routing is fixed per case (seeded here, uniform over experts, distinct experts per token), so ``min_hbm_bytes`` is
 exact: the weights of the distinct experts the tokens select, read once, plus activations in and out and the routing
@@ -78,6 +78,33 @@ def _fp8_expert_weights(E: int, H: int, inter: int) -> tuple[torch.Tensor, ...]:
     return moe_fp8.fp8_experts_kernel_layout(*fp8.quantize_experts(w13, w2))
 
 
+def _fp8_block_case(s: KernelShapes, T: int, act_bytes: int, unsupported: str | None, fused: bool) -> KernelCase:
+    """``moe_block_decode_fp8``: the model's ``moe_block_fp8`` where the fused block applies (an FP8 checkpoint's
+    decode)."""
+    E, K, H, inter, dt = s.experts, s.top_k, s.hidden, s.moe_intermediate, s.torch_dtype
+    expert_bytes = 3 * H * inter + 4 * 3 * inter * (H // PMAX)
+
+    def inputs(rng: np.random.Generator) -> tuple:
+        x, res = (torch.from_numpy(rng.standard_normal((T, H), dtype=np.float32)).to(dt) for _ in range(2))
+        gamma = torch.from_numpy(1 + 0.1 * rng.standard_normal(H, dtype=np.float32)).to(dt)
+        router = torch.from_numpy(rng.standard_normal((E, H), dtype=np.float32) * 4 * H**-0.5).to(dt)
+        return (x, res, gamma, router.t(), *_fp8_expert_weights(E, H, inter), s.rms_eps, K, s.norm_topk_prob)
+
+    return KernelCase(
+        kernel="moe_block_decode_fp8",
+        shapes=f"T={T} H={H} I={inter} E={E} k={K} fp8/{_DT_NAMES[s.dtype]}",
+        build_inputs=inputs,
+        kernel_fn=moe_fp8.moe_block_decode_fp8,
+        reference=moe_fp8.moe_block_decode_fp8_ref,
+        tolerance="bfloat16_matmul" if s.dtype == "bfloat16" else "float32_matmul",
+        min_hbm_bytes=min(T * K, E) * expert_bytes + 2 * act_bytes + (E * H + H) * dt.itemsize,
+        calls_per_layer=1 if s.fp8 and fused else 0,
+        lnc_grid=True,  # the slots split over the programs (kernels/moe_fp8.py, "Grid")
+        phase="decode",
+        unsupported=unsupported,
+    )
+
+
 def _fp8_decode_case(s: KernelShapes, T: int, weights, ids, distinct: int, act_bytes: int) -> KernelCase:
     E, K, H, inter = s.experts, s.top_k, s.hidden, s.moe_intermediate
     unsupported = None
@@ -101,7 +128,8 @@ def _fp8_decode_case(s: KernelShapes, T: int, weights, ids, distinct: int, act_b
         reference=moe_fp8.moe_decode_fp8_ref,
         tolerance="bfloat16_matmul" if s.dtype == "bfloat16" else "float32_matmul",
         min_hbm_bytes=distinct * expert_bytes + act_bytes + T * K * 8,
-        calls_per_layer=1 if s.fp8 else 0,  # the FP8 op runs it for any T, tile by tile
+        # the FP8 op runs it for any T, tile by tile, where the fused FP8 block does not apply
+        calls_per_layer=1 if s.fp8 and not fused_block_applies(T, K, E) else 0,
         lnc_grid=True,  # the slots split over the programs (kernels/moe_fp8.py, "Grid")
         phase="decode",
         unsupported=unsupported,
@@ -183,6 +211,10 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
 
     if T <= moe_fp8.MAX_DECODE_TOKENS:
         out.append(_fp8_decode_case(s, T, weights, ids, distinct, act_bytes))
+        fp8_unsupported = _fp8_decode_case(s, T, weights, ids, distinct, act_bytes).unsupported
+        if not TOPK8 >= K or not 8 <= E <= moe_block.MAX_ROUTER_EXPERTS:
+            fp8_unsupported = f"E={E}, top_k={K}; the fused block needs 8 <= E <= 512 and top_k <= 8"
+        out.append(_fp8_block_case(s, T, act_bytes, fp8_unsupported, fused_block_applies(T, K, E)))
 
     B = bucket_block_size(T, K, E, inter) if K <= E else PMAX
     NB = moe_prefill.max_blocks(T, K, E, B) if K <= E else 0

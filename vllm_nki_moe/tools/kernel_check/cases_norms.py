@@ -67,7 +67,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             reference=rmsnorm.fused_add_rms_norm_ref,
             tolerance=dtype_key(dt),
             min_hbm_bytes=4 * T * H * item + H * item,
-            calls_per_layer=1 if fused_block_applies(T, s.top_k, s.experts) and not s.fp8 else 2,
+            calls_per_layer=1 if fused_block_applies(T, s.top_k, s.experts) else 2,
         ),
     ]
     if s.qk_norm:  # as separate norms (counted inside qk_norm_rope in the model)
