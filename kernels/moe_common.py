@@ -121,6 +121,17 @@ def load_rows_hp(dst, src, T: int, H: int, HP: int, KT: int) -> None:
     nisa.dma_copy(dst=dst, src=src.ap([[KT, HP], [H, T], [1, KT]], offset=0))
 
 
+def load_routing(topk_weights, topk_ids, P: int):
+    """The decode kernels' routing in SBUF: (ids [1, T*K] int32, slot s = t * K + k in column s; weights [P, T*K]
+    fp32, slot s's weight on every one of P partitions, by a stride-0 DMA)."""
+    T, K = topk_ids.shape
+    ids_sb = nl.ndarray((1, T * K), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=ids_sb, src=topk_ids.ap([[T * K, 1], [1, T * K]], offset=0))
+    w_sb = nl.ndarray((P, T * K), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w_sb, src=topk_weights.ap([[0, P], [1, T * K]], offset=0))
+    return ids_sb, w_sb
+
+
 def store_rows_hp(dst, src, T: int, H: int, HP: int, KT: int) -> None:
     """dst [T, H] (HBM) = src [HP, T, KT] (SBUF), the inverse of ``load_rows_hp``; under a launch grid each program
     stores its share of the partitions (the rows ``h = p * KT + kt`` of its partitions are contiguous per token)."""

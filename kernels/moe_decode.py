@@ -18,6 +18,7 @@ from .moe_common import (
     check_experts,
     experts_model_layout,
     experts_ref,
+    load_routing,
     load_rows_hp,
     selected_experts,
     store_experts_sum,
@@ -71,10 +72,7 @@ def moe_decode(hidden, w13, w2, topk_weights, topk_ids):
 
     x_sb = nl.ndarray((HP, T, KT), dtype=hidden.dtype, buffer=nl.sbuf)
     load_rows_hp(x_sb, hidden, T, H, HP, KT)
-    ids_sb = nl.ndarray((1, T * K), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=ids_sb, src=topk_ids.ap([[T * K, 1], [1, T * K]], offset=0))
-    w_sb = nl.ndarray((HP, T * K), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=w_sb, src=topk_weights.ap([[0, HP], [1, T * K]], offset=0))  # broadcast to all partitions
+    ids_sb, w_sb = load_routing(topk_weights, topk_ids, HP)
     acc = nl.ndarray((HP, T, KT), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc, value=0.0)
 

@@ -35,7 +35,7 @@ import torch
 from .grid import program_share, sum_over_programs
 from .limits import PMAX, TOPK8, TOPK8_MAX_ELEMS, TOPK8_MIN_ELEMS, require
 from .moe_block import MAX_ROUTER_EXPERTS, norm_route_ref, normalise, route
-from .moe_common import DTYPES, split_tiles
+from .moe_common import DTYPES, load_routing, split_tiles
 
 MAX_DECODE_TOKENS = PMAX
 TRN2_FP8_MAX = 240.0  # float8_e4m3 (IEEE-style) largest finite value
@@ -110,10 +110,7 @@ def moe_decode_fp8(hidden, w13, s13, w2, s2, topk_weights, topk_ids):
     out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
     x_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
     nisa.dma_copy(dst=x_sb, src=_tile_major(hidden, T, KT))
-    ids_sb = nl.ndarray((1, T * K), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=ids_sb, src=topk_ids.ap([[T * K, 1], [1, T * K]], offset=0))
-    w_sb = nl.ndarray((PMAX, T * K), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=w_sb, src=topk_weights.ap([[0, PMAX], [1, T * K]], offset=0))
+    ids_sb, w_sb = load_routing(topk_weights, topk_ids, PMAX)
     acc = nl.ndarray((PMAX, T, KT), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc, value=0.0)
     _fp8_selected_experts(acc, x_sb, w13, s13, w2, s2, ids_sb, False, w_sb, T, K)

@@ -23,7 +23,7 @@ import torch
 
 from .grid import program_share, sum_over_programs
 from .limits import PMAX, require
-from .moe_common import DTYPES, experts_ref, split_tiles
+from .moe_common import DTYPES, experts_ref, load_routing, split_tiles
 
 MAX_DECODE_TOKENS = PMAX
 
@@ -82,10 +82,7 @@ def moe_decode_nxdi(hidden, gate_up, down, topk_weights, topk_ids):
 
     x_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
     nisa.dma_copy(dst=x_sb, src=hidden.ap([[1, PMAX], [H, T], [PMAX, KT]], offset=0))
-    ids_sb = nl.ndarray((1, T * K), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=ids_sb, src=topk_ids.ap([[T * K, 1], [1, T * K]], offset=0))
-    w_sb = nl.ndarray((PMAX, T * K), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=w_sb, src=topk_weights.ap([[0, PMAX], [1, T * K]], offset=0))
+    ids_sb, w_sb = load_routing(topk_weights, topk_ids, PMAX)
     acc = nl.ndarray((PMAX, T, KT), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc, value=0.0)
 

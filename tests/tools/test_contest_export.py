@@ -83,6 +83,20 @@ def neuron_config(**extra):
     return SimpleNamespace(router_config=SimpleNamespace(dtype=torch.float32, act_fn="softmax"), **{**fields, **extra})
 
 
+def qwen3_rank_moe(seed: int):
+    """NxD's MoE (the fakes) at Qwen3-30B-A3B per-rank sizes at TP 4 (hidden 2048, expert intermediate 192, top 8;
+    16 of the 128 experts), random weights; and the generator, for inputs."""
+    config = tiny_config(hidden_size=2048, intermediate_size=192, num_local_experts=16, num_experts_per_tok=8)
+    moe = sys.modules["neuronx_distributed_inference.modules.moe_v2"].initialize_moe_module(config=config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        op = moe.expert_mlps.mlp_op
+        op.gate_up_proj.weight.copy_(torch.randn(op.gate_up_proj.weight.shape, generator=gen) * 2048**-0.5)
+        op.down_proj.weight.copy_(torch.randn(op.down_proj.weight.shape, generator=gen) * 192**-0.5)
+        moe.router.linear_router.weight.copy_(torch.randn(16, 2048, generator=gen) * 0.02)
+    return moe, gen
+
+
 def tiny_config(**extra):
     fields = dict(TINY, num_local_experts=8, num_experts_per_tok=2, neuron_config=neuron_config())
     fields |= dict(intermediate_size=32, hidden_act="silu")
@@ -327,14 +341,7 @@ def test_kernel_decode_experts_match_nxds_selective_loading_at_qwen3_30b_a3b_sha
     if not emulator.install():
         pytest.skip("the real nki package is installed: this test runs the kernels in the emulator")
     qwen = harness.load(written)
-    config = tiny_config(hidden_size=2048, intermediate_size=192, num_local_experts=16, num_experts_per_tok=8)
-    moe = sys.modules["neuronx_distributed_inference.modules.moe_v2"].initialize_moe_module(config=config)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        op = moe.expert_mlps.mlp_op
-        op.gate_up_proj.weight.copy_(torch.randn(op.gate_up_proj.weight.shape, generator=gen) * 2048**-0.5)
-        op.down_proj.weight.copy_(torch.randn(op.down_proj.weight.shape, generator=gen) * 192**-0.5)
-        moe.router.linear_router.weight.copy_(torch.randn(16, 2048, generator=gen) * 0.02)
+    moe, gen = qwen3_rank_moe(seed=0)
     hidden = torch.randn(tokens, 2048, generator=gen).to(torch.bfloat16)
     _, affinities, index = moe.router(hidden)
     want = moe.expert_mlps(hidden, affinities, index, seq_len=1)
@@ -359,14 +366,7 @@ def test_kernel_context_encoding_experts_match_nxds_dropless_experts_at_qwen3_30
     if not emulator.install():
         pytest.skip("the real nki package is installed: this test runs the kernels in the emulator")
     qwen = harness.load(written)
-    config = tiny_config(hidden_size=2048, intermediate_size=192, num_local_experts=16, num_experts_per_tok=8)
-    moe = sys.modules["neuronx_distributed_inference.modules.moe_v2"].initialize_moe_module(config=config)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        op = moe.expert_mlps.mlp_op
-        op.gate_up_proj.weight.copy_(torch.randn(op.gate_up_proj.weight.shape, generator=gen) * 2048**-0.5)
-        op.down_proj.weight.copy_(torch.randn(op.down_proj.weight.shape, generator=gen) * 192**-0.5)
-        moe.router.linear_router.weight.copy_(torch.randn(16, 2048, generator=gen) * 0.02)
+    moe, gen = qwen3_rank_moe(seed=1)
     hidden = torch.randn(tokens, 2048, generator=gen).to(torch.bfloat16)
     _, affinities, index = moe.router(hidden)
     want = moe.expert_mlps(hidden, affinities, index, seq_len=tokens)

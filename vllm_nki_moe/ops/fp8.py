@@ -301,18 +301,11 @@ def _moe_block_fp8_supports(
     hidden, residual, norm_weight, eps, gate_weight, w13, w13_scale_inv, w2, w2_scale_inv, top_k, renormalize
 ) -> str | None:
     """Where the fused FP8 decode block applies; elsewhere ``moe_block_fp8`` runs as separate ops (not an error)."""
-    from vllm_nki_moe.ops.moe import MAX8_MAX_EXPERTS, MAX8_MAX_K, MAX8_MIN_EXPERTS, fused_block_applies
+    from vllm_nki_moe.ops.moe import fused_block_reason
 
-    T, E = hidden.shape[0], w13.shape[0]
-    if not fused_block_applies(T, top_k, E):
-        return (
-            f"T={T}, E={E}, top_k={top_k}; the fused block is a decode kernel (T=1 or T*top_k <= E/16) with "
-            f"{MAX8_MIN_EXPERTS} <= E <= {MAX8_MAX_EXPERTS} and top_k <= {MAX8_MAX_K}"
-        )
-    if residual.dtype != hidden.dtype or norm_weight.dtype != hidden.dtype or gate_weight.dtype != hidden.dtype:
-        return f"dtypes {residual.dtype}, {norm_weight.dtype}, {gate_weight.dtype}; must equal hidden's {hidden.dtype}"
-    ids = torch.zeros(T, top_k, dtype=torch.int32)
-    return _moe_experts_fp8_supports(hidden, w13, w13_scale_inv, w2, w2_scale_inv, ids.float(), ids)
+    reason = fused_block_reason(hidden, residual, norm_weight, gate_weight, w13.shape[0], top_k)
+    ids = torch.zeros(hidden.shape[0], top_k, dtype=torch.int32)
+    return reason or _moe_experts_fp8_supports(hidden, w13, w13_scale_inv, w2, w2_scale_inv, ids.float(), ids)
 
 
 def _transposed(weight: torch.Tensor) -> torch.Tensor:

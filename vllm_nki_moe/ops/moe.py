@@ -390,18 +390,25 @@ def fused_block_applies(num_tokens: int, top_k: int, num_experts: int) -> bool:
     )
 
 
-def _moe_block_supports(hidden, residual, norm_weight, eps, gate_weight, w13, w2, top_k, renormalize) -> str | None:
-    """Where the fused decode block applies; elsewhere ``moe_block`` runs as separate ops (not an error)."""
-    T, E = hidden.shape[0], expert_dims(w13, w2)[0]
-    if not fused_block_applies(T, top_k, E):
+def fused_block_reason(hidden, residual, norm_weight, gate_weight, num_experts: int, top_k: int) -> str | None:
+    """Why a fused MoE block (``moe_block`` or ``moe_block_fp8``) does not apply to these arguments (sizes, dtypes),
+    or None; the experts' own limits are the caller's to check."""
+    T = hidden.shape[0]
+    if not fused_block_applies(T, top_k, num_experts):
         return (
-            f"T={T}, E={E}, top_k={top_k}; the fused block is a decode kernel (T=1 or T*top_k <= E/16) with "
-            f"{MAX8_MIN_EXPERTS} <= E <= {MAX8_MAX_EXPERTS} and top_k <= {MAX8_MAX_K}"
+            f"T={T}, E={num_experts}, top_k={top_k}; the fused block is a decode kernel (T=1 or T*top_k <= E/16) "
+            f"with {MAX8_MIN_EXPERTS} <= E <= {MAX8_MAX_EXPERTS} and top_k <= {MAX8_MAX_K}"
         )
     if residual.dtype != hidden.dtype or norm_weight.dtype != hidden.dtype or gate_weight.dtype != hidden.dtype:
         return f"dtypes {residual.dtype}, {norm_weight.dtype}, {gate_weight.dtype}; must equal hidden's {hidden.dtype}"
-    ids = torch.zeros(T, top_k, dtype=torch.int32)
-    return _moe_experts_supports(hidden, w13, w2, ids.float(), ids)
+    return None
+
+
+def _moe_block_supports(hidden, residual, norm_weight, eps, gate_weight, w13, w2, top_k, renormalize) -> str | None:
+    """Where the fused decode block applies; elsewhere ``moe_block`` runs as separate ops (not an error)."""
+    reason = fused_block_reason(hidden, residual, norm_weight, gate_weight, expert_dims(w13, w2)[0], top_k)
+    ids = torch.zeros(hidden.shape[0], top_k, dtype=torch.int32)
+    return reason or _moe_experts_supports(hidden, w13, w2, ids.float(), ids)
 
 
 def _silu_mul_supports(gate_up: torch.Tensor) -> str | None:
