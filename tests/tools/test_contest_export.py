@@ -99,7 +99,7 @@ def qwen3_rank_moe(seed: int):
 
 def tiny_config(**extra):
     fields = dict(TINY, num_local_experts=8, num_experts_per_tok=2, neuron_config=neuron_config())
-    fields |= dict(intermediate_size=32, hidden_act="silu")
+    fields |= dict(intermediate_size=32, hidden_act="silu", rope_theta=1_000_000.0, max_position_embeddings=40960)
     return SimpleNamespace(**{**fields, **extra})
 
 
@@ -376,6 +376,39 @@ def test_kernel_context_encoding_experts_match_nxds_dropless_experts_at_qwen3_30
     torch.testing.assert_close(got.float(), want.float(), atol=tol.atol, rtol=tol.rtol)
 
 
+def test_on_device_each_attention_applies_rope_by_the_kernel(written, harness):
+    qwen = harness.load(written)
+    body = qwen.NeuronQwen3MoeForCausalLM("/m", tiny_config()).build_model()
+    assert all(type(layer.self_attn) is qwen.NkiRopeAttention for layer in body.layers)
+    assert all(type(layer.self_attn.q_layernorm) is qwen.NkiRMSNorm for layer in body.layers)  # still the norm hook
+
+
+@pytest.mark.parametrize("batch, seq", [(1, 128), (2, 1), (1, 5)])  # the measured bucket; decode; a short prompt
+def test_kernel_rope_matches_nxdis_rotary_embedding_at_qwen3_30b_a3b_shapes(written, harness, batch, seq):
+    """Qwen3-30B-A3B at TP 4 (8 q heads and 1 kv head of 128 per rank, rope_theta 1e6) in bf16: the kernel RoPE
+    against NxDI's apply_rotary_embedding on the same Q, K and positions, bit for bit (both round each product and
+    sum to bf16 as torch does)."""
+    import nki_emulator as emulator
+
+    if not emulator.install():
+        pytest.skip("the real nki package is installed: this test runs the kernels in the emulator")
+    qwen = harness.load(written)
+    config = tiny_config(head_dim=128)
+    nxdi = sys.modules["neuronx_distributed_inference.models.qwen3_moe.modeling_qwen3_moe"]
+    attention = nxdi.NeuronQwen3MoEAttention(config)
+    gen = torch.Generator().manual_seed(2)
+    Q = torch.randn(batch, 8, seq, 128, generator=gen).to(torch.bfloat16)
+    K = torch.randn(batch, 1, seq, 128, generator=gen).to(torch.bfloat16)
+    positions = torch.randint(0, 40000, (batch, seq), generator=gen)
+    want_q, want_k, cos, sin = attention.apply_rotary_embedding(Q, K, K, positions, None, None, False)
+    attention.__class__ = qwen.NkiRopeAttention
+    got_q, got_k, got_cos, got_sin = attention.apply_rotary_embedding(Q, K, K, positions, None, None, False)
+    assert torch.equal(got_cos, cos) and torch.equal(got_sin, sin)
+    assert got_q.shape == want_q.shape and got_k.shape == want_k.shape
+    torch.testing.assert_close(got_q, want_q, rtol=0, atol=0)
+    torch.testing.assert_close(got_k, want_k, rtol=0, atol=0)
+
+
 def test_an_edited_embedded_kernel_is_refused(written, harness):
     qwen = harness.load(written)
     qwen.KERNEL_FILES["limits"] += "\n# edited\n"
@@ -391,6 +424,7 @@ def test_a_missing_kernel_file_leaves_nxdis_module_and_says_why(tmp_path, harnes
     result = export_contest(tmp_path / "out" / "qwen_min.py", kdir)
     assert result.hooks == {
         "rmsnorm": "kernels/rmsnorm.py is not present",
+        "rope": "kernels/rope.py is not present",
         "router": "kernels/router.py is not present",
         "moe_decode": "kernels/moe_nxdi.py is not present",
         "moe_prefill": "kernels/moe_prefill.py is not present",

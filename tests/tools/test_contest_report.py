@@ -28,12 +28,12 @@ def _hand_macs(tokens: int, context: int, rows: int) -> dict[str, int]:
 SHAPES = kernel_shapes(None, 4)
 
 
-AS_EXPORTED = {"rmsnorm": None, "router": None, "moe_decode": None, "moe_prefill": None}
+AS_EXPORTED = {"rmsnorm": None, "rope": None, "router": None, "moe_decode": None, "moe_prefill": None}
 
 
 def _as_exported_rho() -> float:
-    """Norms, router and the experts of both phases wired: the router's and the experts' MACs (the norms have no dot
-    MACs) over all, by hand."""
+    """Norms, RoPE, router and the experts of both phases wired: the router's and the experts' MACs (norms and RoPE
+    have no dot MACs) over all, by hand."""
     prefill, decode = _hand_macs(128, 128, 1), _hand_macs(1, 640, 1)
     nki = sum(m[k] for m in (prefill, decode) for k in ("router", "experts"))
     return nki / (sum(prefill.values()) + sum(decode.values()))
@@ -43,14 +43,14 @@ def test_as_exported_norms_router_and_decode_experts_are_wired_and_the_entry_is_
     shapes = kernel_shapes(None, 4)
     report = contest_report.build_report(AS_EXPORTED, shapes)
     wired = [family.name for family, why in report.rows if why is None]
-    assert wired == ["rmsnorm", "router", "moe decode", "moe prefill"]
+    assert wired == ["rmsnorm", "rope", "router", "moe decode", "moe prefill"]
     assert report.rho == pytest.approx(_as_exported_rho(), rel=1e-12)
-    assert report.parts == ("normalisation", "routing", "expert execution") and report.eligible
+    assert report.parts == ("normalisation", "positional encoding", "routing", "expert execution") and report.eligible
     why = dict((family.name, why) for family, why in report.rows)
     assert why["attention"] == "no export hook into NxDI's attention (on its KV cache layout) yet"
     unwired = contest_report.build_report({**AS_EXPORTED, "router": "kernels/router.py is not present"}, shapes)
     assert dict((f.name, w) for f, w in unwired.rows)["router"] == "kernels/router.py is not present"
-    assert unwired.parts == ("normalisation", "expert execution") and not unwired.eligible
+    assert unwired.parts == ("normalisation", "positional encoding", "expert execution") and unwired.eligible
 
 
 def test_rho_follows_the_harness_rule_worked_by_hand(monkeypatch):
@@ -75,7 +75,7 @@ def test_cli_prints_the_report_and_checks_tp_before_writing(tmp_path, capsys):
     assert cli.main(["export-contest", str(out), "--report"]) == 0
     text = capsys.readouterr().out
     assert f"estimated rho (NKI share of MACs, the harness's rule): {_as_exported_rho():.4f}" in text
-    assert "NKI in 3 major part(s) (normalisation, routing, expert execution); meets" in text
+    assert "NKI in 4 major part(s) (normalisation, positional encoding, routing, expert execution); meets" in text
     bad = tmp_path / "bad.py"
     assert cli.main(["export-contest", str(bad), "--report", "--tp", "3"]) == 2
     assert "--tp 3" in capsys.readouterr().err and not bad.exists()

@@ -51,6 +51,14 @@ HOOKS = (
         replaces="every RMSNorm (input, post-attention unless NxDI's fused MoE kernel owns it, per-head q/k, final)",
     ),
     Hook(
+        name="rope",
+        file="rope",
+        kernel="rope",
+        positional=("q", "k", "positions", "cos_sin_cache"),
+        replaces="each attention's RoPE (NxDI's apply_rotary_embedding on its own cos/sin), where it computes what "
+        "NxDI's does (not the polar-compatible form)",
+    ),
+    Hook(
         name="router",
         file="router",
         kernel="router_topk_matmul",
@@ -337,6 +345,37 @@ def _swap_norms(layer, config):
     layer.self_attn.k_layernorm = norm(config.head_dim, config.rms_norm_eps)
 
 
+class NkiRopeAttention(_nxdi.NeuronQwen3MoEAttention):
+    """NxDI's Qwen3-MoE attention with RoPE in the rope kernel: apply_rotary_embedding (attention_base.py) on
+    Q [B, Hq, S, D] and K [B, Hk, S, D] with NxDI's own cos/sin [B, S, D] (RotaryEmbedding, in x's dtype), each
+    token's (cos, sin) halves one row of the kernel's table; the polar-compatible form stays NxDI's."""
+
+    def apply_rotary_embedding(self, Q, K, V, position_ids, cos_cache, sin_cache, use_polar_compatible_rope):
+        if use_polar_compatible_rope or self.rotary_emb is None:
+            return super().apply_rotary_embedding(
+                Q, K, V, position_ids, cos_cache, sin_cache, use_polar_compatible_rope
+            )
+        if cos_cache is None or sin_cache is None:
+            cos_cache, sin_cache = self.rotary_emb(V, position_ids)
+        B, Hq, S, D = Q.shape
+        Hk, half = K.shape[1], D // 2
+        # cos = cat(freqs, freqs).cos(): the first half of each row is the whole table row
+        table = torch.cat([cos_cache[..., :half], sin_cache[..., :half]], dim=-1).reshape(B * S, D).float()
+        rows = torch.arange(B * S, dtype=torch.int32, device=Q.device)
+        q = Q.transpose(1, 2).reshape(B * S, Hq * D)
+        k = K.transpose(1, 2).reshape(B * S, Hk * D)
+        q, k = kernel("rope")(q, k, rows, table)
+        Q = q.reshape(B, S, Hq, D).transpose(1, 2)
+        K = k.reshape(B, S, Hk, D).transpose(1, 2)
+        return Q, K, cos_cache, sin_cache
+
+
+def _swap_rope(layer):
+    attention = getattr(layer, "self_attn", None)
+    if "rope" in HOOKS and type(attention) is _nxdi.NeuronQwen3MoEAttention and attention.head_dim % 2 == 0:
+        attention.__class__ = NkiRopeAttention  # the same module and parameters; only apply_rotary_embedding changes
+
+
 ROUTER_MAX_EXPERTS = 512  # router_topk_matmul: the logits of a token tile are one PSUM bank
 ROUTER_MAX_TOP_K = 8  # max8
 
@@ -457,6 +496,7 @@ class NeuronQwen3MoeModel(_nxdi.NeuronQwen3MoeModel):
         if cpu_mode():
             return
         for layer in self.layers:
+            _swap_rope(layer)
             _swap_router(layer, config)
             _swap_experts(layer)
         if get_rmsnorm_cls() is NkiRMSNorm:

@@ -46,9 +46,9 @@ FAMILIES = (
         "rope",
         "positional encoding",
         ("apply_rope", "qk_norm_rope"),
-        None,
+        "rope",
         "rotary embedding",
-        ("rope.rope", "rope.qk_norm_rope"),
+        ("rope.rope",),
     ),
     Family(
         "router",

@@ -34,12 +34,50 @@ class Qwen3MoeInferenceConfig:
         return MoENeuronConfig
 
 
+class RotaryEmbedding(nn.Module):
+    """NxDI's modules/attention/utils.py RotaryEmbedding (4bcdc54): cos/sin of cat(freqs, freqs) for position_ids
+    [B, S], in fp32, cast to x's dtype; [B, S, D] each."""
+
+    def __init__(self, dim, max_position_embeddings=2048, base=10000):
+        super().__init__()
+        self.dim, self.max_position_embeddings, self.base = dim, max_position_embeddings, base
+
+    @torch.no_grad()
+    def forward(self, x, position_ids):
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float) / self.dim))
+        freqs = inv_freq[None, :, None].expand(position_ids.shape[0], -1, 1) @ position_ids[:, None, :].float()
+        emb = torch.cat((freqs.transpose(1, 2), freqs.transpose(1, 2)), dim=-1)
+        return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 class NeuronQwen3MoEAttention(nn.Module):
+    """The attention's RoPE as NxDI's NeuronAttentionBase applies it (attention_base.py apply_rotary_embedding, utils.py
+    apply_rotary_pos_emb: Q [B, Hq, S, D] * cos + rotate_half(Q) * sin in Q's dtype, cos/sin unsqueezed at dim 1);
+    the polar-compatible path is not modelled."""
+
     def __init__(self, config):
         super().__init__()
         self.head_dim = config.head_dim
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, max_position_embeddings=config.max_position_embeddings, base=config.rope_theta
+        )
         self.q_layernorm = get_rmsnorm_cls()(config.head_dim, config.rms_norm_eps)
         self.k_layernorm = get_rmsnorm_cls()(config.head_dim, config.rms_norm_eps)
+
+    def apply_rotary_embedding(self, Q, K, V, position_ids, cos_cache, sin_cache, use_polar_compatible_rope):
+        if use_polar_compatible_rope:
+            raise NotImplementedError("fake attention: polar-compatible RoPE is not modelled")
+        if self.rotary_emb is not None:
+            if cos_cache is None or sin_cache is None:
+                cos_cache, sin_cache = self.rotary_emb(V, position_ids)
+            cos, sin = cos_cache.unsqueeze(1), sin_cache.unsqueeze(1)
+            Q, K = Q * cos + _rotate_half(Q) * sin, K * cos + _rotate_half(K) * sin
+        return Q, K, cos_cache, sin_cache
 
 
 class NeuronQwen3MoeDecoderLayer(nn.Module):
