@@ -455,3 +455,55 @@ def test_export_rejects_kernel_files_the_drop_in_cannot_carry(tmp_path, files, m
 def test_export_contest_cli_rejects_a_non_python_target(tmp_path, capsys):
     assert cli.main(["export-contest", str(tmp_path / "qwen_with_nki.txt")]) == 2
     assert "must be a .py file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, wired",
+    [
+        (["--skip", "rope,moe_prefill"], {"rmsnorm", "router", "moe_decode"}),
+        (["--only", "router"], {"router"}),
+        (["--only", " moe_decode , moe_prefill"], {"moe_decode", "moe_prefill"}),
+    ],
+    ids=["skip", "only-one", "only-two-spaced"],
+)
+def test_only_and_skip_choose_the_wirings_and_the_module_keeps_nxdis_elsewhere(tmp_path, harness, capsys, flags, wired):
+    out = tmp_path / "bisect" / "qwen_bisect.py"
+    assert cli.main(["export-contest", str(out), *flags]) == 0
+    printed = capsys.readouterr().out
+    qwen = harness.load(out, "qwen_bisect")
+    assert set(qwen.HOOKS) == wired
+    flag = flags[0]
+    for name in ("rmsnorm", "rope", "router", "moe_decode", "moe_prefill"):
+        expected = "wired" if name in wired else f"not wired, left out by {flag}"
+        assert f"  {name}: {expected}\n" in printed
+    assert (qwen.get_rmsnorm_cls().__name__ == "NkiRMSNorm") == ("rmsnorm" in wired)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--only", "router,attn"], "--only: no hook 'attn'; hooks: ('rmsnorm', 'rope'"),
+        (["--skip", "norm"], "--skip: no hook 'norm'"),
+    ],
+)
+def test_only_and_skip_name_the_hooks_there_are_when_given_another(tmp_path, capsys, flags, message):
+    out = tmp_path / "qwen_with_nki.py"
+    assert cli.main(["export-contest", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_only_and_skip_together_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["export-contest", str(tmp_path / "q.py"), "--only", "router", "--skip", "rope"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(ExportError, match="--only and --skip together"):
+        export_contest(tmp_path / "q.py", only=("router",), skip=("rope",))
+
+
+def test_report_counts_only_the_selected_wirings(tmp_path, capsys):
+    assert cli.main(["export-contest", str(tmp_path / "q.py"), "--report", "--only", "rmsnorm,rope"]) == 0
+    printed = capsys.readouterr().out
+    assert "  router        no     ok       routing              left out by --only\n" in printed
+    assert "rho (NKI share of MACs, the harness's rule): 0.0000" in printed  # norms and RoPE carry no MACs
+    assert "NKI in 2 major part(s) (normalisation, positional encoding); does not meet" in printed

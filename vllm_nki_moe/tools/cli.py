@@ -37,7 +37,7 @@ def _export_contest(args: argparse.Namespace) -> int:
         print(f"error: export-contest --report --tp {args.tp}: {err}", file=sys.stderr)
         return 2
     try:
-        result = export_contest(args.out)
+        result = export_contest(args.out, only=_names(args.only), skip=_names(args.skip))
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -47,6 +47,10 @@ def _export_contest(args: argparse.Namespace) -> int:
     if shapes is not None:
         print(format_report(build_report(result.hooks, shapes), shapes))
     return 0
+
+
+def _names(value: str | None) -> tuple[str, ...]:
+    return tuple(name.strip() for name in value.split(",") if name.strip()) if value else ()
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -108,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
         "harness's rule) and the eligibility rule it meets (Qwen3-30B-A3B shapes)",
     )
     contest.add_argument("--tp", type=int, default=4, help="TP degree of the report's shapes (default 4)")
+    from vllm_nki_moe.tools.contest_export import HOOK_NAMES
+
+    which = contest.add_mutually_exclusive_group()
+    which.add_argument(
+        "--only",
+        metavar="HOOKS",
+        help=f"wire only these hooks, comma-separated (of {','.join(HOOK_NAMES)}); NxDI's modules run elsewhere",
+    )
+    which.add_argument(
+        "--skip", metavar="HOOKS", help="leave these hooks (comma-separated) to NxDI's modules, e.g. to bisect accuracy"
+    )
     contest.set_defaults(handler=_export_contest)
 
     gen = sub.add_parser(

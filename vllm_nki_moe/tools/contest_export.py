@@ -167,17 +167,41 @@ class ExportResult:
     hooks: dict[str, str | None]  # hook name -> None (wired) or the reason it is not
 
 
-def render(kdir: Path | None = None) -> tuple[str, ExportResult]:
-    """The text of the module and what went into it (``path`` in the result is unset: ``Path()``)."""
+HOOK_NAMES = tuple(hook.name for hook in HOOKS)
+
+
+def selected_hooks(only: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """Hook name -> None (selected) or why the user left it out (``--only`` / ``--skip``, for bisecting an accuracy
+    failure one wiring at a time); a name that is no hook is an error naming the hooks there are."""
+    for flag, names in (("--only", only), ("--skip", skip)):
+        unknown = [name for name in names if name not in HOOK_NAMES]
+        if unknown:
+            raise ExportError(f"export-contest {flag}: no hook {', '.join(map(repr, unknown))}; hooks: {HOOK_NAMES}")
+    if only and skip:
+        raise ExportError("export-contest: --only and --skip together; give one")
+    return {
+        name: "left out by --skip"
+        if name in skip
+        else "left out by --only"
+        if only and name not in only
+        else None
+        for name in HOOK_NAMES
+    }
+
+
+def render(kdir: Path | None = None, only: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> tuple[str, ExportResult]:
+    """The text of the module and what went into it (``path`` in the result is unset: ``Path()``); ``only`` /
+    ``skip``: hook names to wire exclusively / to leave to NxDI (:func:`selected_hooks`)."""
     from vllm_nki_moe import __version__
 
+    chosen = selected_hooks(only, skip)
     kdir = kdir or kernels_dir()
     files = sorted(p for p in kdir.glob("*.py") if p.name != "__init__.py")
     sources = {p.stem: p.read_text() for p in files}
     if "limits" not in sources:
         raise ExportError(f"export-contest: {kdir}/limits.py not found; the kernels import it")
     order = _load_order(sources)
-    hooks = {hook.name: _hook_status(hook, sources) for hook in HOOKS}
+    hooks = {hook.name: chosen[hook.name] or _hook_status(hook, sources) for hook in HOOKS}
     wired = {h.name: (h.file, h.kernel) for h in HOOKS if hooks[h.name] is None}
     digests = {stem: hashlib.sha256(src.encode()).hexdigest() for stem, src in sources.items()}
     hook_lines = "\n".join(
@@ -209,12 +233,15 @@ def _literal(mapping: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def export_contest(out: str | Path, kdir: Path | None = None) -> ExportResult:
-    """Write the drop-in module to ``out`` (a ``.py`` file; its stem is the module name the harness imports)."""
+def export_contest(
+    out: str | Path, kdir: Path | None = None, only: tuple[str, ...] = (), skip: tuple[str, ...] = ()
+) -> ExportResult:
+    """Write the drop-in module to ``out`` (a ``.py`` file; its stem is the module name the harness imports) with the
+    hooks ``only`` / ``skip`` select (:func:`selected_hooks`)."""
     out = Path(out)
     if out.suffix != ".py":
         raise ExportError(f"export-contest: OUT={str(out)!r}; must be a .py file (main.py imports it by module name)")
-    text, result = render(kdir)
+    text, result = render(kdir, only, skip)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return ExportResult(path=out, kernel_files=result.kernel_files, hooks=result.hooks)
