@@ -121,6 +121,26 @@ def load_rows_hp(dst, src, T: int, H: int, HP: int, KT: int) -> None:
     nisa.dma_copy(dst=dst, src=src.ap([[KT, HP], [H, T], [1, KT]], offset=0))
 
 
+def tile_major(t, T: int, KT: int):
+    """HBM rows of ``t [T, H]`` as [128, T, KT] with h = kt * 128 + p (each hidden tile of 128 contiguous columns on
+    the partitions: the layout of kernels whose weights split the hidden axis that way, e.g. NxD's and the FP8 one)."""
+    return t.ap([[1, PMAX], [KT * PMAX, T], [PMAX, KT]], offset=0)
+
+
+def store_tile_major(out, tile, T: int, KT: int, partial: bool) -> None:
+    """out [T, H] = tile [128, T, KT] (h = kt * 128 + p) rounded to out's dtype; ``partial``: the tile holds this
+    program's fp32 partial sums, added over the grid's programs first. Each program stores its share of the hidden
+    tiles."""
+    if partial:
+        sum_over_programs(tile)
+    o_sb = nl.ndarray((PMAX, T, KT), dtype=out.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=o_sb, src=tile)
+    k0, k1 = program_share(KT)
+    if k1 > k0:
+        H = KT * PMAX
+        nisa.dma_copy(dst=out.ap([[1, PMAX], [H, T], [PMAX, k1 - k0]], offset=k0 * PMAX), src=o_sb[:, :, k0:k1])
+
+
 def load_routing(topk_weights, topk_ids, P: int):
     """The decode kernels' routing in SBUF: (ids [1, T*K] int32, slot s = t * K + k in column s; weights [P, T*K]
     fp32, slot s's weight on every one of P partitions, by a stride-0 DMA)."""

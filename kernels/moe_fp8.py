@@ -32,10 +32,10 @@ import nki.language as nl
 import numpy as np
 import torch
 
-from .grid import program_share, sum_over_programs
+from .grid import program_share
 from .limits import PMAX, TOPK8, TOPK8_MAX_ELEMS, TOPK8_MIN_ELEMS, require
 from .moe_block import MAX_ROUTER_EXPERTS, norm_route_ref, normalise, route
-from .moe_common import DTYPES, load_routing, split_tiles
+from .moe_common import DTYPES, load_routing, split_tiles, store_tile_major, tile_major
 
 MAX_DECODE_TOKENS = PMAX
 TRN2_FP8_MAX = 240.0  # float8_e4m3 (IEEE-style) largest finite value
@@ -109,12 +109,12 @@ def moe_decode_fp8(hidden, w13, s13, w2, s2, topk_weights, topk_ids):
     dt = hidden.dtype
     out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
     x_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=x_sb, src=_tile_major(hidden, T, KT))
+    nisa.dma_copy(dst=x_sb, src=tile_major(hidden, T, KT))
     ids_sb, w_sb = load_routing(topk_weights, topk_ids, PMAX)
     acc = nl.ndarray((PMAX, T, KT), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc, value=0.0)
     _fp8_selected_experts(acc, x_sb, w13, s13, w2, s2, ids_sb, False, w_sb, T, K)
-    _store_tile_major(out, acc, T, KT, True)
+    store_tile_major(out, acc, T, KT, True)
     return out
 
 
@@ -172,11 +172,11 @@ def moe_block_decode_fp8(hidden, residual, gamma, gate_weight_t, w13, s13, w2, s
     r_out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
 
     r_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=r_sb, src=_tile_major(hidden, T, KT))
+    nisa.dma_copy(dst=r_sb, src=tile_major(hidden, T, KT))
     res_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=res_sb, src=_tile_major(residual, T, KT))
+    nisa.dma_copy(dst=res_sb, src=tile_major(residual, T, KT))
     nisa.tensor_tensor(dst=r_sb, data1=r_sb, data2=res_sb, op=nl.add)  # rounded as the model's x + residual
-    _store_tile_major(r_out, r_sb, T, KT, False)
+    store_tile_major(r_out, r_sb, T, KT, False)
     gamma_sb = nl.ndarray((PMAX, KT), dtype=dt, buffer=nl.sbuf)
     nisa.dma_copy(dst=gamma_sb, src=gamma.ap([[1, PMAX], [PMAX, KT]], offset=0))
     rw_sb = nl.ndarray((PMAX, KT, E), dtype=dt, buffer=nl.sbuf)
@@ -187,7 +187,7 @@ def moe_block_decode_fp8(hidden, residual, gamma, gate_weight_t, w13, s13, w2, s
     acc = nl.ndarray((PMAX, T, KT), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc, value=0.0)
     _fp8_selected_experts(acc, x_sb, w13, s13, w2, s2, ids8, True, w_sb, T, K)
-    _store_tile_major(out, acc, T, KT, True)
+    store_tile_major(out, acc, T, KT, True)
     return out, r_out
 
 
@@ -208,25 +208,6 @@ def _check_fp8_experts(where, hidden, w13, s13, w2, s2):
     require(tuple(s2.shape) == (E, IT, IP, KT), where, f"s2.shape={tuple(s2.shape)}; must be {(E, IT, IP, KT)}")
     require(w13.dtype == nl.uint8 and w2.dtype == nl.uint8, where, "w13/w2 must be uint8 (float8_e4m3 bytes)")
     return T, H, E, IT, KT, IP
-
-
-def _tile_major(t, T: int, KT: int):
-    """HBM rows of ``t [T, H]`` as [128, T, KT] with h = kt * 128 + p."""
-    return t.ap([[1, PMAX], [KT * PMAX, T], [PMAX, KT]], offset=0)
-
-
-def _store_tile_major(out, tile, T: int, KT: int, partial: bool) -> None:
-    """out [T, H] = tile [128, T, KT] (h = kt * 128 + p) rounded to out's dtype; ``partial``: the tile holds this
-    program's fp32 partial sums, added over the grid's programs first. Each program stores its share of the hidden
-    tiles."""
-    if partial:
-        sum_over_programs(tile)
-    o_sb = nl.ndarray((PMAX, T, KT), dtype=out.dtype, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=o_sb, src=tile)
-    k0, k1 = program_share(KT)
-    if k1 > k0:
-        H = KT * PMAX
-        nisa.dma_copy(dst=out.ap([[1, PMAX], [H, T], [PMAX, k1 - k0]], offset=k0 * PMAX), src=o_sb[:, :, k0:k1])
 
 
 def _fp8_selected_experts(acc, x_sb, w13, s13, w2, s2, ids, ids_token_rows: bool, w_sb, T: int, K: int) -> None:

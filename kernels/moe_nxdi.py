@@ -21,9 +21,9 @@ import nki.isa as nisa
 import nki.language as nl
 import torch
 
-from .grid import program_share, sum_over_programs
+from .grid import program_share
 from .limits import PMAX, require
-from .moe_common import DTYPES, experts_ref, load_routing, split_tiles
+from .moe_common import DTYPES, experts_ref, load_routing, split_tiles, store_tile_major, tile_major
 
 MAX_DECODE_TOKENS = PMAX
 
@@ -81,7 +81,7 @@ def moe_decode_nxdi(hidden, gate_up, down, topk_weights, topk_ids):
     out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
 
     x_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=x_sb, src=hidden.ap([[1, PMAX], [H, T], [PMAX, KT]], offset=0))
+    nisa.dma_copy(dst=x_sb, src=tile_major(hidden, T, KT))
     ids_sb, w_sb = load_routing(topk_weights, topk_ids, PMAX)
     acc = nl.ndarray((PMAX, T, KT), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc, value=0.0)
@@ -122,12 +122,7 @@ def moe_decode_nxdi(hidden, gate_up, down, topk_weights, topk_ids):
         nisa.scalar_tensor_tensor(
             dst=acc[:, t, :], data=y_ps, op0=nl.multiply, operand0=w_sb[:, s : s + 1], op1=nl.add, operand1=acc[:, t, :]
         )
-    sum_over_programs(acc)
-    o_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=o_sb, src=acc)
-    k0, k1 = program_share(KT)  # each program stores its share of the hidden tiles
-    if k1 > k0:
-        nisa.dma_copy(dst=out.ap([[1, PMAX], [H, T], [PMAX, k1 - k0]], offset=k0 * PMAX), src=o_sb[:, :, k0:k1])
+    store_tile_major(out, acc, T, KT, True)
     return out
 
 

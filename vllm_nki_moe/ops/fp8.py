@@ -28,7 +28,7 @@ import torch
 
 from vllm_nki_moe.ops.kernel_call import call_kernel, launch_grid, load_kernels
 from vllm_nki_moe.ops.linear import linear
-from vllm_nki_moe.ops.moe import moe_experts
+from vllm_nki_moe.ops.moe import moe_experts, norm_and_route
 from vllm_nki_moe.ops.spec import KernelImpl, OpSpec, WeightLayouts
 from vllm_nki_moe.ops.weight_cache import WeightCache
 
@@ -223,11 +223,7 @@ def moe_block_fp8_sequence(impls: dict[str, Callable]) -> Callable:
     w13, w13_scale_inv, w2, w2_scale_inv, top_k, renormalize) -> (experts' output [T, H], new residual [T, H])``.
     A backend with the fused kernel (``moe_block_decode_fp8``) runs it where it applies (decode), this sequence
     elsewhere."""
-    fused_add_rms_norm, router_gate_topk, experts = (
-        impls["fused_add_rms_norm"],
-        impls["router_gate_topk"],
-        impls["moe_experts_fp8"],
-    )
+    route, experts = norm_and_route(impls), impls["moe_experts_fp8"]
 
     def moe_block_fp8(
         hidden: torch.Tensor,
@@ -242,8 +238,9 @@ def moe_block_fp8_sequence(impls: dict[str, Callable]) -> Callable:
         top_k: int,
         renormalize: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        normed, residual = fused_add_rms_norm(hidden, residual, norm_weight, eps)
-        topk_weights, topk_ids = router_gate_topk(normed, gate_weight, top_k, renormalize)
+        normed, residual, topk_weights, topk_ids = route(
+            hidden, residual, norm_weight, eps, gate_weight, top_k, renormalize
+        )
         return experts(normed, w13, w13_scale_inv, w2, w2_scale_inv, topk_weights, topk_ids), residual
 
     return moe_block_fp8

@@ -74,6 +74,19 @@ def moe_experts(
     return torch.zeros_like(hidden).index_add_(0, token_of_slot, y_sorted)
 
 
+def norm_and_route(impls: dict[str, Callable]) -> Callable:
+    """The MoE half's first steps from the bound ops, shared by ``moe_block`` and ``moe_block_fp8``: ``(hidden,
+    residual, norm_weight, eps, gate_weight, top_k, renormalize) -> (normed, new residual, topk_weights, topk_ids)``
+    (residual add + RMSNorm, then the gate and router on the normed hidden)."""
+    fused_add_rms_norm, router_gate_topk = impls["fused_add_rms_norm"], impls["router_gate_topk"]
+
+    def run(hidden, residual, norm_weight, eps, gate_weight, top_k, renormalize):
+        normed, residual = fused_add_rms_norm(hidden, residual, norm_weight, eps)
+        return (normed, residual, *router_gate_topk(normed, gate_weight, top_k, renormalize))
+
+    return run
+
+
 def moe_block_sequence(impls: dict[str, Callable]) -> Callable:
     """The decoder layer's MoE half from the bound ops: residual add + RMSNorm, gate, router, experts.
 
@@ -81,11 +94,7 @@ def moe_block_sequence(impls: dict[str, Callable]) -> Callable:
     w2 [E, H, I], top_k, renormalize) -> (experts' output [T, H], new residual [T, H])``; a backend with a fused
     kernel for it (``moe_block_decode``) uses that where it applies and this sequence elsewhere.
     """
-    fused_add_rms_norm, router_gate_topk, experts = (
-        impls["fused_add_rms_norm"],
-        impls["router_gate_topk"],
-        impls["moe_experts"],
-    )
+    route, experts = norm_and_route(impls), impls["moe_experts"]
 
     def moe_block(
         hidden: torch.Tensor,
@@ -98,8 +107,9 @@ def moe_block_sequence(impls: dict[str, Callable]) -> Callable:
         top_k: int,
         renormalize: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        normed, residual = fused_add_rms_norm(hidden, residual, norm_weight, eps)
-        topk_weights, topk_ids = router_gate_topk(normed, gate_weight, top_k, renormalize)
+        normed, residual, topk_weights, topk_ids = route(
+            hidden, residual, norm_weight, eps, gate_weight, top_k, renormalize
+        )
         return experts(normed, w13, w2, topk_weights, topk_ids), residual
 
     return moe_block

@@ -180,16 +180,14 @@ def selected_hooks(only: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> di
     if only and skip:
         raise ExportError("export-contest: --only and --skip together; give one")
     return {
-        name: "left out by --skip"
-        if name in skip
-        else "left out by --only"
-        if only and name not in only
-        else None
+        name: "left out by --skip" if name in skip else "left out by --only" if only and name not in only else None
         for name in HOOK_NAMES
     }
 
 
-def render(kdir: Path | None = None, only: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> tuple[str, ExportResult]:
+def render(
+    kdir: Path | None = None, only: tuple[str, ...] = (), skip: tuple[str, ...] = ()
+) -> tuple[str, ExportResult]:
     """The text of the module and what went into it (``path`` in the result is unset: ``Path()``); ``only`` /
     ``skip``: hook names to wire exclusively / to leave to NxDI (:func:`selected_hooks`)."""
     from vllm_nki_moe import __version__
