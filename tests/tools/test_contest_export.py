@@ -19,7 +19,9 @@ from vllm_nki_moe.tools.kernel_check.tolerances import tolerance_for
 
 MODULE = "qwen_with_nki"  # the name main.py imports with --enable-nki (aws-neuron/nki-moe main.py)
 # A small Qwen3-MoE body for the fake NxDI model (the drop-in reads only these fields itself).
-TINY = dict(hidden_size=64, head_dim=16, rms_norm_eps=1e-6, num_hidden_layers=2)
+TINY = dict(
+    hidden_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, num_hidden_layers=2
+)
 
 
 def _forget(prefix: str) -> None:
@@ -376,11 +378,178 @@ def test_kernel_context_encoding_experts_match_nxds_dropless_experts_at_qwen3_30
     torch.testing.assert_close(got.float(), want.float(), atol=tol.atol, rtol=tol.rtol)
 
 
-def test_on_device_each_attention_applies_rope_by_the_kernel(written, harness):
+def test_on_device_each_attention_applies_rope_and_attends_by_the_kernels(written, harness):
     qwen = harness.load(written)
     body = qwen.NeuronQwen3MoeForCausalLM("/m", tiny_config()).build_model()
-    assert all(type(layer.self_attn) is qwen.NkiRopeAttention for layer in body.layers)
+    assert all(type(layer.self_attn) is qwen.NkiRopeCoreAttention for layer in body.layers)
     assert all(type(layer.self_attn.q_layernorm) is qwen.NkiRMSNorm for layer in body.layers)  # still the norm hook
+
+
+@pytest.mark.parametrize(
+    "flags, attention_class",
+    [
+        (["--skip", "attention_prefill,attention_decode"], "NkiRopeAttention"),
+        (["--only", "attention_decode"], "NkiCoreAttention"),
+        (["--skip", "rope"], "NkiCoreAttention"),
+        (["--only", "router"], "NeuronQwen3MoEAttention"),
+    ],
+)
+def test_attention_wirings_follow_only_and_skip(tmp_path, harness, flags, attention_class):
+    out = tmp_path / "bisect" / "qwen_attention.py"
+    assert cli.main(["export-contest", str(out), *flags]) == 0
+    qwen = harness.load(out, "qwen_attention")
+    body = qwen.NeuronQwen3MoeForCausalLM("/m", tiny_config()).build_model()
+    assert {type(layer.self_attn).__name__ for layer in body.layers} == {attention_class}
+
+
+@pytest.mark.parametrize(
+    "neuron_extra, config_extra",
+    [
+        (dict(k_cache_transposed=True), {}),
+        (dict(flash_decoding_enabled=True), {}),
+        (dict(padding_side="left"), {}),
+        (dict(cp_degree=2), {}),
+        (dict(attention_dp_degree=2), {}),
+        ({}, dict(sliding_window=128)),
+        ({}, dict(head_dim=256)),
+        ({}, dict(num_attention_heads=6, num_key_value_heads=4)),
+    ],
+    ids=[
+        "k-cache-transposed",
+        "flash-decoding",
+        "left-padding",
+        "context-parallel",
+        "attention-data-parallel",
+        "sliding-window",
+        "head-dim-256",
+        "uneven-gqa",
+    ],
+)
+def test_the_attention_hook_leaves_nxdis_attention_where_it_would_compute_something_else(
+    written, harness, neuron_extra, config_extra
+):
+    qwen = harness.load(written)
+    config = tiny_config(neuron_config=neuron_config(**neuron_extra), **config_extra)
+    body = qwen.NeuronQwen3MoeForCausalLM("/m", config).build_model()
+    assert {type(layer.self_attn).__name__ for layer in body.layers} == {"NkiRopeAttention"}
+
+
+def _rank_attention(qwen, heads: int, kv_heads: int, head_dim: int, **neuron_extra):
+    """NxDI's attention (the fake) at one rank's head counts, and the same module with the attention hook."""
+    nxdi = sys.modules["neuronx_distributed_inference.models.qwen3_moe.modeling_qwen3_moe"]
+    config = tiny_config(
+        head_dim=head_dim,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        neuron_config=neuron_config(**neuron_extra),
+    )
+    theirs, ours = nxdi.NeuronQwen3MoEAttention(config), nxdi.NeuronQwen3MoEAttention(config)
+    ours.__class__ = qwen.NkiCoreAttention
+    return theirs, ours
+
+
+def _emulated(harness, written):
+    import nki_emulator as emulator
+
+    if not emulator.install():
+        pytest.skip("the real nki package is installed: this test runs the kernels in the emulator")
+    return harness.load(written)
+
+
+# Qwen3-30B-A3B at TP 4 (8 q heads, 1 kv head of 128 per rank), the harness's 128-token bucket and shorter prompts in
+# a batch with right padding; and GQA 2 of 64 with two kv heads, an odd length.
+PREFILL_CASES = [(8, 1, 128, 128, (128,)), (8, 1, 128, 128, (128, 37)), (4, 2, 64, 45, (45, 1))]
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, head_dim, seq, lengths", PREFILL_CASES, ids=["qwen3-bucket", "qwen3-padded", "gqa2-odd"]
+)
+def test_kernel_prefill_attention_matches_nxdis_native_path_on_every_real_token(
+    written, harness, heads, kv_heads, head_dim, seq, lengths
+):
+    """perform_prefill on NxDI's mask (causal and right padding) in bf16: the kernel's rows of real tokens equal NxDI's
+    native-compiler path (fp32 softmax, probabilities in bf16) within bf16 matmul tolerance; same strategy, shape."""
+    qwen = _emulated(harness, written)
+    theirs, ours = _rank_attention(qwen, heads, kv_heads, head_dim)
+    gen = torch.Generator().manual_seed(3)
+    B = len(lengths)
+    Q, K, V = (torch.randn(B, h, seq, head_dim, generator=gen).to(torch.bfloat16) for h in (heads, kv_heads, kv_heads))
+    real = torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]  # [B, S]
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    mask = (causal[None] & real[:, None, :])[:, None]  # [B, 1, S, S]
+    want, want_strategy = theirs.perform_prefill(Q, K, V, seq, B, mask)
+    got, strategy = ours.perform_prefill(Q, K, V, seq, B, mask)
+    assert strategy == want_strategy and strategy.name == "NONE" and got.shape == want.shape and got.dtype == want.dtype
+    tol = tolerance_for("bfloat16_matmul")
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(got[b, :, :n].float(), want[b, :, :n].float(), atol=tol.atol, rtol=tol.rtol)
+
+
+def test_prefill_attention_leaves_nxdis_flash_kernel_strategy_to_nxdi(written, harness):
+    """Where NxDI would run its own flash kernel (LNC 2, 256 tokens), the hook calls NxDI's perform_prefill (the fake
+    does not model the kernel and says so)."""
+    qwen = _emulated(harness, written)
+    _, ours = _rank_attention(qwen, 2, 1, 16, logical_nc_config=2)
+    x = torch.zeros(1, 2, 256, 16, dtype=torch.bfloat16)
+    mask = torch.ones(256, 256, dtype=torch.bool).tril()[None, None]
+    with pytest.raises(NotImplementedError, match="SHARDED_KERNEL"):
+        ours.perform_prefill(x, x[:, :1], x[:, :1], 256, 1, mask)
+
+
+# (heads, kv heads, head_dim, cache positions S, computed context lengths per sequence)
+DECODE_CASES = [
+    (8, 1, 128, 640, (639,)),
+    (8, 1, 128, 640, (0, 200, 517)),
+    (4, 2, 64, 96, (1, 95)),
+    (4, 2, 32, 40, (7,)),
+]
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, head_dim, S, lengths", DECODE_CASES, ids=["qwen3-full", "qwen3-batch", "gqa2", "S-40"]
+)
+def test_kernel_decode_attention_matches_nxdis_prior_and_active_parts_on_its_cache(
+    written, harness, heads, kv_heads, head_dim, S, lengths
+):
+    """compute_for_token_gen on NxDI's cache [B, Hkv, S, D] with the mask True below each sequence's computed length
+    (an empty prior included) in bf16: the kernel's output equals NxDI's prior + active softmax within bf16 matmul
+    tolerance; NxDI's cache reads the same afterwards everywhere but the new token's slot (the slot NxDI's KV cache
+    manager writes with the same K/V after the layer)."""
+    qwen = _emulated(harness, written)
+    theirs, ours = _rank_attention(qwen, heads, kv_heads, head_dim)
+    gen = torch.Generator().manual_seed(4)
+    B = len(lengths)
+    Q = torch.randn(B, heads, 1, head_dim, generator=gen).to(torch.bfloat16)
+    K, V = (torch.randn(B, kv_heads, 1, head_dim, generator=gen).to(torch.bfloat16) for _ in range(2))
+    cache = [torch.randn(B, kv_heads, S, head_dim, generator=gen).to(torch.bfloat16) for _ in range(2)]
+    length = torch.tensor(lengths)
+    mask = (torch.arange(S)[None, :] < length[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    positions = length[:, None]
+    want = theirs.compute_for_token_gen(Q, K, V, positions, [c.clone() for c in cache], mask, None)
+    before = [c.clone() for c in cache]
+    got = ours.compute_for_token_gen(Q, K, V, positions, cache, mask, None)
+    assert got.shape == want.shape == (B, heads, 1, head_dim) and got.dtype == want.dtype
+    tol = tolerance_for("bfloat16_matmul")
+    torch.testing.assert_close(got.float(), want.float(), atol=tol.atol, rtol=tol.rtol)
+    untouched = torch.ones(B, 1, S, 1, dtype=torch.bool)
+    untouched[torch.arange(B), 0, length] = False
+    for now, then in zip(cache, before):
+        assert torch.equal(torch.where(untouched, now, then), then)
+
+
+def test_decode_attention_leaves_speculation_and_prefix_caching_to_nxdi(written, harness, monkeypatch):
+    qwen = _emulated(harness, written)
+    theirs, ours = _rank_attention(qwen, 2, 1, 16)
+    gen = torch.Generator().manual_seed(5)
+    Q = torch.randn(1, 2, 2, 16, generator=gen).to(torch.bfloat16)  # two speculated tokens
+    K, V = (torch.randn(1, 1, 2, 16, generator=gen).to(torch.bfloat16) for _ in range(2))
+    cache = [torch.randn(1, 1, 32, 16, generator=gen).to(torch.bfloat16) for _ in range(2)]
+    mask = (torch.arange(32) < 9)[None, None, None, :].expand(1, 1, 2, 32)
+    active = torch.ones(2, 2, dtype=torch.bool).tril()[None, None]
+    monkeypatch.setitem(qwen.HOOKS, "attention_decode", ("missing", "missing"))  # any kernel call would fail
+    for positions, prefix in ((torch.tensor([[9, 10]]), False), (torch.tensor([[9]]), True)):
+        want = theirs.compute_for_token_gen(Q, K, V, positions, cache, mask, active, prefix)
+        assert torch.equal(ours.compute_for_token_gen(Q, K, V, positions, cache, mask, active, prefix), want)
 
 
 @pytest.mark.parametrize("batch, seq", [(1, 128), (2, 1), (1, 5)])  # the measured bucket; decode; a short prompt
@@ -425,6 +594,8 @@ def test_a_missing_kernel_file_leaves_nxdis_module_and_says_why(tmp_path, harnes
     assert result.hooks == {
         "rmsnorm": "kernels/rmsnorm.py is not present",
         "rope": "kernels/rope.py is not present",
+        "attention_prefill": "kernels/attention_prefill.py is not present",
+        "attention_decode": "kernels/attention_decode.py is not present",
         "router": "kernels/router.py is not present",
         "moe_decode": "kernels/moe_nxdi.py is not present",
         "moe_prefill": "kernels/moe_prefill.py is not present",
@@ -460,7 +631,7 @@ def test_export_contest_cli_rejects_a_non_python_target(tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags, wired",
     [
-        (["--skip", "rope,moe_prefill"], {"rmsnorm", "router", "moe_decode"}),
+        (["--skip", "rope,moe_prefill"], {"rmsnorm", "attention_prefill", "attention_decode", "router", "moe_decode"}),
         (["--only", "router"], {"router"}),
         (["--only", " moe_decode , moe_prefill"], {"moe_decode", "moe_prefill"}),
     ],
@@ -473,7 +644,7 @@ def test_only_and_skip_choose_the_wirings_and_the_module_keeps_nxdis_elsewhere(t
     qwen = harness.load(out, "qwen_bisect")
     assert set(qwen.HOOKS) == wired
     flag = flags[0]
-    for name in ("rmsnorm", "rope", "router", "moe_decode", "moe_prefill"):
+    for name in ("rmsnorm", "rope", "attention_prefill", "attention_decode", "router", "moe_decode", "moe_prefill"):
         expected = "wired" if name in wired else f"not wired, left out by {flag}"
         assert f"  {name}: {expected}\n" in printed
     assert (qwen.get_rmsnorm_cls().__name__ == "NkiRMSNorm") == ("rmsnorm" in wired)

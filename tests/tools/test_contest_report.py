@@ -28,29 +28,42 @@ def _hand_macs(tokens: int, context: int, rows: int) -> dict[str, int]:
 SHAPES = kernel_shapes(None, 4)
 
 
-AS_EXPORTED = {"rmsnorm": None, "rope": None, "router": None, "moe_decode": None, "moe_prefill": None}
+AS_EXPORTED = {
+    "rmsnorm": None,
+    "rope": None,
+    "attention_prefill": None,
+    "attention_decode": None,
+    "router": None,
+    "moe_decode": None,
+    "moe_prefill": None,
+}
 
 
 def _as_exported_rho() -> float:
-    """Norms, RoPE, router and the experts of both phases wired: the router's and the experts' MACs (norms and RoPE
-    have no dot MACs) over all, by hand."""
+    """Norms, RoPE, attention, router and the experts of both phases wired: the attention's, the router's and the
+    experts' MACs (norms and RoPE have no dot MACs) over all, by hand."""
     prefill, decode = _hand_macs(128, 128, 1), _hand_macs(1, 640, 1)
-    nki = sum(m[k] for m in (prefill, decode) for k in ("router", "experts"))
+    nki = sum(m[k] for m in (prefill, decode) for k in ("attention", "router", "experts"))
     return nki / (sum(prefill.values()) + sum(decode.values()))
 
 
-def test_as_exported_norms_router_and_decode_experts_are_wired_and_the_entry_is_eligible():
+PARTS = ("normalisation", "positional encoding", "routing", "expert execution", "attention")
+
+
+def test_as_exported_every_family_but_the_projections_is_wired_and_the_entry_is_eligible():
     shapes = kernel_shapes(None, 4)
     report = contest_report.build_report(AS_EXPORTED, shapes)
     wired = [family.name for family, why in report.rows if why is None]
-    assert wired == ["rmsnorm", "rope", "router", "moe decode", "moe prefill"]
+    assert wired == ["rmsnorm", "rope", "router", "moe decode", "moe prefill", "attn prefill", "attn decode"]
     assert report.rho == pytest.approx(_as_exported_rho(), rel=1e-12)
-    assert report.parts == ("normalisation", "positional encoding", "routing", "expert execution") and report.eligible
+    assert report.parts == PARTS and report.eligible
     why = dict((family.name, why) for family, why in report.rows)
-    assert why["attention"] == "no export hook into NxDI's attention (on its KV cache layout) yet"
+    assert why["projections"] == "no export hook into NxDI's q/k/v, o and LM head projections yet"
     unwired = contest_report.build_report({**AS_EXPORTED, "router": "kernels/router.py is not present"}, shapes)
     assert dict((f.name, w) for f, w in unwired.rows)["router"] == "kernels/router.py is not present"
-    assert unwired.parts == ("normalisation", "positional encoding", "expert execution") and unwired.eligible
+    assert unwired.parts == tuple(p for p in PARTS if p != "routing") and unwired.eligible
+    one_attention = contest_report.build_report({**AS_EXPORTED, "attention_decode": "left out by --skip"}, shapes)
+    assert one_attention.parts == PARTS  # prefill attention alone still puts NKI in the attention part
 
 
 def test_rho_follows_the_harness_rule_worked_by_hand(monkeypatch):
@@ -61,7 +74,7 @@ def test_rho_follows_the_harness_rule_worked_by_hand(monkeypatch):
         for f in contest_report.FAMILIES
     )
     monkeypatch.setattr(contest_report, "FAMILIES", families)
-    wired = ("router", "moe decode", "moe prefill", "attention")
+    wired = ("router", "moe decode", "moe prefill", "attn prefill", "attn decode")
     hooks = {f.hook: None if f.name in wired else "not in this export" for f in families}
     report = contest_report.build_report(hooks, kernel_shapes(None, 4))
     prefill, decode = _hand_macs(128, 128, 1), _hand_macs(1, 640, 1)
@@ -75,7 +88,7 @@ def test_cli_prints_the_report_and_checks_tp_before_writing(tmp_path, capsys):
     assert cli.main(["export-contest", str(out), "--report"]) == 0
     text = capsys.readouterr().out
     assert f"estimated rho (NKI share of MACs, the harness's rule): {_as_exported_rho():.4f}" in text
-    assert "NKI in 4 major part(s) (normalisation, positional encoding, routing, expert execution); meets" in text
+    assert f"NKI in 5 major part(s) ({', '.join(PARTS)}); meets" in text
     bad = tmp_path / "bad.py"
     assert cli.main(["export-contest", str(bad), "--report", "--tp", "3"]) == 2
     assert "--tp 3" in capsys.readouterr().err and not bad.exists()
@@ -89,7 +102,8 @@ def test_every_family_ships_kernels_the_harness_nki_release_accepts():
         assert all(not contest_report.harness_nki_violations(f, version) for f in contest_report.FAMILIES), version
     text = contest_report.format_report(contest_report.build_report(AS_EXPORTED, SHAPES), SHAPES)
     assert "would reject" not in text
-    assert [line[23:31].strip() for line in text.splitlines()[2:9]] == ["ok"] * 7, text  # the NKI 0.3 column
+    rows = text.splitlines()[2 : 2 + len(contest_report.FAMILIES)]
+    assert [line[23:31].strip() for line in rows] == ["ok"] * len(contest_report.FAMILIES), text  # NKI 0.3 column
 
 
 def test_a_kernel_the_harness_release_rejects_is_named_with_its_rule(monkeypatch):

@@ -59,6 +59,22 @@ HOOKS = (
         "NxDI's does (not the polar-compatible form)",
     ),
     Hook(
+        name="attention_prefill",
+        file="attention_prefill",
+        kernel="attention_prefill",
+        positional=("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "scale"),
+        replaces="each attention's context encoding where NxDI runs its native-compiler path (perform_prefill with no "
+        "flash kernel strategy, right padding), one sequence per call (attention_hook_applies)",
+    ),
+    Hook(
+        name="attention_decode",
+        file="attention_decode",
+        kernel="attention_decode",
+        positional=("q", "k", "v", "k_cache", "v_cache", "slot_mapping", "block_tables", "context_lens", "scale"),
+        replaces="each attention's token generation (compute_for_token_gen: prior KV cache [B, Hkv, S, D] plus the "
+        "new token), read in place from NxDI's own cache (attention_hook_applies)",
+    ),
+    Hook(
         name="router",
         file="router",
         kernel="router_topk_matmul",
@@ -395,10 +411,135 @@ class NkiRopeAttention(_nxdi.NeuronQwen3MoEAttention):
         return Q, K, cos_cache, sin_cache
 
 
-def _swap_rope(layer):
+class NkiCoreAttention(_nxdi.NeuronQwen3MoEAttention):
+    """NxDI's Qwen3-MoE attention with softmax(Q K^T / sqrt(D)) V in our kernels: context encoding (perform_prefill,
+    where NxDI would run its native-compiler path) by attention_prefill, one sequence per call; token generation
+    (compute_for_token_gen) by attention_decode on NxDI's own KV cache. Q [B, Hq, S, D], K, V [B, Hkv, S, D]; outputs
+    as NxDI's ([B, Hq, S, D]). Anything else (speculation, prefix caching, a flash-kernel strategy, a quantized
+    cache) stays NxDI's."""
+
+    def perform_prefill(self, Q, K, V, q_len, bsz, attention_mask):
+        strategy = self.get_flash_attention_strategy(q_len, attention_mask is not None)
+        if "attention_prefill" not in HOOKS or strategy.value != 0 or not (Q.dtype == K.dtype == V.dtype):
+            return super().perform_prefill(Q, K, V, q_len, bsz, attention_mask)
+        B, Hq, S, D = Q.shape
+        Hk = K.shape[1]
+        # Right padding (attention_hook_applies): a real token's keys are all real, so NxDI's mask (causal and
+        # padding) is the causal mask on its rows; padding rows are computed and never read. The kernel writes no
+        # cache here (every slot negative into a one-slot scratch cache): NxDI's KV cache manager writes K/V.
+        scratch = torch.zeros(1, Hk, 1, D, dtype=K.dtype, device=K.device)
+        no_slots = torch.full((S,), -1, dtype=torch.int32, device=K.device)
+        rows = []
+        for b in range(B):
+            q = Q[b].transpose(0, 1).reshape(S, Hq * D)
+            k = K[b].transpose(0, 1).reshape(S, Hk * D)
+            v = V[b].transpose(0, 1).reshape(S, Hk * D)
+            scale = 1.0 / self.softmax_scale  # NxDI divides the scores by softmax_scale = sqrt(D)
+            out, _, _ = kernel("attention_prefill")(q, k, v, scratch, scratch.clone(), no_slots, scale)
+            rows.append(out.reshape(S, Hq, D).transpose(0, 1))
+        return torch.stack(rows), strategy
+
+    def compute_for_token_gen(
+        self, Q, K, V, position_ids, past_key_value, attention_mask, active_mask, is_prefix_caching=False
+    ):
+        k_prior, v_prior = past_key_value[0], past_key_value[1]
+        B, Hq, q_len, D = Q.shape
+        Hk, S = k_prior.shape[1], k_prior.shape[2]
+        block = decode_block_size(S, D, k_prior.dtype)
+        speculation = position_ids is not None and position_ids.shape[-1] > 1
+        if (
+            "attention_decode" not in HOOKS
+            or is_prefix_caching
+            or speculation
+            or q_len != 1
+            or block is None
+            or tuple(k_prior.shape) != (B, Hk, S, D)
+            or tuple(v_prior.shape) != (B, Hk, S, D)
+            or not (Q.dtype == K.dtype == V.dtype == k_prior.dtype == v_prior.dtype)
+        ):
+            return super().compute_for_token_gen(
+                Q, K, V, position_ids, past_key_value, attention_mask, active_mask, is_prefix_caching
+            )
+        # Each (sequence b, kv head g) of NxDI's cache [B, Hkv, S, D] is one kernel sequence with one kv head: its S
+        # positions are S / block contiguous cache blocks, so the kernel's paged cache [NB, 1, block, D] is NxDI's
+        # cache reshaped (no copy). attention_mask is True where i < the computed context length L_b
+        # (compute_for_token_gen's contract); the new token goes to slot L_b, where NxDI's KV cache manager writes
+        # the same K/V after the layer, and the kernel attends over L_b + 1 tokens: NxDI's prior + active parts.
+        rows, blocks = B * Hk, S // block
+        lengths = attention_mask[:, 0, -1, :].to(torch.int32).sum(dim=-1)  # [B] computed context lengths
+        lengths = lengths.repeat_interleave(Hk)
+        sequence = torch.arange(rows, dtype=torch.int32, device=Q.device)
+        block_tables = sequence[:, None] * blocks + torch.arange(blocks, dtype=torch.int32, device=Q.device)
+        out, _, _ = kernel("attention_decode")(
+            Q.reshape(rows, (Hq // Hk) * D),
+            K.reshape(rows, D),
+            V.reshape(rows, D),
+            k_prior.reshape(rows * blocks, 1, block, D),
+            v_prior.reshape(rows * blocks, 1, block, D),
+            (sequence * S + lengths).to(torch.int32),
+            block_tables.to(torch.int32),
+            (lengths + 1).to(torch.int32),
+            1.0 / self.softmax_scale,
+        )
+        return out.reshape(B, Hq, 1, D)
+
+
+def decode_block_size(S, D, dtype):
+    """The cache block the decode kernel reads NxDI's cache in: the largest power of two dividing S whose K and V
+    tiles fit the kernel's SBUF budget (attention_decode.KV_TILE_SBUF_BYTES); None: none does."""
+    budget = load_kernels().attention_decode.KV_TILE_SBUF_BYTES
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    block = S & -S  # the largest power of two dividing S
+    while block >= 1 and 2 * block * D * itemsize > budget:
+        block //= 2
+    return block if block >= 1 else None
+
+
+class NkiRopeCoreAttention(NkiRopeAttention, NkiCoreAttention):
+    """Both hooks on one attention: RoPE and the attention core in our kernels."""
+
+
+ATTENTION_MAX_HEAD_DIM = 128  # both kernels contract head_dim on the partitions
+ATTENTION_MAX_GROUP = 128  # attention_decode: query heads per kv head on partitions
+
+
+def attention_hook_applies(attention):
+    """Whether NkiCoreAttention computes what this attention does where it takes over: no context or attention data
+    parallelism, flash decoding, transposed K cache, sliding window, chunked attention or learned sinks; right
+    padding; sizes and dtypes the kernels take. (Per call it also leaves speculation, prefix caching and
+    flash-kernel strategies to NxDI.)"""
+    heads, kv_heads = getattr(attention, "num_heads", 0), getattr(attention, "num_key_value_heads", 0)
+    return (
+        ("attention_prefill" in HOOKS or "attention_decode" in HOOKS)
+        and getattr(attention, "cp_degree", 1) == 1
+        and getattr(attention, "dp_degree", 1) == 1
+        and not getattr(attention, "flash_decoding_enabled", False)
+        and not getattr(attention, "k_cache_transposed", False)
+        and getattr(attention, "sliding_window", None) is None
+        and not getattr(attention, "attention_chunk_size", None)
+        and getattr(attention, "learned_sinks_size", None) is None
+        and getattr(attention, "padding_side", "right") == "right"
+        and attention.head_dim <= ATTENTION_MAX_HEAD_DIM
+        and kv_heads >= 1
+        and heads % kv_heads == 0
+        and heads // kv_heads <= ATTENTION_MAX_GROUP
+        and getattr(attention, "torch_dtype", torch.bfloat16) in (torch.bfloat16, torch.float32)
+    )
+
+
+def _swap_attention(layer):
     attention = getattr(layer, "self_attn", None)
-    if "rope" in HOOKS and type(attention) is _nxdi.NeuronQwen3MoEAttention and attention.head_dim % 2 == 0:
-        attention.__class__ = NkiRopeAttention  # the same module and parameters; only apply_rotary_embedding changes
+    if type(attention) is not _nxdi.NeuronQwen3MoEAttention:
+        return
+    rope = "rope" in HOOKS and attention.head_dim % 2 == 0
+    core = attention_hook_applies(attention)
+    # the same module and parameters; only the replaced methods change
+    if rope and core:
+        attention.__class__ = NkiRopeCoreAttention
+    elif rope:
+        attention.__class__ = NkiRopeAttention
+    elif core:
+        attention.__class__ = NkiCoreAttention
 
 
 ROUTER_MAX_EXPERTS = 512  # router_topk_matmul: the logits of a token tile are one PSUM bank
@@ -521,7 +662,7 @@ class NeuronQwen3MoeModel(_nxdi.NeuronQwen3MoeModel):
         if cpu_mode():
             return
         for layer in self.layers:
-            _swap_rope(layer)
+            _swap_attention(layer)
             _swap_router(layer, config)
             _swap_experts(layer)
         if get_rmsnorm_cls() is NkiRMSNorm:
