@@ -31,11 +31,17 @@ from .grid import program_share
 from .limits import PMAX, PSUM_BANK_FMAX, require
 from .moe_common import DTYPES
 from .moe_fp8 import to_trn2_fp8, trn2_fp8_values
+from .views import sbuf_view
 
 BLOCK = PMAX  # the checkpoints' weight_block_size [128, 128]: one scale block is one partition tile
 # x stays in SBUF for the whole call ([KP, KT, T]); a call takes at most this many bytes of it per partition, so the
 # weight block, its fp32 widening and the scales always fit beside it (longer inputs: ``max_tokens`` per call).
 X_SBUF_BYTES = 64 * 1024
+# From this many tokens on, an output block is dequantized once in SBUF instead of scaling PSUM columns per token
+# (the columns' Vector work grows as 2 * KT elements per token and block; the dequantization's is KT * NS per block
+# whatever T). Where the two cross, by the cost model at Qwen3-30B-A3B TP 4's q/k/v (K 2048, N 1280) and o (K 1024,
+# N 2048): between 32 tokens (columns faster) and 48 (dequantized faster), at both shapes.
+DEQUANTIZE_MIN_TOKENS = 40
 
 
 def _tiles(k: int, where: str) -> tuple[int, int]:
@@ -55,13 +61,17 @@ def linear_fp8(x, weight, scale):
     Returns: y [T, N] x's dtype, nl.shared_hbm.
     Grid:    ``linear_fp8[g]`` (LNC=2: g = 2) splits the NB output blocks into g contiguous ranges, one per program;
              programs write disjoint columns of the shared output.
-    Tiling:  x loaded once with K on partitions ([KP, KT, T], k = kt * KP + p); the block's scales broadcast to the
-             partitions by the DMA ([128, KT, TT], stride 0 over partitions and tokens); per output block: one DMA
-             [KP, KT, NS] (FP8), then per token tile of TT = min(T, 512 // KT) tokens: Tensor: KT matmuls, FP8
+    Tiling:  x loaded once with K on partitions ([KP, KT, T], k = kt * KP + p); per output block one DMA
+             [KP, KT, NS] (FP8), then by T:
+             T < DEQUANTIZE_MIN_TOKENS (decode): the block's scales broadcast by the DMA ([NS, TT, KT], stride 0
+             over partitions and tokens); per token tile of TT = min(T, 512 // KT) tokens: Tensor: KT matmuls, FP8
              stationary [KP, NS] against x moving [KP, TT], each writing columns [NS, TT] (stride KT) of one PSUM
              tile [NS, TT, KT]; Vector: times the scales, summed over kt (fp32, the innermost axis), rounded to x's
-             dtype; one store of [TT, NS] (columns nb * 128 ..).
-             fp32 x cannot meet FP8 operands in the Tensor Engine: its weight tiles are widened to fp32 in SBUF first.
+             dtype. fp32 x cannot meet FP8 operands in the Tensor Engine: its weight tiles are widened first.
+             T >= DEQUANTIZE_MIN_TOKENS (prefill): Vector: the block times its scales ([KP, KT] by DMA, seen as
+             [KP, KT, NS] with step 0) in x's dtype, once; per token tile of up to 512: Tensor: KT matmuls
+             accumulating [NS, TT] in one PSUM bank; rounded to x's dtype.
+             Each token tile ends with one store of [TT, NS] (columns nb * 128 ..).
     Limits:  x 2-D, 1 <= T <= ``max_tokens(K, itemsize)`` (x's X_SBUF_BYTES per partition), bf16 or fp32; K < 128 or
              a multiple of 128 with KT <= 512 (a token's PSUM columns fit one bank); weight uint8 [N, K]; scale fp32
              [ceil(N / 128), KT].
@@ -93,7 +103,6 @@ def linear_fp8(x, weight, scale):
         f"(T <= {max_tokens(K, item)}; call per token tile)",
     )
     dt = x.dtype
-    TT = min(T, PSUM_BANK_FMAX // KT)  # tokens per PSUM tile [NS, TT, KT]
     y = nl.ndarray((T, N), dtype=dt, buffer=nl.shared_hbm)
     w8 = weight.view(nl.float8_e4m3)
 
@@ -104,26 +113,56 @@ def linear_fp8(x, weight, scale):
         ns = min(BLOCK, N - nb * BLOCK)
         w_sb = nl.ndarray((KP, KT, ns), dtype=nl.float8_e4m3, buffer=nl.sbuf)
         nisa.dma_copy(dst=w_sb, src=w8.ap([[KT * ns, KP], [ns, KT], [1, ns]], offset=nb * BLOCK * K))
-        if dt == nl.float32:  # FP8 operands cannot meet fp32 ones in the Tensor Engine: widen (exact)
-            w_mm = nl.ndarray((KP, KT, ns), dtype=dt, buffer=nl.sbuf)
-            nisa.tensor_copy(dst=w_mm, src=w_sb)
+        if T >= DEQUANTIZE_MIN_TOKENS:
+            _block_dequantized(y, xs, w_sb, scale, nb, ns, T, KP, KT)
         else:
-            w_mm = w_sb
-        for t0 in range(0, T, TT):
-            tt = min(TT, T - t0)
-            s_sb = nl.ndarray((ns, tt, KT), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.dma_copy(dst=s_sb, src=scale.ap([[0, ns], [0, tt], [1, KT]], offset=nb * KT))
-            cols = nl.ndarray((ns, tt, KT), dtype=nl.float32, buffer=nl.psum)  # kt innermost: reduced last
-            for kt in range(KT):
-                nisa.nc_matmul(dst=cols[:, :, kt], stationary=w_mm[:, kt, :], moving=xs[:, kt, t0 : t0 + tt])
-            scaled = nl.ndarray((ns, tt, KT), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.tensor_tensor(dst=scaled, data1=cols, data2=s_sb, op=nl.multiply)
-            acc = nl.ndarray((ns, tt), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.tensor_reduce(dst=acc, op=nl.add, data=scaled, axis=2)
-            out = nl.ndarray((ns, tt), dtype=dt, buffer=nl.sbuf)
-            nisa.tensor_copy(dst=out, src=acc)
-            nisa.dma_copy(dst=y.ap([[1, ns], [N, tt]], offset=t0 * N + nb * BLOCK), src=out)
+            _block_scaled_columns(y, xs, w_sb, scale, nb, ns, T, KT)
     return y
+
+
+def _block_scaled_columns(y, xs, w_sb, scale, nb: int, ns: int, T: int, KT: int) -> None:
+    """Output block ``nb`` for few tokens: the FP8 tile stationary, one PSUM column per (token, hidden tile), times
+    its scale, summed over the hidden tiles (Vector work grows with T * KT)."""
+    N, dt = y.shape[1], xs.dtype
+    TT = min(T, PSUM_BANK_FMAX // KT)  # tokens per PSUM tile [NS, TT, KT]
+    if dt == nl.float32:  # FP8 operands cannot meet fp32 ones in the Tensor Engine: widen (exact)
+        w_mm = nl.ndarray(w_sb.shape, dtype=dt, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=w_mm, src=w_sb)
+    else:
+        w_mm = w_sb
+    for t0 in range(0, T, TT):
+        tt = min(TT, T - t0)
+        s_sb = nl.ndarray((ns, tt, KT), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=s_sb, src=scale.ap([[0, ns], [0, tt], [1, KT]], offset=nb * KT))
+        cols = nl.ndarray((ns, tt, KT), dtype=nl.float32, buffer=nl.psum)  # kt innermost: reduced last
+        for kt in range(KT):
+            nisa.nc_matmul(dst=cols[:, :, kt], stationary=w_mm[:, kt, :], moving=xs[:, kt, t0 : t0 + tt])
+        scaled = nl.ndarray((ns, tt, KT), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=scaled, data1=cols, data2=s_sb, op=nl.multiply)
+        acc = nl.ndarray((ns, tt), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_reduce(dst=acc, op=nl.add, data=scaled, axis=2)
+        out = nl.ndarray((ns, tt), dtype=dt, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=out, src=acc)
+        nisa.dma_copy(dst=y.ap([[1, ns], [N, tt]], offset=t0 * N + nb * BLOCK), src=out)
+
+
+def _block_dequantized(y, xs, w_sb, scale, nb: int, ns: int, T: int, KP: int, KT: int) -> None:
+    """Output block ``nb`` for many tokens: the FP8 tile times its scales once, in x's dtype (Vector work KT * NS per
+    partition whatever T), then KT matmuls accumulating in one PSUM tile [NS, TT] per token tile of TT <= 512."""
+    N, dt = y.shape[1], xs.dtype
+    s_sb = nl.ndarray((KP, KT), dtype=nl.float32, buffer=nl.sbuf)  # block (nb, kt)'s scale on every partition
+    nisa.dma_copy(dst=s_sb, src=scale.ap([[0, KP], [1, KT]], offset=nb * KT))
+    w_dq = nl.ndarray((KP, KT, ns), dtype=dt, buffer=nl.sbuf)  # rounded to x's dtype, as the reference rounds
+    # the scales seen as [KP, KT, NS] (step 0 over NS): one instruction for the whole block
+    nisa.tensor_tensor(dst=w_dq, data1=w_sb, data2=sbuf_view(s_sb, [[1, KT], [0, ns]]), op=nl.multiply)
+    for t0 in range(0, T, PSUM_BANK_FMAX):
+        tt = min(PSUM_BANK_FMAX, T - t0)
+        acc = nl.ndarray((ns, tt), dtype=nl.float32, buffer=nl.psum)
+        for kt in range(KT):
+            nisa.nc_matmul(dst=acc, stationary=w_dq[:, kt, :], moving=xs[:, kt, t0 : t0 + tt], accumulate=kt > 0)
+        out = nl.ndarray((ns, tt), dtype=dt, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=out, src=acc)
+        nisa.dma_copy(dst=y.ap([[1, ns], [N, tt]], offset=t0 * N + nb * BLOCK), src=out)
 
 
 def max_tokens(k: int, itemsize: int) -> int:

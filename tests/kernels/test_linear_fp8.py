@@ -31,7 +31,12 @@ def _dequantized(weight, scale_inv) -> torch.Tensor:
         (4, 2048, 1024),  # its o projection at TP 4
         (3, 130, 256),  # a partial last output block
         (2, 200, 64),  # K below one block (tiny test models)
-        (40, 256, 2048),  # more tokens than one PSUM tile holds at KT = 16 (32): two token tiles
+        (39, 256, 2048),  # more tokens than one PSUM tile holds at KT = 16 (32): two token tiles
+        # from DEQUANTIZE_MIN_TOKENS on: the block dequantized in SBUF
+        (40, 256, 2048),  # the first token count that takes it
+        (131, 1280, 2048),  # q/k/v at TP 4, a prefill of 131 tokens
+        (600, 130, 256),  # two PSUM token tiles (512 + 88) and a partial output block
+        (45, 200, 64),  # K below one block
     ],
 )
 def test_linear_fp8_matches_the_exactly_dequantized_weight(T, N, K, dtype):
@@ -56,10 +61,11 @@ def test_layout_round_trip_keeps_every_value_and_shape():
     torch.testing.assert_close(scale, scale_inv * 2, rtol=0, atol=0)
 
 
-def test_lnc2_grid_splits_the_output_blocks_and_matches_one_program():
+@pytest.mark.parametrize("T", [2, kernel.DEQUANTIZE_MIN_TOKENS + 3])
+def test_lnc2_grid_splits_the_output_blocks_and_matches_one_program(T):
     weight, scale_inv = _weight(384, 256)
     layout = kernel.linear_fp8_kernel_layout(weight, scale_inv)
-    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    x = torch.randn(T, 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     one, _ = run(kernel.linear_fp8, x, *layout)
     two, _ = run(kernel.linear_fp8[2], x, *layout)
     torch.testing.assert_close(two, one, rtol=0, atol=0)
