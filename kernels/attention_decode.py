@@ -76,7 +76,8 @@ def attention_decode(q, k, v, k_cache, v_cache, slot_mapping, block_tables, cont
              S = Q K^T [G, chunk] in PSUM; GpSimd iota gives each column's position, Vector compares it with L_b and
              select_reduce masks and takes the row max in one pass; Scalar exp with row sums (online softmax, fp32
              statistics); Tensor transposes P per column s to P^T [blocks, G] and accumulates P @ V [G, D] in PSUM;
-             Vector rescales into the fp32 accumulator. Finally acc / l in q's dtype, DMA to out.
+             Vector rescales into the fp32 accumulator. Chunks are pipelined by one: chunk c + 1's scores are
+             issued before chunk c's softmax and P @ V. Finally acc / l in q's dtype, DMA to out.
     Grid:    ``attention_decode[g]`` (LNC=2: g = 2) splits the B sequences into g contiguous shares, one per program
              (physical core): each writes its sequences' new K/V into the cache, then attends over them, so no
              program reads a slot another writes (sequences own the blocks their new tokens go to). B = 1 runs on
@@ -129,6 +130,10 @@ def attention_decode(q, k, v, k_cache, v_cache, slot_mapping, block_tables, cont
             head0 = b * hq * d + g * group * d
             nisa.dma_copy(dst=q_t, src=q.ap(pattern=[[1, d], [d, group]], offset=head0))
             state = _SoftmaxState()
+            # Software-pipelined by one chunk: the scores of chunk c + 1 are issued before chunk c's softmax and
+            # P @ V, so the Tensor Engine computes them while Scalar and Vector work on chunk c (each engine runs
+            # its instructions in program order). Same instructions and online-softmax order as one at a time.
+            pending = None
             for t0 in range(0, max_blocks, BLOCKS_PER_TILE):
                 n = min(BLOCKS_PER_TILE, max_blocks - t0)
                 split = _block_split(n, bs)
@@ -138,7 +143,11 @@ def attention_decode(q, k, v, k_cache, v_cache, slot_mapping, block_tables, cont
                 for s0 in range(0, cols, steps):
                     ns = min(steps, cols - s0)
                     positions = positions_cache.get(t0 * bs + s0, ns, rows, cols)
-                    _attend_chunk(state, q_t, k_sb, v_sb, ctx_len, positions, s0, ns, scale)
+                    scored = _chunk_scores(q_t, k_sb, v_sb, ctx_len, positions, s0, ns)
+                    if pending is not None:
+                        _chunk_accumulate(state, pending, scale)
+                    pending = scored
+            _chunk_accumulate(state, pending, scale)
             o = _softmax_finish(state, q.dtype)
             nisa.dma_copy(dst=out.ap(pattern=[[d, group], [1, d]], offset=head0), src=o)
     return out, k_cache, v_cache
@@ -208,9 +217,9 @@ class _PositionTiles(nl.NKIObject):
         return tile
 
 
-def _attend_chunk(state, q_t, k_sb, v_sb, ctx_len, positions, s0: int, ns: int, scale: float) -> None:
-    """Columns s0..s0+ns-1 of one gathered tile (n partitions of consecutive tokens): scores, mask by
-    ``positions < ctx_len``, one online-softmax step and the P @ V accumulation."""
+def _chunk_scores(q_t, k_sb, v_sb, ctx_len, positions, s0: int, ns: int):
+    """Columns s0..s0+ns-1 of one gathered tile (n partitions of consecutive tokens): the scores Q K^T, masked by
+    ``positions < ctx_len``, with their row max. Returns what ``_chunk_accumulate`` takes."""
     d, group = q_t.shape
     n = k_sb.shape[0]
     width = ns * n
@@ -237,7 +246,14 @@ def _attend_chunk(state, q_t, k_sb, v_sb, ctx_len, positions, s0: int, ns: int, 
         reduce_cmd=nisa.reduce_cmd.reset_reduce,
         reduce_op=nl.maximum,
     )
-    probs = nl.ndarray((group, width), dtype=v_sb.dtype, buffer=nl.sbuf)
+    return scores, tile_max, v_sb, s0, ns, d
+
+
+def _chunk_accumulate(state, scored, scale: float) -> None:
+    """One online-softmax step on a chunk's scores (``_chunk_scores``) and its P @ V accumulation."""
+    scores, tile_max, v_sb, s0, ns, d = scored
+    group, n = scores.shape[0], v_sb.shape[0]
+    probs = nl.ndarray(scores.shape, dtype=v_sb.dtype, buffer=nl.sbuf)
     alpha = _softmax_probs(state, scores, tile_max, probs, scale)
 
     p_t_psum = nl.ndarray((n, ns * group), dtype=probs.dtype, buffer=nl.psum)

@@ -537,6 +537,24 @@ def test_kernel_decode_attention_matches_nxdis_prior_and_active_parts_on_its_cac
         assert torch.equal(torch.where(untouched, now, then), then)
 
 
+def test_decode_attention_reads_a_cache_with_nxdis_padding_slots(written, harness):
+    """With apply_seq_ids_mask NxDI's cache has 128 padding slots past the bucket's positions and the mask covers the
+    positions only (NxDI pads it with False): the computed length is still the mask's count of True."""
+    qwen = _emulated(harness, written)
+    theirs, ours = _rank_attention(qwen, 8, 1, 128, apply_seq_ids_mask=True)
+    gen = torch.Generator().manual_seed(6)
+    positions, S = 640, 640 + 128
+    Q = torch.randn(2, 8, 1, 128, generator=gen).to(torch.bfloat16)
+    K, V = (torch.randn(2, 1, 1, 128, generator=gen).to(torch.bfloat16) for _ in range(2))
+    cache = [torch.randn(2, 1, S, 128, generator=gen).to(torch.bfloat16) for _ in range(2)]
+    length = torch.tensor([3, 639])
+    mask = (torch.arange(positions)[None, :] < length[:, None])[:, None, None, :]
+    want = theirs.compute_for_token_gen(Q, K, V, length[:, None], [c.clone() for c in cache], mask, None)
+    got = ours.compute_for_token_gen(Q, K, V, length[:, None], cache, mask, None)
+    tol = tolerance_for("bfloat16_matmul")
+    torch.testing.assert_close(got.float(), want.float(), atol=tol.atol, rtol=tol.rtol)
+
+
 def test_decode_attention_leaves_speculation_and_prefix_caching_to_nxdi(written, harness, monkeypatch):
     qwen = _emulated(harness, written)
     theirs, ours = _rank_attention(qwen, 2, 1, 16)

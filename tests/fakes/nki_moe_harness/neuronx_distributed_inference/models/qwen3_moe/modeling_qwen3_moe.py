@@ -183,6 +183,9 @@ class NeuronQwen3MoEAttention(nn.Module):
         if not self.k_cache_transposed:
             K_prior = K_prior.transpose(2, 3)
         prior_scores = torch.matmul(Q, K_prior) / self.softmax_scale
+        if prior_scores.shape[-1] > attention_mask.shape[-1] and getattr(self.neuron_config, "apply_seq_ids_mask", 0):
+            pad = prior_scores.shape[-1] - attention_mask.shape[-1]  # the cache's padding slots (kvcache/utils.py)
+            attention_mask = nn.functional.pad(attention_mask, (0, pad), "constant", 0)
         prior_scores = torch.where(attention_mask, prior_scores, torch.finfo(prior_scores.dtype).min)
         prior_scores = prior_scores.to(torch.float32)
         K_active = repeat_kv(K, self.num_key_value_groups)
