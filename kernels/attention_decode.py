@@ -113,7 +113,6 @@ def attention_decode(q, k, v, k_cache, v_cache, slot_mapping, block_tables, cont
         f"block_size={bs}, head_dim={d}: K/V block tiles need {tile_bytes} B per partition; must be <= "
         f"{KV_TILE_SBUF_BYTES}",
     )
-    max_blocks = block_tables.shape[1]
 
     # this program's sequences (all of them without a grid): it writes their new K/V, then reads them back
     first, last = program_share(B)
@@ -129,28 +128,39 @@ def attention_decode(q, k, v, k_cache, v_cache, slot_mapping, block_tables, cont
             q_t = nl.ndarray((d, group), dtype=q.dtype, buffer=nl.sbuf)
             head0 = b * hq * d + g * group * d
             nisa.dma_copy(dst=q_t, src=q.ap(pattern=[[1, d], [d, group]], offset=head0))
-            state = _SoftmaxState()
-            # Software-pipelined by one chunk: the scores of chunk c + 1 are issued before chunk c's softmax and
-            # P @ V, so the Tensor Engine computes them while Scalar and Vector work on chunk c (each engine runs
-            # its instructions in program order). Same instructions and online-softmax order as one at a time.
-            pending = None
-            for t0 in range(0, max_blocks, BLOCKS_PER_TILE):
-                n = min(BLOCKS_PER_TILE, max_blocks - t0)
-                split = _block_split(n, bs)
-                k_sb, v_sb = _gather_blocks(k_cache, v_cache, block_tables, b, g, t0, n, split)
-                rows, cols = n * split, bs // split
-                steps = _cols_per_step(rows, cols, group)
-                for s0 in range(0, cols, steps):
-                    ns = min(steps, cols - s0)
-                    positions = positions_cache.get(t0 * bs + s0, ns, rows, cols)
-                    scored = _chunk_scores(q_t, k_sb, v_sb, ctx_len, positions, s0, ns)
-                    if pending is not None:
-                        _chunk_accumulate(state, pending, scale)
-                    pending = scored
-            _chunk_accumulate(state, pending, scale)
-            o = _softmax_finish(state, q.dtype)
+            o = attend_cached(q_t, k_cache, v_cache, block_tables, b, g, ctx_len, positions_cache, scale, q.dtype)
             nisa.dma_copy(dst=out.ap(pattern=[[d, group], [1, d]], offset=head0), src=o)
     return out, k_cache, v_cache
+
+
+def attend_cached(q_t, k_cache, v_cache, block_tables, b: int, g: int, ctx_len, positions_cache, scale: float, dtype):
+    """One sequence's queries of one kv head against its cached context: ``o [G, D]`` in ``dtype`` (SBUF).
+
+    ``q_t [D, G]`` (SBUF, the query heads of kv head ``g`` as columns), ``ctx_len [G, 1]`` fp32 (L_b on every row),
+    ``positions_cache`` a ``_PositionTiles(G)``. Per tile of up to 128 table entries the blocks are gathered, then
+    per chunk of columns the scores and the online softmax (the ``attention_decode`` docstring's "Tiling").
+    """
+    max_blocks, bs = block_tables.shape[1], k_cache.shape[2]
+    state = _SoftmaxState()
+    # Software-pipelined by one chunk: the scores of chunk c + 1 are issued before chunk c's softmax and P @ V, so
+    # the Tensor Engine computes them while Scalar and Vector work on chunk c (each engine runs its instructions in
+    # program order). Same instructions and online-softmax order as one at a time.
+    pending = None
+    for t0 in range(0, max_blocks, BLOCKS_PER_TILE):
+        n = min(BLOCKS_PER_TILE, max_blocks - t0)
+        split = _block_split(n, bs)
+        k_sb, v_sb = _gather_blocks(k_cache, v_cache, block_tables, b, g, t0, n, split)
+        rows, cols = n * split, bs // split
+        steps = _cols_per_step(rows, cols, q_t.shape[1])
+        for s0 in range(0, cols, steps):
+            ns = min(steps, cols - s0)
+            positions = positions_cache.get(t0 * bs + s0, ns, rows, cols)
+            scored = _chunk_scores(q_t, k_sb, v_sb, ctx_len, positions, s0, ns)
+            if pending is not None:
+                _chunk_accumulate(state, pending, scale)
+            pending = scored
+    _chunk_accumulate(state, pending, scale)
+    return _softmax_finish(state, dtype)
 
 
 def _block_split(blocks: int, block_size: int) -> int:

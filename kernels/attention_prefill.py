@@ -41,6 +41,24 @@ def _itemsize(dtype) -> int:
 
 def _check_cache_args(where: str, k, v, k_cache, v_cache, slot_mapping, tokens: int) -> tuple[int, int, int, int]:
     """Validate the K/V inputs against the cache; returns (num_blocks, kv_heads, block_size, head_dim)."""
+    nb, hk, bs, d = check_cache(where, k_cache, v_cache, slot_mapping, tokens)
+    for name, t in (("k", k), ("v", v)):
+        require(
+            tuple(t.shape) == (tokens, hk * d),
+            where,
+            f"{name}.shape={tuple(t.shape)}; must be ({tokens}, kv_heads*head_dim={hk * d})",
+        )
+    require(
+        k.dtype == v.dtype == k_cache.dtype,
+        where,
+        f"dtypes k={k.dtype}, v={v.dtype}, k_cache={k_cache.dtype}, v_cache={v_cache.dtype}; must all be equal",
+    )
+    return nb, hk, bs, d
+
+
+def check_cache(where: str, k_cache, v_cache, slot_mapping, tokens: int) -> tuple[int, int, int, int]:
+    """Validate the paged caches and the slots of ``tokens`` new tokens; returns (num_blocks, kv_heads, block_size,
+    head_dim)."""
     require(len(k_cache.shape) == 4, where, f"k_cache.shape={tuple(k_cache.shape)}; must be [NB, Hk, BS, D]")
     require(
         tuple(v_cache.shape) == tuple(k_cache.shape),
@@ -56,16 +74,10 @@ def _check_cache_args(where: str, k, v, k_cache, v_cache, slot_mapping, tokens: 
         f"cache rows={nb * hk * bs} (num_blocks x kv_heads x block_size); must be <= {MAX_CACHE_ROWS} "
         "(fp32-exact row arithmetic)",
     )
-    for name, t in (("k", k), ("v", v)):
-        require(
-            tuple(t.shape) == (tokens, hk * d),
-            where,
-            f"{name}.shape={tuple(t.shape)}; must be ({tokens}, kv_heads*head_dim={hk * d})",
-        )
     require(
-        k.dtype == v.dtype == k_cache.dtype == v_cache.dtype,
+        k_cache.dtype == v_cache.dtype,
         where,
-        f"dtypes k={k.dtype}, v={v.dtype}, k_cache={k_cache.dtype}, v_cache={v_cache.dtype}; must all be equal",
+        f"dtypes k_cache={k_cache.dtype}, v_cache={v_cache.dtype}; must be equal",
     )
     require(
         tuple(slot_mapping.shape) == (tokens,),
@@ -85,38 +97,53 @@ def _write_kv_cache(k_cache, v_cache, k, v, slot_mapping) -> None:
     slot gives a negative block under an arithmetic shift, or a block past the cache under a logical one, so its row
     is out of bounds either way and the DMA skips it.
     """
-    nb, hk, bs, d = k_cache.shape
-    rows_total = nb * hk * bs
-    shift = bs.bit_length() - 1
-    k_rows = k_cache.reshape((rows_total, d))
-    v_rows = v_cache.reshape((rows_total, d))
     tokens = k.shape[0]
     for t0 in range(0, tokens, PMAX):
         n = min(PMAX, tokens - t0)
-        slot = nl.ndarray((n, 1), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=slot, src=slot_mapping[t0 : t0 + n])
-        block = nl.ndarray((n, 1), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=block, data=slot, op0=nl.right_shift, operand0=shift)
-        offset = nl.ndarray((n, 1), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=offset, data=slot, op0=nl.bitwise_and, operand0=bs - 1)
-        row0 = nl.ndarray((n, 1), dtype=nl.int32, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=row0, data=block, op0=nl.multiply, operand0=float(hk * bs))
-        nisa.tensor_tensor(dst=row0, data1=row0, data2=offset, op=nl.add)
-        k_sb = nl.ndarray((n, hk * d), dtype=k.dtype, buffer=nl.sbuf)
+        row0 = cache_rows(k_cache, slot_mapping, t0, n)
+        k_sb = nl.ndarray((n, k.shape[1]), dtype=k.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=k_sb, src=k[t0 : t0 + n, :])
-        v_sb = nl.ndarray((n, hk * d), dtype=v.dtype, buffer=nl.sbuf)
+        v_sb = nl.ndarray((n, v.shape[1]), dtype=v.dtype, buffer=nl.sbuf)
         nisa.dma_copy(dst=v_sb, src=v[t0 : t0 + n, :])
-        for g in range(hk):
-            row = row0
-            if g > 0:
-                row = nl.ndarray((n, 1), dtype=nl.int32, buffer=nl.sbuf)
-                nisa.tensor_scalar(dst=row, data=row0, op0=nl.add, operand0=float(g * bs))
-            for rows_view, src in ((k_rows, k_sb), (v_rows, v_sb)):
-                nisa.dma_copy(
-                    dst=rows_view.ap(pattern=[[d, n], [1, d]], vector_offset=row, indirect_dim=0),
-                    src=src[:, g * d : (g + 1) * d],
-                    oob_mode=nisa.oob_mode.skip,
-                )
+        scatter_kv_rows(k_cache, v_cache, k_sb, v_sb, row0, 0)
+
+
+def cache_rows(k_cache, slot_mapping, t0: int, n: int):
+    """[n, 1] int32 SBUF: the row of kv head 0 for slots ``slot_mapping[t0 : t0 + n]`` in a cache ``[NB, Hk, BS, D]``
+    viewed as rows ``[NB * Hk * BS, D]`` (Vector: block = slot >> log2(BS), offset = slot & (BS - 1), row = block *
+    Hk * BS + offset). A negative slot gives a row out of bounds (``_write_kv_cache``)."""
+    nb, hk, bs, d = k_cache.shape
+    slot = nl.ndarray((n, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=slot, src=slot_mapping[t0 : t0 + n])
+    block = nl.ndarray((n, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=block, data=slot, op0=nl.right_shift, operand0=bs.bit_length() - 1)
+    offset = nl.ndarray((n, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=offset, data=slot, op0=nl.bitwise_and, operand0=bs - 1)
+    row0 = nl.ndarray((n, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=row0, data=block, op0=nl.multiply, operand0=float(hk * bs))
+    nisa.tensor_tensor(dst=row0, data1=row0, data2=offset, op=nl.add)
+    return row0
+
+
+def scatter_kv_rows(k_cache, v_cache, k_sb, v_sb, row0, g0: int) -> None:
+    """Write ``k_sb, v_sb [n, heads * D]`` (SBUF, one token per partition, kv heads g0 .. g0 + heads - 1) at the rows
+    ``row0`` (``cache_rows``): one indirect-DMA scatter per kv head and tensor, out-of-bounds rows skipped."""
+    nb, hk, bs, d = k_cache.shape
+    n = k_sb.shape[0]
+    k_rows = k_cache.reshape((nb * hk * bs, d))
+    v_rows = v_cache.reshape((nb * hk * bs, d))
+    for j in range(k_sb.shape[1] // d):
+        g = g0 + j
+        row = row0
+        if g > 0:
+            row = nl.ndarray((n, 1), dtype=nl.int32, buffer=nl.sbuf)
+            nisa.tensor_scalar(dst=row, data=row0, op0=nl.add, operand0=float(g * bs))
+        for rows_view, src in ((k_rows, k_sb), (v_rows, v_sb)):
+            nisa.dma_copy(
+                dst=rows_view.ap(pattern=[[d, n], [1, d]], vector_offset=row, indirect_dim=0),
+                src=src[:, j * d : (j + 1) * d],
+                oob_mode=nisa.oob_mode.skip,
+            )
 
 
 class _SoftmaxState(nl.NKIObject):

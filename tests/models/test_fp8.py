@@ -33,6 +33,11 @@ CONFIGS = {
             "moe_intermediate_size": 128,
         },
     ),
+    # head_dim 128 (Qwen3-30B-A3B's): one FP8 block per head, where decode runs the fused attention block
+    "moe-head128": (
+        "qwen3_moe",
+        {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128},
+    ),
     "qwen3-dense": ("qwen3", None),
     "llama-dense": ("llama", {"tie_word_embeddings": True}),
 }
@@ -202,6 +207,28 @@ def test_fp8_models_match_hf_loading_the_same_checkpoint(name, kernels, make_mod
         assert "linear_fp8" in harness.model.opset.kernel_ops
         assert "moe_experts_fp8" in harness.model.opset.kernel_ops
     assert ours == gen.hf_greedy(model_dir, PROMPTS, NEW_TOKENS)
+
+
+def test_decode_steps_run_the_fused_attention_block_in_every_layer_after_the_first(make_model, monkeypatch):
+    """head_dim 128 under the emulator: each decode step runs ``attention_block_decode_fp8`` once per layer that has
+    a residual to add (all but the first), and the tokens are those of the ops one by one (torch)."""
+    from vllm_nki_moe.ops import fp8 as fp8_ops
+
+    model_dir = _model(make_model, "moe-head128")
+    launched = []
+    real_call = fp8_ops.call_kernel
+
+    def spy(backend, kernel, *args, **kwargs):
+        launched.append(getattr(kernel, "__name__", str(kernel)))
+        return real_call(backend, kernel, *args, **kwargs)
+
+    monkeypatch.setattr(fp8_ops, "call_kernel", spy)
+    new_tokens = 4
+    fused = gen.Harness(model_dir, "emulator").generate(PROMPTS[0], new_tokens).tokens
+    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    # the first token comes from the prefill step, each later one from a decode step
+    assert launched.count("attention_block_decode_fp8") == (new_tokens - 1) * (layers - 1)
+    assert fused == gen.Harness(model_dir, "torch").generate(PROMPTS[0], new_tokens).tokens
 
 
 def test_fp8_model_weighs_less_than_the_same_model_unquantized(make_model):

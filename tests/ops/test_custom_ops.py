@@ -35,7 +35,19 @@ def _inputs(name: str, g: torch.Generator) -> tuple:
         torch.stack([q for q, _ in w2_fp8]),
         torch.stack([ops.fp8.expand_cols(s, 0, I) for _, s in w2_fp8]),
     )
+    # the fused FP8 attention half: head_dim 128 (one FP8 block per head, where its kernel applies), 2 q heads
+    d128 = 128
+    block_caches = [torch.zeros(BLOCKS, KV_HEADS, BLOCK, d128) for _ in range(2)]
+    attention_block_fp8 = (
+        *(randn(2, H), randn(2, H), w, EPS),
+        *ops.fp8.quantize(0.1 * randn(4 * d128, H)),
+        *(randn(d128), randn(d128), torch.tensor([9, 0]), ops.rope.rope_cos_sin_cache(d128, 64, 1e6)),
+        *ops.fp8.quantize(0.1 * randn(H, 2 * d128)),
+        *block_caches,
+        *(torch.tensor([13, 20]), torch.tensor([[3, 2, 5], [5, 1, 0]]), torch.tensor([10, 1]), d128**-0.5),
+    )
     return {
+        "attention_block_fp8": attention_block_fp8,
         "rms_norm": (x, w, EPS),
         "fused_add_rms_norm": (x, randn(T, H), w, EPS),
         "linear": (x, randn(130, H)),  # N across no tile boundary but not a multiple of anything

@@ -38,6 +38,7 @@ from vllm.sequence import IntermediateTensors
 from vllm_nki_moe import envs, ops
 from vllm_nki_moe.models import weight_map
 from vllm_nki_moe.models.config import Qwen3MoeSizes, read_sizes
+from vllm_nki_moe.models.paged_attention import PagedAttention
 from vllm_nki_moe.ops.rope import rope_cos_sin_cache
 
 logger = logging.getLogger(__name__)
@@ -242,6 +243,43 @@ class Qwen3MoeAttention(nn.Module):
                 prefix=f"{prefix}.attn",
             )
         self.ops = opset
+        # FP8 projections and q/k norm, no bias: a decode step on our paged cache can be one op (decode_block)
+        self.fp8_block = quant_config is not None and self.qk_norm and not sizes.attention_bias
+        self.tp_size = tp_size
+
+    def decode_block(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor, norm: Qwen3MoeRMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The layer's residual add and input norm with this attention as one op (``attention_block_fp8``: a fused
+        kernel where the backend has one) in a decode step on our paged cache with FP8 projections; None where the
+        layer runs its ops one by one (prefill, vLLM's own ``Attention``, bf16 weights, Llama)."""
+        attn = self.attn
+        if not (self.fp8_block and isinstance(attn, PagedAttention) and attn.cache.step["phase"] == "decode"):
+            return None
+        step, qkv, o = attn.cache.step, self.qkv_proj, self.o_proj
+        out, residual = self.ops.attention_block_fp8(
+            hidden_states,
+            residual,
+            norm.weight,
+            norm.eps,
+            qkv.weight,
+            qkv.weight_scale_inv,
+            self.q_norm.weight,
+            self.k_norm.weight,
+            positions,
+            self.cos_sin_cache,
+            o.weight,
+            o.weight_scale_inv,
+            attn.cache.k[attn.layer],
+            attn.cache.v[attn.layer],
+            step["slot_mapping"],
+            step["block_tables"],
+            step["context_lens"],
+            attn.scale,
+        )
+        if self.tp_size > 1:  # what o_proj (RowParallelLinear) does after its matmul
+            out = tensor_model_parallel_all_reduce(out)
+        return out, residual
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
@@ -297,12 +335,17 @@ class Qwen3MoeDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
+        block = None
+        if residual is not None:  # the first layer has no residual add to fuse
+            block = self.self_attn.decode_block(positions, hidden_states, residual, self.input_layernorm)
+        if block is not None:
+            hidden_states, residual = block
+        elif residual is None:
             residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
+            hidden_states = self.self_attn(positions, self.input_layernorm(hidden_states))
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
+            hidden_states = self.self_attn(positions, hidden_states)
         if isinstance(self.mlp, Qwen3MoeSparseMoeBlock):  # norm + router + experts as one op
             return self.mlp(hidden_states, residual, self.post_attention_layernorm)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)

@@ -63,7 +63,7 @@ OP_NAMES = (
     "attention_decode",
 )
 # Ops built from the others, in order (each may use the ones before it); a kernel for one runs where it applies.
-COMPOSITE_OPS = ("router_gate_topk", "moe_block", "moe_block_fp8")
+COMPOSITE_OPS = ("router_gate_topk", "moe_block", "moe_block_fp8", "attention_block_fp8")
 assert set(SPECS) == set(OP_NAMES + COMPOSITE_OPS), sorted(SPECS)
 # The ops with a vLLM-CPU fast path (``ops.host``) and those implementations.
 HOST_FAST_OPS: dict[str, Callable] = {name: spec.host for name, spec in SPECS.items() if spec.host is not None}
@@ -90,6 +90,7 @@ class OpSet:
     router_gate_topk: Callable  # composite: see router.router_gate_topk_sequence
     moe_block: Callable  # composite: see moe.moe_block_sequence
     moe_block_fp8: Callable  # composite: see fp8.moe_block_fp8_sequence
+    attention_block_fp8: Callable  # composite: see fp8.attention_block_fp8_sequence (decode, paged cache)
     kernel_ops: tuple[str, ...] = ()  # which ops run an NKI kernel under this backend
     # op name -> the in-place conversion of its weights to the layout its bound implementation reads (OpSpec.weights)
     weight_preparers: dict[str, Callable] = field(default_factory=dict, repr=False, compare=False)

@@ -246,6 +246,48 @@ def moe_block_fp8_sequence(impls: dict[str, Callable]) -> Callable:
     return moe_block_fp8
 
 
+def attention_block_fp8_sequence(impls: dict[str, Callable]) -> Callable:
+    """The decoder layer's attention half in a decode step with FP8 projections, as the model runs it op by op:
+    residual add + RMSNorm, q/k/v (``linear_fp8``), q/k norm + RoPE, ``attention_decode`` (writing the new K/V into
+    the paged caches), o (``linear_fp8``). ``attention_block_fp8(hidden [T, H], residual [T, H], norm_weight [H], eps,
+    qkv_weight, qkv_scale_inv, q_norm_weight [D], k_norm_weight [D], positions [T], cos_sin_cache [P, D], o_weight,
+    o_scale_inv, k_cache, v_cache, slot_mapping [T], block_tables [T, MB], context_lens [T], scale) -> (this rank's
+    o projection [T, H] before the all-reduce, new residual [T, H])``; D = head_dim = k_cache.shape[-1], eps every
+    RMSNorm's. A backend with the fused kernel (``attention_block_decode_fp8``) runs it where it applies."""
+    add_norm, linear, norm_rope = impls["fused_add_rms_norm"], impls["linear_fp8"], impls["qk_norm_rope"]
+    attend = impls["attention_decode"]
+
+    def attention_block_fp8(
+        hidden: torch.Tensor,
+        residual: torch.Tensor,
+        norm_weight: torch.Tensor,
+        eps: float,
+        qkv_weight: torch.Tensor,
+        qkv_scale_inv: torch.Tensor,
+        q_norm_weight: torch.Tensor,
+        k_norm_weight: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        o_weight: torch.Tensor,
+        o_scale_inv: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual = add_norm(hidden, residual, norm_weight, eps)
+        d = k_cache.shape[-1]
+        kv = k_cache.shape[1] * d
+        q, k, v = linear(x, qkv_weight, qkv_scale_inv).split([qkv_weight.shape[0] - 2 * kv, kv, kv], dim=-1)
+        q, k = norm_rope(q, k, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, d)
+        attn = attend(q, k, v.contiguous(), k_cache, v_cache, slot_mapping, block_tables, context_lens, scale)
+        return linear(attn, o_weight, o_scale_inv), residual
+
+    return attention_block_fp8
+
+
 def _is_linear_kernel_layout(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.uint8  # trn2 FP8 bytes (linear_fp8.linear_fp8_kernel_layout)
 
@@ -333,6 +375,99 @@ def _moe_block_fp8_kernel(
     )
 
 
+def _attention_block_fp8_supports(
+    hidden,
+    residual,
+    norm_weight,
+    eps,
+    qkv_weight,
+    qkv_scale_inv,
+    q_norm_weight,
+    k_norm_weight,
+    positions,
+    cos_sin_cache,
+    o_weight,
+    o_scale_inv,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    block_tables,
+    context_lens,
+    scale,
+) -> str | None:
+    """Where the fused attention half applies (kernels/attention_block.py, "Limits"); elsewhere
+    ``attention_block_fp8`` runs as separate ops (not an error)."""
+    kernel, limits = load_kernels("attention_block"), load_kernels("limits")
+    if hidden.dtype not in KERNEL_DTYPES or hidden.dim() != 2 or residual.shape != hidden.shape:
+        return f"hidden {tuple(hidden.shape)} {hidden.dtype}; the fused block takes [T, H] bfloat16 or float32"
+    tokens, H = hidden.shape
+    if H % BLOCK:
+        return f"H={H}; the fused block needs a multiple of {BLOCK}"
+    if k_cache.dim() != 4 or k_cache.shape[-1] != kernel.HEAD_DIM or k_cache.dtype != hidden.dtype:
+        return f"k_cache {tuple(k_cache.shape)} {k_cache.dtype}; the fused block needs head_dim {kernel.HEAD_DIM}"
+    heads = o_weight.shape[1] // kernel.HEAD_DIM
+    most = min(limits.PMAX, limits.PSUM_BANK_FMAX // max(H // BLOCK, heads))
+    if not 1 <= tokens <= most:
+        return f"T={tokens}; the fused block takes 1..{most} tokens here"
+    decode = load_kernels("attention_decode")
+    if 2 * k_cache.shape[2] * kernel.HEAD_DIM * hidden.element_size() > decode.KV_TILE_SBUF_BYTES:
+        return f"block_size={k_cache.shape[2]}: K/V block tiles exceed {decode.KV_TILE_SBUF_BYTES} B"
+    if heads // k_cache.shape[1] > decode.MAX_QUERY_GROUP:
+        return f"q heads per kv head={heads // k_cache.shape[1]}; at most {decode.MAX_QUERY_GROUP}"
+    return None
+
+
+def _attention_block_fp8_kernel(
+    backend,
+    hidden,
+    residual,
+    norm_weight,
+    eps,
+    qkv_weight,
+    qkv_scale_inv,
+    q_norm_weight,
+    k_norm_weight,
+    positions,
+    cos_sin_cache,
+    o_weight,
+    o_scale_inv,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    block_tables,
+    context_lens,
+    scale,
+):
+    layout = load_kernels("linear_fp8").linear_fp8_kernel_layout
+    qkv, o = (qkv_weight, qkv_scale_inv), (o_weight, o_scale_inv)
+    if not _is_linear_kernel_layout(qkv_weight):  # tools and tests hand model-layout weights: converted once
+        qkv, o = _kernel_weights.get(layout, *qkv), _kernel_weights.get(layout, *o)
+    ints = [t.to(torch.int32).contiguous() for t in (positions, slot_mapping, block_tables, context_lens)]
+    out, r, k_new, v_new = call_kernel(
+        backend,
+        load_kernels("attention_block").attention_block_decode_fp8,
+        hidden.contiguous(),
+        residual.contiguous(),
+        norm_weight.contiguous(),
+        *qkv,
+        q_norm_weight.contiguous(),
+        k_norm_weight.contiguous(),
+        ints[0],
+        cos_sin_cache.float().contiguous(),
+        *o,
+        k_cache,
+        v_cache,
+        *ints[1:],
+        float(eps),
+        float(scale),
+        grid=launch_grid(backend),  # query heads split over the physical cores (kernels/attention_block.py, "Grid")
+    )
+    for cache, returned in ((k_cache, k_new), (v_cache, v_new)):
+        if returned.data_ptr() != cache.data_ptr():  # new tensors under the emulator (ops.attention, module docstring)
+            cache.copy_(returned)
+    return out, r
+
+
 def _no_host_layout(*weights: torch.Tensor) -> None:
     """The torch backend reads the model's layout."""
 
@@ -355,5 +490,10 @@ SPECS = (
         "moe_block_fp8",
         kernel=KernelImpl(_moe_block_fp8_kernel, _moe_block_fp8_supports),
         compose=moe_block_fp8_sequence,
+    ),
+    OpSpec(
+        "attention_block_fp8",
+        kernel=KernelImpl(_attention_block_fp8_kernel, _attention_block_fp8_supports),
+        compose=attention_block_fp8_sequence,
     ),
 )

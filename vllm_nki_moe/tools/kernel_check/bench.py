@@ -78,7 +78,7 @@ def step_cost(
     per_layer = sum((r.estimated_seconds or 0.0) * r.calls_per_layer for r in counted)
     per_step = sum((r.estimated_seconds or 0.0) * r.calls_per_step for r in counted)
     kernels_seconds = per_layer * shapes.layers + per_step
-    covered = {part for part in KERNEL_PARTS if any(part in r.kernel for r in counted)}
+    covered = {part for part in KERNEL_PARTS if any(part in r.kernel or part in r.covers for r in counted)}
     calls = sum(r.calls_per_layer for r in counted) * shapes.layers + sum(r.calls_per_step for r in counted)
     rest = rest_of_step(shapes, tokens, covered, calls)
     step_seconds = kernels_seconds + sum(p.step_seconds for p in rest)

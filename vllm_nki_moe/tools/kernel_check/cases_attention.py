@@ -22,8 +22,10 @@ from nki_emulator import install
 
 install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
 
-from vllm_nki_moe.kernels import attention_decode as decode_kernel  # noqa: E402 - after install()
+from vllm_nki_moe.kernels import attention_block as block_kernel  # noqa: E402 - after install()
+from vllm_nki_moe.kernels import attention_decode as decode_kernel  # noqa: E402
 from vllm_nki_moe.kernels import attention_prefill as prefill_kernel  # noqa: E402
+from vllm_nki_moe.kernels import linear_fp8  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.registry import KernelCase  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.tolerances import dtype_key  # noqa: E402
@@ -126,10 +128,81 @@ def _decode_case(s: KernelShapes, B: int, context: int, counted: bool) -> Kernel
     )
 
 
+def attention_block_applies(s: KernelShapes, tokens: int) -> bool:
+    """Whether a decode step of ``tokens`` sequences runs the attention half as ``attention_block_decode_fp8`` (the
+    model's ``attention_block_fp8`` op where its kernel applies, ``ops.fp8._attention_block_fp8_supports``): FP8
+    projections, q/k norm, head_dim 128, few enough tokens. The step then counts it in place of the fused add +
+    norm, q/k/v, q/k norm + RoPE, attention and o kernels (the first layer, with no residual to add, runs those; the
+    step counts the fused block there too)."""
+    most = min(128, 512 // max(s.hidden // 128, s.q_heads))
+    return s.fp8 and s.qk_norm and s.head_dim == block_kernel.HEAD_DIM and s.hidden % 128 == 0 and tokens <= most
+
+
+def _block_case(s: KernelShapes, B: int, context: int) -> KernelCase:
+    """``attention_block_decode_fp8``: B sequences of ``context`` tokens, FP8 q/k/v and o."""
+    from vllm_nki_moe.ops import fp8
+    from vllm_nki_moe.ops.rope import rope_cos_sin_cache
+
+    dt, hq, hk, d, H = s.torch_dtype, s.q_heads, s.kv_heads, s.head_dim, s.hidden
+    item = dt.itemsize
+    blocks = -(-context // BLOCK_SIZE)
+    positions = min(s.max_positions, 1 << 16)
+
+    def inputs(rng: np.random.Generator) -> tuple:
+        k_cache, v_cache, tables = _shuffled_cache(rng, s, [blocks] * B)
+        last = context - 1
+        slots = (tables[:, last // BLOCK_SIZE].long() * BLOCK_SIZE + last % BLOCK_SIZE).to(torch.int32)
+        hidden, residual = _randn(rng, (B, H), dt), _randn(rng, (B, H), dt)
+        gamma, q_norm, k_norm = (1 + 0.1 * _randn(rng, (n,), dt) for n in (H, d, d))
+        qkv = linear_fp8.linear_fp8_kernel_layout(*fp8.quantize(_randn(rng, ((hq + 2 * hk) * d, H), dt) * H**-0.5))
+        o = linear_fp8.linear_fp8_kernel_layout(*fp8.quantize(_randn(rng, (H, hq * d), dt) * (hq * d) ** -0.5))
+        pos = torch.full((B,), last, dtype=torch.int32)
+        lens = torch.full((B,), context, dtype=torch.int32)
+        cos_sin = rope_cos_sin_cache(d, positions, s.rope_theta)
+        return (
+            hidden,
+            residual,
+            gamma,
+            *qkv,
+            q_norm,
+            k_norm,
+            pos,
+            cos_sin,
+            *o,
+            k_cache,
+            v_cache,
+            slots,
+            tables,
+            lens,
+            s.rms_eps,
+            d**-0.5,
+        )
+
+    weights = ((hq + 2 * hk) * d * H + H * hq * d) + 4 * ((hq + 2 * hk) + hq) * (H // 128)  # FP8 bytes + scales
+    kv_read = 2 * B * context * hk * d * item
+    return KernelCase(
+        kernel="attention_block_decode_fp8",
+        shapes=f"B={B} ctx={context} H={H} q={hq}x{d} kv={hk} fp8/{_DT_NAMES[s.dtype]}",
+        build_inputs=inputs,
+        kernel_fn=block_kernel.attention_block_decode_fp8,
+        reference=block_kernel.attention_block_fp8_ref,
+        tolerance=_tolerance(dt),
+        # + hidden and residual read, out and r written, the new K/V written, the norm weights
+        min_hbm_bytes=weights + kv_read + 4 * B * H * item + 2 * B * hk * d * item + (H + 2 * d) * item,
+        calls_per_layer=1 if attention_block_applies(s, B) else 0,
+        lnc_grid=True,  # the query heads split over the programs (kernels/attention_block.py, "Grid")
+        phase="decode",
+        covers=("qkv_proj", "o_proj"),
+    )
+
+
 def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
     out = [_prefill_case(shapes, tokens)]
     if tokens <= MAX_DECODE_BATCH:
-        out.append(_decode_case(shapes, tokens, shapes.context_len, counted=True))
+        counted = not attention_block_applies(shapes, tokens)
+        out.append(_decode_case(shapes, tokens, shapes.context_len, counted=counted))
+        if shapes.head_dim == block_kernel.HEAD_DIM and shapes.hidden % 128 == 0:
+            out.append(_block_case(shapes, tokens, shapes.context_len))
         if shapes.context_len != LONG_CONTEXT:
             out.append(_decode_case(shapes, tokens, LONG_CONTEXT, counted=False))
     return out

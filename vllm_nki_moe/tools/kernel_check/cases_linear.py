@@ -22,6 +22,7 @@ install()  # `import nki` in the kernels: the emulator unless the real package i
 
 from vllm_nki_moe.kernels import linear, linear_fp8, silu_mul  # noqa: E402 - after install()
 from vllm_nki_moe.ops.moe import silu_mul as silu_mul_ref  # noqa: E402
+from vllm_nki_moe.tools.kernel_check.cases_attention import attention_block_applies  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.registry import KernelCase  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes  # noqa: E402
 
@@ -104,9 +105,10 @@ def _silu_mul_case(shapes: KernelShapes, rows: int, per_layer: int, per_step: in
 def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
     s = shapes
     h, d = s.hidden, s.head_dim
+    attention = 0 if attention_block_applies(s, tokens) else 1  # q/k/v and o inside attention_block_decode_fp8
     out = [
-        *_projection("qkv_proj", s, tokens, h, (s.q_heads + 2 * s.kv_heads) * d, 1, 0),
-        *_projection("o_proj", s, tokens, s.q_heads * d, h, 1, 0),
+        *_projection("qkv_proj", s, tokens, h, (s.q_heads + 2 * s.kv_heads) * d, attention, 0),
+        *_projection("o_proj", s, tokens, s.q_heads * d, h, attention, 0),
     ]
     dense_layers = s.layers - s.moe_layers
     if dense_layers and s.intermediate:

@@ -22,6 +22,7 @@ install()  # `import nki` in the kernels: the emulator unless the real package i
 from vllm_nki_moe.kernels import rmsnorm, rope  # noqa: E402 - after install()
 from vllm_nki_moe.ops.moe import fused_block_applies  # noqa: E402
 from vllm_nki_moe.ops.rope import rope_cos_sin_cache  # noqa: E402
+from vllm_nki_moe.tools.kernel_check.cases_attention import attention_block_applies  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.registry import KernelCase  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.tolerances import dtype_key  # noqa: E402
@@ -67,7 +68,8 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             reference=rmsnorm.fused_add_rms_norm_ref,
             tolerance=dtype_key(dt),
             min_hbm_bytes=4 * T * H * item + H * item,
-            calls_per_layer=1 if fused_block_applies(T, s.top_k, s.experts) else 2,
+            # the MoE block's fused norm and the FP8 attention block's each take one
+            calls_per_layer=(1 if fused_block_applies(T, s.top_k, s.experts) else 2) - attention_block_applies(s, T),
         ),
     ]
     if s.qk_norm:  # as separate norms (counted inside qk_norm_rope in the model)
@@ -97,7 +99,7 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             tolerance=dtype_key(dt),
             # as rope, plus the two weights
             min_hbm_bytes=2 * T * (s.q_heads + s.kv_heads) * D * item + T * 4 + T * D * 4 + 2 * D * item,
-            calls_per_layer=1 if s.qk_norm else 0,
+            calls_per_layer=1 if s.qk_norm and not attention_block_applies(s, T) else 0,
         )
     )
     out.append(

@@ -69,6 +69,7 @@ class KernelCase:
     lnc_grid: bool = False
     phase: str = "any"
     unsupported: str | None = None
+    covers: tuple[str, ...] = ()  # step parts (bench.KERNEL_PARTS) this kernel does, besides any in its name
 
     def __post_init__(self) -> None:
         if self.tolerance not in TOLERANCES:

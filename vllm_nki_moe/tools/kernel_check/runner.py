@@ -39,6 +39,7 @@ class CheckRow:
     phase: str = "any"
     oldest_nki: str | None = None  # the oldest NKI release whose language rules the kernel's source passes
     engine_bound_seconds: float | None = None  # the busiest engine's work: the estimate with perfect overlap
+    covers: tuple[str, ...] = ()  # KernelCase.covers
 
     @property
     def roofline_pct(self) -> float | None:
@@ -113,6 +114,7 @@ def run_case(case: KernelCase, backend: str = "emulator", seed: int = SEED, lnc:
         lnc_grid=case.lnc_grid,
         phase=case.phase,
         oldest_nki=oldest_nki_release(case.kernel_fn),
+        covers=case.covers,
     )
     nan = float("nan")
     if case.unsupported:

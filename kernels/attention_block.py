@@ -1,0 +1,388 @@
+"""The decode attention half of a Qwen3 decoder layer with block-scaled FP8 projections, in one kernel: residual add
+and RMSNorm, the q/k/v projection, per-head q/k RMSNorm and neox RoPE, the new K/V written to the paged cache,
+attention over each sequence's context, and the o projection (this rank's partial sum, before the all-reduce).
+
+At batch 1 the six kernels this replaces each spend most of their time waiting on their first DMA and on a
+dependency chain a few instructions long; here the projection weights (FP8, the bulk of the bytes) are all requested
+at the start, so their transfer overlaps the norm, the attention and the chain between them.
+
+Layout: feature on partitions throughout. The FP8 projections keep ``linear_fp8``'s decode form (FP8 tile
+stationary, the token moving, one PSUM column per hidden block times its scale), so each head of q/k/v comes out as
+``[D, T]`` (head_dim on partitions, one column per token); with D = 128 one output block is exactly one head.
+In that layout:
+
+- q/k RMSNorm sums over partitions with a ones-matrix matmul (``moe_block.normalise``, one column per (token, head));
+- RoPE's rotate-half is a signed permutation of the partitions: a ``[D, D]`` matrix of -1/+1 as stationary operand
+  (exact: one non-zero term per output), then x * cos + rotate_half(x) * sin with cos/sin ``[D, T]`` (the cache
+  rows gathered by position, arranged as [cos, cos] and [-sin, sin], transposed by the Tensor Engine);
+- a sequence's query heads of one kv head are the ``[D, G]`` columns ``attention_decode`` takes as Q^T;
+- the attention output ``[G, D]`` transposed is the o projection's moving operand, its hidden tile = its head.
+
+Numerics follow the model's op sequence (``attention_block_fp8_ref``): rounded to the activation dtype where the
+ops round (x + residual, the normalised x, each projection's output, q/k norms, RoPE's products and sums, the
+attention output); FP8 blocks as ``linear_fp8``'s decode form (fp32 PSUM column x block scale, summed in fp32).
+
+Grid (LNC=2): the query heads are split between the programs; each computes the kv heads its query heads use
+(k and v twice when both programs share one kv head, as at Qwen3-30B-A3B TP 4: 256 KiB more FP8 per program instead
+of an exchange between the cores before attention), writes their K/V to the cache (the same bytes when shared),
+attends for its query heads and multiplies its heads' columns of the o weight; the partial sums meet by
+``sendrecv`` and each program stores half of the hidden tiles.
+"""
+
+import nki
+import nki.isa as nisa
+import nki.language as nl
+import torch
+
+from .attention_decode import KV_TILE_SBUF_BYTES, MAX_QUERY_GROUP, _PositionTiles, attend_cached, attention_decode_ref
+from .attention_prefill import cache_rows, check_cache, scatter_kv_rows
+from .grid import program_share
+from .limits import PMAX, PSUM_BANK_FMAX, require
+from .linear_fp8 import linear_fp8_ref
+from .moe_block import normalise
+from .moe_common import DTYPES, store_tile_major, tile_major
+from .rmsnorm import fused_add_rms_norm_ref
+from .rope import _gather_cos_sin, qk_norm_rope_ref
+from .views import sbuf_view
+
+HEAD_DIM = PMAX  # one FP8 scale block per head: the kernel's layout needs D = 128 (Qwen3's head_dim)
+
+
+@nki.jit
+def attention_block_decode_fp8(
+    hidden,
+    residual,
+    gamma,
+    qkv_weight,
+    qkv_scale,
+    q_norm_weight,
+    k_norm_weight,
+    positions,
+    cos_sin_cache,
+    o_weight,
+    o_scale,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    block_tables,
+    context_lens,
+    eps,
+    scale,
+):
+    """Residual add, RMSNorm, FP8 q/k/v, q/k norm, RoPE, KV-cache write, decode attention and FP8 o for T tokens,
+    each the one new token of its sequence.
+
+    Dimensions: T tokens (sequences), H = KT * 128 hidden, Hq / Hk query / kv heads of this rank (G = Hq / Hk),
+    D = 128 head_dim, NB cache blocks of BS tokens, MB blocks per sequence.
+
+    Args:    hidden, residual [T, H] bf16|fp32 HBM (the previous layer's output and the residual stream);
+             gamma [H] (input_layernorm), q_norm_weight, k_norm_weight [D], hidden's dtype;
+             qkv_weight [(Hq + 2 Hk) * D, H] uint8, qkv_scale [Hq + 2 Hk, KT] fp32: the fused q/k/v projection in
+             ``linear_fp8``'s kernel layout (block nb = head nb: q heads, then k, then v);
+             positions [T] int32; cos_sin_cache [P, D] fp32 (cos | sin halves);
+             o_weight [H, Hq * D] uint8, o_scale [KT, Hq] fp32: the o projection in ``linear_fp8``'s layout;
+             k_cache, v_cache [NB, Hk, BS, D] hidden's dtype (vLLM's HND layout), updated in place and returned;
+             slot_mapping [T], block_tables [T, MB], context_lens [T] int32 (as ``attention_decode``);
+             eps float (every RMSNorm of the layer); scale float (softmax scale).
+    Returns: (out [T, H] the o projection's partial sum, r [T, H] = hidden + residual, k_cache, v_cache); out and r
+             in hidden's dtype, nl.shared_hbm.
+    Tiling:  first every DMA whose address is known: this program's q/k/v weight blocks [128, KT, D] (one each) and
+             scale rows, its o weight columns [128, heads, 128] per hidden tile and their scales, hidden and residual
+             as [128, T, KT] (h = kt * 128 + p), gamma, the norm weights, the cos/sin rows by position.
+             Vector: r = hidden + residual (stored), x = RMSNorm(r) (``normalise``). Per head block: Tensor: KT FP8
+             GEMVs into PSUM [D, T, KT]; Vector: x scales, summed over kt, rounded. q/k norms by ``normalise`` over
+             [D, T * heads] columns; RoPE: Tensor rotate-half matmul, Vector 3 ops. K/V: Tensor transposes to
+             [T, D] rows, indirect-DMA scatter to the slots. Per sequence and kv head: ``attend_cached`` (gathers
+             the blocks, online softmax), the output [G', D] transposed to [D, G'] columns. o: per hidden tile,
+             Tensor GEMVs over this program's heads, Vector scales and sum; partial sums over the programs
+             (``store_tile_major``).
+    Grid:    ``attention_block_decode_fp8[g]``: query heads split by ``program_share``; module docstring.
+    Limits:  1 <= T <= 512 // max(KT, Hq); H a multiple of 128; D = 128; G <= 128; BS a power of two with the K/V
+             tiles of ``attention_decode``; one float dtype for activations, weights and caches.
+    """
+    where = "attention_block_decode_fp8"
+    require(len(hidden.shape) == 2, where, f"hidden.shape={tuple(hidden.shape)}; must be [T, H]")
+    T, H = hidden.shape
+    dt = hidden.dtype
+    require(dt in DTYPES, where, f"hidden.dtype={dt}; must be bfloat16 or float32")
+    require(H % PMAX == 0, where, f"H={H}; must be a multiple of {PMAX} (one scale block per hidden tile)")
+    KT = H // PMAX
+    for name, t, shape in (("residual", residual, (T, H)), ("gamma", gamma, (H,))):
+        require(
+            tuple(t.shape) == shape and t.dtype == dt, where, f"{name} {tuple(t.shape)} {t.dtype}; must be {shape} {dt}"
+        )
+    require(1 <= T <= PMAX, where, f"T={T}; must be 1..{PMAX} (one token per partition where rows are transposed)")
+    nb, hk, bs, d = check_cache(where, k_cache, v_cache, slot_mapping, T)
+    require(d == HEAD_DIM, where, f"head_dim={d}; must be {HEAD_DIM} (one FP8 scale block per head)")
+    require(k_cache.dtype == dt, where, f"k_cache dtype={k_cache.dtype}; must be hidden's {dt}")
+    require(
+        len(qkv_weight.shape) == 2 and qkv_weight.shape[1] == H and qkv_weight.dtype == nl.uint8,
+        where,
+        f"qkv_weight {tuple(qkv_weight.shape)} {qkv_weight.dtype}; must be uint8 [(Hq + 2 Hk) * {d}, {H}]",
+    )
+    hq = qkv_weight.shape[0] // d - 2 * hk
+    require(
+        hq >= 1 and qkv_weight.shape[0] == (hq + 2 * hk) * d and hq % hk == 0,
+        where,
+        f"qkv_weight rows={qkv_weight.shape[0]}, kv heads={hk}: must be (Hq + 2 * {hk}) * {d} with Hq a multiple of "
+        f"{hk}",
+    )
+    group = hq // hk
+    require(group <= MAX_QUERY_GROUP, where, f"q heads per kv head={group}; must be <= {MAX_QUERY_GROUP}")
+    require(
+        T <= PSUM_BANK_FMAX // max(KT, hq),
+        where,
+        f"T={T}; at most {PSUM_BANK_FMAX // max(KT, hq)} tokens (a token's PSUM columns of every hidden tile and "
+        "head fit one bank)",
+    )
+    checks = (
+        ("qkv_scale", qkv_scale, (hq + 2 * hk, KT), nl.float32),
+        ("o_weight", o_weight, (H, hq * d), nl.uint8),
+        ("o_scale", o_scale, (KT, hq), nl.float32),
+        ("q_norm_weight", q_norm_weight, (d,), dt),
+        ("k_norm_weight", k_norm_weight, (d,), dt),
+        ("positions", positions, (T,), nl.int32),
+        ("context_lens", context_lens, (T,), nl.int32),
+    )
+    for name, t, shape, dtype in checks:
+        require(
+            tuple(t.shape) == shape and t.dtype == dtype,
+            where,
+            f"{name} {tuple(t.shape)} {t.dtype}; must be {shape} {dtype}",
+        )
+    require(
+        len(block_tables.shape) == 2 and block_tables.shape[0] == T and block_tables.dtype == nl.int32,
+        where,
+        f"block_tables {tuple(block_tables.shape)} {block_tables.dtype}; must be int32 [{T}, max_blocks]",
+    )
+    require(
+        len(cos_sin_cache.shape) == 2 and cos_sin_cache.shape[1] == d,
+        where,
+        f"cos_sin_cache.shape={tuple(cos_sin_cache.shape)}; must be [positions, {d}]",
+    )
+    tile_bytes = 2 * bs * d * (4 if dt == nl.float32 else 2)
+    require(
+        tile_bytes <= KV_TILE_SBUF_BYTES,
+        where,
+        f"block_size={bs}: K/V block tiles need {tile_bytes} B per partition; must be <= {KV_TILE_SBUF_BYTES}",
+    )
+
+    out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
+    r_out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
+    # This program's query heads [h0, h1) and the kv heads they read [g0, g1).
+    h0, h1 = program_share(hq)
+    nq = h1 - h0
+    g0, g1 = h0 // group, (h1 - 1) // group + 1
+    nk = g1 - g0
+
+    # ---- the small inputs first, then this program's q/k/v weight blocks: they stream while the norm computes ----
+    r_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
+    nisa.dma_copy(dst=r_sb, src=tile_major(hidden, T, KT))
+    res_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
+    nisa.dma_copy(dst=res_sb, src=tile_major(residual, T, KT))
+    gamma_sb = nl.ndarray((PMAX, KT), dtype=dt, buffer=nl.sbuf)
+    nisa.dma_copy(dst=gamma_sb, src=gamma.ap([[1, PMAX], [PMAX, KT]], offset=0))
+    qn_sb = nl.ndarray((d, 1), dtype=dt, buffer=nl.sbuf)
+    nisa.dma_copy(dst=qn_sb, src=q_norm_weight.ap([[1, d], [1, 1]], offset=0))
+    kn_sb = nl.ndarray((d, 1), dtype=dt, buffer=nl.sbuf)
+    nisa.dma_copy(dst=kn_sb, src=k_norm_weight.ap([[1, d], [1, 1]], offset=0))
+    cos_t, sin_t = _rope_columns(cos_sin_cache, positions, T, dt)
+    rotate = _rotate_half_matrix(d, dt)
+    w8 = qkv_weight.view(nl.float8_e4m3)
+    blocks = [h for h in range(h0, h1)] + [hq + g for g in range(g0, g1)] + [hq + hk + g for g in range(g0, g1)]
+    qkv_w = []
+    for blk in blocks:
+        w_sb = nl.ndarray((PMAX, KT, d), dtype=nl.float8_e4m3, buffer=nl.sbuf)
+        nisa.dma_copy(dst=w_sb, src=w8.ap([[KT * d, PMAX], [d, KT], [1, d]], offset=blk * d * H))
+        s_sb = nl.ndarray((d, T, KT), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=s_sb, src=qkv_scale.ap([[0, d], [0, T], [1, KT]], offset=blk * KT))
+        qkv_w.append((_widened(w_sb, dt), s_sb))
+
+    # ---- residual add and RMSNorm (hidden split h = kt * 128 + p: the FP8 blocks' split) ----
+    nisa.tensor_tensor(dst=r_sb, data1=r_sb, data2=res_sb, op=nl.add)  # rounded as the model's x + residual
+    store_tile_major(r_out, r_sb, T, KT, False)
+    x_sb = normalise(r_sb, gamma_sb, eps, H, T)
+
+    # ---- q/k/v: one head per FP8 block, [D, T] each; columns (t, head) so a sequence's heads are contiguous ----
+    q_cols = nl.ndarray((d, T * nq, 1), dtype=dt, buffer=nl.sbuf)
+    k_cols = nl.ndarray((d, T * nk, 1), dtype=dt, buffer=nl.sbuf)
+    v_cols = nl.ndarray((d, T * nk, 1), dtype=dt, buffer=nl.sbuf)
+    targets = [(q_cols, j, nq) for j in range(nq)] + [(t, j, nk) for t in (k_cols, v_cols) for j in range(nk)]
+    for (dst, j, heads), (w_mm, s_sb) in zip(targets, qkv_w):
+        _project_head(dst, j, heads, x_sb, w_mm, s_sb, T, KT)
+
+    # ---- q/k RMSNorm per (token, head) column, then RoPE ----
+    q_rot = _norm_rope(q_cols, qn_sb, eps, cos_t, sin_t, rotate, T, nq)
+    k_rot = _norm_rope(k_cols, kn_sb, eps, cos_t, sin_t, rotate, T, nk)
+
+    # ---- the new K/V to their slots (rows [T, D] per kv head), then attention per sequence and kv head ----
+    k_rows = _columns_to_rows(k_rot, T, nk, dt)
+    v_rows = _columns_to_rows(v_cols, T, nk, dt)
+    row0 = cache_rows(k_cache, slot_mapping, 0, T)
+    scatter_kv_rows(k_cache, v_cache, k_rows, v_rows, row0, g0)
+
+    o_cols = nl.ndarray((d, T * nq), dtype=dt, buffer=nl.sbuf)  # attention output: column t * nq + j = head h0 + j
+    for g in range(g0, g1):
+        a0, a1 = max(h0, g * group), min(h1, (g + 1) * group)  # this program's query heads of kv head g
+        width = a1 - a0
+        positions_cache = _PositionTiles(width)
+        for b in range(T):
+            ctx_len = nl.ndarray((width, 1), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(dst=ctx_len, src=context_lens.ap(pattern=[[0, width], [1, 1]], offset=b))
+            c0 = b * nq + a0 - h0
+            q_t = q_rot[:, c0 : c0 + width]
+            o = attend_cached(q_t, k_cache, v_cache, block_tables, b, g, ctx_len, positions_cache, scale, dt)
+            o_t = nl.ndarray((d, width), dtype=dt, buffer=nl.psum)
+            nisa.nc_transpose(dst=o_t, data=o)
+            nisa.tensor_copy(dst=o_cols[:, c0 : c0 + width], src=o_t)
+
+    # ---- o projection: this program's heads' columns of every hidden tile, summed over the programs ----
+    o8 = o_weight.view(nl.float8_e4m3)
+    acc = nl.ndarray((PMAX, T, KT), dtype=nl.float32, buffer=nl.sbuf)
+    for kt in range(KT):  # hidden tile kt of the output; weight [128 (d), nq heads, 128 (h)]
+        w_sb = nl.ndarray((d, nq, PMAX), dtype=nl.float8_e4m3, buffer=nl.sbuf)
+        src = o8.ap([[hq * PMAX, d], [PMAX, nq], [1, PMAX]], offset=kt * PMAX * hq * d + h0 * PMAX)
+        nisa.dma_copy(dst=w_sb, src=src)
+        s_sb = nl.ndarray((PMAX, T, nq), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=s_sb, src=o_scale.ap([[0, PMAX], [0, T], [1, nq]], offset=kt * hq + h0))
+        w_mm = _widened(w_sb, dt)
+        cols = nl.ndarray((PMAX, T, nq), dtype=nl.float32, buffer=nl.psum)
+        for j in range(nq):
+            nisa.nc_matmul(dst=cols[:, :, j], stationary=w_mm[:, j, :], moving=sbuf_view(o_cols, [[nq, T]], offset=j))
+        scaled = nl.ndarray((PMAX, T, nq), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=scaled, data1=cols, data2=s_sb, op=nl.multiply)
+        nisa.tensor_reduce(dst=acc[:, :, kt], op=nl.add, data=scaled, axis=2)
+    store_tile_major(out, acc, T, KT, True)
+    return out, r_out, k_cache, v_cache
+
+
+def _widened(w_sb, dt):
+    """The FP8 tile as the Tensor Engine takes it with ``dt`` activations: as is for bf16, widened to fp32 (exact)
+    for fp32 activations, which cannot meet FP8 operands."""
+    if dt != nl.float32:
+        return w_sb
+    wide = nl.ndarray(w_sb.shape, dtype=dt, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=wide, src=w_sb)
+    return wide
+
+
+def _project_head(dst, j: int, heads: int, x_sb, w_sb, s_sb, T: int, KT: int) -> None:
+    """Column j of every token of ``dst [D, T * heads, 1]`` = one FP8 output block of x: Tensor KT GEMVs (FP8
+    stationary [128, D], x[:, :, kt] moving [128, T]) into PSUM [D, T, KT]; Vector: times the block scales, summed
+    over kt in fp32, rounded to dst's dtype."""
+    d = w_sb.shape[2]
+    cols = nl.ndarray((d, T, KT), dtype=nl.float32, buffer=nl.psum)
+    for kt in range(KT):
+        nisa.nc_matmul(dst=cols[:, :, kt], stationary=w_sb[:, kt, :], moving=x_sb[:, :, kt])
+    scaled = nl.ndarray((d, T, KT), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=scaled, data1=cols, data2=s_sb, op=nl.multiply)
+    acc = nl.ndarray((d, T), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=acc, op=nl.add, data=scaled, axis=2)
+    nisa.tensor_copy(dst=sbuf_view(dst, [[heads, T]], offset=j), src=acc)
+
+
+def _rope_columns(cos_sin_cache, positions, T: int, dt):
+    """(cos [D, T], sin [D, T]) in ``dt``: column t is [cos, cos] and [-sin, sin] of positions[t]'s cache row, so
+    that RoPE is x * cos + rotate_half'(x) * sin with rotate_half'(x) = [x2, x1] (``_rotate_half_matrix``).
+    The rows are gathered by position (T on partitions), arranged by Vector, transposed by the Tensor Engine."""
+    d = cos_sin_cache.shape[1]
+    half = d // 2
+    cs = _gather_cos_sin(cos_sin_cache, positions, 0, T, dt)  # [T, D]: cos | sin, rounded to dt
+    both = nl.ndarray((T, 2, d), dtype=dt, buffer=nl.sbuf)  # [cos, cos] then [-sin, sin]
+    nisa.tensor_copy(dst=sbuf_view(both, [[half, 2], [1, half]]), src=sbuf_view(cs, [[0, 2], [1, half]]))
+    sin_half = sbuf_view(cs, [[1, half]], offset=half)
+    nisa.tensor_scalar(dst=sbuf_view(both, [[1, half]], offset=d), data=sin_half, op0=nl.multiply, operand0=-1.0)
+    nisa.tensor_copy(dst=sbuf_view(both, [[1, half]], offset=d + half), src=sin_half)
+    columns = []
+    for i in range(2):
+        t_ps = nl.ndarray((d, T), dtype=dt, buffer=nl.psum)
+        nisa.nc_transpose(dst=t_ps, data=sbuf_view(both, [[1, d]], offset=i * d))
+        t_sb = nl.ndarray((d, T), dtype=dt, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=t_sb, src=t_ps)
+        columns.append(t_sb)
+    return columns[0], columns[1]
+
+
+def _rotate_half_matrix(d: int, dt):
+    """[D, D] stationary R with (R^T x)[m] = x[m + D/2] for m < D/2 and x[m - D/2] above: the halves swapped (the
+    sign sits in the sin column). GpSimd iota of m - k, Vector compares."""
+    diff = nl.ndarray((d, d), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.iota(dst=diff, pattern=[[1, d]], offset=0, channel_multiplier=-1)  # m - k (partition k, column m)
+    r = nl.ndarray((d, d), dtype=dt, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=diff, data1=diff, data2=diff, op=nl.multiply)  # (m - k)^2: exact in fp32
+    nisa.tensor_scalar(dst=r, data=diff, op0=nl.equal, operand0=float((d // 2) ** 2))
+    return r
+
+
+def _norm_rope(cols, w_sb, eps, cos_t, sin_t, rotate, T: int, heads: int):
+    """RoPE(RMSNorm(x)) for ``cols [D, T * heads, 1]`` (column t * heads + j: head j of token t): the norm sums
+    over partitions (``normalise``, one column per (token, head)); then Tensor: the halves swapped (``rotate``),
+    Vector: x * cos + swapped * sin, each product and the sum rounded to the tile dtype, as torch rounds them."""
+    d, dt = cols.shape[0], cols.dtype
+    normed = normalise(cols, w_sb, eps, d, T * heads)  # [D, T * heads, 1]
+    swapped = nl.ndarray((d, T * heads), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=swapped, stationary=rotate, moving=sbuf_view(normed, [[1, T * heads]]))
+    a = nl.ndarray((d, T, heads), dtype=dt, buffer=nl.sbuf)
+    nisa.tensor_tensor(
+        dst=a,
+        data1=sbuf_view(normed, [[heads, T], [1, heads]]),
+        data2=sbuf_view(cos_t, [[1, T], [0, heads]]),
+        op=nl.multiply,
+    )
+    b = nl.ndarray((d, T, heads), dtype=dt, buffer=nl.sbuf)
+    nisa.tensor_tensor(
+        dst=b,
+        data1=swapped.ap([[T * heads, d], [heads, T], [1, heads]], offset=0),
+        data2=sbuf_view(sin_t, [[1, T], [0, heads]]),
+        op=nl.multiply,
+    )
+    out = nl.ndarray((d, T * heads), dtype=dt, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=sbuf_view(out, [[heads, T], [1, heads]]), data1=a, data2=b, op=nl.add)
+    return out
+
+
+def _columns_to_rows(cols, T: int, heads: int, dt):
+    """[T, heads * D] rows (token on partitions) of ``cols [D, T * heads]`` (column t * heads + j): one Tensor
+    transpose per head."""
+    d = cols.shape[0]
+    rows = nl.ndarray((T, heads * d), dtype=dt, buffer=nl.sbuf)
+    for j in range(heads):
+        t_ps = nl.ndarray((T, d), dtype=dt, buffer=nl.psum)
+        nisa.nc_transpose(dst=t_ps, data=sbuf_view(cols, [[heads, T]], offset=j))
+        nisa.tensor_copy(dst=rows[:, j * d : (j + 1) * d], src=t_ps)
+    return rows
+
+
+# ----- reference ---------------------------------------------------------------------------------------------------
+def attention_block_fp8_ref(
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+    gamma: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_scale: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    o_weight: torch.Tensor,
+    o_scale: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    eps: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same step as the model's ops in sequence, in torch from the kernel layouts: fused add + RMSNorm, q/k/v
+    (``linear_fp8_ref``: exact dequantization, rounded once), q/k norm + RoPE, decode attention (writing the new
+    K/V into copies of the caches), o. Returns (out, r, k_cache, v_cache)."""
+    x, r = fused_add_rms_norm_ref(hidden, residual, gamma, eps)
+    d = k_cache.shape[-1]
+    kv = k_cache.shape[1] * d
+    q, k, v = linear_fp8_ref(x, qkv_weight, qkv_scale).split([qkv_weight.shape[0] - 2 * kv, kv, kv], dim=-1)
+    q, k = qk_norm_rope_ref(q, k, q_norm_weight, k_norm_weight, eps, positions.long(), cos_sin_cache)
+    attn, k_cache, v_cache = attention_decode_ref(
+        q, k, v, k_cache.clone(), v_cache.clone(), slot_mapping, block_tables, context_lens, scale
+    )
+    return linear_fp8_ref(attn, o_weight, o_scale), r, k_cache, v_cache
