@@ -34,7 +34,16 @@ import nki.isa as nisa
 import nki.language as nl
 import torch
 
-from .attention_decode import KV_TILE_SBUF_BYTES, MAX_QUERY_GROUP, _PositionTiles, attend_cached, attention_decode_ref
+from .attention_decode import (
+    KV_TILE_SBUF_BYTES,
+    MAX_QUERY_GROUP,
+    _PositionTiles,
+    attend_cached,
+    attention_decode_ref,
+    first_tile_bytes,
+    first_tile_rows,
+    gather_first_tile,
+)
 from .attention_prefill import cache_rows, check_cache, scatter_kv_rows
 from .grid import program_share
 from .limits import PMAX, PSUM_BANK_FMAX, require
@@ -46,6 +55,9 @@ from .rope import _gather_cos_sin, qk_norm_rope_ref
 from .views import sbuf_view
 
 HEAD_DIM = PMAX  # one FP8 scale block per head: the kernel's layout needs D = 128 (Qwen3's head_dim)
+# The first K/V tile of each (sequence, kv head) is gathered before the weights are requested, so the cache read
+# does not queue behind them, while these bytes per partition hold them (the rest is gathered when attended).
+PREFETCH_SBUF_BYTES = 48 * 1024
 
 
 @nki.jit
@@ -182,12 +194,20 @@ def attention_block_decode_fp8(
     nisa.dma_copy(dst=res_sb, src=tile_major(residual, T, KT))
     gamma_sb = nl.ndarray((PMAX, KT), dtype=dt, buffer=nl.sbuf)
     nisa.dma_copy(dst=gamma_sb, src=gamma.ap([[1, PMAX], [PMAX, KT]], offset=0))
-    qn_sb = nl.ndarray((d, 1), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=qn_sb, src=q_norm_weight.ap([[1, d], [1, 1]], offset=0))
-    kn_sb = nl.ndarray((d, 1), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=kn_sb, src=k_norm_weight.ap([[1, d], [1, 1]], offset=0))
+    nh = nq + nk  # q heads then k heads: the columns of each token that get q/k norm and RoPE
+    gam = nl.ndarray((d, nh), dtype=dt, buffer=nl.sbuf)  # column j: the norm weight of column j of every token
+    nisa.dma_copy(dst=gam[:, 0:nq], src=q_norm_weight.ap([[1, d], [0, nq]], offset=0))
+    nisa.dma_copy(dst=gam[:, nq:nh], src=k_norm_weight.ap([[1, d], [0, nk]], offset=0))
     cos_t, sin_t = _rope_columns(cos_sin_cache, positions, T, dt)
     rotate = _rotate_half_matrix(d, dt)
+    row0 = cache_rows(k_cache, slot_mapping, 0, T)
+    per_pair = first_tile_bytes(k_cache, block_tables)
+    prefetch = min(T, PREFETCH_SBUF_BYTES // (per_pair * nk))  # sequences whose first K/V tiles are gathered early
+    first_rows = [first_tile_rows(k_cache, block_tables, b) for b in range(prefetch)]
+    width_max = min(group, nq)
+    cached = nl.ndarray((width_max, T), dtype=nl.float32, buffer=nl.sbuf)  # L_b - 1: the tokens before the new one
+    nisa.dma_copy(dst=cached, src=context_lens.ap(pattern=[[0, width_max], [1, T]], offset=0))
+    nisa.tensor_scalar(dst=cached, data=cached, op0=nl.add, operand0=-1.0)
     w8 = qkv_weight.view(nl.float8_e4m3)
     blocks = [h for h in range(h0, h1)] + [hq + g for g in range(g0, g1)] + [hq + hk + g for g in range(g0, g1)]
     qkv_w = []
@@ -198,60 +218,88 @@ def attention_block_decode_fp8(
         nisa.dma_copy(dst=s_sb, src=qkv_scale.ap([[0, d], [0, T], [1, KT]], offset=blk * KT))
         qkv_w.append((_widened(w_sb, dt), s_sb))
 
+    # the first K/V tiles of the cache next (needed after q/k/v), then the o weights (needed last)
+    prefetched = {}  # "b:g" -> the first K/V tile of sequence b, kv head g (string keys: NKI 0.6's dict rule)
+    for b in range(prefetch):
+        for g in range(g0, g1):
+            prefetched[f"{b}:{g}"] = gather_first_tile(k_cache, v_cache, first_rows[b], block_tables, g)
+    o8 = o_weight.view(nl.float8_e4m3)
+    o_s = nl.ndarray((PMAX, T, KT, nq), dtype=nl.float32, buffer=nl.sbuf)  # scale (hidden tile kt, head h0 + j)
+    nisa.dma_copy(dst=o_s, src=o_scale.ap([[0, PMAX], [0, T], [hq, KT], [1, nq]], offset=h0))
+    o_w = []
+    for kt in range(KT):  # hidden tile kt of the output; weight [128 (d), nq heads, 128 (h)]
+        w_sb = nl.ndarray((d, nq, PMAX), dtype=nl.float8_e4m3, buffer=nl.sbuf)
+        src = o8.ap([[hq * PMAX, d], [PMAX, nq], [1, PMAX]], offset=kt * PMAX * hq * d + h0 * PMAX)
+        nisa.dma_copy(dst=w_sb, src=src)
+        o_w.append(_widened(w_sb, dt))
+
     # ---- residual add and RMSNorm (hidden split h = kt * 128 + p: the FP8 blocks' split) ----
     nisa.tensor_tensor(dst=r_sb, data1=r_sb, data2=res_sb, op=nl.add)  # rounded as the model's x + residual
     store_tile_major(r_out, r_sb, T, KT, False)
     x_sb = normalise(r_sb, gamma_sb, eps, H, T)
 
     # ---- q/k/v: one head per FP8 block, [D, T] each; columns (t, head) so a sequence's heads are contiguous ----
-    q_cols = nl.ndarray((d, T * nq, 1), dtype=dt, buffer=nl.sbuf)
-    k_cols = nl.ndarray((d, T * nk, 1), dtype=dt, buffer=nl.sbuf)
-    v_cols = nl.ndarray((d, T * nk, 1), dtype=dt, buffer=nl.sbuf)
-    targets = [(q_cols, j, nq) for j in range(nq)] + [(t, j, nk) for t in (k_cols, v_cols) for j in range(nk)]
+    qk_cols = nl.ndarray((d, T * nh), dtype=dt, buffer=nl.sbuf)  # column t * nh + j: q head h0 + j, then k heads
+    v_cols = nl.ndarray((d, T * nk), dtype=dt, buffer=nl.sbuf)  # column t * nk + j: v head g0 + j
+    targets = [(qk_cols, j, nh) for j in range(nh)] + [(v_cols, j, nk) for j in range(nk)]
     for (dst, j, heads), (w_mm, s_sb) in zip(targets, qkv_w):
         _project_head(dst, j, heads, x_sb, w_mm, s_sb, T, KT)
 
-    # ---- q/k RMSNorm per (token, head) column, then RoPE ----
-    q_rot = _norm_rope(q_cols, qn_sb, eps, cos_t, sin_t, rotate, T, nq)
-    k_rot = _norm_rope(k_cols, kn_sb, eps, cos_t, sin_t, rotate, T, nk)
+    # ---- q/k RMSNorm per (token, head) column, then RoPE, for q and k at once ----
+    qk_rot = _norm_rope(qk_cols, gam, eps, cos_t, sin_t, rotate, T, nh)
 
-    # ---- the new K/V to their slots (rows [T, D] per kv head), then attention per sequence and kv head ----
-    k_rows = _columns_to_rows(k_rot, T, nk, dt)
-    v_rows = _columns_to_rows(v_cols, T, nk, dt)
-    row0 = cache_rows(k_cache, slot_mapping, 0, T)
-    scatter_kv_rows(k_cache, v_cache, k_rows, v_rows, row0, g0)
-
+    # ---- attention per kv head and sequence: the cached context (the new token's slot masked) and the new K/V
+    # from SBUF, so the cache gather does not wait for the new K/V's write ----
     o_cols = nl.ndarray((d, T * nq), dtype=dt, buffer=nl.sbuf)  # attention output: column t * nq + j = head h0 + j
     for g in range(g0, g1):
         a0, a1 = max(h0, g * group), min(h1, (g + 1) * group)  # this program's query heads of kv head g
         width = a1 - a0
         positions_cache = _PositionTiles(width)
         for b in range(T):
-            ctx_len = nl.ndarray((width, 1), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.dma_copy(dst=ctx_len, src=context_lens.ap(pattern=[[0, width], [1, 1]], offset=b))
-            c0 = b * nq + a0 - h0
-            q_t = q_rot[:, c0 : c0 + width]
-            o = attend_cached(q_t, k_cache, v_cache, block_tables, b, g, ctx_len, positions_cache, scale, dt)
+            ctx_len = nl.ndarray((width, 1), dtype=nl.float32, buffer=nl.sbuf)  # operands are whole tiles
+            nisa.tensor_copy(dst=ctx_len, src=sbuf_view(cached, [[1, 1]], offset=b, partitions=width))
+            c0 = b * nh + a0 - h0
+            new_kv = (
+                qk_rot[:, b * nh + nq + g - g0 : b * nh + nq + g - g0 + 1],
+                v_cols[:, b * nk + g - g0 : b * nk + g - g0 + 1],
+            )
+            o = attend_cached(
+                qk_rot[:, c0 : c0 + width],
+                k_cache,
+                v_cache,
+                block_tables,
+                b,
+                g,
+                ctx_len,
+                positions_cache,
+                scale,
+                dt,
+                new_kv=new_kv,
+                first_tile=prefetched.get(f"{b}:{g}"),
+            )
             o_t = nl.ndarray((d, width), dtype=dt, buffer=nl.psum)
             nisa.nc_transpose(dst=o_t, data=o)
-            nisa.tensor_copy(dst=o_cols[:, c0 : c0 + width], src=o_t)
+            c1 = b * nq + a0 - h0
+            nisa.tensor_copy(dst=o_cols[:, c1 : c1 + width], src=o_t)
+
+    # ---- the new K/V to their slots (rows [T, D] per kv head); nothing in this kernel reads them back ----
+    k_rows = _columns_to_rows(qk_rot, T, nh, nq, nk, dt)
+    v_rows = _columns_to_rows(v_cols, T, nk, 0, nk, dt)
+    scatter_kv_rows(k_cache, v_cache, k_rows, v_rows, row0, g0)
 
     # ---- o projection: this program's heads' columns of every hidden tile, summed over the programs ----
-    o8 = o_weight.view(nl.float8_e4m3)
     acc = nl.ndarray((PMAX, T, KT), dtype=nl.float32, buffer=nl.sbuf)
-    for kt in range(KT):  # hidden tile kt of the output; weight [128 (d), nq heads, 128 (h)]
-        w_sb = nl.ndarray((d, nq, PMAX), dtype=nl.float8_e4m3, buffer=nl.sbuf)
-        src = o8.ap([[hq * PMAX, d], [PMAX, nq], [1, PMAX]], offset=kt * PMAX * hq * d + h0 * PMAX)
-        nisa.dma_copy(dst=w_sb, src=src)
-        s_sb = nl.ndarray((PMAX, T, nq), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=s_sb, src=o_scale.ap([[0, PMAX], [0, T], [1, nq]], offset=kt * hq + h0))
-        w_mm = _widened(w_sb, dt)
-        cols = nl.ndarray((PMAX, T, nq), dtype=nl.float32, buffer=nl.psum)
-        for j in range(nq):
-            nisa.nc_matmul(dst=cols[:, :, j], stationary=w_mm[:, j, :], moving=sbuf_view(o_cols, [[nq, T]], offset=j))
-        scaled = nl.ndarray((PMAX, T, nq), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=scaled, data1=cols, data2=s_sb, op=nl.multiply)
-        nisa.tensor_reduce(dst=acc[:, :, kt], op=nl.add, data=scaled, axis=2)
+    per_bank = max(1, PSUM_BANK_FMAX // (T * nq))  # hidden tiles whose [T, nq] columns share one PSUM bank
+    for k0 in range(0, KT, per_bank):
+        kn = min(per_bank, KT - k0)
+        cols = nl.ndarray((PMAX, T, kn, nq), dtype=nl.float32, buffer=nl.psum)
+        for kk in range(kn):
+            for j in range(nq):
+                moving = sbuf_view(o_cols, [[nq, T]], offset=j)
+                nisa.nc_matmul(dst=cols[:, :, kk, j], stationary=o_w[k0 + kk][:, j, :], moving=moving)
+        scaled = nl.ndarray((PMAX, T, kn, nq), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=scaled, data1=cols, data2=o_s[:, :, k0 : k0 + kn, :], op=nl.multiply)
+        nisa.tensor_reduce(dst=acc[:, :, k0 : k0 + kn], op=nl.add, data=scaled, axis=3)
     store_tile_major(out, acc, T, KT, True)
     return out, r_out, k_cache, v_cache
 
@@ -314,41 +362,63 @@ def _rotate_half_matrix(d: int, dt):
     return r
 
 
-def _norm_rope(cols, w_sb, eps, cos_t, sin_t, rotate, T: int, heads: int):
-    """RoPE(RMSNorm(x)) for ``cols [D, T * heads, 1]`` (column t * heads + j: head j of token t): the norm sums
-    over partitions (``normalise``, one column per (token, head)); then Tensor: the halves swapped (``rotate``),
-    Vector: x * cos + swapped * sin, each product and the sum rounded to the tile dtype, as torch rounds them."""
+def _norm_rope(cols, gam, eps, cos_t, sin_t, rotate, T: int, heads: int):
+    """RoPE(RMSNorm(x)) for ``cols [D, T * heads]`` (column t * heads + j: head j of token t), ``gam [D, heads]``
+    the norm weight of each head column. Vector: x^2; Tensor: its sum over the partitions, on every partition (ones
+    matmul); Vector/Scalar: rstd = rsqrt(sum / D + eps), x * rstd rounded (Hugging Face's cast point), times the
+    weight; Tensor: the halves swapped (``rotate``); Vector: x * cos + swapped * sin, each product and the sum
+    rounded to the tile dtype, as torch rounds them."""
     d, dt = cols.shape[0], cols.dtype
-    normed = normalise(cols, w_sb, eps, d, T * heads)  # [D, T * heads, 1]
-    swapped = nl.ndarray((d, T * heads), dtype=nl.float32, buffer=nl.psum)
-    nisa.nc_matmul(dst=swapped, stationary=rotate, moving=sbuf_view(normed, [[1, T * heads]]))
-    a = nl.ndarray((d, T, heads), dtype=dt, buffer=nl.sbuf)
+    n = T * heads
+    sq = nl.ndarray((d, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=sq, data1=cols, data2=cols, op=nl.multiply)
+    ones = nl.ndarray((d, d), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=ones, value=1.0)
+    ss = nl.ndarray((d, n), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=ss, stationary=ones, moving=sq)
+    rstd = nl.ndarray((d, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=rstd, data=ss, op0=nl.multiply, operand0=1.0 / d, op1=nl.add, operand1=float(eps))
+    nisa.activation(dst=rstd, op=nl.rsqrt, data=rstd)
+    normed = nl.ndarray((d, n), dtype=dt, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=normed, data1=cols, data2=rstd, op=nl.multiply)
+    weighted = nl.ndarray((d, n), dtype=dt, buffer=nl.sbuf)
+    by_token = [[heads, T], [1, heads]]
     nisa.tensor_tensor(
-        dst=a,
-        data1=sbuf_view(normed, [[heads, T], [1, heads]]),
-        data2=sbuf_view(cos_t, [[1, T], [0, heads]]),
+        dst=sbuf_view(weighted, by_token),
+        data1=sbuf_view(normed, by_token),
+        data2=sbuf_view(gam, [[0, T], [1, heads]]),
         op=nl.multiply,
     )
-    b = nl.ndarray((d, T, heads), dtype=dt, buffer=nl.sbuf)
+    swapped = nl.ndarray((d, n), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=swapped, stationary=rotate, moving=weighted)
+    a = nl.ndarray((d, n), dtype=dt, buffer=nl.sbuf)
+    per_token = [[1, T], [0, heads]]  # cos/sin [D, T] seen per (token, head) column
     nisa.tensor_tensor(
-        dst=b,
-        data1=swapped.ap([[T * heads, d], [heads, T], [1, heads]], offset=0),
-        data2=sbuf_view(sin_t, [[1, T], [0, heads]]),
+        dst=sbuf_view(a, by_token),
+        data1=sbuf_view(weighted, by_token),
+        data2=sbuf_view(cos_t, per_token),
         op=nl.multiply,
     )
-    out = nl.ndarray((d, T * heads), dtype=dt, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=sbuf_view(out, [[heads, T], [1, heads]]), data1=a, data2=b, op=nl.add)
+    b = nl.ndarray((d, n), dtype=dt, buffer=nl.sbuf)
+    nisa.tensor_tensor(
+        dst=sbuf_view(b, by_token),
+        data1=swapped.ap([[n, d], [heads, T], [1, heads]], offset=0),
+        data2=sbuf_view(sin_t, per_token),
+        op=nl.multiply,
+    )
+    out = nl.ndarray((d, n), dtype=dt, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=out, data1=a, data2=b, op=nl.add)
     return out
 
 
-def _columns_to_rows(cols, T: int, heads: int, dt):
-    """[T, heads * D] rows (token on partitions) of ``cols [D, T * heads]`` (column t * heads + j): one Tensor
-    transpose per head."""
+def _columns_to_rows(cols, T: int, stride: int, first: int, heads: int, dt):
+    """[T, heads * D] rows (token on partitions) of the head columns ``first .. first + heads - 1`` of every token in
+    ``cols [D, T * stride]`` (column t * stride + j): one Tensor transpose per head."""
     d = cols.shape[0]
     rows = nl.ndarray((T, heads * d), dtype=dt, buffer=nl.sbuf)
     for j in range(heads):
         t_ps = nl.ndarray((T, d), dtype=dt, buffer=nl.psum)
-        nisa.nc_transpose(dst=t_ps, data=sbuf_view(cols, [[heads, T]], offset=j))
+        nisa.nc_transpose(dst=t_ps, data=sbuf_view(cols, [[stride, T]], offset=first + j))
         nisa.tensor_copy(dst=rows[:, j * d : (j + 1) * d], src=t_ps)
     return rows
 

@@ -133,12 +133,28 @@ def attention_decode(q, k, v, k_cache, v_cache, slot_mapping, block_tables, cont
     return out, k_cache, v_cache
 
 
-def attend_cached(q_t, k_cache, v_cache, block_tables, b: int, g: int, ctx_len, positions_cache, scale: float, dtype):
+def attend_cached(
+    q_t,
+    k_cache,
+    v_cache,
+    block_tables,
+    b: int,
+    g: int,
+    ctx_len,
+    positions_cache,
+    scale: float,
+    dtype,
+    new_kv=None,
+    first_tile=None,
+):
     """One sequence's queries of one kv head against its cached context: ``o [G, D]`` in ``dtype`` (SBUF).
 
-    ``q_t [D, G]`` (SBUF, the query heads of kv head ``g`` as columns), ``ctx_len [G, 1]`` fp32 (L_b on every row),
-    ``positions_cache`` a ``_PositionTiles(G)``. Per tile of up to 128 table entries the blocks are gathered, then
-    per chunk of columns the scores and the online softmax (the ``attention_decode`` docstring's "Tiling").
+    ``q_t [D, G]`` (SBUF, the query heads of kv head ``g`` as columns), ``ctx_len [G, 1]`` fp32 (the cached tokens
+    attended, on every row), ``positions_cache`` a ``_PositionTiles(G)``. Per tile of up to 128 table entries the
+    blocks are gathered, then per chunk of columns the scores and the online softmax (the ``attention_decode``
+    docstring's "Tiling"). ``new_kv``: (k [D, 1], v [D, 1]) SBUF columns of one more token, attended last
+    (``_new_token_accumulate``), for a caller that has not written it to the cache. ``first_tile``: the first
+    tile's K/V as ``gather_first_tile`` returned them, for a caller that issued that gather early.
     """
     max_blocks, bs = block_tables.shape[1], k_cache.shape[2]
     state = _SoftmaxState()
@@ -149,7 +165,10 @@ def attend_cached(q_t, k_cache, v_cache, block_tables, b: int, g: int, ctx_len, 
     for t0 in range(0, max_blocks, BLOCKS_PER_TILE):
         n = min(BLOCKS_PER_TILE, max_blocks - t0)
         split = _block_split(n, bs)
-        k_sb, v_sb = _gather_blocks(k_cache, v_cache, block_tables, b, g, t0, n, split)
+        if t0 == 0 and first_tile is not None:
+            k_sb, v_sb = first_tile
+        else:
+            k_sb, v_sb = _gather_blocks(k_cache, v_cache, block_tables, b, g, t0, n, split)
         rows, cols = n * split, bs // split
         steps = _cols_per_step(rows, cols, q_t.shape[1])
         for s0 in range(0, cols, steps):
@@ -160,7 +179,54 @@ def attend_cached(q_t, k_cache, v_cache, block_tables, b: int, g: int, ctx_len, 
                 _chunk_accumulate(state, pending, scale)
             pending = scored
     _chunk_accumulate(state, pending, scale)
+    if new_kv is not None:
+        _new_token_accumulate(state, q_t, new_kv[0], new_kv[1], scale)
     return _softmax_finish(state, dtype)
+
+
+def _new_token_accumulate(state, q_t, k_col, v_col, scale: float) -> None:
+    """One online-softmax step on a single token given as SBUF columns ``k_col, v_col [D, 1]``: Tensor: its score
+    q . k [G, 1]; the softmax step (the score is its own row max); Tensor: P^T [1, G] and V^T [1, D] by transposes,
+    then P @ V as a one-row contraction [G, D]."""
+    d, group = q_t.shape
+    s_psum = nl.ndarray((group, 1), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=s_psum, stationary=q_t, moving=k_col)
+    score = nl.ndarray((group, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=score, src=s_psum)
+    probs = nl.ndarray((group, 1), dtype=v_col.dtype, buffer=nl.sbuf)
+    alpha = _softmax_probs(state, score, score, probs, scale)
+    p_t_psum = nl.ndarray((1, group), dtype=probs.dtype, buffer=nl.psum)
+    nisa.nc_transpose(dst=p_t_psum, data=probs)
+    p_t = nl.ndarray((1, group), dtype=probs.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=p_t, src=p_t_psum)
+    v_psum = nl.ndarray((1, d), dtype=v_col.dtype, buffer=nl.psum)
+    nisa.nc_transpose(dst=v_psum, data=v_col)
+    v_row = nl.ndarray((1, d), dtype=v_col.dtype, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=v_row, src=v_psum)
+    pv = nl.ndarray((group, d), dtype=nl.float32, buffer=nl.psum)
+    nisa.nc_matmul(dst=pv, stationary=p_t, moving=v_row)
+    _softmax_accumulate(state, alpha, pv)
+
+
+def first_tile_rows(k_cache, block_tables, b: int):
+    """The row indices ``attend_cached`` gathers the first tile of sequence b by (table entries 0 .. 127), for a
+    caller that issues that gather early: ``gather_first_tile(k_cache, v_cache, rows, block_tables, g)``."""
+    n = min(BLOCKS_PER_TILE, block_tables.shape[1])
+    return _block_rows(block_tables, k_cache.shape[1], b, 0, n, _block_split(n, k_cache.shape[2]))
+
+
+def gather_first_tile(k_cache, v_cache, rows, block_tables, g: int):
+    """The first K/V tiles of kv head g at ``rows`` (``first_tile_rows``), to pass as ``attend_cached``'s
+    ``first_tile``."""
+    n = min(BLOCKS_PER_TILE, block_tables.shape[1])
+    return _gather_rows(k_cache, v_cache, rows, g, n, _block_split(n, k_cache.shape[2]))
+
+
+def first_tile_bytes(k_cache, block_tables) -> int:
+    """SBUF bytes per partition of one ``gather_first_tile`` result (K and V)."""
+    n = min(BLOCKS_PER_TILE, block_tables.shape[1])
+    bs, d = k_cache.shape[2], k_cache.shape[3]
+    return 2 * (bs // _block_split(n, bs)) * d * _itemsize(k_cache.dtype)
 
 
 def _block_split(blocks: int, block_size: int) -> int:
@@ -176,12 +242,17 @@ def _gather_blocks(k_cache, v_cache, block_tables, b: int, g: int, t0: int, n: i
     """Gather table entries t0..t0+n-1 of sequence b, kv head g: K and V [n * split, BS / split * D] in SBUF.
 
     Partition ``i * split + part`` holds tokens ``part * BS / split ...`` of block i: one contiguous run of the cache.
-    split == 1: the block ids are the DMA row indices as loaded. split > 1: the ids are loaded ``split`` times each
-    (stride-0 DMA pattern) and the row index in the cache viewed as [NB * Hk * split, BS / split * D] is
-    ``id * Hk * split + part`` (Vector/GpSimd integer ops; kv head g is the static offset g * BS * D).
     """
-    nb, hk, bs, d = k_cache.shape
-    rows, cols = n * split, bs // split
+    ids = _block_rows(block_tables, k_cache.shape[1], b, t0, n, split)
+    return _gather_rows(k_cache, v_cache, ids, g, n, split)
+
+
+def _block_rows(block_tables, hk: int, b: int, t0: int, n: int, split: int):
+    """[n * split, 1] int32: the DMA row index of each partition of a gathered tile (``_gather_blocks``). split ==
+    1: the block ids as loaded. split > 1: the ids loaded ``split`` times each (stride-0 DMA pattern), and the row in
+    the cache viewed as [NB * Hk * split, BS / split * D] is ``id * Hk * split + part`` (Vector/GpSimd integer ops;
+    kv head g is the static offset g * BS * D)."""
+    rows = n * split
     max_blocks = block_tables.shape[1]
     ids = nl.ndarray((rows, 1), dtype=nl.int32, buffer=nl.sbuf)
     nisa.dma_copy(dst=ids, src=block_tables.ap(pattern=[[1, n], [0, split]], offset=b * max_blocks + t0))
@@ -191,6 +262,13 @@ def _gather_blocks(k_cache, v_cache, block_tables, b: int, g: int, t0: int, n: i
         nisa.tensor_scalar(dst=part, data=part, op0=nl.bitwise_and, operand0=split - 1)
         nisa.tensor_scalar(dst=ids, data=ids, op0=nl.multiply, operand0=float(hk * split))
         nisa.tensor_tensor(dst=ids, data1=ids, data2=part, op=nl.add)
+    return ids
+
+
+def _gather_rows(k_cache, v_cache, ids, g: int, n: int, split: int):
+    """Two indirect-DMA gathers (K, V) of the rows ``ids`` (``_block_rows``) of kv head g."""
+    nb, hk, bs, d = k_cache.shape
+    rows, cols = n * split, bs // split
     tiles = []
     for cache in (k_cache, v_cache):
         rows_view = cache.reshape((nb, hk * bs * d)) if split == 1 else cache.reshape((nb * hk * split, cols * d))
