@@ -91,11 +91,11 @@ def moe_block_decode(hidden, residual, gamma, router_w, w13, w2, eps, top_k, nor
     store_rows_hp(r_out, r_sb, T, H, HP, KT)
     gamma_sb = nl.ndarray((HP, KT), dtype=dt, buffer=nl.sbuf)
     nisa.dma_copy(dst=gamma_sb, src=gamma.ap([[KT, HP], [1, KT]], offset=0))
-    rw_sb = nl.ndarray((HP, KT, E), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=rw_sb, src=router_w)
+    # one tile per hidden tile kt, so the router's matmuls start as the weight arrives
+    rw_tiles = router_tiles(router_w.reshape((HP, KT * E)), [[KT * E, HP], [1, E]], E, KT, E)
 
     x_sb = normalise(r_sb, gamma_sb, eps, H, T)
-    ids8, w_sb = route(x_sb, rw_sb, T, K, bool(norm_topk_prob))
+    ids8, w_sb = route(x_sb, rw_tiles, T, K, bool(norm_topk_prob))
 
     acc = nl.ndarray((HP, T, KT), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc, value=0.0)
@@ -130,8 +130,20 @@ def normalise(r_sb, gamma_sb, eps, H: int, T: int):
     return x_sb
 
 
-def route(x_sb, rw_sb, T: int, K: int, norm_topk_prob: bool):
-    """The router on normalised tokens ``x_sb [P, T, KT]`` and its weight ``rw_sb [P, KT, E]`` (the same split of H):
+def router_tiles(weight, pattern, step: int, KT: int, E: int):
+    """The router weight as KT SBUF tiles [P, E], tile kt at ``pattern`` from element ``kt * step`` of ``weight``
+    (HBM): one DMA each, so the router's matmul over tile kt waits for that tile only."""
+    tiles = []
+    for kt in range(KT):
+        tile = nl.ndarray((pattern[0][1], E), dtype=weight.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=tile, src=weight.ap(pattern, offset=kt * step))
+        tiles.append(tile)
+    return tiles
+
+
+def route(x_sb, rw_tiles, T: int, K: int, norm_topk_prob: bool):
+    """The router on normalised tokens ``x_sb [P, T, KT]`` and its weight ``rw_tiles``, KT tiles [P, E] (the same split
+    of H, ``router_tiles``):
     logits [T, E] (fp32 PSUM over kt, rounded to x's dtype as the model's gate), softmax in fp32, the top K (max8 +
     nc_find_index8: ties take the lowest id first), renormalised if ``norm_topk_prob``. Returns (ids8 [T, 8] uint32,
     the top K in columns 0..K-1; w_sb [P, T*K] fp32: slot t*K + k's weight on every partition).
@@ -139,10 +151,10 @@ def route(x_sb, rw_sb, T: int, K: int, norm_topk_prob: bool):
     GpSimd + Tensor: the [T, K] weights reach every partition by a ones matmul over a diagonal mask built with
     affine_select."""
     P, _, KT = x_sb.shape
-    E = rw_sb.shape[2]
+    E = rw_tiles[0].shape[1]
     lg_ps = nl.ndarray((T, E), dtype=nl.float32, buffer=nl.psum)
     for kt in range(KT):
-        nisa.nc_matmul(dst=lg_ps, stationary=x_sb[:, :, kt], moving=rw_sb[:, kt, :], accumulate=kt > 0)
+        nisa.nc_matmul(dst=lg_ps, stationary=x_sb[:, :, kt], moving=rw_tiles[kt], accumulate=kt > 0)
     logits = nl.ndarray((T, E), dtype=x_sb.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=logits, src=lg_ps)
     probs = nl.ndarray((T, E), dtype=nl.float32, buffer=nl.sbuf)

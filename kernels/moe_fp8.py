@@ -34,7 +34,7 @@ import torch
 
 from .grid import program_share
 from .limits import PMAX, TOPK8, TOPK8_MAX_ELEMS, TOPK8_MIN_ELEMS, require
-from .moe_block import MAX_ROUTER_EXPERTS, norm_route_ref, normalise, route
+from .moe_block import MAX_ROUTER_EXPERTS, norm_route_ref, normalise, route, router_tiles
 from .moe_common import DTYPES, load_routing, split_tiles, store_tile_major, tile_major
 
 MAX_DECODE_TOKENS = PMAX
@@ -179,11 +179,10 @@ def moe_block_decode_fp8(hidden, residual, gamma, gate_weight_t, w13, s13, w2, s
     store_tile_major(r_out, r_sb, T, KT, False)
     gamma_sb = nl.ndarray((PMAX, KT), dtype=dt, buffer=nl.sbuf)
     nisa.dma_copy(dst=gamma_sb, src=gamma.ap([[1, PMAX], [PMAX, KT]], offset=0))
-    rw_sb = nl.ndarray((PMAX, KT, E), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=rw_sb, src=gate_weight_t.ap([[E, PMAX], [PMAX * E, KT], [1, E]], offset=0))
+    rw_tiles = router_tiles(gate_weight_t, [[E, PMAX], [1, E]], PMAX * E, KT, E)  # rows kt * 128 + p of [H, E]
 
     x_sb = normalise(r_sb, gamma_sb, eps, H, T)
-    ids8, w_sb = route(x_sb, rw_sb, T, K, bool(norm_topk_prob))
+    ids8, w_sb = route(x_sb, rw_tiles, T, K, bool(norm_topk_prob))
     acc = nl.ndarray((PMAX, T, KT), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc, value=0.0)
     _fp8_selected_experts(acc, x_sb, w13, s13, w2, s2, ids8, True, w_sb, T, K)
