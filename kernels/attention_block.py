@@ -3,17 +3,21 @@ and RMSNorm, the q/k/v projection, per-head q/k RMSNorm and neox RoPE, the new K
 attention over each sequence's context, and the o projection (this rank's partial sum, before the all-reduce).
 
 At batch 1 the six kernels this replaces each spend most of their time waiting on their first DMA and on a
-dependency chain a few instructions long; here the projection weights (FP8, the bulk of the bytes) are all requested
-at the start, so their transfer overlaps the norm, the attention and the chain between them.
+dependency chain a few instructions long. Here the DMA queues are fed in the order the data is needed: the small
+inputs and the cache's block rows, the q/k/v weights (FP8, on the critical path), the first K/V tiles of the cache,
+then the o weights; so the weights stream while the norm, q/k/v and attention compute. The new token's K/V are
+used from SBUF (its cache slot is masked in the cache read) and written to the cache last, so the cache read does
+not wait for the write.
 
 Layout: feature on partitions throughout. The FP8 projections keep ``linear_fp8``'s decode form (FP8 tile
 stationary, the token moving, one PSUM column per hidden block times its scale), so each head of q/k/v comes out as
 ``[D, T]`` (head_dim on partitions, one column per token); with D = 128 one output block is exactly one head.
 In that layout:
 
-- q/k RMSNorm sums over partitions with a ones-matrix matmul (``moe_block.normalise``, one column per (token, head));
-- RoPE's rotate-half is a signed permutation of the partitions: a ``[D, D]`` matrix of -1/+1 as stationary operand
-  (exact: one non-zero term per output), then x * cos + rotate_half(x) * sin with cos/sin ``[D, T]`` (the cache
+- q/k RMSNorm sums over partitions with a ones-matrix matmul, one column per (token, head), q and k heads
+  together (each column with its own norm weight);
+- RoPE's rotate-half is a permutation of the partitions: a ``[D, D]`` 0/1 matrix swapping the halves as stationary
+  operand (exact: one non-zero term per output), then x * cos + swapped(x) * sin with cos/sin ``[D, T]`` (the cache
   rows gathered by position, arranged as [cos, cos] and [-sin, sin], transposed by the Tensor Engine);
 - a sequence's query heads of one kv head are the ``[D, G]`` columns ``attention_decode`` takes as Q^T;
 - the attention output ``[G, D]`` transposed is the o projection's moving operand, its hidden tile = its head.
@@ -55,6 +59,12 @@ from .rope import _gather_cos_sin, qk_norm_rope_ref
 from .views import sbuf_view
 
 HEAD_DIM = PMAX  # one FP8 scale block per head: the kernel's layout needs D = 128 (Qwen3's head_dim)
+# Up to this many tokens the model runs this kernel (``ops.fp8``): beyond, the ops one by one are faster, since
+# here each program attends over every sequence (the query heads are split, not the sequences). Cost model, Qwen3-30B-
+# A3B TP 4 LNC 2, this kernel vs the five it replaces plus their four boundaries (``kernels check --only
+# attention,linear_fp8,fused_add,qk_norm_rope --tokens T --lnc 2``): T = 4 22.4 vs 32.3 us, T = 8 35.8 vs 40.5,
+# T = 16 66.9 vs 57.2.
+FUSED_MAX_TOKENS = 8
 # The first K/V tile of each (sequence, kv head) is gathered before the weights are requested, so the cache read
 # does not queue behind them, while these bytes per partition hold them (the rest is gathered when attended).
 PREFETCH_SBUF_BYTES = 48 * 1024
@@ -98,19 +108,21 @@ def attention_block_decode_fp8(
              eps float (every RMSNorm of the layer); scale float (softmax scale).
     Returns: (out [T, H] the o projection's partial sum, r [T, H] = hidden + residual, k_cache, v_cache); out and r
              in hidden's dtype, nl.shared_hbm.
-    Tiling:  first every DMA whose address is known: this program's q/k/v weight blocks [128, KT, D] (one each) and
-             scale rows, its o weight columns [128, heads, 128] per hidden tile and their scales, hidden and residual
-             as [128, T, KT] (h = kt * 128 + p), gamma, the norm weights, the cos/sin rows by position.
+    Tiling:  DMAs first, in the order their data is needed: hidden and residual as [128, T, KT] (h = kt * 128 + p),
+             gamma, the norm weights as [D, heads] columns, the cos/sin rows by position, the slots' cache rows, the
+             context lengths, the first tile's block rows; this program's q/k/v weight blocks [128, KT, D] and scale
+             rows; the first K/V tiles of each (sequence, kv head) within PREFETCH_SBUF_BYTES; the o weight columns
+             [128, heads, 128] per hidden tile and their scales.
              Vector: r = hidden + residual (stored), x = RMSNorm(r) (``normalise``). Per head block: Tensor: KT FP8
-             GEMVs into PSUM [D, T, KT]; Vector: x scales, summed over kt, rounded. q/k norms by ``normalise`` over
-             [D, T * heads] columns; RoPE: Tensor rotate-half matmul, Vector 3 ops. K/V: Tensor transposes to
-             [T, D] rows, indirect-DMA scatter to the slots. Per sequence and kv head: ``attend_cached`` (gathers
-             the blocks, online softmax), the output [G', D] transposed to [D, G'] columns. o: per hidden tile,
-             Tensor GEMVs over this program's heads, Vector scales and sum; partial sums over the programs
-             (``store_tile_major``).
+             GEMVs into PSUM [D, T, KT]; Vector: x scales, summed over kt, rounded. q/k norm over [D, T * heads]
+             columns and RoPE (``_norm_rope``). Per kv head and sequence: ``attend_cached`` over the L_b - 1 cached
+             tokens (the prefetched tile first) and the new token from SBUF; the output [G', D] transposed to
+             [D, G'] columns. K/V: Tensor transposes to [T, D] rows, indirect-DMA scatter to the slots. o: per
+             PSUM bank of hidden tiles, Tensor GEMVs over this program's heads, Vector scales and sum; partial sums
+             over the programs (``store_tile_major``).
     Grid:    ``attention_block_decode_fp8[g]``: query heads split by ``program_share``; module docstring.
-    Limits:  1 <= T <= 512 // max(KT, Hq); H a multiple of 128; D = 128; G <= 128; BS a power of two with the K/V
-             tiles of ``attention_decode``; one float dtype for activations, weights and caches.
+    Limits:  1 <= T <= min(128, 512 // max(KT, Hq)); H a multiple of 128; D = 128; G <= 128; BS a power of two
+             with the K/V tiles of ``attention_decode``; one float dtype for activations, weights and caches.
     """
     where = "attention_block_decode_fp8"
     require(len(hidden.shape) == 2, where, f"hidden.shape={tuple(hidden.shape)}; must be [T, H]")
@@ -199,7 +211,7 @@ def attention_block_decode_fp8(
     nisa.dma_copy(dst=gam[:, 0:nq], src=q_norm_weight.ap([[1, d], [0, nq]], offset=0))
     nisa.dma_copy(dst=gam[:, nq:nh], src=k_norm_weight.ap([[1, d], [0, nk]], offset=0))
     cos_t, sin_t = _rope_columns(cos_sin_cache, positions, T, dt)
-    rotate = _rotate_half_matrix(d, dt)
+    rotate = _swap_halves_matrix(d, dt)
     row0 = cache_rows(k_cache, slot_mapping, 0, T)
     per_pair = first_tile_bytes(k_cache, block_tables)
     prefetch = min(T, PREFETCH_SBUF_BYTES // (per_pair * nk))  # sequences whose first K/V tiles are gathered early
@@ -331,7 +343,7 @@ def _project_head(dst, j: int, heads: int, x_sb, w_sb, s_sb, T: int, KT: int) ->
 
 def _rope_columns(cos_sin_cache, positions, T: int, dt):
     """(cos [D, T], sin [D, T]) in ``dt``: column t is [cos, cos] and [-sin, sin] of positions[t]'s cache row, so
-    that RoPE is x * cos + rotate_half'(x) * sin with rotate_half'(x) = [x2, x1] (``_rotate_half_matrix``).
+    that RoPE is x * cos + swapped(x) * sin with swapped(x) = [x2, x1] (``_swap_halves_matrix``).
     The rows are gathered by position (T on partitions), arranged by Vector, transposed by the Tensor Engine."""
     d = cos_sin_cache.shape[1]
     half = d // 2
@@ -351,7 +363,7 @@ def _rope_columns(cos_sin_cache, positions, T: int, dt):
     return columns[0], columns[1]
 
 
-def _rotate_half_matrix(d: int, dt):
+def _swap_halves_matrix(d: int, dt):
     """[D, D] stationary R with (R^T x)[m] = x[m + D/2] for m < D/2 and x[m - D/2] above: the halves swapped (the
     sign sits in the sin column). GpSimd iota of m - k, Vector compares."""
     diff = nl.ndarray((d, d), dtype=nl.float32, buffer=nl.sbuf)

@@ -129,6 +129,19 @@ def test_the_op_runs_as_separate_ops_where_the_kernel_does_not_apply(rng):
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
 
 
+def test_the_op_runs_as_separate_ops_beyond_the_fused_kernels_batch(rng):
+    """More sequences than ``FUSED_MAX_TOKENS``: the ops one by one (faster there by the cost model), same result."""
+    lens = [20 + 3 * i for i in range(kernel.FUSED_MAX_TOKENS + 1)]
+    kernel_args = _args(rng, lens, 2, 1, 128, torch.float32, model_layout=True)
+    args = kernel_args[:3] + [1e-6] + kernel_args[3:] + [D**-0.5]
+    reason = fp8._attention_block_fp8_supports(*args)
+    assert reason is not None and f"T={len(lens)}" in reason and f"1..{kernel.FUSED_MAX_TOKENS} tokens" in reason
+    torch_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    out, _ = ops.bind("emulator").attention_block_fp8(*args)
+    want, _ = ops.bind("torch").attention_block_fp8(*torch_args)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

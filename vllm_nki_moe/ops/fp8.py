@@ -406,9 +406,9 @@ def _attention_block_fp8_supports(
     if k_cache.dim() != 4 or k_cache.shape[-1] != kernel.HEAD_DIM or k_cache.dtype != hidden.dtype:
         return f"k_cache {tuple(k_cache.shape)} {k_cache.dtype}; the fused block needs head_dim {kernel.HEAD_DIM}"
     heads = o_weight.shape[1] // kernel.HEAD_DIM
-    most = min(limits.PMAX, limits.PSUM_BANK_FMAX // max(H // BLOCK, heads))
+    most = min(kernel.FUSED_MAX_TOKENS, limits.PSUM_BANK_FMAX // max(H // BLOCK, heads))
     if not 1 <= tokens <= most:
-        return f"T={tokens}; the fused block takes 1..{most} tokens here"
+        return f"T={tokens}; the fused block runs 1..{most} tokens here (beyond, the ops one by one are faster)"
     decode = load_kernels("attention_decode")
     if 2 * k_cache.shape[2] * kernel.HEAD_DIM * hidden.element_size() > decode.KV_TILE_SBUF_BYTES:
         return f"block_size={k_cache.shape[2]}: K/V block tiles exceed {decode.KV_TILE_SBUF_BYTES} B"

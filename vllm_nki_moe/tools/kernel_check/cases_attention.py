@@ -134,7 +134,7 @@ def attention_block_applies(s: KernelShapes, tokens: int) -> bool:
     projections, q/k norm, head_dim 128, few enough tokens. The step then counts it in place of the fused add +
     norm, q/k/v, q/k norm + RoPE, attention and o kernels (the first layer, with no residual to add, runs those; the
     step counts the fused block there too)."""
-    most = min(128, 512 // max(s.hidden // 128, s.q_heads))
+    most = min(block_kernel.FUSED_MAX_TOKENS, 512 // max(s.hidden // 128, s.q_heads))
     return s.fp8 and s.qk_norm and s.head_dim == block_kernel.HEAD_DIM and s.hidden % 128 == 0 and tokens <= most
 
 
