@@ -411,7 +411,6 @@ def test_attention_wirings_follow_only_and_skip(tmp_path, harness, flags, attent
         (dict(cp_degree=2), {}),
         (dict(attention_dp_degree=2), {}),
         ({}, dict(sliding_window=128)),
-        ({}, dict(head_dim=256)),
         ({}, dict(num_attention_heads=6, num_key_value_heads=4)),
     ],
     ids=[
@@ -421,7 +420,6 @@ def test_attention_wirings_follow_only_and_skip(tmp_path, harness, flags, attent
         "context-parallel",
         "attention-data-parallel",
         "sliding-window",
-        "head-dim-256",
         "uneven-gqa",
     ],
 )
@@ -494,6 +492,22 @@ def test_prefill_attention_leaves_nxdis_flash_kernel_strategy_to_nxdi(written, h
     mask = torch.ones(256, 256, dtype=torch.bool).tril()[None, None]
     with pytest.raises(NotImplementedError, match="SHARDED_KERNEL"):
         ours.perform_prefill(x, x[:, :1], x[:, :1], 256, 1, mask)
+
+
+def test_attention_beyond_the_kernels_head_dim_is_nxdis_per_call(written, harness):
+    """head_dim 256 (over the kernels' MAX_HEAD_DIM, read from the kernel files at call time): both phases return
+    exactly NxDI's result."""
+    qwen = _emulated(harness, written)
+    theirs, ours = _rank_attention(qwen, 2, 1, 256)
+    gen = torch.Generator().manual_seed(5)
+    Q, K, V = (torch.randn(1, h, 8, 256, generator=gen).to(torch.bfloat16) for h in (2, 1, 1))
+    mask = torch.ones(8, 8, dtype=torch.bool).tril()[None, None]
+    assert torch.equal(ours.perform_prefill(Q, K, V, 8, 1, mask)[0], theirs.perform_prefill(Q, K, V, 8, 1, mask)[0])
+    cache = [torch.randn(1, 1, 16, 256, generator=gen).to(torch.bfloat16) for _ in range(2)]
+    dmask = (torch.arange(16) < 5)[None, None, None, :]
+    q1, k1, v1 = Q[:, :, :1], K[:, :, :1], V[:, :, :1]
+    want = theirs.compute_for_token_gen(q1, k1, v1, torch.tensor([[5]]), [c.clone() for c in cache], dmask, None)
+    assert torch.equal(ours.compute_for_token_gen(q1, k1, v1, torch.tensor([[5]]), cache, dmask, None), want)
 
 
 # (heads, kv heads, head_dim, cache positions S, computed context lengths per sequence)

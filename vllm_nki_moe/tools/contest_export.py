@@ -420,21 +420,26 @@ class NkiCoreAttention(_nxdi.NeuronQwen3MoEAttention):
 
     def perform_prefill(self, Q, K, V, q_len, bsz, attention_mask):
         strategy = self.get_flash_attention_strategy(q_len, attention_mask is not None)
-        if "attention_prefill" not in HOOKS or strategy.value != 0 or not (Q.dtype == K.dtype == V.dtype):
-            return super().perform_prefill(Q, K, V, q_len, bsz, attention_mask)
         B, Hq, S, D = Q.shape
+        if (
+            "attention_prefill" not in HOOKS
+            or strategy.name != "NONE"
+            or not (Q.dtype == K.dtype == V.dtype)
+            or D > load_kernels().attention_prefill.MAX_HEAD_DIM  # head_dim on the partitions
+        ):
+            return super().perform_prefill(Q, K, V, q_len, bsz, attention_mask)
         Hk = K.shape[1]
         # Right padding (attention_hook_applies): a real token's keys are all real, so NxDI's mask (causal and
         # padding) is the causal mask on its rows; padding rows are computed and never read. The kernel writes no
         # cache here (every slot negative into a one-slot scratch cache): NxDI's KV cache manager writes K/V.
         scratch = torch.zeros(1, Hk, 1, D, dtype=K.dtype, device=K.device)
         no_slots = torch.full((S,), -1, dtype=torch.int32, device=K.device)
+        scale = 1.0 / self.softmax_scale  # NxDI divides the scores by softmax_scale = sqrt(D)
         rows = []
         for b in range(B):
             q = Q[b].transpose(0, 1).reshape(S, Hq * D)
             k = K[b].transpose(0, 1).reshape(S, Hk * D)
             v = V[b].transpose(0, 1).reshape(S, Hk * D)
-            scale = 1.0 / self.softmax_scale  # NxDI divides the scores by softmax_scale = sqrt(D)
             out, _, _ = kernel("attention_prefill")(q, k, v, scratch, scratch.clone(), no_slots, scale)
             rows.append(out.reshape(S, Hq, D).transpose(0, 1))
         return torch.stack(rows), strategy
@@ -453,6 +458,8 @@ class NkiCoreAttention(_nxdi.NeuronQwen3MoEAttention):
             or speculation
             or q_len != 1
             or block is None
+            or D > load_kernels().attention_prefill.MAX_HEAD_DIM  # head_dim on the partitions
+            or Hq // Hk > load_kernels().attention_decode.MAX_QUERY_GROUP  # query heads per kv head on partitions
             or tuple(k_prior.shape) != (B, Hk, S, D)
             or tuple(v_prior.shape) != (B, Hk, S, D)
             or not (Q.dtype == K.dtype == V.dtype == k_prior.dtype == v_prior.dtype)
@@ -466,7 +473,7 @@ class NkiCoreAttention(_nxdi.NeuronQwen3MoEAttention):
         # (compute_for_token_gen's contract); the new token goes to slot L_b, where NxDI's KV cache manager writes
         # the same K/V after the layer, and the kernel attends over L_b + 1 tokens: NxDI's prior + active parts.
         rows, blocks = B * Hk, S // block
-        lengths = attention_mask[:, 0, -1, :].to(torch.int32).sum(dim=-1)  # [B] computed context lengths
+        lengths = attention_mask[:, 0, -1, :].sum(dim=-1, dtype=torch.int32)  # [B] computed context lengths
         lengths = lengths.repeat_interleave(Hk)
         sequence = torch.arange(rows, dtype=torch.int32, device=Q.device)
         block_tables = sequence[:, None] * blocks + torch.arange(blocks, dtype=torch.int32, device=Q.device)
@@ -476,9 +483,9 @@ class NkiCoreAttention(_nxdi.NeuronQwen3MoEAttention):
             V.reshape(rows, D),
             k_prior.reshape(rows * blocks, 1, block, D),
             v_prior.reshape(rows * blocks, 1, block, D),
-            (sequence * S + lengths).to(torch.int32),
-            block_tables.to(torch.int32),
-            (lengths + 1).to(torch.int32),
+            sequence * S + lengths,  # int32, as the kernel takes slots, tables and lengths
+            block_tables,
+            lengths + 1,
             1.0 / self.softmax_scale,
         )
         return out.reshape(B, Hq, 1, D)
@@ -499,10 +506,6 @@ class NkiRopeCoreAttention(NkiRopeAttention, NkiCoreAttention):
     """Both hooks on one attention: RoPE and the attention core in our kernels."""
 
 
-ATTENTION_MAX_HEAD_DIM = 128  # both kernels contract head_dim on the partitions
-ATTENTION_MAX_GROUP = 128  # attention_decode: query heads per kv head on partitions
-
-
 def attention_hook_applies(attention):
     """Whether NkiCoreAttention computes what this attention does where it takes over: no context or attention data
     parallelism, flash decoding, transposed K cache, sliding window, chunked attention or learned sinks; right
@@ -519,10 +522,8 @@ def attention_hook_applies(attention):
         and not getattr(attention, "attention_chunk_size", None)
         and getattr(attention, "learned_sinks_size", None) is None
         and getattr(attention, "padding_side", "right") == "right"
-        and attention.head_dim <= ATTENTION_MAX_HEAD_DIM
         and kv_heads >= 1
         and heads % kv_heads == 0
-        and heads // kv_heads <= ATTENTION_MAX_GROUP
         and getattr(attention, "torch_dtype", torch.bfloat16) in (torch.bfloat16, torch.float32)
     )
 
