@@ -2,7 +2,7 @@
 and RMSNorm, the q/k/v projection, per-head q/k RMSNorm and neox RoPE, the new K/V written to the paged cache,
 attention over each sequence's context, and the o projection (this rank's partial sum, before the all-reduce).
 
-At batch 1 the six kernels this replaces each spend most of their time waiting on their first DMA and on a
+At batch 1 the five kernels this replaces each spend most of their time waiting on their first DMA and on a
 dependency chain a few instructions long. Here the DMA queues are fed in the order the data is needed: the small
 inputs and the cache's block rows, the q/k/v weights (FP8, on the critical path), the first K/V tiles of the cache,
 then the o weights; so the weights stream while the norm, q/k/v and attention compute. The new token's K/V are

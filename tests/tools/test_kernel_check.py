@@ -95,9 +95,12 @@ def test_kernels_bench_prints_decode_and_prefill_tables(capsys):
         assert title in out
     assert "tokens/s per trn2 chip" in out and "Not estimated" in out and "LNC=2" in out
     for batch in (1, 8, 32):
-        assert re.search(
-            rf"^decode step, batch {batch}: [0-9.]+ ms per token \(limit [0-9.]+ ms, \d+% of it\)$", out, re.M
-        )
+        for weights in ("", " with FP8 weights"):  # the bf16 checkpoint's step and an FP8 checkpoint's
+            assert re.search(
+                rf"^decode step{weights}, batch {batch}: [0-9.]+ ms per token \(limit [0-9.]+ ms, \d+% of it\)$",
+                out,
+                re.M,
+            )
 
 
 # --- the package's parts --------------------------------------------------------------------------------------------

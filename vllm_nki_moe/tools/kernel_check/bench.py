@@ -1,10 +1,11 @@
 """``kernels bench``: the trn2 cost-model time of one Qwen3-MoE decode step and one prefill, kernels and the rest.
 
 Steps: decode at batch 1, 8 and 32 (one new token per sequence, ``shapes.context_len`` cached tokens each) and one
-512-token prefill. For each step, every case of that phase (``phase`` "decode"/"prefill", or "any") runs once in the
-emulator; kernels per layer = sum over cases of estimated time x ``calls_per_layer``, x layers. The rest of the step
-(projections and LM head while they have no kernel, all-reduces, embedding, final norm, sampling, kernel boundaries)
-comes from ``step_model``, each part with its basis; the whole step is the sum. Decode steps are compared with their
+512-token prefill; for a MoE model the decode steps again as an FP8 checkpoint's (``KernelShapes.fp8``). For each
+step, every case of that phase (``phase`` "decode"/"prefill", or "any") runs once in the emulator; kernels per layer
+= sum over cases of estimated time x ``calls_per_layer``, x layers. The rest of the step (projections and LM head
+while they have no kernel, all-reduces, embedding, final norm, sampling, kernel boundaries) comes from
+``step_model``, each part with its basis; the whole step is the sum. Decode steps are compared with their
 memory wall (``step_model.limit_seconds``).
 
 Assumptions (printed with the table):
@@ -13,7 +14,8 @@ Assumptions (printed with the table):
   in parallel, so the step time is one rank's time.
 - A kernel written for a launch grid (``KernelCase.lnc_grid``) runs LNC programs, one per physical core, costed as its
   slowest program; a kernel launched without a grid runs on one physical core (its LNC=2 twin core idles).
-- Every decoder layer runs the per-layer cases (true for Qwen3-30B-A3B: all 48 layers are MoE layers).
+- Every decoder layer runs the per-layer cases (true for Qwen3-30B-A3B: all 48 layers are MoE layers; in an FP8
+  step the first layer, with no residual to add, runs the attention half op by op, counted as the fused block).
 - The cost model is the emulator's (docs/emulator.md): each instruction scheduled on its engine after the data it
   reads is written ("est us"); "engines" is the busiest engine's work alone (perfect overlap, the old optimistic
   bound); parts in sequence add up (no overlap between kernels).
@@ -104,8 +106,8 @@ def step_line(st: StepCost) -> str:
 def bench(shapes: KernelShapes, backend: str = "emulator", lnc: int | None = None) -> list[StepCost]:
     steps = [step_cost(shapes, "decode", b, backend, lnc) for b in DECODE_BATCHES]
     steps.append(step_cost(shapes, "prefill", PREFILL_TOKENS, backend, lnc))
-    if shapes.experts and not shapes.fp8:  # the batch-1 step again for an FP8 checkpoint
-        steps.append(step_cost(replace(shapes, fp8=True), "decode", 1, backend, lnc))
+    if shapes.experts and not shapes.fp8:  # the decode steps again for an FP8 checkpoint
+        steps += [step_cost(replace(shapes, fp8=True), "decode", b, backend, lnc) for b in DECODE_BATCHES]
     return steps
 
 
@@ -155,6 +157,11 @@ def format_bench(shapes: KernelShapes, steps: list[StepCost]) -> str:
         f"-> {replicas_per_chip(shapes.tp):g} replica(s) per chip; ranks run in parallel (step time = one rank's)."
     )
     lines.append(f"  {shapes.layers} layers each running the per-layer kernels; decode KV length {shapes.context_len}.")
+    if any(r.kernel == "attention_block_decode_fp8" and r.calls_per_layer for st in steps for r in st.rows):
+        lines.append(
+            "  FP8 steps with attention_block_decode_fp8: counted in every layer (the first layer, with no residual "
+            "to add, runs those ops one by one)."
+        )
     grid = sorted({r.kernel.split(".")[0] for st in steps for r in st.rows if r.lnc_grid})
     lines.append(
         f"  Kernels written for a grid ({', '.join(grid) or 'none'}) run LNC programs, one per physical core; the "
