@@ -22,6 +22,7 @@ weight converted the same way (``prepare_linear_fp8_for_kernels``: trn2's format
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -375,37 +376,31 @@ def _moe_block_fp8_kernel(
     )
 
 
-def _attention_block_fp8_supports(
-    hidden,
-    residual,
-    norm_weight,
-    eps,
-    qkv_weight,
-    qkv_scale_inv,
-    q_norm_weight,
-    k_norm_weight,
-    positions,
-    cos_sin_cache,
-    o_weight,
-    o_scale_inv,
-    k_cache,
-    v_cache,
-    slot_mapping,
-    block_tables,
-    context_lens,
-    scale,
-) -> str | None:
-    """Where the fused attention half applies (kernels/attention_block.py, "Limits"); elsewhere
-    ``attention_block_fp8`` runs as separate ops (not an error)."""
+# attention_block_fp8's arguments by name (its sequence's signature), for the kernel binding's two functions
+_BLOCK_ARGS = (
+    "hidden residual norm_weight eps qkv_weight qkv_scale_inv q_norm_weight k_norm_weight positions cos_sin_cache "
+    "o_weight o_scale_inv k_cache v_cache slot_mapping block_tables context_lens scale"
+).split()
+
+
+def _block_args(args) -> SimpleNamespace:
+    return SimpleNamespace(**dict(zip(_BLOCK_ARGS, args, strict=True)))
+
+
+def _attention_block_fp8_supports(*args) -> str | None:
+    """Where the fused attention half applies (kernels/attention_block.py, "Limits" and ``FUSED_MAX_TOKENS``);
+    elsewhere ``attention_block_fp8`` runs as separate ops (not an error)."""
+    a = _block_args(args)
     kernel, limits = load_kernels("attention_block"), load_kernels("limits")
-    if hidden.dtype not in KERNEL_DTYPES or hidden.dim() != 2 or residual.shape != hidden.shape:
+    hidden, k_cache = a.hidden, a.k_cache
+    if hidden.dtype not in KERNEL_DTYPES or hidden.dim() != 2 or a.residual.shape != hidden.shape:
         return f"hidden {tuple(hidden.shape)} {hidden.dtype}; the fused block takes [T, H] bfloat16 or float32"
     tokens, H = hidden.shape
     if H % BLOCK:
         return f"H={H}; the fused block needs a multiple of {BLOCK}"
     if k_cache.dim() != 4 or k_cache.shape[-1] != kernel.HEAD_DIM or k_cache.dtype != hidden.dtype:
         return f"k_cache {tuple(k_cache.shape)} {k_cache.dtype}; the fused block needs head_dim {kernel.HEAD_DIM}"
-    heads = o_weight.shape[1] // kernel.HEAD_DIM
+    heads = a.o_weight.shape[1] // kernel.HEAD_DIM
     most = min(kernel.FUSED_MAX_TOKENS, limits.PSUM_BANK_FMAX // max(H // BLOCK, heads))
     if not 1 <= tokens <= most:
         return f"T={tokens}; the fused block runs 1..{most} tokens here (beyond, the ops one by one are faster)"
@@ -417,52 +412,33 @@ def _attention_block_fp8_supports(
     return None
 
 
-def _attention_block_fp8_kernel(
-    backend,
-    hidden,
-    residual,
-    norm_weight,
-    eps,
-    qkv_weight,
-    qkv_scale_inv,
-    q_norm_weight,
-    k_norm_weight,
-    positions,
-    cos_sin_cache,
-    o_weight,
-    o_scale_inv,
-    k_cache,
-    v_cache,
-    slot_mapping,
-    block_tables,
-    context_lens,
-    scale,
-):
+def _attention_block_fp8_kernel(backend, *args):
+    a = _block_args(args)
     layout = load_kernels("linear_fp8").linear_fp8_kernel_layout
-    qkv, o = (qkv_weight, qkv_scale_inv), (o_weight, o_scale_inv)
-    if not _is_linear_kernel_layout(qkv_weight):  # tools and tests hand model-layout weights: converted once
+    qkv, o = (a.qkv_weight, a.qkv_scale_inv), (a.o_weight, a.o_scale_inv)
+    if not _is_linear_kernel_layout(a.qkv_weight):  # tools and tests hand model-layout weights: converted once
         qkv, o = _kernel_weights.get(layout, *qkv), _kernel_weights.get(layout, *o)
-    ints = [t.to(torch.int32).contiguous() for t in (positions, slot_mapping, block_tables, context_lens)]
+    ints = [t.to(torch.int32).contiguous() for t in (a.positions, a.slot_mapping, a.block_tables, a.context_lens)]
     out, r, k_new, v_new = call_kernel(
         backend,
         load_kernels("attention_block").attention_block_decode_fp8,
-        hidden.contiguous(),
-        residual.contiguous(),
-        norm_weight.contiguous(),
+        a.hidden.contiguous(),
+        a.residual.contiguous(),
+        a.norm_weight.contiguous(),
         *qkv,
-        q_norm_weight.contiguous(),
-        k_norm_weight.contiguous(),
+        a.q_norm_weight.contiguous(),
+        a.k_norm_weight.contiguous(),
         ints[0],
-        cos_sin_cache.float().contiguous(),
+        a.cos_sin_cache.float().contiguous(),
         *o,
-        k_cache,
-        v_cache,
+        a.k_cache,
+        a.v_cache,
         *ints[1:],
-        float(eps),
-        float(scale),
+        float(a.eps),
+        float(a.scale),
         grid=launch_grid(backend),  # query heads split over the physical cores (kernels/attention_block.py, "Grid")
     )
-    for cache, returned in ((k_cache, k_new), (v_cache, v_new)):
+    for cache, returned in ((a.k_cache, k_new), (a.v_cache, v_new)):
         if returned.data_ptr() != cache.data_ptr():  # new tensors under the emulator (ops.attention, module docstring)
             cache.copy_(returned)
     return out, r
