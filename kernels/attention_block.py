@@ -1,10 +1,12 @@
-"""The decode attention half of a Qwen3 decoder layer with block-scaled FP8 projections, in one kernel: residual add
-and RMSNorm, the q/k/v projection, per-head q/k RMSNorm and neox RoPE, the new K/V written to the paged cache,
-attention over each sequence's context, and the o projection (this rank's partial sum, before the all-reduce).
+"""The decode attention half of a Qwen3 decoder layer in one kernel: residual add and RMSNorm, the q/k/v projection,
+per-head q/k RMSNorm and neox RoPE, the new K/V written to the paged cache, attention over each sequence's context,
+and the o projection (this rank's partial sum, before the all-reduce). Two entry points, one per weight format:
+``attention_block_decode_fp8`` (block-scaled FP8 projections) and ``attention_block_decode`` (projections in the
+activation dtype, transposed), one body.
 
 At batch 1 the five kernels this replaces each spend most of their time waiting on their first DMA and on a
 dependency chain a few instructions long. Here the DMA queues are fed in the order the data is needed: the small
-inputs and the cache's block rows, the q/k/v weights (FP8, on the critical path), the first K/V tiles of the cache,
+inputs and the cache's block rows, the q/k/v weights (on the critical path), the first K/V tiles of the cache,
 then the o weights; so the weights stream while the norm, q/k/v and attention compute. The new token's K/V are
 used from SBUF (its cache slot is masked in the cache read) and written to the cache last, so the cache read does
 not wait for the write.
@@ -59,11 +61,11 @@ from .rope import _gather_cos_sin, qk_norm_rope_ref
 from .views import sbuf_view
 
 HEAD_DIM = PMAX  # one FP8 scale block per head: the kernel's layout needs D = 128 (Qwen3's head_dim)
-# Up to this many tokens the model runs this kernel (``ops.fp8``): beyond, the ops one by one are faster, since
-# here each program attends over every sequence (the query heads are split, not the sequences). Cost model, Qwen3-30B-
-# A3B TP 4 LNC 2, this kernel vs the five it replaces plus their four boundaries (``kernels check --only
-# attention,linear_fp8,fused_add,qk_norm_rope --tokens T --lnc 2``): T = 4 22.4 vs 32.3 us, T = 8 35.8 vs 40.5,
-# T = 16 66.9 vs 57.2.
+# Up to this many tokens the model runs these kernels (``ops.attention_block``): beyond, the ops one by one are
+# faster, since here each program attends over every sequence (the query heads are split, not the sequences). Cost
+# model, Qwen3-30B-A3B TP 4 LNC 2, the kernel vs the five it replaces plus their four boundaries (``kernels check
+# --only attention,linear,fused_add,qk_norm_rope --tokens T --lnc 2``): FP8 T = 4 22.4 vs 32.3 us, T = 8 35.8 vs
+# 40.5, T = 16 66.9 vs 57.2; bf16 T = 4 25.6 vs 38.1, T = 8 38.3 vs 45.6, T = 16 68.1 vs 60.8.
 FUSED_MAX_TOKENS = 8
 # The first K/V tile of each (sequence, kv head) is gathered before the weights are requested, so the cache read
 # does not queue behind them, while these bytes per partition hold them (the rest is gathered when attended).
@@ -125,55 +127,198 @@ def attention_block_decode_fp8(
              with the K/V tiles of ``attention_decode``; one float dtype for activations, weights and caches.
     """
     where = "attention_block_decode_fp8"
-    require(len(hidden.shape) == 2, where, f"hidden.shape={tuple(hidden.shape)}; must be [T, H]")
-    T, H = hidden.shape
-    dt = hidden.dtype
-    require(dt in DTYPES, where, f"hidden.dtype={dt}; must be bfloat16 or float32")
-    require(H % PMAX == 0, where, f"H={H}; must be a multiple of {PMAX} (one scale block per hidden tile)")
-    KT = H // PMAX
-    for name, t, shape in (("residual", residual, (T, H)), ("gamma", gamma, (H,))):
-        require(
-            tuple(t.shape) == shape and t.dtype == dt, where, f"{name} {tuple(t.shape)} {t.dtype}; must be {shape} {dt}"
-        )
-    require(1 <= T <= PMAX, where, f"T={T}; must be 1..{PMAX} (one token per partition where rows are transposed)")
-    nb, hk, bs, d = check_cache(where, k_cache, v_cache, slot_mapping, T)
-    require(d == HEAD_DIM, where, f"head_dim={d}; must be {HEAD_DIM} (one FP8 scale block per head)")
-    require(k_cache.dtype == dt, where, f"k_cache dtype={k_cache.dtype}; must be hidden's {dt}")
+    T, H, dt, hk, d = _check_common(where, hidden, residual, gamma, k_cache, v_cache, slot_mapping)
     require(
         len(qkv_weight.shape) == 2 and qkv_weight.shape[1] == H and qkv_weight.dtype == nl.uint8,
         where,
         f"qkv_weight {tuple(qkv_weight.shape)} {qkv_weight.dtype}; must be uint8 [(Hq + 2 Hk) * {d}, {H}]",
     )
-    hq = qkv_weight.shape[0] // d - 2 * hk
-    require(
-        hq >= 1 and qkv_weight.shape[0] == (hq + 2 * hk) * d and hq % hk == 0,
+    hq = _query_heads(where, "qkv_weight rows", qkv_weight.shape[0], hk, d)
+    KT = H // PMAX
+    for name, t, shape, dtype in (
+        ("qkv_scale", qkv_scale, (hq + 2 * hk, KT), nl.float32),
+        ("o_weight", o_weight, (H, hq * d), nl.uint8),
+        ("o_scale", o_scale, (KT, hq), nl.float32),
+    ):
+        _require_tensor(where, name, t, shape, dtype)
+    _check_rest(
         where,
-        f"qkv_weight rows={qkv_weight.shape[0]}, kv heads={hk}: must be (Hq + 2 * {hk}) * {d} with Hq a multiple of "
-        f"{hk}",
+        hq,
+        hk,
+        T,
+        H,
+        dt,
+        q_norm_weight,
+        k_norm_weight,
+        positions,
+        cos_sin_cache,
+        k_cache,
+        block_tables,
+        context_lens,
     )
-    group = hq // hk
-    require(group <= MAX_QUERY_GROUP, where, f"q heads per kv head={group}; must be <= {MAX_QUERY_GROUP}")
+    return _attention_block(
+        hidden,
+        residual,
+        gamma,
+        qkv_weight,
+        qkv_scale,
+        q_norm_weight,
+        k_norm_weight,
+        positions,
+        cos_sin_cache,
+        o_weight,
+        o_scale,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        block_tables,
+        context_lens,
+        eps,
+        scale,
+        hq,
+    )
+
+
+@nki.jit
+def attention_block_decode(
+    hidden,
+    residual,
+    gamma,
+    qkv_weight_t,
+    q_norm_weight,
+    k_norm_weight,
+    positions,
+    cos_sin_cache,
+    o_weight_t,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    block_tables,
+    context_lens,
+    eps,
+    scale,
+):
+    """``attention_block_decode_fp8`` with the projections' weights in the activation dtype (a bf16 checkpoint's, or
+    fp32 test models'): the same step, layouts and grid; the q/k/v and o matmuls accumulate over the hidden tiles
+    and heads in PSUM (no block scales).
+
+    Args:    as ``attention_block_decode_fp8`` but qkv_weight_t [H, (Hq + 2 Hk) * D] and o_weight_t [Hq * D, H]:
+             the projections' weights transposed (W^T, the layout ``kernels/linear.py`` reads; the model keeps its
+             weights column-major so these are views), hidden's dtype.
+    Returns: (out, r, k_cache, v_cache) as ``attention_block_decode_fp8``.
+    Tiling:  as ``attention_block_decode_fp8``; a q/k/v head block is [128, KT, D] of W^T (256-byte rows), an o tile
+             [D, heads, 128]; Tensor accumulates the hidden tiles (q/k/v) and this program's heads (o) in PSUM,
+             Vector evicts.
+    Limits:  as ``attention_block_decode_fp8``.
+    """
+    where = "attention_block_decode"
+    T, H, dt, hk, d = _check_common(where, hidden, residual, gamma, k_cache, v_cache, slot_mapping)
+    require(
+        len(qkv_weight_t.shape) == 2 and qkv_weight_t.shape[0] == H and qkv_weight_t.dtype == dt,
+        where,
+        f"qkv_weight_t {tuple(qkv_weight_t.shape)} {qkv_weight_t.dtype}; must be {dt} [{H}, (Hq + 2 Hk) * {d}]",
+    )
+    hq = _query_heads(where, "qkv_weight_t columns", qkv_weight_t.shape[1], hk, d)
+    _require_tensor(where, "o_weight_t", o_weight_t, (hq * d, H), dt)
+    _check_rest(
+        where,
+        hq,
+        hk,
+        T,
+        H,
+        dt,
+        q_norm_weight,
+        k_norm_weight,
+        positions,
+        cos_sin_cache,
+        k_cache,
+        block_tables,
+        context_lens,
+    )
+    return _attention_block(
+        hidden,
+        residual,
+        gamma,
+        qkv_weight_t,
+        None,
+        q_norm_weight,
+        k_norm_weight,
+        positions,
+        cos_sin_cache,
+        o_weight_t,
+        None,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        block_tables,
+        context_lens,
+        eps,
+        scale,
+        hq,
+    )
+
+
+def _require_tensor(where: str, name: str, t, shape: tuple, dtype) -> None:
+    require(
+        tuple(t.shape) == shape and t.dtype == dtype,
+        where,
+        f"{name} {tuple(t.shape)} {t.dtype}; must be {shape} {dtype}",
+    )
+
+
+def _check_common(where: str, hidden, residual, gamma, k_cache, v_cache, slot_mapping):
+    """The activations and the caches; returns (T, H, dtype, kv heads, head_dim)."""
+    require(len(hidden.shape) == 2, where, f"hidden.shape={tuple(hidden.shape)}; must be [T, H]")
+    T, H = hidden.shape
+    dt = hidden.dtype
+    require(dt in DTYPES, where, f"hidden.dtype={dt}; must be bfloat16 or float32")
+    require(H % PMAX == 0, where, f"H={H}; must be a multiple of {PMAX} (one scale block per hidden tile)")
+    _require_tensor(where, "residual", residual, (T, H), dt)
+    _require_tensor(where, "gamma", gamma, (H,), dt)
+    require(1 <= T <= PMAX, where, f"T={T}; must be 1..{PMAX} (one token per partition where rows are transposed)")
+    nb, hk, bs, d = check_cache(where, k_cache, v_cache, slot_mapping, T)
+    require(d == HEAD_DIM, where, f"head_dim={d}; must be {HEAD_DIM} (one FP8 scale block per head)")
+    require(k_cache.dtype == dt, where, f"k_cache dtype={k_cache.dtype}; must be hidden's {dt}")
+    tile_bytes = 2 * bs * d * (4 if dt == nl.float32 else 2)
+    require(
+        tile_bytes <= KV_TILE_SBUF_BYTES,
+        where,
+        f"block_size={bs}: K/V block tiles need {tile_bytes} B per partition; must be <= {KV_TILE_SBUF_BYTES}",
+    )
+    return T, H, dt, hk, d
+
+
+def _query_heads(where: str, what: str, rows: int, hk: int, d: int) -> int:
+    """Hq from the fused q/k/v size (Hq + 2 Hk) * D."""
+    hq = rows // d - 2 * hk
+    require(
+        hq >= 1 and rows == (hq + 2 * hk) * d and hq % hk == 0,
+        where,
+        f"{what}={rows}, kv heads={hk}: must be (Hq + 2 * {hk}) * {d} with Hq a multiple of {hk}",
+    )
+    require(hq // hk <= MAX_QUERY_GROUP, where, f"q heads per kv head={hq // hk}; must be <= {MAX_QUERY_GROUP}")
+    return hq
+
+
+def _check_rest(
+    where, hq, hk, T, H, dt, q_norm_weight, k_norm_weight, positions, cos_sin_cache, k_cache, block_tables, context_lens
+):
+    """The norm weights, positions, RoPE table, block table and context lengths, and the token limit."""
+    d = HEAD_DIM
+    KT = H // PMAX
     require(
         T <= PSUM_BANK_FMAX // max(KT, hq),
         where,
         f"T={T}; at most {PSUM_BANK_FMAX // max(KT, hq)} tokens (a token's PSUM columns of every hidden tile and "
         "head fit one bank)",
     )
-    checks = (
-        ("qkv_scale", qkv_scale, (hq + 2 * hk, KT), nl.float32),
-        ("o_weight", o_weight, (H, hq * d), nl.uint8),
-        ("o_scale", o_scale, (KT, hq), nl.float32),
+    for name, t, shape, dtype in (
         ("q_norm_weight", q_norm_weight, (d,), dt),
         ("k_norm_weight", k_norm_weight, (d,), dt),
         ("positions", positions, (T,), nl.int32),
         ("context_lens", context_lens, (T,), nl.int32),
-    )
-    for name, t, shape, dtype in checks:
-        require(
-            tuple(t.shape) == shape and t.dtype == dtype,
-            where,
-            f"{name} {tuple(t.shape)} {t.dtype}; must be {shape} {dtype}",
-        )
+    ):
+        _require_tensor(where, name, t, shape, dtype)
     require(
         len(block_tables.shape) == 2 and block_tables.shape[0] == T and block_tables.dtype == nl.int32,
         where,
@@ -184,13 +329,36 @@ def attention_block_decode_fp8(
         where,
         f"cos_sin_cache.shape={tuple(cos_sin_cache.shape)}; must be [positions, {d}]",
     )
-    tile_bytes = 2 * bs * d * (4 if dt == nl.float32 else 2)
-    require(
-        tile_bytes <= KV_TILE_SBUF_BYTES,
-        where,
-        f"block_size={bs}: K/V block tiles need {tile_bytes} B per partition; must be <= {KV_TILE_SBUF_BYTES}",
-    )
 
+
+def _attention_block(
+    hidden,
+    residual,
+    gamma,
+    qkv_weight,
+    qkv_scale,
+    q_norm_weight,
+    k_norm_weight,
+    positions,
+    cos_sin_cache,
+    o_weight,
+    o_scale,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    block_tables,
+    context_lens,
+    eps,
+    scale,
+    hq: int,
+):
+    """Both kernels' body (``attention_block_decode_fp8``'s "Tiling"); ``qkv_scale`` / ``o_scale`` None: weights
+    in the activation dtype, transposed."""
+    T, H = hidden.shape
+    dt = hidden.dtype
+    KT = H // PMAX
+    nb, hk, bs, d = k_cache.shape
+    group = hq // hk
     out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
     r_out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
     # This program's query heads [h0, h1) and the kv heads they read [g0, g1).
@@ -220,30 +388,19 @@ def attention_block_decode_fp8(
     cached = nl.ndarray((width_max, T), dtype=nl.float32, buffer=nl.sbuf)  # L_b - 1: the tokens before the new one
     nisa.dma_copy(dst=cached, src=context_lens.ap(pattern=[[0, width_max], [1, T]], offset=0))
     nisa.tensor_scalar(dst=cached, data=cached, op0=nl.add, operand0=-1.0)
-    w8 = qkv_weight.view(nl.float8_e4m3)
     blocks = [h for h in range(h0, h1)] + [hq + g for g in range(g0, g1)] + [hq + hk + g for g in range(g0, g1)]
-    qkv_w = []
-    for blk in blocks:
-        w_sb = nl.ndarray((PMAX, KT, d), dtype=nl.float8_e4m3, buffer=nl.sbuf)
-        nisa.dma_copy(dst=w_sb, src=w8.ap([[KT * d, PMAX], [d, KT], [1, d]], offset=blk * d * H))
-        s_sb = nl.ndarray((d, T, KT), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=s_sb, src=qkv_scale.ap([[0, d], [0, T], [1, KT]], offset=blk * KT))
-        qkv_w.append((_widened(w_sb, dt), s_sb))
+    qkv_w = [_qkv_block(qkv_weight, qkv_scale, blk, T, KT, d, dt) for blk in blocks]
 
     # the first K/V tiles of the cache next (needed after q/k/v), then the o weights (needed last)
     prefetched = {}  # "b:g" -> the first K/V tile of sequence b, kv head g (string keys: NKI 0.6's dict rule)
     for b in range(prefetch):
         for g in range(g0, g1):
             prefetched[f"{b}:{g}"] = gather_first_tile(k_cache, v_cache, first_rows[b], block_tables, g)
-    o8 = o_weight.view(nl.float8_e4m3)
-    o_s = nl.ndarray((PMAX, T, KT, nq), dtype=nl.float32, buffer=nl.sbuf)  # scale (hidden tile kt, head h0 + j)
-    nisa.dma_copy(dst=o_s, src=o_scale.ap([[0, PMAX], [0, T], [hq, KT], [1, nq]], offset=h0))
-    o_w = []
-    for kt in range(KT):  # hidden tile kt of the output; weight [128 (d), nq heads, 128 (h)]
-        w_sb = nl.ndarray((d, nq, PMAX), dtype=nl.float8_e4m3, buffer=nl.sbuf)
-        src = o8.ap([[hq * PMAX, d], [PMAX, nq], [1, PMAX]], offset=kt * PMAX * hq * d + h0 * PMAX)
-        nisa.dma_copy(dst=w_sb, src=src)
-        o_w.append(_widened(w_sb, dt))
+    o_w = [_o_tile(o_weight, kt, h0, nq, hq, d, dt) for kt in range(KT)]  # [128 (d), nq heads, 128 (h)] each
+    o_s = None
+    if o_scale is not None:  # FP8: scale (hidden tile kt, head h0 + j)
+        o_s = nl.ndarray((PMAX, T, KT, nq), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=o_s, src=o_scale.ap([[0, PMAX], [0, T], [hq, KT], [1, nq]], offset=h0))
 
     # ---- residual add and RMSNorm (hidden split h = kt * 128 + p: the FP8 blocks' split) ----
     nisa.tensor_tensor(dst=r_sb, data1=r_sb, data2=res_sb, op=nl.add)  # rounded as the model's x + residual
@@ -304,6 +461,16 @@ def attention_block_decode_fp8(
     per_bank = max(1, PSUM_BANK_FMAX // (T * nq))  # hidden tiles whose [T, nq] columns share one PSUM bank
     for k0 in range(0, KT, per_bank):
         kn = min(per_bank, KT - k0)
+        if o_s is None:  # unscaled: the heads accumulate in PSUM
+            sums = nl.ndarray((PMAX, T, kn), dtype=nl.float32, buffer=nl.psum)
+            for kk in range(kn):
+                for j in range(nq):
+                    moving = sbuf_view(o_cols, [[nq, T]], offset=j)
+                    nisa.nc_matmul(
+                        dst=sums[:, :, kk], stationary=o_w[k0 + kk][:, j, :], moving=moving, accumulate=j > 0
+                    )
+            nisa.tensor_copy(dst=acc[:, :, k0 : k0 + kn], src=sums)
+            continue
         cols = nl.ndarray((PMAX, T, kn, nq), dtype=nl.float32, buffer=nl.psum)
         for kk in range(kn):
             for j in range(nq):
@@ -326,11 +493,49 @@ def _widened(w_sb, dt):
     return wide
 
 
+def _qkv_block(weight, scale, blk: int, T: int, KT: int, d: int, dt):
+    """Output block ``blk`` (one head) of the q/k/v weight as the stationary tile [128, KT, D] (hidden h = kt * 128 +
+    p on partitions) and its scales [D, T, KT] (every partition and token), one DMA each: FP8 in ``linear_fp8``'s
+    layout; or, ``scale`` None, the weight transposed W^T [H, N] in ``dt`` (256-byte rows), no scales."""
+    if scale is None:
+        N = weight.shape[1]
+        w_sb = nl.ndarray((PMAX, KT, d), dtype=weight.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=w_sb, src=weight.ap([[N, PMAX], [PMAX * N, KT], [1, d]], offset=blk * d))
+        return w_sb, None
+    H = weight.shape[1]
+    w_sb = nl.ndarray((PMAX, KT, d), dtype=nl.float8_e4m3, buffer=nl.sbuf)
+    nisa.dma_copy(dst=w_sb, src=weight.view(nl.float8_e4m3).ap([[KT * d, PMAX], [d, KT], [1, d]], offset=blk * d * H))
+    s_sb = nl.ndarray((d, T, KT), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=s_sb, src=scale.ap([[0, d], [0, T], [1, KT]], offset=blk * KT))
+    return _widened(w_sb, dt), s_sb
+
+
+def _o_tile(weight, kt: int, h0: int, nq: int, hq: int, d: int, dt):
+    """Hidden tile ``kt`` of the o projection, heads h0 .. h0 + nq - 1: the stationary tiles [D, nq, 128], one DMA:
+    FP8 in ``linear_fp8``'s layout ([N = H, K = Hq * D], block kt's bytes [KP, Hq, 128]); or, for a weight in
+    ``dt``, its transpose W^T [Hq * D, H] (256-byte rows)."""
+    if weight.dtype != nl.uint8:
+        H = weight.shape[1]
+        w_sb = nl.ndarray((d, nq, PMAX), dtype=weight.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=w_sb, src=weight.ap([[H, d], [d * H, nq], [1, PMAX]], offset=h0 * d * H + kt * PMAX))
+        return w_sb
+    w_sb = nl.ndarray((d, nq, PMAX), dtype=nl.float8_e4m3, buffer=nl.sbuf)
+    src = weight.view(nl.float8_e4m3).ap([[hq * PMAX, d], [PMAX, nq], [1, PMAX]], offset=kt * PMAX * hq * d + h0 * PMAX)
+    nisa.dma_copy(dst=w_sb, src=src)
+    return _widened(w_sb, dt)
+
+
 def _project_head(dst, j: int, heads: int, x_sb, w_sb, s_sb, T: int, KT: int) -> None:
     """Column j of every token of ``dst [D, T * heads, 1]`` = one FP8 output block of x: Tensor KT GEMVs (FP8
     stationary [128, D], x[:, :, kt] moving [128, T]) into PSUM [D, T, KT]; Vector: times the block scales, summed
     over kt in fp32, rounded to dst's dtype."""
     d = w_sb.shape[2]
+    if s_sb is None:  # unscaled: the hidden tiles accumulate in PSUM
+        acc_ps = nl.ndarray((d, T), dtype=nl.float32, buffer=nl.psum)
+        for kt in range(KT):
+            nisa.nc_matmul(dst=acc_ps, stationary=w_sb[:, kt, :], moving=x_sb[:, :, kt], accumulate=kt > 0)
+        nisa.tensor_copy(dst=sbuf_view(dst, [[heads, T]], offset=j), src=acc_ps)
+        return
     cols = nl.ndarray((d, T, KT), dtype=nl.float32, buffer=nl.psum)
     for kt in range(KT):
         nisa.nc_matmul(dst=cols[:, :, kt], stationary=w_sb[:, kt, :], moving=x_sb[:, :, kt])
@@ -435,7 +640,7 @@ def _columns_to_rows(cols, T: int, stride: int, first: int, heads: int, dt):
     return rows
 
 
-# ----- reference ---------------------------------------------------------------------------------------------------
+# ----- references ---------------------------------------------------------------------------------------------------
 def attention_block_fp8_ref(
     hidden: torch.Tensor,
     residual: torch.Tensor,
@@ -459,12 +664,90 @@ def attention_block_fp8_ref(
     """The same step as the model's ops in sequence, in torch from the kernel layouts: fused add + RMSNorm, q/k/v
     (``linear_fp8_ref``: exact dequantization, rounded once), q/k norm + RoPE, decode attention (writing the new
     K/V into copies of the caches), o. Returns (out, r, k_cache, v_cache)."""
+    return _block_ref(
+        lambda x: linear_fp8_ref(x, qkv_weight, qkv_scale),
+        lambda x: linear_fp8_ref(x, o_weight, o_scale),
+        hidden,
+        residual,
+        gamma,
+        q_norm_weight,
+        k_norm_weight,
+        positions,
+        cos_sin_cache,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        block_tables,
+        context_lens,
+        eps,
+        scale,
+    )
+
+
+def attention_block_ref(
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+    gamma: torch.Tensor,
+    qkv_weight_t: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    o_weight_t: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    eps: float,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``attention_block_fp8_ref`` with unquantized projections: x @ W^T accumulated in fp32, rounded once (as
+    ``F.linear`` and ``kernels/linear.py``)."""
+    return _block_ref(
+        lambda x: (x.float() @ qkv_weight_t.float()).to(x.dtype),
+        lambda x: (x.float() @ o_weight_t.float()).to(x.dtype),
+        hidden,
+        residual,
+        gamma,
+        q_norm_weight,
+        k_norm_weight,
+        positions,
+        cos_sin_cache,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        block_tables,
+        context_lens,
+        eps,
+        scale,
+    )
+
+
+def _block_ref(
+    project_qkv,
+    project_o,
+    hidden,
+    residual,
+    gamma,
+    q_norm_weight,
+    k_norm_weight,
+    positions,
+    cos_sin_cache,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    block_tables,
+    context_lens,
+    eps,
+    scale,
+):
     x, r = fused_add_rms_norm_ref(hidden, residual, gamma, eps)
-    d = k_cache.shape[-1]
-    kv = k_cache.shape[1] * d
-    q, k, v = linear_fp8_ref(x, qkv_weight, qkv_scale).split([qkv_weight.shape[0] - 2 * kv, kv, kv], dim=-1)
+    kv = k_cache.shape[1] * k_cache.shape[-1]
+    qkv = project_qkv(x)
+    q, k, v = qkv.split([qkv.shape[1] - 2 * kv, kv, kv], dim=-1)
     q, k = qk_norm_rope_ref(q, k, q_norm_weight, k_norm_weight, eps, positions.long(), cos_sin_cache)
     attn, k_cache, v_cache = attention_decode_ref(
         q, k, v, k_cache.clone(), v_cache.clone(), slot_mapping, block_tables, context_lens, scale
     )
-    return linear_fp8_ref(attn, o_weight, o_scale), r, k_cache, v_cache
+    return project_o(attn), r, k_cache, v_cache

@@ -10,6 +10,7 @@ from vllm_nki_moe.kernels import linear_fp8
 
 from nki_emulator import run
 from vllm_nki_moe import ops
+from vllm_nki_moe.ops import attention_block as block_ops
 from vllm_nki_moe.ops import fp8
 from vllm_nki_moe.ops.rope import rope_cos_sin_cache
 from vllm_nki_moe.tools.kernel_check.tolerances import assert_close
@@ -25,7 +26,7 @@ def _projection(n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, torch
     return fp8.quantize(torch.randn(n, k, generator=g) * k**-0.5)
 
 
-def _args(rng, lens, hq, hk, H, dtype, model_layout=False, seed=0):
+def _args(rng, lens, hq, hk, H, dtype, model_layout=False, seed=0, fp8_weights=True):
     """The fused kernel's arguments for one decode step of len(lens) sequences (contexts ``lens`` incl. the new
     token), over a shuffled paged cache with stale values outside every context (``test_attention_decode``)."""
     g = torch.Generator().manual_seed(seed)
@@ -33,19 +34,26 @@ def _args(rng, lens, hq, hk, H, dtype, model_layout=False, seed=0):
     T = len(lens)
     hidden, residual = (torch.randn(T, H, generator=g).to(dtype) for _ in range(2))
     gamma, q_norm, k_norm = ((1 + 0.2 * torch.randn(n, generator=g)).to(dtype) for n in (H, D, D))
-    qkv, o = _projection((hq + 2 * hk) * D, H, g), _projection(H, hq * D, g)
-    if not model_layout:
+    if not fp8_weights:  # weights in the activation dtype: [N, K] as the model holds them, or W^T for the kernel
+        qkv, o = (
+            (torch.randn(n, k, generator=g) * k**-0.5).to(dtype) for n, k in (((hq + 2 * hk) * D, H), (H, hq * D))
+        )
+        qkv, o = ((qkv,), (o,)) if model_layout else ((qkv.t().contiguous(),), (o.t().contiguous(),))
+    else:
+        qkv, o = _projection((hq + 2 * hk) * D, H, g), _projection(H, hq * D, g)
+    if fp8_weights and not model_layout:
         qkv, o = linear_fp8.linear_fp8_kernel_layout(*qkv), linear_fp8.linear_fp8_kernel_layout(*o)
     positions = (ctx - 1).to(torch.int32)
     cos_sin = rope_cos_sin_cache(D, 8192, 1e6, None)
     return [hidden, residual, gamma, *qkv, q_norm, k_norm, positions, cos_sin, *o, k_cache, v_cache, slots, tables, ctx]
 
 
-def _check(args, dtype, eps=1e-6, programs=1):
-    fn = kernel.attention_block_decode_fp8 if programs == 1 else kernel.attention_block_decode_fp8[programs]
+def _check(args, dtype, eps=1e-6, programs=1, fp8_weights=True):
+    fn = kernel.attention_block_decode_fp8 if fp8_weights else kernel.attention_block_decode
+    fn = fn if programs == 1 else fn[programs]
     scale = D**-0.5
     (out, r, k_cache, v_cache), _ = run(fn, *args, eps, scale)
-    want = kernel.attention_block_fp8_ref(*args, eps, scale)
+    want = (kernel.attention_block_fp8_ref if fp8_weights else kernel.attention_block_ref)(*args, eps, scale)
     assert out.dtype == dtype and out.shape == args[0].shape
     assert_close(out, want[0], TOLERANCE[dtype])
     assert torch.equal(r, want[1])  # x + residual rounded once: exact
@@ -80,6 +88,27 @@ def test_two_programs_sharing_one_kv_head_match_one_program(rng):
     one = _check([a.clone() if isinstance(a, torch.Tensor) else a for a in args], torch.bfloat16)
     two = _check(args, torch.bfloat16, programs=2)
     assert_close(two, one, "bfloat16")
+
+
+@pytest.mark.parametrize("dtype, programs", [(torch.bfloat16, 2), (torch.float32, 1)])
+def test_unquantized_weights_match_the_op_sequence(dtype, programs, rng):
+    """attention_block_decode (weights in the activation dtype, transposed) at Qwen3-30B-A3B TP 4 and a batch of
+    two: q/k/v and o accumulate in PSUM, the rest as the FP8 kernel."""
+    _check(_args(rng, [640, 77], 8, 1, 2048, dtype, fp8_weights=False), dtype, programs=programs, fp8_weights=False)
+
+
+def test_unquantized_op_runs_the_kernel_and_equals_the_ops_one_by_one(rng):
+    """ops.attention_block under the emulator on the model's [N, K] weights against the torch backend's sequence."""
+    kernel_args = _args(rng, [300, 17], 4, 2, 256, torch.float32, model_layout=True, fp8_weights=False)
+    args = kernel_args[:3] + [1e-6] + kernel_args[3:] + [D**-0.5]
+    torch_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    emulated = ops.bind("emulator")
+    assert "attention_block" in emulated.kernel_ops
+    out, r = emulated.attention_block(*args)
+    want, want_r = ops.bind("torch").attention_block(*torch_args)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r, want_r, rtol=0, atol=0)
+    torch.testing.assert_close(args[-6], torch_args[-6], rtol=1e-4, atol=1e-5)  # k_cache, written in place
 
 
 def test_uses_each_norm_weight_and_the_position(rng):
@@ -121,7 +150,7 @@ def test_the_op_runs_as_separate_ops_where_the_kernel_does_not_apply(rng):
     args = [torch.randn(T, H, generator=g), torch.randn(T, H, generator=g), torch.ones(H), 1e-6, *qkv]
     args += [torch.ones(d), torch.ones(d), (ctx - 1).long(), rope_cos_sin_cache(d, 64, 1e4, None), *o]
     args += [k_cache, v_cache, slots, tables, ctx, scale]
-    reason = fp8._attention_block_fp8_supports(*args)
+    reason = block_ops._fp8_supports(*args)
     assert reason is not None and "head_dim 128" in reason
     out, _ = ops.bind("emulator").attention_block_fp8(*args)
     torch_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
@@ -134,7 +163,7 @@ def test_the_op_runs_as_separate_ops_beyond_the_fused_kernels_batch(rng):
     lens = [20 + 3 * i for i in range(kernel.FUSED_MAX_TOKENS + 1)]
     kernel_args = _args(rng, lens, 2, 1, 128, torch.float32, model_layout=True)
     args = kernel_args[:3] + [1e-6] + kernel_args[3:] + [D**-0.5]
-    reason = fp8._attention_block_fp8_supports(*args)
+    reason = block_ops._fp8_supports(*args)
     assert reason is not None and f"T={len(lens)}" in reason and f"1..{kernel.FUSED_MAX_TOKENS} tokens" in reason
     torch_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
     out, _ = ops.bind("emulator").attention_block_fp8(*args)
@@ -165,3 +194,10 @@ def test_rejects_invalid_inputs_naming_them(change, message, rng):
     with pytest.raises(ValueError) as err:
         run(kernel.attention_block_decode_fp8, *args, 1e-6, D**-0.5)
     assert message in str(err.value)
+
+
+def test_unquantized_kernel_rejects_weights_of_another_dtype(rng):
+    args = _args(rng, [7], 2, 1, 256, torch.float32, fp8_weights=False)
+    args[3] = args[3].to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"qkv_weight_t \(256, 512\) bfloat16; must be float32 \[256"):
+        run(kernel.attention_block_decode, *args, 1e-6, D**-0.5)

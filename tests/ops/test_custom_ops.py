@@ -46,7 +46,16 @@ def _inputs(name: str, g: torch.Generator) -> tuple:
         *block_caches,
         *(torch.tensor([13, 20]), torch.tensor([[3, 2, 5], [5, 1, 0]]), torch.tensor([10, 1]), d128**-0.5),
     )
+    plain_caches = [torch.zeros(BLOCKS, KV_HEADS, BLOCK, d128) for _ in range(2)]
+    attention_block = (
+        *(randn(2, H), randn(2, H), w, EPS, 0.05 * randn(4 * d128, H)),
+        *(randn(d128), randn(d128), torch.tensor([9, 0]), ops.rope.rope_cos_sin_cache(d128, 64, 1e6)),
+        0.05 * randn(H, 2 * d128),
+        *plain_caches,
+        *(torch.tensor([13, 20]), torch.tensor([[3, 2, 5], [5, 1, 0]]), torch.tensor([10, 1]), d128**-0.5),
+    )
     return {
+        "attention_block": attention_block,
         "attention_block_fp8": attention_block_fp8,
         "rms_norm": (x, w, EPS),
         "fused_add_rms_norm": (x, randn(T, H), w, EPS),

@@ -22,6 +22,8 @@ CONFIGS = {
     "default": None,
     # dense MLP layers (mlp_only_layers) and un-normalised routing weights
     "dense-layers-no-renorm": {"num_hidden_layers": 3, "mlp_only_layers": [1], "norm_topk_prob": False},
+    # head_dim 128 (Qwen3-30B-A3B's): decode steps run the attention half as one kernel (attention_block_decode)
+    "head128": {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128},
 }
 
 
@@ -62,6 +64,32 @@ def test_generate_on_emulated_kernels_at_lnc_2_matches_hf_greedy(make_model, hf_
     grids = dict(launched)
     for name in ("linear", "attention_decode", "moe_block_decode", "moe_prefill"):
         assert grids.get(name) == 2, (name, sorted(grids.items()))
+
+
+def test_decode_steps_run_the_fused_attention_half_at_head_dim_128(make_model, hf_tokens, monkeypatch):
+    """head_dim 128 under the emulator at LNC 2: every decode step runs attention_block_decode once per layer after
+    the first (which has no residual to add) on two programs; prefill runs the ops one by one; tokens as HF's."""
+    from vllm_nki_moe.ops import attention_block as block_ops
+
+    monkeypatch.setenv("NEURON_LOGICAL_NC_CONFIG", "2")
+    launched = []
+    real = kernel_call.call_kernel
+
+    def spy(backend, kernel, *args, grid=1, **kwargs):
+        launched.append((kernel.__name__, grid))
+        return real(backend, kernel, *args, grid=grid, **kwargs)
+
+    for module in (attention_ops, block_ops):
+        monkeypatch.setattr(module, "call_kernel", spy)
+    model_dir = make_model(CONFIGS["head128"])
+    harness = gen.Harness(model_dir, "emulator")
+    got = harness.generate(PROMPTS[0], NEW_TOKENS).tokens
+    assert got == hf_tokens("head128")[0]
+    layers = harness.model.sizes.num_hidden_layers
+    blocks = [grid for name, grid in launched if name == "attention_block_decode"]
+    assert len(blocks) == (NEW_TOKENS - 1) * (layers - 1) and set(blocks) == {2}
+    # the first layer's decode attention and every prefill run the attention kernels
+    assert sum(name == "attention_decode" for name, _ in launched) == NEW_TOKENS - 1
 
 
 def test_generate_on_torch_ops_matches_hf_greedy(make_model, hf_tokens):

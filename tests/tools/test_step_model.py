@@ -107,6 +107,18 @@ def test_fp8_checkpoint_limit_by_hand():
     assert step_model.limit_seconds(fp8, 1) == pytest.approx(nbytes / (2 * CORE_BW))
 
 
+def test_the_bf16_batch_1_step_is_the_two_fused_blocks_per_layer():
+    st = bench.step_cost(kernel_shapes(None, 4), "decode", 1)
+    per_layer = {r.kernel for r in st.rows if r.passed and r.calls_per_layer}
+    assert per_layer == {"attention_block_decode", "moe_block_decode"}
+    assert {p.name for p in st.rest}.isdisjoint({"qkv_proj", "o_proj", "lm_head"})  # all covered by kernels
+    # beyond FUSED_MAX_TOKENS sequences the ops one by one
+    st8 = bench.step_cost(kernel_shapes(None, 4), "decode", 32)
+    per_layer = {r.kernel for r in st8.rows if r.passed and r.calls_per_layer}
+    assert {"linear.qkv_proj", "linear.o_proj", "attention_decode", "qk_norm_rope"} <= per_layer
+    assert "attention_block_decode" not in per_layer
+
+
 def test_the_fp8_step_counts_the_fp8_kernels_and_not_the_bf16_ones():
     st = bench.step_cost(replace(kernel_shapes(None, 4), fp8=True), "decode", 1)
     per_layer = {r.kernel for r in st.rows if r.passed and r.calls_per_layer}

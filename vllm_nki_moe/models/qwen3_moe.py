@@ -243,40 +243,35 @@ class Qwen3MoeAttention(nn.Module):
                 prefix=f"{prefix}.attn",
             )
         self.ops = opset
-        # FP8 projections and q/k norm, no bias: a decode step on our paged cache can be one op (decode_block)
-        self.fp8_block = quant_config is not None and self.qk_norm and not sizes.attention_bias
+        # q/k norm and no bias: a decode step on our paged cache can be one op (decode_block), per weight format
+        self.block_fp8 = quant_config is not None
+        self.block_applies = self.qk_norm and not sizes.attention_bias
         self.tp_size = tp_size
 
     def decode_block(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor, norm: Qwen3MoeRMSNorm
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The layer's residual add and input norm with this attention as one op (``attention_block_fp8``: a fused
-        kernel where the backend has one) in a decode step on our paged cache with FP8 projections; None where the
-        layer runs its ops one by one (prefill, vLLM's own ``Attention``, bf16 weights, Llama)."""
+        """The layer's residual add and input norm with this attention as one op (``attention_block`` or, with FP8
+        projections, ``attention_block_fp8``: a fused kernel where the backend has one) in a decode step on our
+        paged cache; None where the layer runs its ops one by one (prefill, vLLM's own ``Attention``, Llama, or
+        unquantized weights whose matmul is vLLM's own, i.e. no ``linear`` kernel: vLLM's CPU layers may repack
+        them)."""
         attn = self.attn
-        if not (self.fp8_block and isinstance(attn, PagedAttention) and attn.cache.step["phase"] == "decode"):
+        if not (self.block_applies and isinstance(attn, PagedAttention) and attn.cache.step["phase"] == "decode"):
+            return None
+        if not self.block_fp8 and "linear" not in self.ops.kernel_ops:
             return None
         step, qkv, o = attn.cache.step, self.qkv_proj, self.o_proj
-        out, residual = self.ops.attention_block_fp8(
-            hidden_states,
-            residual,
-            norm.weight,
-            norm.eps,
-            qkv.weight,
-            qkv.weight_scale_inv,
-            self.q_norm.weight,
-            self.k_norm.weight,
-            positions,
-            self.cos_sin_cache,
-            o.weight,
-            o.weight_scale_inv,
-            attn.cache.k[attn.layer],
-            attn.cache.v[attn.layer],
-            step["slot_mapping"],
-            step["block_tables"],
-            step["context_lens"],
-            attn.scale,
-        )
+        caches = (attn.cache.k[attn.layer], attn.cache.v[attn.layer])
+        cached = (*caches, step["slot_mapping"], step["block_tables"], step["context_lens"], attn.scale)
+        rope = (self.q_norm.weight, self.k_norm.weight, positions, self.cos_sin_cache)
+        if self.block_fp8:
+            qkv_w, o_w = (qkv.weight, qkv.weight_scale_inv), (o.weight, o.weight_scale_inv)
+            block = self.ops.attention_block_fp8
+        else:
+            qkv_w, o_w = (qkv.weight,), (o.weight,)
+            block = self.ops.attention_block
+        out, residual = block(hidden_states, residual, norm.weight, norm.eps, *qkv_w, *rope, *o_w, *cached)
         if self.tp_size > 1:  # what o_proj (RowParallelLinear) does after its matmul
             out = tensor_model_parallel_all_reduce(out)
         return out, residual

@@ -40,12 +40,24 @@ from typing import Callable
 import torch
 
 from vllm_nki_moe import envs
-from vllm_nki_moe.ops import attention, custom_ops, fp8, host, kernel_call, linear, moe, norms, rope, router
+from vllm_nki_moe.ops import (
+    attention,
+    attention_block,
+    custom_ops,
+    fp8,
+    host,
+    kernel_call,
+    linear,
+    moe,
+    norms,
+    rope,
+    router,
+)
 from vllm_nki_moe.ops.spec import OpSpec
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = (norms, linear, rope, router, moe, fp8, attention)
+FAMILIES = (norms, linear, rope, router, moe, fp8, attention, attention_block)
 SPECS: dict[str, OpSpec] = {spec.name: spec for family in FAMILIES for spec in family.SPECS}
 # The ops in the order a decoder layer runs them.
 OP_NAMES = (
@@ -63,7 +75,7 @@ OP_NAMES = (
     "attention_decode",
 )
 # Ops built from the others, in order (each may use the ones before it); a kernel for one runs where it applies.
-COMPOSITE_OPS = ("router_gate_topk", "moe_block", "moe_block_fp8", "attention_block_fp8")
+COMPOSITE_OPS = ("router_gate_topk", "moe_block", "moe_block_fp8", "attention_block", "attention_block_fp8")
 assert set(SPECS) == set(OP_NAMES + COMPOSITE_OPS), sorted(SPECS)
 # The ops with a vLLM-CPU fast path (``ops.host``) and those implementations.
 HOST_FAST_OPS: dict[str, Callable] = {name: spec.host for name, spec in SPECS.items() if spec.host is not None}
@@ -90,7 +102,8 @@ class OpSet:
     router_gate_topk: Callable  # composite: see router.router_gate_topk_sequence
     moe_block: Callable  # composite: see moe.moe_block_sequence
     moe_block_fp8: Callable  # composite: see fp8.moe_block_fp8_sequence
-    attention_block_fp8: Callable  # composite: see fp8.attention_block_fp8_sequence (decode, paged cache)
+    attention_block: Callable  # composite: see attention_block.attention_block_sequence (decode, paged cache)
+    attention_block_fp8: Callable  # composite: the same with FP8 projections
     kernel_ops: tuple[str, ...] = ()  # which ops run an NKI kernel under this backend
     # op name -> the in-place conversion of its weights to the layout its bound implementation reads (OpSpec.weights)
     weight_preparers: dict[str, Callable] = field(default_factory=dict, repr=False, compare=False)

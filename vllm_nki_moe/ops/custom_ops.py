@@ -20,7 +20,10 @@ from typing import Callable
 import torch
 
 NAMESPACE = "nki_moe"
-MUTATED = {name: ("k_cache", "v_cache") for name in ("attention_prefill", "attention_decode", "attention_block_fp8")}
+MUTATED = {
+    name: ("k_cache", "v_cache")
+    for name in ("attention_prefill", "attention_decode", "attention_block", "attention_block_fp8")
+}
 
 _bindings: dict[str, dict[str, Callable]] = {}
 _keys = itertools.count()
@@ -62,6 +65,7 @@ FAKES: dict[str, Callable] = {
     "linear_fp8": lambda x, weight, weight_scale_inv, binding: x.new_empty(x.shape[0], weight.shape[0]),
     "moe_block": _fake_like(0, 0),
     "moe_block_fp8": _fake_like(0, 0),
+    "attention_block": _fake_like(0, 0),
     "attention_block_fp8": _fake_like(0, 0),
     "attention_prefill": _fake_like(0),
     "attention_decode": _fake_like(0),

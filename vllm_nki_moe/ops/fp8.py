@@ -22,7 +22,6 @@ weight converted the same way (``prepare_linear_fp8_for_kernels``: trn2's format
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -247,48 +246,6 @@ def moe_block_fp8_sequence(impls: dict[str, Callable]) -> Callable:
     return moe_block_fp8
 
 
-def attention_block_fp8_sequence(impls: dict[str, Callable]) -> Callable:
-    """The decoder layer's attention half in a decode step with FP8 projections, as the model runs it op by op:
-    residual add + RMSNorm, q/k/v (``linear_fp8``), q/k norm + RoPE, ``attention_decode`` (writing the new K/V into
-    the paged caches), o (``linear_fp8``). ``attention_block_fp8(hidden [T, H], residual [T, H], norm_weight [H], eps,
-    qkv_weight, qkv_scale_inv, q_norm_weight [D], k_norm_weight [D], positions [T], cos_sin_cache [P, D], o_weight,
-    o_scale_inv, k_cache, v_cache, slot_mapping [T], block_tables [T, MB], context_lens [T], scale) -> (this rank's
-    o projection [T, H] before the all-reduce, new residual [T, H])``; D = head_dim = k_cache.shape[-1], eps every
-    RMSNorm's. A backend with the fused kernel (``attention_block_decode_fp8``) runs it where it applies."""
-    add_norm, linear, norm_rope = impls["fused_add_rms_norm"], impls["linear_fp8"], impls["qk_norm_rope"]
-    attend = impls["attention_decode"]
-
-    def attention_block_fp8(
-        hidden: torch.Tensor,
-        residual: torch.Tensor,
-        norm_weight: torch.Tensor,
-        eps: float,
-        qkv_weight: torch.Tensor,
-        qkv_scale_inv: torch.Tensor,
-        q_norm_weight: torch.Tensor,
-        k_norm_weight: torch.Tensor,
-        positions: torch.Tensor,
-        cos_sin_cache: torch.Tensor,
-        o_weight: torch.Tensor,
-        o_scale_inv: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        block_tables: torch.Tensor,
-        context_lens: torch.Tensor,
-        scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        x, residual = add_norm(hidden, residual, norm_weight, eps)
-        d = k_cache.shape[-1]
-        kv = k_cache.shape[1] * d
-        q, k, v = linear(x, qkv_weight, qkv_scale_inv).split([qkv_weight.shape[0] - 2 * kv, kv, kv], dim=-1)
-        q, k = norm_rope(q, k, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, d)
-        attn = attend(q, k, v.contiguous(), k_cache, v_cache, slot_mapping, block_tables, context_lens, scale)
-        return linear(attn, o_weight, o_scale_inv), residual
-
-    return attention_block_fp8
-
-
 def _is_linear_kernel_layout(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.uint8  # trn2 FP8 bytes (linear_fp8.linear_fp8_kernel_layout)
 
@@ -323,11 +280,17 @@ def linear_fp8_any_layout(x: torch.Tensor, weight: torch.Tensor, weight_scale_in
     return linear_fp8(x, weight, weight_scale_inv)
 
 
+def linear_fp8_kernel_weights(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A projection's FP8 weight and scales in ``linear_fp8``'s kernel layout: as they are once the model prepared
+    them; otherwise (tools and tests hand model-layout weights) converted once and cached."""
+    if _is_linear_kernel_layout(weight):
+        return weight, weight_scale_inv
+    return _kernel_weights.get(load_kernels("linear_fp8").linear_fp8_kernel_layout, weight, weight_scale_inv)
+
+
 def _linear_fp8_kernel(backend: str, x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor):
     kernel = load_kernels("linear_fp8")
-    weights = (weight, weight_scale_inv)
-    if not _is_linear_kernel_layout(weight):  # tools and tests hand model-layout weights: converted once
-        weights = _kernel_weights.get(kernel.linear_fp8_kernel_layout, *weights)
+    weights = linear_fp8_kernel_weights(weight, weight_scale_inv)
     rows = kernel.max_tokens(x.shape[1], x.element_size())  # x stays in SBUF: longer inputs go in token tiles
     tiles = [
         # output blocks split over the physical cores (kernels/linear_fp8.py, "Grid")
@@ -376,74 +339,6 @@ def _moe_block_fp8_kernel(
     )
 
 
-# attention_block_fp8's arguments by name (its sequence's signature), for the kernel binding's two functions
-_BLOCK_ARGS = (
-    "hidden residual norm_weight eps qkv_weight qkv_scale_inv q_norm_weight k_norm_weight positions cos_sin_cache "
-    "o_weight o_scale_inv k_cache v_cache slot_mapping block_tables context_lens scale"
-).split()
-
-
-def _block_args(args) -> SimpleNamespace:
-    return SimpleNamespace(**dict(zip(_BLOCK_ARGS, args, strict=True)))
-
-
-def _attention_block_fp8_supports(*args) -> str | None:
-    """Where the fused attention half applies (kernels/attention_block.py, "Limits" and ``FUSED_MAX_TOKENS``);
-    elsewhere ``attention_block_fp8`` runs as separate ops (not an error)."""
-    a = _block_args(args)
-    kernel, limits = load_kernels("attention_block"), load_kernels("limits")
-    hidden, k_cache = a.hidden, a.k_cache
-    if hidden.dtype not in KERNEL_DTYPES or hidden.dim() != 2 or a.residual.shape != hidden.shape:
-        return f"hidden {tuple(hidden.shape)} {hidden.dtype}; the fused block takes [T, H] bfloat16 or float32"
-    tokens, H = hidden.shape
-    if H % BLOCK:
-        return f"H={H}; the fused block needs a multiple of {BLOCK}"
-    if k_cache.dim() != 4 or k_cache.shape[-1] != kernel.HEAD_DIM or k_cache.dtype != hidden.dtype:
-        return f"k_cache {tuple(k_cache.shape)} {k_cache.dtype}; the fused block needs head_dim {kernel.HEAD_DIM}"
-    heads = a.o_weight.shape[1] // kernel.HEAD_DIM
-    most = min(kernel.FUSED_MAX_TOKENS, limits.PSUM_BANK_FMAX // max(H // BLOCK, heads))
-    if not 1 <= tokens <= most:
-        return f"T={tokens}; the fused block runs 1..{most} tokens here (beyond, the ops one by one are faster)"
-    decode = load_kernels("attention_decode")
-    if 2 * k_cache.shape[2] * kernel.HEAD_DIM * hidden.element_size() > decode.KV_TILE_SBUF_BYTES:
-        return f"block_size={k_cache.shape[2]}: K/V block tiles exceed {decode.KV_TILE_SBUF_BYTES} B"
-    if heads // k_cache.shape[1] > decode.MAX_QUERY_GROUP:
-        return f"q heads per kv head={heads // k_cache.shape[1]}; at most {decode.MAX_QUERY_GROUP}"
-    return None
-
-
-def _attention_block_fp8_kernel(backend, *args):
-    a = _block_args(args)
-    layout = load_kernels("linear_fp8").linear_fp8_kernel_layout
-    qkv, o = (a.qkv_weight, a.qkv_scale_inv), (a.o_weight, a.o_scale_inv)
-    if not _is_linear_kernel_layout(a.qkv_weight):  # tools and tests hand model-layout weights: converted once
-        qkv, o = _kernel_weights.get(layout, *qkv), _kernel_weights.get(layout, *o)
-    ints = [t.to(torch.int32).contiguous() for t in (a.positions, a.slot_mapping, a.block_tables, a.context_lens)]
-    out, r, k_new, v_new = call_kernel(
-        backend,
-        load_kernels("attention_block").attention_block_decode_fp8,
-        a.hidden.contiguous(),
-        a.residual.contiguous(),
-        a.norm_weight.contiguous(),
-        *qkv,
-        a.q_norm_weight.contiguous(),
-        a.k_norm_weight.contiguous(),
-        ints[0],
-        a.cos_sin_cache.float().contiguous(),
-        *o,
-        a.k_cache,
-        a.v_cache,
-        *ints[1:],
-        float(a.eps),
-        float(a.scale),
-        grid=launch_grid(backend),  # query heads split over the physical cores (kernels/attention_block.py, "Grid")
-    )
-    for cache, returned in ((a.k_cache, k_new), (a.v_cache, v_new)):
-        if returned.data_ptr() != cache.data_ptr():  # new tensors under the emulator (ops.attention, module docstring)
-            cache.copy_(returned)
-    return out, r
-
-
 def _no_host_layout(*weights: torch.Tensor) -> None:
     """The torch backend reads the model's layout."""
 
@@ -466,10 +361,5 @@ SPECS = (
         "moe_block_fp8",
         kernel=KernelImpl(_moe_block_fp8_kernel, _moe_block_fp8_supports),
         compose=moe_block_fp8_sequence,
-    ),
-    OpSpec(
-        "attention_block_fp8",
-        kernel=KernelImpl(_attention_block_fp8_kernel, _attention_block_fp8_supports),
-        compose=attention_block_fp8_sequence,
     ),
 )

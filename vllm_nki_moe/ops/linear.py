@@ -56,9 +56,14 @@ def _linear_supports(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     return None
 
 
+def kernel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight [N, K]`` as the kernels read it, W^T ``[K, N]`` contiguous: a view of a prepared (column-major)
+    weight; otherwise converted once and cached."""
+    return weight.t() if weight.t().is_contiguous() else _weights.get(_transposed, weight)
+
+
 def _linear_kernel(backend: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    # prepared (column-major): the transpose is the kernel's layout as a view; otherwise converted once, cached
-    weight_t = weight.t() if weight.t().is_contiguous() else _weights.get(_transposed, weight)
+    weight_t = kernel_weight(weight)
     # one program per physical core of the logical core (kernels/linear.py, "Grid")
     grid = launch_grid(backend)
     return call_kernel(backend, load_kernels("linear").linear, x.contiguous(), weight_t, grid=grid)

@@ -129,18 +129,19 @@ def _decode_case(s: KernelShapes, B: int, context: int, counted: bool) -> Kernel
 
 
 def attention_block_applies(s: KernelShapes, tokens: int) -> bool:
-    """Whether a decode step of ``tokens`` sequences runs the attention half as ``attention_block_decode_fp8`` (the
-    model's ``attention_block_fp8`` op where its kernel applies, ``ops.fp8._attention_block_fp8_supports``): FP8
-    projections, q/k norm, head_dim 128, few enough tokens. The step then counts it in place of the fused add +
-    norm, q/k/v, q/k norm + RoPE, attention and o kernels (the first layer, with no residual to add, runs those; the
-    step counts the fused block there too)."""
+    """Whether a decode step of ``tokens`` sequences runs the attention half as one kernel (the model's
+    ``attention_block`` / ``attention_block_fp8`` op where its kernel applies, ``ops.attention_block``): q/k norm,
+    head_dim 128, few enough tokens. The step then counts ``attention_block_decode`` (or ``_fp8``) in place of the
+    fused add + norm, q/k/v, q/k norm + RoPE, attention and o kernels (the first layer, with no residual to add, runs
+    those; the step counts the fused block there too)."""
     most = min(block_kernel.FUSED_MAX_TOKENS, 512 // max(s.hidden // 128, s.q_heads))
-    return s.fp8 and s.qk_norm and s.head_dim == block_kernel.HEAD_DIM and s.hidden % 128 == 0 and tokens <= most
+    return s.qk_norm and s.head_dim == block_kernel.HEAD_DIM and s.hidden % 128 == 0 and tokens <= most
 
 
-def _block_case(s: KernelShapes, B: int, context: int) -> KernelCase:
-    """``attention_block_decode_fp8``: B sequences of ``context`` tokens, FP8 q/k/v and o."""
-    from vllm_nki_moe.ops import fp8
+def _block_case(s: KernelShapes, B: int, context: int, fp8: bool) -> KernelCase:
+    """``attention_block_decode_fp8`` (``fp8``: block-scaled FP8 q/k/v and o) or ``attention_block_decode`` (their
+    transposes in the activation dtype): B sequences of ``context`` tokens; counted in the step of its format."""
+    from vllm_nki_moe.ops import fp8 as fp8_ops
     from vllm_nki_moe.ops.rope import rope_cos_sin_cache
 
     dt, hq, hk, d, H = s.torch_dtype, s.q_heads, s.kv_heads, s.head_dim, s.hidden
@@ -148,48 +149,40 @@ def _block_case(s: KernelShapes, B: int, context: int) -> KernelCase:
     blocks = -(-context // BLOCK_SIZE)
     positions = min(s.max_positions, 1 << 16)
 
+    def projection(rng, n: int, k: int) -> tuple:
+        weight = _randn(rng, (n, k), torch.float32) * k**-0.5
+        if fp8:
+            return linear_fp8.linear_fp8_kernel_layout(*fp8_ops.quantize(weight))
+        return (weight.t().contiguous().to(dt),)
+
     def inputs(rng: np.random.Generator) -> tuple:
         k_cache, v_cache, tables = _shuffled_cache(rng, s, [blocks] * B)
         last = context - 1
         slots = (tables[:, last // BLOCK_SIZE].long() * BLOCK_SIZE + last % BLOCK_SIZE).to(torch.int32)
         hidden, residual = _randn(rng, (B, H), dt), _randn(rng, (B, H), dt)
         gamma, q_norm, k_norm = (1 + 0.1 * _randn(rng, (n,), dt) for n in (H, d, d))
-        qkv = linear_fp8.linear_fp8_kernel_layout(*fp8.quantize(_randn(rng, ((hq + 2 * hk) * d, H), dt) * H**-0.5))
-        o = linear_fp8.linear_fp8_kernel_layout(*fp8.quantize(_randn(rng, (H, hq * d), dt) * (hq * d) ** -0.5))
+        qkv, o = projection(rng, (hq + 2 * hk) * d, H), projection(rng, H, hq * d)
         pos = torch.full((B,), last, dtype=torch.int32)
         lens = torch.full((B,), context, dtype=torch.int32)
         cos_sin = rope_cos_sin_cache(d, positions, s.rope_theta)
-        return (
-            hidden,
-            residual,
-            gamma,
-            *qkv,
-            q_norm,
-            k_norm,
-            pos,
-            cos_sin,
-            *o,
-            k_cache,
-            v_cache,
-            slots,
-            tables,
-            lens,
-            s.rms_eps,
-            d**-0.5,
-        )
+        rest = (k_cache, v_cache, slots, tables, lens, s.rms_eps, d**-0.5)
+        return (hidden, residual, gamma, *qkv, q_norm, k_norm, pos, cos_sin, *o, *rest)
 
-    weights = ((hq + 2 * hk) * d * H + H * hq * d) + 4 * ((hq + 2 * hk) + hq) * (H // 128)  # FP8 bytes + scales
+    weights = (hq + 2 * hk) * d * H + H * hq * d
+    # FP8: one byte per weight and a 4-byte scale per 128 x 128 block; else the activation dtype
+    weight_bytes = weights + 4 * ((hq + 2 * hk) + hq) * (H // 128) if fp8 else weights * item
     kv_read = 2 * B * context * hk * d * item
+    kernel = block_kernel.attention_block_decode_fp8 if fp8 else block_kernel.attention_block_decode
     return KernelCase(
-        kernel="attention_block_decode_fp8",
-        shapes=f"B={B} ctx={context} H={H} q={hq}x{d} kv={hk} fp8/{_DT_NAMES[s.dtype]}",
+        kernel="attention_block_decode_fp8" if fp8 else "attention_block_decode",
+        shapes=f"B={B} ctx={context} H={H} q={hq}x{d} kv={hk} {'fp8/' if fp8 else ''}{_DT_NAMES[s.dtype]}",
         build_inputs=inputs,
-        kernel_fn=block_kernel.attention_block_decode_fp8,
-        reference=block_kernel.attention_block_fp8_ref,
+        kernel_fn=kernel,
+        reference=block_kernel.attention_block_fp8_ref if fp8 else block_kernel.attention_block_ref,
         tolerance=_tolerance(dt),
         # + hidden and residual read, out and r written, the new K/V written, the norm weights
-        min_hbm_bytes=weights + kv_read + 4 * B * H * item + 2 * B * hk * d * item + (H + 2 * d) * item,
-        calls_per_layer=1 if attention_block_applies(s, B) else 0,
+        min_hbm_bytes=weight_bytes + kv_read + 4 * B * H * item + 2 * B * hk * d * item + (H + 2 * d) * item,
+        calls_per_layer=1 if attention_block_applies(s, B) and s.fp8 == fp8 else 0,
         lnc_grid=True,  # the query heads split over the programs (kernels/attention_block.py, "Grid")
         phase="decode",
         covers=("qkv_proj", "o_proj"),
@@ -201,8 +194,8 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
     if tokens <= MAX_DECODE_BATCH:
         counted = not attention_block_applies(shapes, tokens)
         out.append(_decode_case(shapes, tokens, shapes.context_len, counted=counted))
-        if shapes.head_dim == block_kernel.HEAD_DIM and shapes.hidden % 128 == 0:
-            out.append(_block_case(shapes, tokens, shapes.context_len))
+        if shapes.qk_norm and shapes.head_dim == block_kernel.HEAD_DIM and shapes.hidden % 128 == 0:
+            out += [_block_case(shapes, tokens, shapes.context_len, fp8) for fp8 in (False, True)]
         if shapes.context_len != LONG_CONTEXT:
             out.append(_decode_case(shapes, tokens, LONG_CONTEXT, counted=False))
     return out
