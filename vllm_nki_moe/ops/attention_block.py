@@ -158,20 +158,6 @@ def attention_block_fp8_sequence(impls: dict[str, Callable]) -> Callable:
 # ---------------------------------------------------------------------------------------------------------------------
 # the kernel bindings (kernels/attention_block.py)
 
-# The composites' arguments by name (their sequences' signatures), for the bindings' functions.
-_PLAIN_ARGS = (
-    "hidden residual norm_weight eps qkv_weight q_norm_weight k_norm_weight positions cos_sin_cache o_weight "
-    "k_cache v_cache slot_mapping block_tables context_lens scale"
-).split()
-_FP8_ARGS = (
-    "hidden residual norm_weight eps qkv_weight qkv_scale_inv q_norm_weight k_norm_weight positions cos_sin_cache "
-    "o_weight o_scale_inv k_cache v_cache slot_mapping block_tables context_lens scale"
-).split()
-
-
-def _named(names: list[str], args) -> SimpleNamespace:
-    return SimpleNamespace(**dict(zip(names, args, strict=True)))
-
 
 def attention_block_reason(hidden, residual, k_cache, heads: int) -> str | None:
     """Where the fused attention half applies, either weight format (kernels/attention_block.py, "Limits" and
@@ -195,18 +181,51 @@ def attention_block_reason(hidden, residual, k_cache, heads: int) -> str | None:
     return None
 
 
-def _plain_supports(*args) -> str | None:
-    a = _named(_PLAIN_ARGS, args)
-    for name in ("qkv_weight", "o_weight"):
-        w = getattr(a, name)
-        if w.dim() != 2 or w.dtype != a.hidden.dtype:
+def _plain_supports(
+    hidden,
+    residual,
+    norm_weight,
+    eps,
+    qkv_weight,
+    q_norm_weight,
+    k_norm_weight,
+    positions,
+    cos_sin_cache,
+    o_weight,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    block_tables,
+    context_lens,
+    scale,
+) -> str | None:
+    for name, w in (("qkv_weight", qkv_weight), ("o_weight", o_weight)):
+        if w.dim() != 2 or w.dtype != hidden.dtype:
             return f"{name} {tuple(w.shape)} {w.dtype}; the fused block takes [N, K] in the activations' dtype"
-    return attention_block_reason(a.hidden, a.residual, a.k_cache, a.o_weight.shape[1] // a.k_cache.shape[-1])
+    return attention_block_reason(hidden, residual, k_cache, o_weight.shape[1] // k_cache.shape[-1])
 
 
-def _fp8_supports(*args) -> str | None:
-    a = _named(_FP8_ARGS, args)
-    return attention_block_reason(a.hidden, a.residual, a.k_cache, a.o_weight.shape[1] // a.k_cache.shape[-1])
+def _fp8_supports(
+    hidden,
+    residual,
+    norm_weight,
+    eps,
+    qkv_weight,
+    qkv_scale_inv,
+    q_norm_weight,
+    k_norm_weight,
+    positions,
+    cos_sin_cache,
+    o_weight,
+    o_scale_inv,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    block_tables,
+    context_lens,
+    scale,
+) -> str | None:
+    return attention_block_reason(hidden, residual, k_cache, o_weight.shape[1] // k_cache.shape[-1])
 
 
 def _run(backend: str, fn, a, weights: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,16 +258,54 @@ def _run(backend: str, fn, a, weights: tuple) -> tuple[torch.Tensor, torch.Tenso
     return out, r
 
 
-def _plain_kernel(backend: str, *args):
-    a = _named(_PLAIN_ARGS, args)
-    qkv_t, o_t = linear.kernel_weight(a.qkv_weight), linear.kernel_weight(a.o_weight)  # W^T, views once prepared
+def _plain_kernel(
+    backend: str,
+    hidden,
+    residual,
+    norm_weight,
+    eps,
+    qkv_weight,
+    q_norm_weight,
+    k_norm_weight,
+    positions,
+    cos_sin_cache,
+    o_weight,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    block_tables,
+    context_lens,
+    scale,
+):
+    a = SimpleNamespace(**locals())  # the op's arguments by name, for _run
+    qkv_t, o_t = linear.kernel_weight(qkv_weight), linear.kernel_weight(o_weight)  # W^T, views once prepared
     return _run(backend, load_kernels("attention_block").attention_block_decode, a, ((qkv_t,), (o_t,)))
 
 
-def _fp8_kernel(backend: str, *args):
-    a = _named(_FP8_ARGS, args)
-    qkv = fp8.linear_fp8_kernel_weights(a.qkv_weight, a.qkv_scale_inv)
-    o = fp8.linear_fp8_kernel_weights(a.o_weight, a.o_scale_inv)
+def _fp8_kernel(
+    backend: str,
+    hidden,
+    residual,
+    norm_weight,
+    eps,
+    qkv_weight,
+    qkv_scale_inv,
+    q_norm_weight,
+    k_norm_weight,
+    positions,
+    cos_sin_cache,
+    o_weight,
+    o_scale_inv,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    block_tables,
+    context_lens,
+    scale,
+):
+    a = SimpleNamespace(**locals())  # the op's arguments by name, for _run
+    qkv = fp8.linear_fp8_kernel_weights(qkv_weight, qkv_scale_inv)
+    o = fp8.linear_fp8_kernel_weights(o_weight, o_scale_inv)
     return _run(backend, load_kernels("attention_block").attention_block_decode_fp8, a, (qkv, o))
 
 
