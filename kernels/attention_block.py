@@ -70,6 +70,20 @@ FUSED_MAX_TOKENS = 8
 # The first K/V tile of each (sequence, kv head) is gathered before the weights are requested, so the cache read
 # does not queue behind them, while these bytes per partition hold them (the rest is gathered when attended).
 PREFETCH_SBUF_BYTES = 48 * 1024
+# Every projection weight a program uses is requested up front and stays in SBUF until used; shapes whose weights
+# take more than this per partition are refused (the model runs the ops one by one there), leaving the rest of the
+# usable 208 KiB to the activations, the prefetched K/V tiles and the work tiles. By the emulator's capacity check:
+# Qwen3-30B-A3B TP 4 on one program fits with 144 KiB of weights (fp32 activations, FP8 widened), TP 1 in bf16
+# (288 KiB) does not; TP 4 in bf16 takes 72 KiB.
+WEIGHTS_SBUF_BYTES = 152 * 1024
+
+
+def resident_weight_bytes(q_heads: int, kv_heads: int, hidden: int, weight_bytes: int) -> int:
+    """SBUF bytes per partition of the q/k/v blocks and o tiles one program holding ``q_heads`` query heads and
+    ``kv_heads`` kv heads keeps (``weight_bytes`` per element: 1 for FP8 with bf16 activations, 4 for fp32
+    activations (FP8 tiles are widened as they arrive), 2 for bf16 weights)."""
+    KT = hidden // PMAX
+    return (q_heads + 2 * kv_heads) * KT * HEAD_DIM * weight_bytes + KT * q_heads * PMAX * weight_bytes
 
 
 @nki.jit
@@ -366,6 +380,14 @@ def _attention_block(
     nq = h1 - h0
     g0, g1 = h0 // group, (h1 - 1) // group + 1
     nk = g1 - g0
+    w_item = 4 if dt == nl.float32 else 1 if qkv_scale is not None else 2
+    need = resident_weight_bytes(nq, nk, H, w_item)
+    require(
+        need <= WEIGHTS_SBUF_BYTES,
+        "attention_block_decode" + ("_fp8" if qkv_scale is not None else ""),
+        f"{nq} query and {nk} kv heads at H={H}: their weights need {need} B of SBUF per partition; at most "
+        f"{WEIGHTS_SBUF_BYTES} (run the ops one by one)",
+    )
 
     # ---- the small inputs first, then this program's q/k/v weight blocks: they stream while the norm computes ----
     r_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)

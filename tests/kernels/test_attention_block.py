@@ -201,3 +201,15 @@ def test_unquantized_kernel_rejects_weights_of_another_dtype(rng):
     args[3] = args[3].to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"qkv_weight_t \(256, 512\) bfloat16; must be float32 \[256"):
         run(kernel.attention_block_decode, *args, 1e-6, D**-0.5)
+
+
+def test_heads_whose_weights_exceed_the_sbuf_budget_are_refused_and_the_op_runs_them_one_by_one(rng):
+    """Qwen3-30B-A3B at TP 1 in bf16 (32 query and 4 kv heads of 128, hidden 2048): 288 KiB of resident weights per
+    partition on one program; the kernel names the limit, the op's check sends the step to the ops one by one."""
+    args = _args(rng, [9], 32, 4, 2048, torch.bfloat16, fp8_weights=False)
+    with pytest.raises(ValueError, match=r"32 query and 4 kv heads at H=2048: their weights need 294912 B"):
+        run(kernel.attention_block_decode, *args, 1e-6, D**-0.5)
+    op_args = _args(rng, [9], 32, 4, 2048, torch.bfloat16, model_layout=True, fp8_weights=False)
+    op_args = op_args[:3] + [1e-6] + op_args[3:] + [D**-0.5]
+    reason = block_ops._plain_supports(*op_args)
+    assert reason is not None and "the weights need 294912 B of SBUF per partition" in reason

@@ -135,7 +135,17 @@ def attention_block_applies(s: KernelShapes, tokens: int) -> bool:
     fused add + norm, q/k/v, q/k norm + RoPE, attention and o kernels (the first layer, with no residual to add, runs
     those; the step counts the fused block there too)."""
     most = min(block_kernel.FUSED_MAX_TOKENS, 512 // max(s.hidden // 128, s.q_heads))
-    return s.qk_norm and s.head_dim == block_kernel.HEAD_DIM and s.hidden % 128 == 0 and tokens <= most
+    return _block_fits(s, s.fp8) and tokens <= most
+
+
+def _block_fits(s: KernelShapes, fp8: bool) -> bool:
+    """Whether the fused kernel of that weight format takes the model's heads (``ops.attention_block``: one program
+    holding every head's weights within ``WEIGHTS_SBUF_BYTES``)."""
+    item = s.torch_dtype.itemsize
+    weight_bytes = 1 if fp8 and item == 2 else item  # FP8 with bf16 activations; fp32 activations widen FP8 tiles
+    need = block_kernel.resident_weight_bytes(s.q_heads, s.kv_heads, s.hidden, weight_bytes)
+    shaped = s.qk_norm and s.head_dim == block_kernel.HEAD_DIM and s.hidden % 128 == 0
+    return shaped and need <= block_kernel.WEIGHTS_SBUF_BYTES
 
 
 def _block_case(s: KernelShapes, B: int, context: int, fp8: bool) -> KernelCase:
@@ -194,8 +204,9 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
     if tokens <= MAX_DECODE_BATCH:
         counted = not attention_block_applies(shapes, tokens)
         out.append(_decode_case(shapes, tokens, shapes.context_len, counted=counted))
-        if shapes.qk_norm and shapes.head_dim == block_kernel.HEAD_DIM and shapes.hidden % 128 == 0:
-            out += [_block_case(shapes, tokens, shapes.context_len, fp8) for fp8 in (False, True)]
+        out += [
+            _block_case(shapes, tokens, shapes.context_len, fp8) for fp8 in (False, True) if _block_fits(shapes, fp8)
+        ]
         if shapes.context_len != LONG_CONTEXT:
             out.append(_decode_case(shapes, tokens, LONG_CONTEXT, counted=False))
     return out
