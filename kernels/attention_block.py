@@ -50,12 +50,13 @@ from .attention_decode import (
     first_tile_rows,
     gather_first_tile,
 )
-from .attention_prefill import cache_rows, check_cache, scatter_kv_rows
+from .attention_prefill import _itemsize, cache_rows, check_cache, scatter_kv_rows
 from .grid import program_share
 from .limits import PMAX, PSUM_BANK_FMAX, require
 from .linear_fp8 import linear_fp8_ref
 from .moe_block import normalise
 from .moe_common import DTYPES, store_tile_major, tile_major
+from .moe_fp8 import widened
 from .rmsnorm import fused_add_rms_norm_ref
 from .rope import _gather_cos_sin, qk_norm_rope_ref
 from .views import sbuf_view
@@ -78,10 +79,11 @@ PREFETCH_SBUF_BYTES = 48 * 1024
 WEIGHTS_SBUF_BYTES = 152 * 1024
 
 
-def resident_weight_bytes(q_heads: int, kv_heads: int, hidden: int, weight_bytes: int) -> int:
+def resident_weight_bytes(q_heads: int, kv_heads: int, hidden: int, activation_bytes: int, fp8: bool) -> int:
     """SBUF bytes per partition of the q/k/v blocks and o tiles one program holding ``q_heads`` query heads and
-    ``kv_heads`` kv heads keeps (``weight_bytes`` per element: 1 for FP8 with bf16 activations, 4 for fp32
-    activations (FP8 tiles are widened as they arrive), 2 for bf16 weights)."""
+    ``kv_heads`` kv heads keeps, with activations of ``activation_bytes`` per element: weights are held in the
+    activations' dtype (FP8 tiles are widened as they arrive) except FP8 with bf16 activations (1 byte)."""
+    weight_bytes = 1 if fp8 and activation_bytes == 2 else activation_bytes
     KT = hidden // PMAX
     return (q_heads + 2 * kv_heads) * KT * HEAD_DIM * weight_bytes + KT * q_heads * PMAX * weight_bytes
 
@@ -286,14 +288,14 @@ def _check_common(where: str, hidden, residual, gamma, k_cache, v_cache, slot_ma
     T, H = hidden.shape
     dt = hidden.dtype
     require(dt in DTYPES, where, f"hidden.dtype={dt}; must be bfloat16 or float32")
-    require(H % PMAX == 0, where, f"H={H}; must be a multiple of {PMAX} (one scale block per hidden tile)")
+    require(H % PMAX == 0, where, f"H={H}; must be a multiple of {PMAX} (whole hidden tiles)")
     _require_tensor(where, "residual", residual, (T, H), dt)
     _require_tensor(where, "gamma", gamma, (H,), dt)
     require(1 <= T <= PMAX, where, f"T={T}; must be 1..{PMAX} (one token per partition where rows are transposed)")
     nb, hk, bs, d = check_cache(where, k_cache, v_cache, slot_mapping, T)
     require(d == HEAD_DIM, where, f"head_dim={d}; must be {HEAD_DIM} (one FP8 scale block per head)")
     require(k_cache.dtype == dt, where, f"k_cache dtype={k_cache.dtype}; must be hidden's {dt}")
-    tile_bytes = 2 * bs * d * (4 if dt == nl.float32 else 2)
+    tile_bytes = 2 * bs * d * _itemsize(dt)
     require(
         tile_bytes <= KV_TILE_SBUF_BYTES,
         where,
@@ -380,8 +382,7 @@ def _attention_block(
     nq = h1 - h0
     g0, g1 = h0 // group, (h1 - 1) // group + 1
     nk = g1 - g0
-    w_item = 4 if dt == nl.float32 else 1 if qkv_scale is not None else 2
-    need = resident_weight_bytes(nq, nk, H, w_item)
+    need = resident_weight_bytes(nq, nk, H, _itemsize(dt), fp8=qkv_scale is not None)
     require(
         need <= WEIGHTS_SBUF_BYTES,
         "attention_block_decode" + ("_fp8" if qkv_scale is not None else ""),
@@ -505,16 +506,6 @@ def _attention_block(
     return out, r_out, k_cache, v_cache
 
 
-def _widened(w_sb, dt):
-    """The FP8 tile as the Tensor Engine takes it with ``dt`` activations: as is for bf16, widened to fp32 (exact)
-    for fp32 activations, which cannot meet FP8 operands."""
-    if dt != nl.float32:
-        return w_sb
-    wide = nl.ndarray(w_sb.shape, dtype=dt, buffer=nl.sbuf)
-    nisa.tensor_copy(dst=wide, src=w_sb)
-    return wide
-
-
 def _qkv_block(weight, scale, blk: int, T: int, KT: int, d: int, dt):
     """Output block ``blk`` (one head) of the q/k/v weight as the stationary tile [128, KT, D] (hidden h = kt * 128 +
     p on partitions) and its scales [D, T, KT] (every partition and token), one DMA each: FP8 in ``linear_fp8``'s
@@ -529,7 +520,7 @@ def _qkv_block(weight, scale, blk: int, T: int, KT: int, d: int, dt):
     nisa.dma_copy(dst=w_sb, src=weight.view(nl.float8_e4m3).ap([[KT * d, PMAX], [d, KT], [1, d]], offset=blk * d * H))
     s_sb = nl.ndarray((d, T, KT), dtype=nl.float32, buffer=nl.sbuf)
     nisa.dma_copy(dst=s_sb, src=scale.ap([[0, d], [0, T], [1, KT]], offset=blk * KT))
-    return _widened(w_sb, dt), s_sb
+    return widened(w_sb, dt), s_sb
 
 
 def _o_tile(weight, kt: int, h0: int, nq: int, hq: int, d: int, dt):
@@ -544,7 +535,7 @@ def _o_tile(weight, kt: int, h0: int, nq: int, hq: int, d: int, dt):
     w_sb = nl.ndarray((d, nq, PMAX), dtype=nl.float8_e4m3, buffer=nl.sbuf)
     src = weight.view(nl.float8_e4m3).ap([[hq * PMAX, d], [PMAX, nq], [1, PMAX]], offset=kt * PMAX * hq * d + h0 * PMAX)
     nisa.dma_copy(dst=w_sb, src=src)
-    return _widened(w_sb, dt)
+    return widened(w_sb, dt)
 
 
 def _project_head(dst, j: int, heads: int, x_sb, w_sb, s_sb, T: int, KT: int) -> None:

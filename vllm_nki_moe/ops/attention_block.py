@@ -159,7 +159,7 @@ def attention_block_fp8_sequence(impls: dict[str, Callable]) -> Callable:
 # the kernel bindings (kernels/attention_block.py)
 
 
-def attention_block_reason(hidden, residual, k_cache, heads: int, weight_bytes: int) -> str | None:
+def attention_block_reason(hidden, residual, k_cache, heads: int, fp8: bool) -> str | None:
     """Where the fused attention half applies, either weight format (kernels/attention_block.py, "Limits" and
     ``FUSED_MAX_TOKENS``); None where it does. Elsewhere the composite runs as separate ops (not an error)."""
     kernel, limits = load_kernels("attention_block"), load_kernels("limits")
@@ -178,7 +178,7 @@ def attention_block_reason(hidden, residual, k_cache, heads: int, weight_bytes: 
         return f"block_size={k_cache.shape[2]}: K/V block tiles exceed {decode.KV_TILE_SBUF_BYTES} B"
     if heads // k_cache.shape[1] > decode.MAX_QUERY_GROUP:
         return f"q heads per kv head={heads // k_cache.shape[1]}; at most {decode.MAX_QUERY_GROUP}"
-    need = kernel.resident_weight_bytes(heads, k_cache.shape[1], H, weight_bytes)  # one program: all heads
+    need = kernel.resident_weight_bytes(heads, k_cache.shape[1], H, hidden.element_size(), fp8)  # one program
     if need > kernel.WEIGHTS_SBUF_BYTES:
         budget = kernel.WEIGHTS_SBUF_BYTES
         return f"{heads} query heads at H={H}: the weights need {need} B of SBUF per partition (at most {budget})"
@@ -207,7 +207,7 @@ def _plain_supports(
         if w.dim() != 2 or w.dtype != hidden.dtype:
             return f"{name} {tuple(w.shape)} {w.dtype}; the fused block takes [N, K] in the activations' dtype"
     heads = o_weight.shape[1] // k_cache.shape[-1]
-    return attention_block_reason(hidden, residual, k_cache, heads, hidden.element_size())
+    return attention_block_reason(hidden, residual, k_cache, heads, fp8=False)
 
 
 def _fp8_supports(
@@ -231,10 +231,7 @@ def _fp8_supports(
     scale,
 ) -> str | None:
     heads = o_weight.shape[1] // k_cache.shape[-1]
-    # FP8 bytes, or with fp32 activations each tile widened to fp32 as it arrives
-    return attention_block_reason(
-        hidden, residual, k_cache, heads, hidden.element_size() if hidden.element_size() == 4 else 1
-    )
+    return attention_block_reason(hidden, residual, k_cache, heads, fp8=True)
 
 
 def _run(backend: str, fn, a, weights: tuple) -> tuple[torch.Tensor, torch.Tensor]:

@@ -141,9 +141,7 @@ def attention_block_applies(s: KernelShapes, tokens: int) -> bool:
 def _block_fits(s: KernelShapes, fp8: bool) -> bool:
     """Whether the fused kernel of that weight format takes the model's heads (``ops.attention_block``: one program
     holding every head's weights within ``WEIGHTS_SBUF_BYTES``)."""
-    item = s.torch_dtype.itemsize
-    weight_bytes = 1 if fp8 and item == 2 else item  # FP8 with bf16 activations; fp32 activations widen FP8 tiles
-    need = block_kernel.resident_weight_bytes(s.q_heads, s.kv_heads, s.hidden, weight_bytes)
+    need = block_kernel.resident_weight_bytes(s.q_heads, s.kv_heads, s.hidden, s.torch_dtype.itemsize, fp8)
     shaped = s.qk_norm and s.head_dim == block_kernel.HEAD_DIM and s.hidden % 128 == 0
     return shaped and need <= block_kernel.WEIGHTS_SBUF_BYTES
 
