@@ -30,7 +30,7 @@ import torch
 from .grid import program_share
 from .limits import PMAX, PSUM_BANK_FMAX, require
 from .moe_common import DTYPES
-from .moe_fp8 import to_trn2_fp8, trn2_fp8_values
+from .moe_fp8 import to_trn2_fp8, trn2_fp8_values, widened
 from .views import sbuf_view
 
 BLOCK = PMAX  # the checkpoints' weight_block_size [128, 128]: one scale block is one partition tile
@@ -125,11 +125,7 @@ def _block_scaled_columns(y, xs, w_sb, scale, nb: int, ns: int, T: int, KT: int)
     its scale, summed over the hidden tiles (Vector work grows with T * KT)."""
     N, dt = y.shape[1], xs.dtype
     TT = min(T, PSUM_BANK_FMAX // KT)  # tokens per PSUM tile [NS, TT, KT]
-    if dt == nl.float32:  # FP8 operands cannot meet fp32 ones in the Tensor Engine: widen (exact)
-        w_mm = nl.ndarray(w_sb.shape, dtype=dt, buffer=nl.sbuf)
-        nisa.tensor_copy(dst=w_mm, src=w_sb)
-    else:
-        w_mm = w_sb
+    w_mm = widened(w_sb, dt)
     for t0 in range(0, T, TT):
         tt = min(TT, T - t0)
         s_sb = nl.ndarray((ns, tt, KT), dtype=nl.float32, buffer=nl.sbuf)

@@ -236,8 +236,9 @@ def experts_ref(hidden, w13m, w2m, topk_weights, topk_ids) -> torch.Tensor:
     return slots_ref(hidden, w13m, w2m, tokens, topk_ids.reshape(-1).long(), topk_weights.reshape(-1))
 
 
-def slots_ref(hidden, w13m, w2m, tokens, experts, weights) -> torch.Tensor:
-    """out[tokens[j]] += weights[j] * expert_{experts[j]}(hidden[tokens[j]]) in fp32, h rounded to w2's dtype."""
+def slots_ref(hidden, w13m, w2m, tokens, experts, weights, h_dtype=None) -> torch.Tensor:
+    """out[tokens[j]] += weights[j] * expert_{experts[j]}(hidden[tokens[j]]) in fp32, h rounded to ``h_dtype``
+    (default w2's dtype)."""
     x = hidden.float()
     out = torch.zeros_like(x)
     inter = w13m.shape[1] // 2
@@ -245,6 +246,6 @@ def slots_ref(hidden, w13m, w2m, tokens, experts, weights) -> torch.Tensor:
         sel = experts == e
         tok = tokens[sel]
         gu = x[tok] @ w13m[e].float().T
-        h = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(w2m.dtype).float()
+        h = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(h_dtype or w2m.dtype).float()
         out.index_add_(0, tok, (h @ w2m[e].float().T) * weights[sel].float()[:, None])
     return out.to(hidden.dtype)

@@ -190,11 +190,21 @@ def moe_block_decode_fp8(hidden, residual, gamma, gate_weight_t, w13, s13, w2, s
     return out, r_out
 
 
-def _check_fp8_experts(where, hidden, w13, s13, w2, s2):
+def widened(w_sb, dt):
+    """The FP8 tile ``w_sb`` as the Tensor Engine takes it with ``dt`` activations: as is for bf16, widened to fp32
+    (exact) for fp32 activations, which cannot meet FP8 operands."""
+    if dt != nl.float32:
+        return w_sb
+    wide = nl.ndarray(w_sb.shape, dtype=dt, buffer=nl.sbuf)
+    nisa.tensor_copy(dst=wide, src=w_sb)
+    return wide
+
+
+def _check_fp8_experts(where, hidden, w13, s13, w2, s2, max_tokens: int = MAX_DECODE_TOKENS):
     """hidden against the FP8 experts in the kernel layout; returns (T, H, E, IT, KT, IP)."""
     require(len(hidden.shape) == 2, where, f"hidden.shape={tuple(hidden.shape)}; must be [T, H]")
     T, H = hidden.shape
-    require(1 <= T <= MAX_DECODE_TOKENS, where, f"T={T}; must be 1..{MAX_DECODE_TOKENS}")
+    require(1 <= T <= max_tokens, where, f"T={T}; must be 1..{max_tokens}")
     require(hidden.dtype in DTYPES, where, f"hidden.dtype={hidden.dtype}; must be bfloat16 or float32")
     require(len(w13.shape) == 5, where, f"w13.shape={tuple(w13.shape)}; must be [E, IT, 128, KT, 2*IP]")
     E, IT, P, KT, IP2 = w13.shape
@@ -239,13 +249,7 @@ def _fp8_selected_experts(acc, x_sb, w13, s13, w2, s2, ids, ids_token_rows: bool
             nisa.dma_copy(dst=w2_sb, src=w2f.ap([[H, IP], [1, H]], offset=c * chunk2, scalar_offset=eid))
             s2_sb = nl.ndarray((IP, KT), dtype=nl.float32, buffer=nl.sbuf)
             nisa.dma_copy(dst=s2_sb, src=s2.ap([[KT, IP], [1, KT]], offset=c * IP * KT, scalar_offset=eid))
-            if dt == nl.float32:  # FP8 operands cannot meet fp32 ones in the Tensor Engine: widen (exact)
-                w13_mm = nl.ndarray((PMAX, KT, IP2), dtype=dt, buffer=nl.sbuf)
-                nisa.tensor_copy(dst=w13_mm, src=w13_sb)
-                w2_mm = nl.ndarray((IP, H), dtype=dt, buffer=nl.sbuf)
-                nisa.tensor_copy(dst=w2_mm, src=w2_sb)
-            else:
-                w13_mm, w2_mm = w13_sb, w2_sb
+            w13_mm, w2_mm = widened(w13_sb, dt), widened(w2_sb, dt)
             # gate/up: one PSUM column per hidden block, then x scale, summed over the blocks
             gu_ps = nl.ndarray((IP, 2, KT), dtype=nl.float32, buffer=nl.psum)
             for g in range(2):
@@ -298,14 +302,19 @@ def fp8_experts_model_layout(w13k, s13k, w2k, s2k) -> tuple[torch.Tensor, ...]:
     return w13, s13, w2, s2
 
 
+def dequantized_experts(w13, s13, w2, s2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel layout's experts as fp32 model-layout weights ``w13 [E, 2I, H]``, ``w2 [E, H, I]``: each trn2 FP8
+    value times its block scale."""
+    w13m, s13m, w2m, s2m = fp8_experts_model_layout(w13, s13, w2, s2)
+    P = w13.shape[2]
+    return w13m * s13m.repeat_interleave(P, dim=-1), w2m * s2m.repeat_interleave(P, dim=1)
+
+
 def moe_decode_fp8_ref(hidden, w13, s13, w2, s2, topk_weights, topk_ids) -> torch.Tensor:
     """``moe_decode_fp8`` in fp32 torch from the kernel layout: each weight dequantized (trn2 FP8 value x its scale),
     h rounded to the activation dtype as in the kernel."""
-    w13m, s13m, w2m, s2m = fp8_experts_model_layout(w13, s13, w2, s2)
-    P = w13.shape[2]
-    w13d = w13m * s13m.repeat_interleave(P, dim=-1)
-    w2d = w2m * s2m.repeat_interleave(P, dim=1)
-    inter = w13m.shape[1] // 2
+    w13d, w2d = dequantized_experts(w13, s13, w2, s2)
+    inter = w13d.shape[1] // 2
     x = hidden.float()
     out = torch.zeros_like(x)
     for t in range(hidden.shape[0]):

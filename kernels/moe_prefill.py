@@ -268,33 +268,10 @@ def _expert_block(
         _, IT, HP, KT, IP2 = w13.shape
         IP = IP2 // 2
     B = SB * NSUB
-    dt = hidden.dtype
     skip = nisa.oob_mode.skip
 
-    eid = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=eid, src=block_expert.ap([[1, 1], [1, 1]], offset=0, scalar_offset=i))
-    tok = nl.ndarray((SB, NSUB), dtype=nl.int32, buffer=nl.sbuf)  # slot s * SB + p on partition p, column s
-    nisa.dma_copy(dst=tok, src=block_tokens.ap([[1, SB], [SB, NSUB]], offset=0, scalar_offset=i))
-    wts = nl.ndarray((SB, NSUB), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.dma_copy(dst=wts, src=block_weights.ap([[1, SB], [SB, NSUB]], offset=0, scalar_offset=i))
-
-    # gather the block's token rows and transpose them to H-on-partitions: xT[p, kt, b] = x[token b, p*KT + kt]
-    xT = nl.ndarray((HP, KT, B), dtype=dt, buffer=nl.sbuf)
-    per_bank = max(1, PSUM_BANK_BYTES // (SB * _itemsize(dt)))  # transposes sharing one PSUM bank
-    for s in range(NSUB):
-        xg = nl.ndarray((SB, H), dtype=dt, buffer=nl.sbuf)
-        nisa.memset(dst=xg, value=0.0)  # padding slots are skipped by the gather and must read as zero
-        nisa.dma_copy(
-            dst=xg,
-            src=hidden.ap([[H, SB], [1, H]], offset=0, vector_offset=tok[:, s : s + 1], indirect_dim=0),
-            oob_mode=skip,
-        )
-        for kt0 in range(0, KT, per_bank):
-            g = min(per_bank, KT - kt0)
-            tp_ps = nl.ndarray((HP, g, SB), dtype=dt, buffer=nl.psum)
-            for j in range(g):
-                nisa.nc_transpose(dst=tp_ps[:, j, :], data=xg[:, kt0 + j : H : KT])
-            nisa.tensor_copy(dst=xT[:, kt0 : kt0 + g, s * SB : (s + 1) * SB], src=tp_ps)
+    eid, tok, wts = block_row(block_expert, block_tokens, block_weights, i, SB, NSUB)
+    xT = gather_transposed(hidden, tok, HP, KT, SB, NSUB, blocked=False)
 
     # gate/up per intermediate chunk, h = silu(gate) * up with I on partitions
     h_sb = nl.ndarray((IP, IT, B), dtype=w2.dtype, buffer=nl.sbuf)
@@ -347,6 +324,45 @@ def _expert_block(
         nisa.dma_compute(dst=rows, srcs=[rows, y_sb], reduce_op=nl.add, oob_mode=skip)
 
 
+def block_row(block_expert, block_tokens, block_weights, i, SB: int, NSUB: int):
+    """Row ``i`` (a loop register) of the block table in SBUF: (expert id [1, 1], token ids [SB, NSUB], routing
+    weights [SB, NSUB]); slot ``s * SB + p`` on partition p, column s."""
+    eid = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=eid, src=block_expert.ap([[1, 1], [1, 1]], offset=0, scalar_offset=i))
+    tok = nl.ndarray((SB, NSUB), dtype=nl.int32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=tok, src=block_tokens.ap([[1, SB], [SB, NSUB]], offset=0, scalar_offset=i))
+    wts = nl.ndarray((SB, NSUB), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=wts, src=block_weights.ap([[1, SB], [SB, NSUB]], offset=0, scalar_offset=i))
+    return eid, tok, wts
+
+
+def gather_transposed(hidden, tok, HP: int, KT: int, SB: int, NSUB: int, blocked: bool):
+    """The block's token rows gathered by indirect DMA and transposed to hidden-on-partitions: xT [HP, KT, B] with
+    xT[p, kt, b] = x[token b, h], h = kt * HP + p (``blocked``: the FP8 scale blocks' split) or p * KT + kt. Padding
+    ids (out of range) are skipped and read as zero."""
+    H = hidden.shape[1]
+    dt = hidden.dtype
+    xT = nl.ndarray((HP, KT, SB * NSUB), dtype=dt, buffer=nl.sbuf)
+    per_bank = max(1, PSUM_BANK_BYTES // (SB * _itemsize(dt)))  # transposes sharing one PSUM bank
+    for s in range(NSUB):
+        xg = nl.ndarray((SB, H), dtype=dt, buffer=nl.sbuf)
+        nisa.memset(dst=xg, value=0.0)  # padding slots are skipped by the gather and must read as zero
+        nisa.dma_copy(
+            dst=xg,
+            src=hidden.ap([[H, SB], [1, H]], offset=0, vector_offset=tok[:, s : s + 1], indirect_dim=0),
+            oob_mode=nisa.oob_mode.skip,
+        )
+        for kt0 in range(0, KT, per_bank):
+            g = min(per_bank, KT - kt0)
+            tp_ps = nl.ndarray((HP, g, SB), dtype=dt, buffer=nl.psum)
+            for j in range(g):
+                kt = kt0 + j
+                cols = xg[:, kt * HP : (kt + 1) * HP] if blocked else xg[:, kt:H:KT]
+                nisa.nc_transpose(dst=tp_ps[:, j, :], data=cols)
+            nisa.tensor_copy(dst=xT[:, kt0 : kt0 + g, s * SB : (s + 1) * SB], src=tp_ps)
+    return xT
+
+
 def _itemsize(dtype) -> int:
     return 2 if dtype == nl.bfloat16 else 4
 
@@ -367,9 +383,15 @@ def moe_prefill_ref(
 
 def _blocks_ref(hidden, w13m, w2m, block_expert, block_tokens, block_weights, num_blocks) -> torch.Tensor:
     """The used blocks' valid slots through ``slots_ref`` on the model's ``w13m [E, 2I, H]``, ``w2m [E, H, I]``."""
-    T = hidden.shape[0]
+    tokens, experts, weights = used_slots(hidden.shape[0], block_expert, block_tokens, block_weights, num_blocks)
+    return slots_ref(hidden, w13m, w2m, tokens, experts, weights)
+
+
+def used_slots(T: int, block_expert, block_tokens, block_weights, num_blocks):
+    """The block table's valid slots as flat (token ids, expert ids, routing weights): the used blocks' slots whose
+    token id is below T (the rest is padding)."""
     n = int(num_blocks.reshape(-1)[0])
     tokens = block_tokens[:n].long()
     valid = tokens < T
     experts = block_expert[:n].long()[:, None].expand_as(tokens)
-    return slots_ref(hidden, w13m, w2m, tokens[valid], experts[valid], block_weights[:n][valid])
+    return tokens[valid], experts[valid], block_weights[:n][valid]

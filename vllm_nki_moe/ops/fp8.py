@@ -13,9 +13,11 @@ at TP 4): ``w13 [E, 2I, H]`` with ``w13_scale_inv [E, 2I, ceil(H / BLOCK)]`` (on
 gate's rows then up's) and ``w2 [E, H, I]`` with ``w2_scale_inv [E, ceil(H / BLOCK), I]`` (one column per weight
 column); a few percent of the FP8 bytes.
 
-Kernels: ``moe_experts_fp8`` runs ``kernels/moe_fp8.py`` (decode-sized token tiles of up to 128; longer inputs go
-through it tile by tile) on the experts converted once at load, in place, to its layout (trn2's FP8 format, hidden
-split into scale blocks: ``prepare_fp8_experts_for_kernels``); ``linear_fp8`` runs ``kernels/linear_fp8.py`` on the
+Kernels: ``moe_experts_fp8`` runs ``kernels/moe_fp8.py``'s ``moe_decode_fp8`` (one expert read per (token, slot))
+where ``ops.moe.use_decode`` picks the decode kernel, else ``kernels/moe_prefill_fp8.py`` (tokens grouped by expert,
+each used expert read once per block, the block size of ``ops.moe.bucket_block_size``), both on the experts converted
+once at load, in place, to their layout (trn2's FP8 format, hidden split into scale blocks:
+``prepare_fp8_experts_for_kernels``); ``linear_fp8`` runs ``kernels/linear_fp8.py`` on the
 weight converted the same way (``prepare_linear_fp8_for_kernels``: trn2's format, block-major, the model's shapes);
 ``moe_block_fp8`` (the MoE half of a layer with FP8 experts) runs the fused ``moe_block_decode_fp8`` at decode.
 """
@@ -28,7 +30,7 @@ import torch
 
 from vllm_nki_moe.ops.kernel_call import call_kernel, launch_grid, load_kernels
 from vllm_nki_moe.ops.linear import linear
-from vllm_nki_moe.ops.moe import moe_experts, norm_and_route
+from vllm_nki_moe.ops.moe import bucket_block_size, moe_experts, norm_and_route, use_decode
 from vllm_nki_moe.ops.spec import KernelImpl, OpSpec, WeightLayouts
 from vllm_nki_moe.ops.weight_cache import WeightCache
 
@@ -200,21 +202,17 @@ def _moe_experts_fp8_kernel(backend, hidden, w13, w13_scale_inv, w2, w2_scale_in
     weights = (w13, w13_scale_inv, w2, w2_scale_inv)
     if not _is_kernel_layout(w13):  # tools and tests hand model-layout experts: a converted copy, made once
         weights = _kernel_weights.get(kernel.fp8_experts_kernel_layout, *weights)
-    tokens = kernel.MAX_DECODE_TOKENS  # the kernel's token tile; longer inputs go through it tile by tile
     ids, routing = topk_ids.to(torch.int32).contiguous(), topk_weights.float().contiguous()
-    tiles = [
-        call_kernel(
-            backend,
-            kernel.moe_decode_fp8,
-            hidden[t0 : t0 + tokens].contiguous(),
-            *weights,
-            routing[t0 : t0 + tokens],
-            ids[t0 : t0 + tokens],
-            grid=launch_grid(backend),  # slots split over the physical cores (kernels/moe_fp8.py, "Grid")
-        )
-        for t0 in range(0, hidden.shape[0], tokens)
-    ]
-    return tiles[0] if len(tiles) == 1 else torch.cat(tiles)
+    T, (E, K) = hidden.shape[0], (weights[0].shape[0], ids.shape[1])
+    if not use_decode(T, K, E):  # each used expert read once (kernels/moe_prefill_fp8.py)
+        inter = weights[0].shape[1] * weights[0].shape[4] // 2  # IT * IP
+        meta = load_kernels("moe_prefill").prefill_block_metadata(ids, routing, E, bucket_block_size(T, K, E, inter))
+        prefill = load_kernels("moe_prefill_fp8").moe_prefill_fp8
+        # the blocks interleaved over the physical cores (kernels/moe_prefill_fp8.py, "Grid")
+        return call_kernel(backend, prefill, hidden.contiguous(), *weights, *meta, grid=launch_grid(backend))
+    # up to MAX_DECODE_TOKENS (use_decode's limit); the slots split over the physical cores (kernels/moe_fp8.py, "Grid")
+    x = hidden.contiguous()
+    return call_kernel(backend, kernel.moe_decode_fp8, x, *weights, routing, ids, grid=launch_grid(backend))
 
 
 def moe_block_fp8_sequence(impls: dict[str, Callable]) -> Callable:
