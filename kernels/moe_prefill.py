@@ -346,7 +346,9 @@ def gather_transposed(hidden, tok, HP: int, KT: int, SB: int, NSUB: int, blocked
     per_bank = max(1, PSUM_BANK_BYTES // (SB * _itemsize(dt)))  # transposes sharing one PSUM bank
     for s in range(NSUB):
         xg = nl.ndarray((SB, H), dtype=dt, buffer=nl.sbuf)
-        nisa.memset(dst=xg, value=0.0)  # padding slots are skipped by the gather and must read as zero
+        # padding slots are skipped by the gather and must read as zero; on GpSimd (idle here), so the next block's
+        # gather need not wait behind this block's Vector work
+        nisa.memset(dst=xg, value=0.0, engine=nisa.engine.gpsimd)
         nisa.dma_copy(
             dst=xg,
             src=hidden.ap([[H, SB], [1, H]], offset=0, vector_offset=tok[:, s : s + 1], indirect_dim=0),

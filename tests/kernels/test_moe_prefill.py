@@ -152,8 +152,10 @@ def test_moe_prefill_on_two_programs_matches_ref_each_core_taking_every_other_bl
     assert_close(two, one, "bfloat16_matmul")  # a token's contributions add in another order
     assert two_rep.num_programs == 2
     blocks = int(args[6][0])
-    if blocks >= 4:  # the weights dominate: the busier core does about half the work
-        assert two_rep.estimated_seconds < 0.75 * one_rep.estimated_seconds, two_rep.format()
+    if blocks >= 4:  # the busier core does about half the work (its busiest engine's time; at these tiny sizes the
+        # estimate itself is mostly the DMA fixed costs of each block's chain, which both programs pay)
+        assert two_rep.engine_bound_seconds < 0.6 * one_rep.engine_bound_seconds, two_rep.format()
+        assert two_rep.estimated_seconds < one_rep.estimated_seconds, two_rep.format()
 
 
 @pytest.mark.parametrize("grid", [1, 2])

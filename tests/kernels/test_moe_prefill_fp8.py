@@ -89,11 +89,15 @@ def test_bad_input_is_named():
         run(moe_prefill_fp8.moe_prefill_fp8, x, *layout, meta[0], bad_tokens, meta[2], meta[3])
 
 
-@pytest.mark.parametrize("T,kernel", [(1, "moe_decode_fp8"), (130, "moe_prefill_fp8")])
-def test_the_op_picks_the_kernel_by_token_count_and_matches_the_torch_op(T, kernel, monkeypatch):
-    """One token reads its K experts (decode kernel); many tokens (here more than one 128-token tile) go to the
-    expert-grouped kernel, experts in the model layout converted once."""
-    x, experts, _, w, ids, _ = _inputs(T, 4, 2, 128, 64, 8, torch.float32, seed=6)
+@pytest.mark.parametrize(
+    "T,E,kernel",
+    [(1, 4, "moe_decode_fp8"), (8, 32, "moe_decode_fp8"), (9, 32, "moe_prefill_fp8"), (130, 4, "moe_prefill_fp8")],
+)
+def test_the_op_picks_the_kernel_by_token_count_and_matches_the_torch_op(T, E, kernel, monkeypatch):
+    """Few tokens read their K experts each (decode kernel: T * K <= E / 2); more, up to beyond one 128-token tile,
+    go to the expert-grouped kernel; experts in the model layout are converted once."""
+    assert fp8.use_fp8_decode(T, 2, E) == (kernel == "moe_decode_fp8")
+    x, experts, _, w, ids, _ = _inputs(T, E, 2, 128, 64, 8, torch.float32, seed=6)
     from vllm_nki_moe.ops import kernel_call
 
     launched = []

@@ -14,8 +14,8 @@ gate's rows then up's) and ``w2 [E, H, I]`` with ``w2_scale_inv [E, ceil(H / BLO
 column); a few percent of the FP8 bytes.
 
 Kernels: ``moe_experts_fp8`` runs ``kernels/moe_fp8.py``'s ``moe_decode_fp8`` (one expert read per (token, slot))
-where ``ops.moe.use_decode`` picks the decode kernel, else ``kernels/moe_prefill_fp8.py`` (tokens grouped by expert,
-each used expert read once per block, the block size of ``ops.moe.bucket_block_size``), both on the experts converted
+for few tokens (``use_fp8_decode``), else ``kernels/moe_prefill_fp8.py`` (tokens grouped by expert, each used expert
+read once per block, the block size of ``ops.moe.bucket_block_size``), both on the experts converted
 once at load, in place, to their layout (trn2's FP8 format, hidden split into scale blocks:
 ``prepare_fp8_experts_for_kernels``); ``linear_fp8`` runs ``kernels/linear_fp8.py`` on the
 weight converted the same way (``prepare_linear_fp8_for_kernels``: trn2's format, block-major, the model's shapes);
@@ -30,13 +30,19 @@ import torch
 
 from vllm_nki_moe.ops.kernel_call import call_kernel, launch_grid, load_kernels
 from vllm_nki_moe.ops.linear import linear
-from vllm_nki_moe.ops.moe import bucket_block_size, moe_experts, norm_and_route, use_decode
+from vllm_nki_moe.ops.moe import bucket_block_size, moe_experts, norm_and_route
 from vllm_nki_moe.ops.spec import KernelImpl, OpSpec, WeightLayouts
 from vllm_nki_moe.ops.weight_cache import WeightCache
 
 BLOCK = 128  # weight_block_size [128, 128]: the only block the published checkpoints use
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+# moe_experts_fp8 runs the decode kernel while T * K <= E * this (or T == 1), the expert-grouped kernel above. Cost
+# model, Qwen3-30B-A3B TP 4 LNC 2 (``kernels check --tp 4 --only moe_decode_fp8,moe_prefill_fp8 --tokens T --lnc 2``),
+# decode vs grouped: T = 2 30.6 vs 41.0 us, T = 4 58.8 vs 72.0, T = 8 117.4 vs 120.8, T = 12 176.0 vs 165.2, T = 16
+# 234.6 vs 200.7. The grouped kernel's fixed Tensor work per block (a PSUM slice per scale block) moves the crossover
+# later than the bf16 kernels' (``ops.moe.DECODE_SLOTS_PER_EXPERT``).
+DECODE_FP8_SLOTS_PER_EXPERT = 1 / 2
 
 
 def blocks(size: int) -> int:
@@ -197,6 +203,13 @@ def moe_experts_fp8_any_layout(hidden, w13, w13_scale_inv, w2, w2_scale_inv, top
     return moe_experts_fp8(hidden, w13, w13_scale_inv, w2, w2_scale_inv, topk_weights, topk_ids)
 
 
+def use_fp8_decode(num_tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether ``moe_experts_fp8`` runs the FP8 decode kernel (else the expert-grouped one) at these sizes."""
+    if num_tokens > load_kernels("moe_fp8").MAX_DECODE_TOKENS:
+        return False
+    return num_tokens == 1 or num_tokens * top_k <= num_experts * DECODE_FP8_SLOTS_PER_EXPERT
+
+
 def _moe_experts_fp8_kernel(backend, hidden, w13, w13_scale_inv, w2, w2_scale_inv, topk_weights, topk_ids):
     kernel = load_kernels("moe_fp8")
     weights = (w13, w13_scale_inv, w2, w2_scale_inv)
@@ -204,13 +217,13 @@ def _moe_experts_fp8_kernel(backend, hidden, w13, w13_scale_inv, w2, w2_scale_in
         weights = _kernel_weights.get(kernel.fp8_experts_kernel_layout, *weights)
     ids, routing = topk_ids.to(torch.int32).contiguous(), topk_weights.float().contiguous()
     T, (E, K) = hidden.shape[0], (weights[0].shape[0], ids.shape[1])
-    if not use_decode(T, K, E):  # each used expert read once (kernels/moe_prefill_fp8.py)
+    if not use_fp8_decode(T, K, E):  # each used expert read once (kernels/moe_prefill_fp8.py)
         inter = weights[0].shape[1] * weights[0].shape[4] // 2  # IT * IP
         meta = load_kernels("moe_prefill").prefill_block_metadata(ids, routing, E, bucket_block_size(T, K, E, inter))
         prefill = load_kernels("moe_prefill_fp8").moe_prefill_fp8
         # the blocks interleaved over the physical cores (kernels/moe_prefill_fp8.py, "Grid")
         return call_kernel(backend, prefill, hidden.contiguous(), *weights, *meta, grid=launch_grid(backend))
-    # up to MAX_DECODE_TOKENS (use_decode's limit); the slots split over the physical cores (kernels/moe_fp8.py, "Grid")
+    # up to MAX_DECODE_TOKENS (use_fp8_decode); the slots split over the physical cores (kernels/moe_fp8.py, "Grid")
     x = hidden.contiguous()
     return call_kernel(backend, kernel.moe_decode_fp8, x, *weights, routing, ids, grid=launch_grid(backend))
 

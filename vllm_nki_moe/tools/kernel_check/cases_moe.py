@@ -7,10 +7,11 @@ fused ``moe_block_decode`` instead (post-attention norm, router and experts in o
 once per layer, and the experts, router and one of the two norms per layer count zero (``cases_norms``,
 ``cases_router`` ask the same function).
 
-``moe_decode_fp8`` and the fused ``moe_block_decode_fp8`` (``kernels/moe_fp8.py``) are checked at every shape; they
-count in the step only when the shapes say the experts are FP8 (``KernelShapes.fp8``, the FP8 step ``kernels bench``
-prints beside the bf16 one): the fused FP8 block where the fused block applies (decode; it carries norm and
-router), the FP8 experts kernel elsewhere up to 128 tokens (norm and router then run as their own kernels).
+``moe_decode_fp8``, the fused ``moe_block_decode_fp8`` (``kernels/moe_fp8.py``) and the expert-grouped
+``moe_prefill_fp8`` are checked at every shape; they count in the step only when the shapes say the experts are FP8
+(``KernelShapes.fp8``, the FP8 step ``kernels bench`` prints beside the bf16 one): the fused FP8 block where the fused
+block applies (decode; it carries norm and router), else the FP8 decode or grouped kernel as ``ops.fp8.use_fp8_decode``
+picks (norm and router then run as their own kernels).
 
 Routing is fixed per case (seeded here, uniform over experts, distinct experts per token), so ``min_hbm_bytes`` is
 exact: the weights of the distinct experts the tokens select, read once, plus activations in and out and the routing
@@ -33,8 +34,9 @@ from nki_emulator import install
 
 install()  # `import nki` in the kernels: the emulator unless the real package imports (then a no-op)
 
-from vllm_nki_moe.kernels import moe_block, moe_common, moe_decode, moe_fp8, moe_prefill  # noqa: E402
+from vllm_nki_moe.kernels import moe_block, moe_common, moe_decode, moe_fp8, moe_prefill, moe_prefill_fp8  # noqa: E402
 from vllm_nki_moe.kernels.limits import PMAX, TOPK8  # noqa: E402
+from vllm_nki_moe.ops.fp8 import use_fp8_decode  # noqa: E402
 from vllm_nki_moe.ops.moe import bucket_block_size, fused_block_applies, use_decode  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.registry import KernelCase  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes, kernel_shapes  # noqa: E402
@@ -107,11 +109,7 @@ def _fp8_block_case(s: KernelShapes, T: int, act_bytes: int, unsupported: str | 
 
 def _fp8_decode_case(s: KernelShapes, T: int, weights, ids, distinct: int, act_bytes: int) -> KernelCase:
     E, K, H, inter = s.experts, s.top_k, s.hidden, s.moe_intermediate
-    unsupported = None
-    if H % PMAX:
-        unsupported = f"H={H}; FP8 experts need a multiple of {PMAX} (one scale block per contraction tile)"
-    else:
-        unsupported = _split_reason(inter, "I")
+    unsupported = _fp8_unsupported(H, inter)
     blocks = H // PMAX
     # per expert: 1 byte per weight, 4 per expanded scale (a row of H/128 per w13 row, a column per w2 column)
     expert_bytes = 3 * H * inter + 4 * 3 * inter * blocks
@@ -128,8 +126,8 @@ def _fp8_decode_case(s: KernelShapes, T: int, weights, ids, distinct: int, act_b
         reference=moe_fp8.moe_decode_fp8_ref,
         tolerance="bfloat16_matmul" if s.dtype == "bfloat16" else "float32_matmul",
         min_hbm_bytes=distinct * expert_bytes + act_bytes + T * K * 8,
-        # the FP8 op runs it for any T, tile by tile, where the fused FP8 block does not apply
-        calls_per_layer=1 if s.fp8 and not fused_block_applies(T, K, E) else 0,
+        # the FP8 op runs it where use_fp8_decode says so and the fused FP8 block does not apply
+        calls_per_layer=1 if s.fp8 and use_fp8_decode(T, K, E) and not fused_block_applies(T, K, E) else 0,
         lnc_grid=True,  # the slots split over the programs (kernels/moe_fp8.py, "Grid")
         phase="decode",
         unsupported=unsupported,
@@ -233,13 +231,48 @@ def cases(shapes: KernelShapes, tokens: int) -> list[KernelCase]:
             reference=moe_prefill.moe_prefill_ref,
             tolerance=tol,
             min_hbm_bytes=distinct * expert_bytes + act_bytes + NB * (B * 8 + 4) + 4,
-            calls_per_layer=0 if decode or (s.fp8 and T <= moe_fp8.MAX_DECODE_TOKENS) else 1,
+            calls_per_layer=0 if decode or s.fp8 else 1,
             lnc_grid=True,  # blocks interleaved over the programs (kernels/moe_prefill.py, "Grid")
             phase="prefill" if decode else "any",
             unsupported=unsupported or (f"top_k={K} > E={E}" if K > E else None),
         )
     )
+    if K <= E:
+        out.append(_fp8_prefill_case(s, T, weights, ids, distinct, act_bytes, B, NB))
     return out
+
+
+def _fp8_prefill_case(s: KernelShapes, T: int, weights, ids, distinct: int, act_bytes: int, B: int, NB: int):
+    """``moe_prefill_fp8``: the FP8 experts where ``ops.fp8.use_fp8_decode`` picks the grouped kernel (the block size
+    the bf16 kernel takes at this bucket)."""
+    E, K, H, inter = s.experts, s.top_k, s.hidden, s.moe_intermediate
+    expert_bytes = 3 * H * inter + 4 * 3 * inter * (H // PMAX)  # FP8 bytes and the expanded scales
+
+    def inputs(rng: np.random.Generator) -> tuple:
+        x = torch.from_numpy(rng.standard_normal((T, H), dtype=np.float32)).to(s.torch_dtype)
+        meta = moe_prefill.prefill_block_metadata(ids, weights, E, B)
+        return (x, *_fp8_expert_weights(E, H, inter), *meta)
+
+    return KernelCase(
+        kernel="moe_prefill_fp8",
+        shapes=f"T={T} H={H} I={inter} E={E} k={K} B={B} fp8/{_DT_NAMES[s.dtype]}",
+        build_inputs=inputs,
+        kernel_fn=moe_prefill_fp8.moe_prefill_fp8,
+        reference=moe_prefill_fp8.moe_prefill_fp8_ref,
+        tolerance="bfloat16_matmul" if s.dtype == "bfloat16" else "float32_matmul",
+        min_hbm_bytes=distinct * expert_bytes + act_bytes + NB * (B * 8 + 4) + 4,
+        calls_per_layer=1 if s.fp8 and not use_fp8_decode(T, K, E) else 0,
+        lnc_grid=True,  # blocks interleaved over the programs (kernels/moe_prefill_fp8.py, "Grid")
+        phase="any" if not use_fp8_decode(T, K, E) else "prefill",
+        unsupported=_fp8_unsupported(H, inter),
+    )
+
+
+def _fp8_unsupported(H: int, inter: int) -> str | None:
+    """Why the FP8 expert kernels cannot take these sizes, or None."""
+    if H % PMAX:
+        return f"H={H}; FP8 experts need a multiple of {PMAX} (one scale block per contraction tile)"
+    return _split_reason(inter, "I")
 
 
 def _estimate(case: KernelCase) -> tuple[float, float]:
