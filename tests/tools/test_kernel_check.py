@@ -101,6 +101,8 @@ def test_kernels_bench_prints_decode_and_prefill_tables(capsys):
                 out,
                 re.M,
             )
+    for weights in ("", " with FP8 weights"):
+        assert re.search(rf"^prefill step{weights}, 512 tokens: [0-9.]+ ms \([0-9,]+ tokens/s\)$", out, re.M)
 
 
 # --- the package's parts --------------------------------------------------------------------------------------------
@@ -168,13 +170,14 @@ def test_kernels_check_under_nki_0_3_rules_names_the_kernel_that_needs_0_6(capsy
 
 def test_every_kernel_but_the_serving_moe_prefill_runs_and_matches_under_nki_0_3(capsys):
     """The contest harness's release: each case runs in the emulator imitating NKI 0.3 (its language rules, its API:
-    the 0.5 view methods raise) and matches its reference; only moe_prefill fails (nl.fori_loop); the drop-in's
-    prefill experts, moe_prefill_nxdi, loop as NKI 0.3 does (tests/kernels/test_moe_prefill.py runs it)."""
+    the 0.5 view methods raise) and matches its reference; only the serving stack's expert-grouped kernels fail
+    (moe_prefill, moe_prefill_fp8: nl.fori_loop); the drop-in's prefill experts, moe_prefill_nxdi, loop as NKI 0.3
+    does (tests/kernels/test_moe_prefill.py runs it)."""
     main(["kernels", "check", "--nki-version", "0.3", "--tokens", "1,131"])
     rows = capsys.readouterr().out.splitlines()
     failed = {line.split()[0] for line in rows if " FAIL" in line}
     passed = {line.split()[0] for line in rows if " ok " in line}
-    assert failed == {"moe_prefill"}, failed
+    assert failed == {"moe_prefill", "moe_prefill_fp8"}, failed
     assert {"rms_norm.q_norm", "fused_add_rms_norm", "qk_norm_rope", "router_topk_matmul", "moe_block_decode"} <= passed
     assert {"linear.qkv_proj", "linear_fp8.qkv_proj", "moe_decode_fp8", "attention_decode"} <= passed
 
@@ -193,7 +196,7 @@ def test_kernels_check_reports_the_oldest_release_each_kernel_compiles_on(capsys
     )
     expected = {c.kernel.split(".")[0]: language_rules.oldest_release(c.kernel_fn) for c in cases}
     assert reported == expected
-    assert reported["moe_prefill"] == "0.6"  # nl.fori_loop arrived in NKI 0.6.0
+    assert reported["moe_prefill"] == reported["moe_prefill_fp8"] == "0.6"  # nl.fori_loop arrived in NKI 0.6.0
     assert all(language_rules.release_key(v) <= language_rules.release_key("0.6") for v in reported.values())
 
 

@@ -1,12 +1,12 @@
 """``kernels bench``: the trn2 cost-model time of one Qwen3-MoE decode step and one prefill, kernels and the rest.
 
 Steps: decode at batch 1, 8 and 32 (one new token per sequence, ``shapes.context_len`` cached tokens each) and one
-512-token prefill; for a MoE model the decode steps again as an FP8 checkpoint's (``KernelShapes.fp8``). For each
-step, every case of that phase (``phase`` "decode"/"prefill", or "any") runs once in the emulator; kernels per layer
-= sum over cases of estimated time x ``calls_per_layer``, x layers. The rest of the step (projections and LM head
-while they have no kernel, all-reduces, embedding, final norm, sampling, kernel boundaries) comes from
-``step_model``, each part with its basis; the whole step is the sum. Decode steps are compared with their
-memory wall (``step_model.limit_seconds``).
+512-token prefill; for a MoE model the decode steps and the prefill again as an FP8 checkpoint's
+(``KernelShapes.fp8``). For each step, every case of that phase (``phase`` "decode"/"prefill", or "any") runs once in
+the emulator; kernels per layer = sum over cases of estimated time x ``calls_per_layer``, x layers. The rest of the
+step (projections and LM head while they have no kernel, all-reduces, embedding, final norm, sampling, kernel
+boundaries) comes from ``step_model``, each part with its basis; the whole step is the sum. Decode steps are compared
+with their memory wall (``step_model.limit_seconds``).
 
 Assumptions (printed with the table):
 - One TP rank per logical NeuronCore at LNC=2 (trn2's default: 2 physical cores per logical core, 8 physical cores
@@ -100,14 +100,17 @@ def step_line(st: StepCost) -> str:
             f"(limit {st.limit_seconds * 1e3:.3f} ms, {pct:.0f}% of it)"
         )
     rate = st.tokens / st.step_seconds if st.step_seconds else 0.0
-    return f"prefill step, {st.tokens} tokens: {st.step_seconds * 1e3:.3f} ms ({rate:,.0f} tokens/s)"
+    fp8 = " with FP8 weights" if st.fp8 else ""
+    return f"prefill step{fp8}, {st.tokens} tokens: {st.step_seconds * 1e3:.3f} ms ({rate:,.0f} tokens/s)"
 
 
 def bench(shapes: KernelShapes, backend: str = "emulator", lnc: int | None = None) -> list[StepCost]:
     steps = [step_cost(shapes, "decode", b, backend, lnc) for b in DECODE_BATCHES]
     steps.append(step_cost(shapes, "prefill", PREFILL_TOKENS, backend, lnc))
-    if shapes.experts and not shapes.fp8:  # the decode steps again for an FP8 checkpoint
-        steps += [step_cost(replace(shapes, fp8=True), "decode", b, backend, lnc) for b in DECODE_BATCHES]
+    if shapes.experts and not shapes.fp8:  # the steps again for an FP8 checkpoint
+        fp8 = replace(shapes, fp8=True)
+        steps += [step_cost(fp8, "decode", b, backend, lnc) for b in DECODE_BATCHES]
+        steps.append(step_cost(fp8, "prefill", PREFILL_TOKENS, backend, lnc))
     return steps
 
 
