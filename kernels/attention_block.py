@@ -43,6 +43,7 @@ import torch
 from .attention_decode import (
     KV_TILE_SBUF_BYTES,
     MAX_QUERY_GROUP,
+    PREFETCH_SBUF_BYTES,
     _PositionTiles,
     attend_cached,
     attention_decode_ref,
@@ -68,9 +69,6 @@ HEAD_DIM = PMAX  # one FP8 scale block per head: the kernel's layout needs D = 1
 # --only attention,linear,fused_add,qk_norm_rope --tokens T --lnc 2``): FP8 T = 4 22.4 vs 32.3 us, T = 8 35.8 vs
 # 40.5, T = 16 66.9 vs 57.2; bf16 T = 4 25.6 vs 38.1, T = 8 38.3 vs 45.6, T = 16 68.1 vs 60.8.
 FUSED_MAX_TOKENS = 8
-# The first K/V tile of each (sequence, kv head) is gathered before the weights are requested, so the cache read
-# does not queue behind them, while these bytes per partition hold them (the rest is gathered when attended).
-PREFETCH_SBUF_BYTES = 48 * 1024
 # Every projection weight a program uses is requested up front and stays in SBUF until used; shapes whose weights
 # take more than this per partition are refused (the model runs the ops one by one there), leaving the rest of the
 # usable 208 KiB to the activations, the prefetched K/V tiles and the work tiles. By the emulator's capacity check:
@@ -405,7 +403,8 @@ def _attention_block(
     rotate = _swap_halves_matrix(d, dt)
     row0 = cache_rows(k_cache, slot_mapping, 0, T)
     per_pair = first_tile_bytes(k_cache, block_tables)
-    prefetch = min(T, PREFETCH_SBUF_BYTES // (per_pair * nk))  # sequences whose first K/V tiles are gathered early
+    # sequences whose first K/V tiles are gathered before the o weights are requested (attention_decode's budget)
+    prefetch = min(T, PREFETCH_SBUF_BYTES // (per_pair * nk))
     first_rows = [first_tile_rows(k_cache, block_tables, b) for b in range(prefetch)]
     width_max = min(group, nq)
     cached = nl.ndarray((width_max, T), dtype=nl.float32, buffer=nl.sbuf)  # L_b - 1: the tokens before the new one

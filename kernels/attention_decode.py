@@ -47,6 +47,10 @@ KV_TILE_SBUF_BYTES = SBUF_PARTITION_BYTES * 5 // 8
 # once and reused for every sequence while they fit this budget (32 chunks of 512 columns: 4,096 tokens at BS 32),
 # and remade per sequence beyond it.
 POSITIONS_SBUF_BYTES = 64 * 1024
+# The first K/V tiles of the next (sequence, kv head) pairs are gathered ahead of the one attended, while these bytes
+# per partition hold them, so a pair's cache read does not wait behind the previous pair's Vector work and DMA
+# latency (each engine runs its instructions in program order).
+PREFETCH_SBUF_BYTES = 48 * 1024
 
 
 def _cols_per_step(blocks: int, block_size: int, group: int) -> int:
@@ -69,7 +73,8 @@ def attention_decode(q, k, v, k_cache, v_cache, slot_mapping, block_tables, cont
              scale: float, the softmax scale (1/sqrt(D) for Qwen3).
     Returns: (out [B, Hq*D] in q's dtype, k_cache, v_cache), all nl.shared_hbm.
     Tiling:  _write_kv_cache first (indirect-DMA scatter). Per sequence b and kv head g: Q^T [D, G] by strided DMA;
-             L_b broadcast to G partitions (DMA casts to fp32); per tile of up to 128 table entries: the block ids
+             L_b broadcast to G partitions (DMA casts to fp32); per tile of up to 128 table entries (the first tile of
+             the next pairs gathered ahead, within PREFETCH_SBUF_BYTES): the block ids
              (DMA; with a split r > 1 each id r times, row = id * Hk * r + part on Vector/GpSimd) drive two
              indirect-DMA gathers K, V [blocks * r, BS / r * D]; per chunk of columns s (<= 512 scores):
              Tensor transposes K[:, s] to K^T [D, blocks] (one PSUM bank), Vector copies it to SBUF, Tensor computes
@@ -121,16 +126,31 @@ def attention_decode(q, k, v, k_cache, v_cache, slot_mapping, block_tables, cont
 
     out = nl.ndarray((B, hq * d), dtype=q.dtype, buffer=nl.shared_hbm)
     positions_cache = _PositionTiles(group)
-    for b in range(first, last):
-        ctx_len = nl.ndarray((group, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=ctx_len, src=context_lens.ap(pattern=[[0, group], [1, 1]], offset=b))
-        for g in range(hk):
-            q_t = nl.ndarray((d, group), dtype=q.dtype, buffer=nl.sbuf)
-            head0 = b * hq * d + g * group * d
-            nisa.dma_copy(dst=q_t, src=q.ap(pattern=[[1, d], [d, group]], offset=head0))
-            o = attend_cached(q_t, k_cache, v_cache, block_tables, b, g, ctx_len, positions_cache, scale, q.dtype)
-            nisa.dma_copy(dst=out.ap(pattern=[[d, group], [1, d]], offset=head0), src=o)
+    pairs = [(b, g) for b in range(first, last) for g in range(hk)]
+    ahead = min(len(pairs), max(1, PREFETCH_SBUF_BYTES // first_tile_bytes(k_cache, block_tables)))
+    first_tiles = [_gather_first_pair(k_cache, v_cache, block_tables, pairs[i]) for i in range(ahead)]
+    ctx_len = None
+    for i in range(len(pairs)):
+        b, g = pairs[i]
+        if g == 0:
+            ctx_len = nl.ndarray((group, 1), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.dma_copy(dst=ctx_len, src=context_lens.ap(pattern=[[0, group], [1, 1]], offset=b))
+        q_t = nl.ndarray((d, group), dtype=q.dtype, buffer=nl.sbuf)
+        head0 = b * hq * d + g * group * d
+        nisa.dma_copy(dst=q_t, src=q.ap(pattern=[[1, d], [d, group]], offset=head0))
+        if i + ahead < len(pairs):  # after this pair's small loads, so they do not queue behind the gather
+            first_tiles.append(_gather_first_pair(k_cache, v_cache, block_tables, pairs[i + ahead]))
+        o = attend_cached(
+            q_t, k_cache, v_cache, block_tables, b, g, ctx_len, positions_cache, scale, q.dtype, None, first_tiles[i]
+        )
+        nisa.dma_copy(dst=out.ap(pattern=[[d, group], [1, d]], offset=head0), src=o)
     return out, k_cache, v_cache
+
+
+def _gather_first_pair(k_cache, v_cache, block_tables, pair):
+    """``gather_first_tile`` of one (sequence, kv head) pair, its block rows computed here."""
+    b, g = pair
+    return gather_first_tile(k_cache, v_cache, first_tile_rows(k_cache, block_tables, b), block_tables, g)
 
 
 def attend_cached(

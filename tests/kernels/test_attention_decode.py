@@ -85,6 +85,15 @@ def test_attention_decode_matches_ref_other_head_layouts(hq, hk, d, rng):
     _check(_inputs(rng, [3, 50, 21], hq, hk, d, torch.float32, bs=16), torch.float32)
 
 
+@pytest.mark.parametrize("window", [1, 3])
+def test_attention_decode_gathers_ahead_within_its_sbuf_budget(window, rng, monkeypatch):
+    """With room for 1 or 3 pairs' first tiles, the (sequence, kv head) pairs are gathered that far ahead: every
+    pair still attends over its own context (ragged, one beyond a block tile, kv heads interleaved)."""
+    args = _inputs(rng, [3, PMAX * 4 + 9, 50, 1, 21], 4, 2, 32, torch.float32, bs=4)
+    monkeypatch.setattr(ad, "PREFETCH_SBUF_BYTES", window * ad.first_tile_bytes(args[3], args[6]))
+    _check(args, torch.float32)
+
+
 def test_attention_decode_maps_query_head_h_to_kv_head_h_div_group(rng):
     # q = 0: uniform attention over the context; V of kv head g is g + 1 everywhere in the context
     hq, hk, d, bs = 8, 2, 16, 4
