@@ -45,7 +45,7 @@ from .attention_decode import (
     MAX_QUERY_GROUP,
     PREFETCH_SBUF_BYTES,
     _PositionTiles,
-    attend_cached,
+    attend_pairs,
     attention_decode_ref,
     first_tile_bytes,
     first_tile_rows,
@@ -445,7 +445,7 @@ def _attention_block(
     for g in range(g0, g1):
         a0, a1 = max(h0, g * group), min(h1, (g + 1) * group)  # this program's query heads of kv head g
         width = a1 - a0
-        positions_cache = _PositionTiles(width)
+        items = []  # one per sequence, attended as one pipeline (attend_pairs)
         for b in range(T):
             ctx_len = nl.ndarray((width, 1), dtype=nl.float32, buffer=nl.sbuf)  # operands are whole tiles
             nisa.tensor_copy(dst=ctx_len, src=sbuf_view(cached, [[1, 1]], offset=b, partitions=width))
@@ -454,20 +454,10 @@ def _attention_block(
                 qk_rot[:, b * nh + nq + g - g0 : b * nh + nq + g - g0 + 1],
                 v_cols[:, b * nk + g - g0 : b * nk + g - g0 + 1],
             )
-            o = attend_cached(
-                qk_rot[:, c0 : c0 + width],
-                k_cache,
-                v_cache,
-                block_tables,
-                b,
-                g,
-                ctx_len,
-                positions_cache,
-                scale,
-                dt,
-                new_kv=new_kv,
-                first_tile=prefetched.get(f"{b}:{g}"),
-            )
+            items.append((qk_rot[:, c0 : c0 + width], b, g, ctx_len, new_kv, prefetched.get(f"{b}:{g}")))
+        outs = attend_pairs(items, k_cache, v_cache, block_tables, _PositionTiles(width), scale, dt, 0)
+        for b in range(T):
+            o = outs[b]
             o_t = nl.ndarray((d, width), dtype=dt, buffer=nl.psum)
             nisa.nc_transpose(dst=o_t, data=o)
             c1 = b * nq + a0 - h0

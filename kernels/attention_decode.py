@@ -51,6 +51,9 @@ POSITIONS_SBUF_BYTES = 64 * 1024
 # per partition hold them, so a pair's cache read does not wait behind the previous pair's Vector work and DMA
 # latency (each engine runs its instructions in program order).
 PREFETCH_SBUF_BYTES = 48 * 1024
+# Pairs attended as one software pipeline (``attend_pairs``): their queries, context lengths and outputs stay in SBUF
+# until the group ends (at most 16 x (G + 1) x D x 4 bytes per partition).
+PIPELINED_PAIRS = 16
 
 
 def _cols_per_step(blocks: int, block_size: int, group: int) -> int:
@@ -127,29 +130,24 @@ def attention_decode(q, k, v, k_cache, v_cache, slot_mapping, block_tables, cont
     out = nl.ndarray((B, hq * d), dtype=q.dtype, buffer=nl.shared_hbm)
     positions_cache = _PositionTiles(group)
     pairs = [(b, g) for b in range(first, last) for g in range(hk)]
-    ahead = min(len(pairs), max(1, PREFETCH_SBUF_BYTES // first_tile_bytes(k_cache, block_tables)))
-    first_tiles = [_gather_first_pair(k_cache, v_cache, block_tables, pairs[i]) for i in range(ahead)]
-    ctx_len = None
-    for i in range(len(pairs)):
-        b, g = pairs[i]
-        if g == 0:
+    ahead = max(1, PREFETCH_SBUF_BYTES // first_tile_bytes(k_cache, block_tables))
+    for p0 in range(0, len(pairs), PIPELINED_PAIRS):
+        # this group's small loads first (they would queue behind the gathers), then the pairs pipelined
+        items = []
+        for b, g in pairs[p0 : p0 + PIPELINED_PAIRS]:
             ctx_len = nl.ndarray((group, 1), dtype=nl.float32, buffer=nl.sbuf)
             nisa.dma_copy(dst=ctx_len, src=context_lens.ap(pattern=[[0, group], [1, 1]], offset=b))
-        q_t = nl.ndarray((d, group), dtype=q.dtype, buffer=nl.sbuf)
-        head0 = b * hq * d + g * group * d
-        nisa.dma_copy(dst=q_t, src=q.ap(pattern=[[1, d], [d, group]], offset=head0))
-        if i + ahead < len(pairs):  # after this pair's small loads, so they do not queue behind the gather
-            first_tiles.append(_gather_first_pair(k_cache, v_cache, block_tables, pairs[i + ahead]))
-        o = attend_cached(
-            q_t, k_cache, v_cache, block_tables, b, g, ctx_len, positions_cache, scale, q.dtype, None, first_tiles[i]
-        )
-        nisa.dma_copy(dst=out.ap(pattern=[[d, group], [1, d]], offset=head0), src=o)
+            q_t = nl.ndarray((d, group), dtype=q.dtype, buffer=nl.sbuf)
+            nisa.dma_copy(dst=q_t, src=q.ap(pattern=[[1, d], [d, group]], offset=b * hq * d + g * group * d))
+            items.append((q_t, b, g, ctx_len, None, None))
+        outs = attend_pairs(items, k_cache, v_cache, block_tables, positions_cache, scale, q.dtype, ahead)
+        for (b, g), o in zip(pairs[p0 : p0 + PIPELINED_PAIRS], outs):
+            nisa.dma_copy(dst=out.ap(pattern=[[d, group], [1, d]], offset=b * hq * d + g * group * d), src=o)
     return out, k_cache, v_cache
 
 
-def _gather_first_pair(k_cache, v_cache, block_tables, pair):
+def _gather_first_pair(k_cache, v_cache, block_tables, b: int, g: int):
     """``gather_first_tile`` of one (sequence, kv head) pair, its block rows computed here."""
-    b, g = pair
     return gather_first_tile(k_cache, v_cache, first_tile_rows(k_cache, block_tables, b), block_tables, g)
 
 
@@ -176,31 +174,61 @@ def attend_cached(
     (``_new_token_accumulate``), for a caller that has not written it to the cache. ``first_tile``: the first
     tile's K/V as ``gather_first_tile`` returned them, for a caller that issued that gather early.
     """
+    item = (q_t, b, g, ctx_len, new_kv, first_tile)
+    return attend_pairs([item], k_cache, v_cache, block_tables, positions_cache, scale, dtype, 0)[0]
+
+
+def attend_pairs(items, k_cache, v_cache, block_tables, positions_cache, scale: float, dtype, ahead: int):
+    """``attend_cached`` for several (sequence, kv head) pairs: their outputs ``o [G, D]`` (SBUF, ``dtype``) in order.
+
+    ``items``: ``(q_t, b, g, ctx_len, new_kv, first_tile)`` each, as ``attend_cached``'s arguments. The pairs whose
+    ``first_tile`` is None get it gathered ``ahead`` pairs early (0: when attended). Software-pipelined by one chunk
+    across the pairs: the scores of the next chunk, of this pair or the next, are issued before this chunk's softmax
+    and P @ V, so the Tensor Engine computes them while Scalar and Vector work on this one (each engine runs its
+    instructions in program order). Same instructions and online-softmax order per pair as one at a time.
+    """
     max_blocks, bs = block_tables.shape[1], k_cache.shape[2]
-    state = _SoftmaxState()
-    # Software-pipelined by one chunk: the scores of chunk c + 1 are issued before chunk c's softmax and P @ V, so
-    # the Tensor Engine computes them while Scalar and Vector work on chunk c (each engine runs its instructions in
-    # program order). Same instructions and online-softmax order as one at a time.
-    pending = None
-    for t0 in range(0, max_blocks, BLOCKS_PER_TILE):
-        n = min(BLOCKS_PER_TILE, max_blocks - t0)
-        split = _block_split(n, bs)
-        if t0 == 0 and first_tile is not None:
-            k_sb, v_sb = first_tile
-        else:
-            k_sb, v_sb = _gather_blocks(k_cache, v_cache, block_tables, b, g, t0, n, split)
-        rows, cols = n * split, bs // split
-        steps = _cols_per_step(rows, cols, q_t.shape[1])
-        for s0 in range(0, cols, steps):
-            ns = min(steps, cols - s0)
-            positions = positions_cache.get(t0 * bs + s0, ns, rows, cols)
-            scored = _chunk_scores(q_t, k_sb, v_sb, ctx_len, positions, s0, ns)
-            if pending is not None:
-                _chunk_accumulate(state, pending, scale)
-            pending = scored
-    _chunk_accumulate(state, pending, scale)
+    tiles = [items[i][5] for i in range(len(items))]
+    for i in range(min(ahead, len(items))):
+        if tiles[i] is None:
+            tiles[i] = _gather_first_pair(k_cache, v_cache, block_tables, items[i][1], items[i][2])
+    outs = []
+    states = []
+    pending = None  # (pair index, scored chunk)
+    for i in range(len(items)):
+        later = i + ahead
+        if ahead and later < len(items) and tiles[later] is None:
+            tiles[later] = _gather_first_pair(k_cache, v_cache, block_tables, items[later][1], items[later][2])
+        q_t, b, g, ctx_len = items[i][0], items[i][1], items[i][2], items[i][3]
+        states.append(_SoftmaxState())
+        for t0 in range(0, max_blocks, BLOCKS_PER_TILE):
+            n = min(BLOCKS_PER_TILE, max_blocks - t0)
+            split = _block_split(n, bs)
+            if t0 == 0 and tiles[i] is not None:
+                k_sb, v_sb = tiles[i]
+            else:
+                k_sb, v_sb = _gather_blocks(k_cache, v_cache, block_tables, b, g, t0, n, split)
+            rows, cols = n * split, bs // split
+            steps = _cols_per_step(rows, cols, q_t.shape[1])
+            for s0 in range(0, cols, steps):
+                ns = min(steps, cols - s0)
+                positions = positions_cache.get(t0 * bs + s0, ns, rows, cols)
+                scored = _chunk_scores(q_t, k_sb, v_sb, ctx_len, positions, s0, ns)
+                if pending is not None:
+                    _chunk_accumulate(states[pending[0]], pending[1], scale)
+                    if pending[0] != i:  # that was the previous pair's last chunk
+                        outs.append(_pair_finish(states[pending[0]], items[pending[0]], scale, dtype))
+                pending = (i, scored)
+    _chunk_accumulate(states[pending[0]], pending[1], scale)
+    outs.append(_pair_finish(states[pending[0]], items[pending[0]], scale, dtype))
+    return outs
+
+
+def _pair_finish(state, item, scale: float, dtype):
+    """A pair's output once its cached context is accumulated: its new token's K/V (if any) last, then acc / l."""
+    new_kv = item[4]
     if new_kv is not None:
-        _new_token_accumulate(state, q_t, new_kv[0], new_kv[1], scale)
+        _new_token_accumulate(state, item[0], new_kv[0], new_kv[1], scale)
     return _softmax_finish(state, dtype)
 
 
