@@ -66,8 +66,8 @@ HEAD_DIM = PMAX  # one FP8 scale block per head: the kernel's layout needs D = 1
 # Up to this many tokens the model runs these kernels (``ops.attention_block``): beyond, the ops one by one are
 # faster, since here each program attends over every sequence (the query heads are split, not the sequences). Cost
 # model, Qwen3-30B-A3B TP 4 LNC 2, the kernel vs the five it replaces plus their four boundaries (``kernels check
-# --only attention,linear,fused_add,qk_norm_rope --tokens T --lnc 2``): FP8 T = 4 22.4 vs 32.3 us, T = 8 35.8 vs
-# 40.5, T = 16 66.9 vs 57.2; bf16 T = 4 25.6 vs 38.1, T = 8 38.3 vs 45.6, T = 16 68.1 vs 60.8.
+# --only attention,linear,fused_add,qk_norm_rope --tokens T --lnc 2``): FP8 T = 4 21.4 vs 30.7 us, T = 8 33.6 vs
+# 35.5, T = 16 62.2 vs 51.4; bf16 T = 4 24.6 vs 36.5, T = 8 36.2 vs 40.7, T = 16 63.5 vs 55.0.
 FUSED_MAX_TOKENS = 8
 # Every projection weight a program uses is requested up front and stays in SBUF until used; shapes whose weights
 # take more than this per partition are refused (the model runs the ops one by one there), leaving the rest of the
