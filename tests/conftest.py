@@ -45,6 +45,25 @@ def make_model(tmp_path_factory):
     return make
 
 
+@pytest.fixture
+def kernel_launches(monkeypatch):
+    """``watch(module)``: from then on, every ``call_kernel`` made through ``module`` (an ops module that imported it)
+    appends the kernel's name to the returned list, then runs as before."""
+
+    def watch(module) -> list[str]:
+        launched: list[str] = []
+        real = module.call_kernel
+
+        def spy(backend, kernel, *args, **kwargs):
+            launched.append(getattr(kernel, "__name__", str(kernel)))
+            return real(backend, kernel, *args, **kwargs)
+
+        monkeypatch.setattr(module, "call_kernel", spy)
+        return launched
+
+    return watch
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

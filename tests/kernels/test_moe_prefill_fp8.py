@@ -93,21 +93,12 @@ def test_bad_input_is_named():
     "T,E,kernel",
     [(1, 4, "moe_decode_fp8"), (8, 32, "moe_decode_fp8"), (9, 32, "moe_prefill_fp8"), (130, 4, "moe_prefill_fp8")],
 )
-def test_the_op_picks_the_kernel_by_token_count_and_matches_the_torch_op(T, E, kernel, monkeypatch):
+def test_the_op_picks_the_kernel_by_token_count_and_matches_the_torch_op(T, E, kernel, kernel_launches):
     """Few tokens read their K experts each (decode kernel: T * K <= E / 2); more, up to beyond one 128-token tile,
     go to the expert-grouped kernel; experts in the model layout are converted once."""
     assert fp8.use_fp8_decode(T, 2, E) == (kernel == "moe_decode_fp8")
     x, experts, _, w, ids, _ = _inputs(T, E, 2, 128, 64, 8, torch.float32, seed=6)
-    from vllm_nki_moe.ops import kernel_call
-
-    launched = []
-    real = kernel_call.call_kernel
-
-    def spy(backend, fn, *args, **kwargs):
-        launched.append(getattr(fn, "__name__", str(fn)))
-        return real(backend, fn, *args, **kwargs)
-
-    monkeypatch.setattr(fp8, "call_kernel", spy)
+    launched = kernel_launches(fp8)
     emulated = ops.bind("emulator")
     got = emulated.moe_experts_fp8(x, *experts, w, ids.long())
     want = ops.bind("torch").moe_experts_fp8(x, *experts, w, ids.long())

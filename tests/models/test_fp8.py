@@ -209,20 +209,13 @@ def test_fp8_models_match_hf_loading_the_same_checkpoint(name, kernels, make_mod
     assert ours == gen.hf_greedy(model_dir, PROMPTS, NEW_TOKENS)
 
 
-def test_decode_steps_run_the_fused_attention_block_in_every_layer_after_the_first(make_model, monkeypatch):
+def test_decode_steps_run_the_fused_attention_block_in_every_layer_after_the_first(make_model, kernel_launches):
     """head_dim 128 under the emulator: each decode step runs ``attention_block_decode_fp8`` once per layer that has
     a residual to add (all but the first), and the tokens are those of the ops one by one (torch)."""
     from vllm_nki_moe.ops import attention_block as block_ops
 
     model_dir = _model(make_model, "moe-head128")
-    launched = []
-    real_call = block_ops.call_kernel
-
-    def spy(backend, kernel, *args, **kwargs):
-        launched.append(getattr(kernel, "__name__", str(kernel)))
-        return real_call(backend, kernel, *args, **kwargs)
-
-    monkeypatch.setattr(block_ops, "call_kernel", spy)
+    launched = kernel_launches(block_ops)
     new_tokens = 4
     fused = gen.Harness(model_dir, "emulator").generate(PROMPTS[0], new_tokens).tokens
     layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
