@@ -144,8 +144,9 @@ def router_tiles(weight, pattern, step: int, KT: int, E: int):
 def route(x_sb, rw_tiles, T: int, K: int, norm_topk_prob: bool):
     """The router on normalised tokens ``x_sb [P, T, KT]`` and its weight ``rw_tiles``, KT tiles [P, E] (the same split
     of H, ``router_tiles``):
-    logits [T, E] (fp32 PSUM over kt, rounded to x's dtype as the model's gate), softmax in fp32, the top K (max8 +
-    nc_find_index8: ties take the lowest id first), renormalised if ``norm_topk_prob``. Returns (ids8 [T, 8] uint32,
+    logits [T, E] (fp32 PSUM over kt, rounded to x's dtype as the model's gate), the top K ids from the logits (max8 +
+    nc_find_index8: ties take the lowest id first), softmax in fp32 and the top K probabilities, renormalised if
+    ``norm_topk_prob``. Returns (ids8 [T, 8] uint32,
     the top K in columns 0..K-1; w_sb [P, T*K] fp32: slot t*K + k's weight on every partition).
 
     GpSimd + Tensor: the [T, K] weights reach every partition by a ones matmul over a diagonal mask built with
@@ -157,13 +158,17 @@ def route(x_sb, rw_tiles, T: int, K: int, norm_topk_prob: bool):
         nisa.nc_matmul(dst=lg_ps, stationary=x_sb[:, :, kt], moving=rw_tiles[kt], accumulate=kt > 0)
     logits = nl.ndarray((T, E), dtype=x_sb.dtype, buffer=nl.sbuf)
     nisa.tensor_copy(dst=logits, src=lg_ps)
+    # The ids from the logits: softmax is increasing, so the K largest logits are the K largest probabilities, ties
+    # included (equal logits, equal probabilities; lowest id first either way). The expert weights' DMAs wait only
+    # for the ids, so they are requested before the softmax is computed.
+    top_logits = nl.ndarray((T, TOPK8), dtype=x_sb.dtype, buffer=nl.sbuf)
+    nisa.max8(dst=top_logits, src=logits)
+    ids8 = nl.ndarray((T, TOPK8), dtype=nl.uint32, buffer=nl.sbuf)
+    nisa.nc_find_index8(dst=ids8, data=logits, vals=top_logits)
     probs = nl.ndarray((T, E), dtype=nl.float32, buffer=nl.sbuf)
     softmax_rows(probs, logits, T)  # the router kernel's softmax sub-kernel
-
-    top8 = nl.ndarray((T, TOPK8), dtype=nl.float32, buffer=nl.sbuf)
+    top8 = nl.ndarray((T, TOPK8), dtype=nl.float32, buffer=nl.sbuf)  # the same experts' probabilities, in order
     nisa.max8(dst=top8, src=probs)
-    ids8 = nl.ndarray((T, TOPK8), dtype=nl.uint32, buffer=nl.sbuf)
-    nisa.nc_find_index8(dst=ids8, data=probs, vals=top8)
     wk = nl.ndarray((T, K), dtype=nl.float32, buffer=nl.sbuf)
     if norm_topk_prob:
         wsum = nl.ndarray((T, 1), dtype=nl.float32, buffer=nl.sbuf)
