@@ -51,8 +51,8 @@ POSITIONS_SBUF_BYTES = 64 * 1024
 # per partition hold them, so a pair's cache read does not wait behind the previous pair's Vector work and DMA
 # latency (each engine runs its instructions in program order).
 PREFETCH_SBUF_BYTES = 48 * 1024
-# Pairs attended as one software pipeline (``attend_pairs``): their queries, context lengths and outputs stay in SBUF
-# until the group ends (at most 16 x (G + 1) x D x 4 bytes per partition).
+# Pairs attended as one software pipeline (``attend_pairs``): their queries Q^T [D, G], context lengths [G, 1] and
+# outputs [G, D] stay in SBUF until the group ends (per partition at most 16 x (G + 1 + D) x 4 bytes).
 PIPELINED_PAIRS = 16
 
 
@@ -84,8 +84,9 @@ def attention_decode(q, k, v, k_cache, v_cache, slot_mapping, block_tables, cont
              S = Q K^T [G, chunk] in PSUM; GpSimd iota gives each column's position, Vector compares it with L_b and
              select_reduce masks and takes the row max in one pass; Scalar exp with row sums (online softmax, fp32
              statistics); Tensor transposes P per column s to P^T [blocks, G] and accumulates P @ V [G, D] in PSUM;
-             Vector rescales into the fp32 accumulator. Chunks are pipelined by one: chunk c + 1's scores are
-             issued before chunk c's softmax and P @ V. Finally acc / l in q's dtype, DMA to out.
+             Vector rescales into the fp32 accumulator. Chunks are pipelined by one across the pairs of a group of
+             PIPELINED_PAIRS (``attend_pairs``): the next chunk's scores, of this pair or the next, are issued before
+             this chunk's softmax and P @ V. Finally acc / l in q's dtype, DMA to out.
     Grid:    ``attention_decode[g]`` (LNC=2: g = 2) splits the B sequences into g contiguous shares, one per program
              (physical core): each writes its sequences' new K/V into the cache, then attends over them, so no
              program reads a slot another writes (sequences own the blocks their new tokens go to). B = 1 runs on
