@@ -140,33 +140,22 @@ def attention_block_decode_fp8(
     Limits:  1 <= T <= min(128, 512 // max(KT, Hq)); H a multiple of 128; D = 128; G <= 128; BS a power of two
              with the K/V tiles of ``attention_decode``; one float dtype for activations, weights and caches.
     """
-    where = "attention_block_decode_fp8"
-    T, H, dt, hk, d = _check_common(where, hidden, residual, gamma, k_cache, v_cache, slot_mapping)
-    require(
-        len(qkv_weight.shape) == 2 and qkv_weight.shape[1] == H and qkv_weight.dtype == nl.uint8,
-        where,
-        f"qkv_weight {tuple(qkv_weight.shape)} {qkv_weight.dtype}; must be uint8 [(Hq + 2 Hk) * {d}, {H}]",
-    )
-    hq = _query_heads(where, "qkv_weight rows", qkv_weight.shape[0], hk, d)
-    KT = H // PMAX
-    for name, t, shape, dtype in (
-        ("qkv_scale", qkv_scale, (hq + 2 * hk, KT), nl.float32),
-        ("o_weight", o_weight, (H, hq * d), nl.uint8),
-        ("o_scale", o_scale, (KT, hq), nl.float32),
-    ):
-        _require_tensor(where, name, t, shape, dtype)
-    _check_rest(
-        where,
-        hq,
-        hk,
-        T,
-        H,
-        dt,
+    hq = check_attention_fp8(
+        "attention_block_decode_fp8",
+        hidden,
+        residual,
+        gamma,
+        qkv_weight,
+        qkv_scale,
         q_norm_weight,
         k_norm_weight,
         positions,
         cos_sin_cache,
+        o_weight,
+        o_scale,
         k_cache,
+        v_cache,
+        slot_mapping,
         block_tables,
         context_lens,
     )
@@ -272,6 +261,58 @@ def attention_block_decode(
     )
 
 
+def check_attention_fp8(
+    where: str,
+    hidden,
+    residual,
+    gamma,
+    qkv_weight,
+    qkv_scale,
+    q_norm_weight,
+    k_norm_weight,
+    positions,
+    cos_sin_cache,
+    o_weight,
+    o_scale,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    block_tables,
+    context_lens,
+) -> int:
+    """``attention_block_decode_fp8``'s argument checks (named errors); returns Hq, this rank's query heads."""
+    T, H, dt, hk, d = _check_common(where, hidden, residual, gamma, k_cache, v_cache, slot_mapping)
+    require(
+        len(qkv_weight.shape) == 2 and qkv_weight.shape[1] == H and qkv_weight.dtype == nl.uint8,
+        where,
+        f"qkv_weight {tuple(qkv_weight.shape)} {qkv_weight.dtype}; must be uint8 [(Hq + 2 Hk) * {d}, {H}]",
+    )
+    hq = _query_heads(where, "qkv_weight rows", qkv_weight.shape[0], hk, d)
+    KT = H // PMAX
+    for name, t, shape, dtype in (
+        ("qkv_scale", qkv_scale, (hq + 2 * hk, KT), nl.float32),
+        ("o_weight", o_weight, (H, hq * d), nl.uint8),
+        ("o_scale", o_scale, (KT, hq), nl.float32),
+    ):
+        _require_tensor(where, name, t, shape, dtype)
+    _check_rest(
+        where,
+        hq,
+        hk,
+        T,
+        H,
+        dt,
+        q_norm_weight,
+        k_norm_weight,
+        positions,
+        cos_sin_cache,
+        k_cache,
+        block_tables,
+        context_lens,
+    )
+    return hq
+
+
 def _require_tensor(where: str, name: str, t, shape: tuple, dtype) -> None:
     require(
         tuple(t.shape) == shape and t.dtype == dtype,
@@ -371,10 +412,69 @@ def _attention_block(
     T, H = hidden.shape
     dt = hidden.dtype
     KT = H // PMAX
-    nb, hk, bs, d = k_cache.shape
-    group = hq // hk
     out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
     r_out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
+    x_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)  # the small inputs first
+    nisa.dma_copy(dst=x_sb, src=tile_major(hidden, T, KT))
+    res_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
+    nisa.dma_copy(dst=res_sb, src=tile_major(residual, T, KT))
+    acc, _ = attention_partial(
+        x_sb,
+        res_sb,
+        gamma,
+        qkv_weight,
+        qkv_scale,
+        q_norm_weight,
+        k_norm_weight,
+        positions,
+        cos_sin_cache,
+        o_weight,
+        o_scale,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        block_tables,
+        context_lens,
+        eps,
+        scale,
+        hq,
+        r_out,
+    )
+    store_tile_major(out, acc, T, KT, True)
+    return out, r_out, k_cache, v_cache
+
+
+def attention_partial(
+    x_sb,
+    res_sb,
+    gamma,
+    qkv_weight,
+    qkv_scale,
+    q_norm_weight,
+    k_norm_weight,
+    positions,
+    cos_sin_cache,
+    o_weight,
+    o_scale,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    block_tables,
+    context_lens,
+    eps,
+    scale,
+    hq: int,
+    r_out=None,
+):
+    """The attention half from SBUF: x_sb, res_sb [128, T, KT] (h = kt * 128 + p, activation dtype) are the layer's
+    input and residual. Returns (acc [128, T, KT] fp32: the o projection's partial sums over this program's query
+    heads, not yet added over the programs; r_sb = x + residual, the next residual, in x_sb's tile). ``r_out`` [T, H]
+    (HBM) gets r_sb, each program its share of the hidden tiles, when given."""
+    T, KT = x_sb.shape[1], x_sb.shape[2]
+    H = KT * PMAX
+    dt = x_sb.dtype
+    nb, hk, bs, d = k_cache.shape
+    group = hq // hk
     # This program's query heads [h0, h1) and the kv heads they read [g0, g1).
     h0, h1 = program_share(hq)
     nq = h1 - h0
@@ -389,10 +489,7 @@ def _attention_block(
     )
 
     # ---- the small inputs first, then this program's q/k/v weight blocks: they stream while the norm computes ----
-    r_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=r_sb, src=tile_major(hidden, T, KT))
-    res_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=res_sb, src=tile_major(residual, T, KT))
+    r_sb = x_sb
     gamma_sb = nl.ndarray((PMAX, KT), dtype=dt, buffer=nl.sbuf)
     nisa.dma_copy(dst=gamma_sb, src=gamma.ap([[1, PMAX], [PMAX, KT]], offset=0))
     nh = nq + nk  # q heads then k heads: the columns of each token that get q/k norm and RoPE
@@ -426,7 +523,8 @@ def _attention_block(
 
     # ---- residual add and RMSNorm (hidden split h = kt * 128 + p: the FP8 blocks' split) ----
     nisa.tensor_tensor(dst=r_sb, data1=r_sb, data2=res_sb, op=nl.add)  # rounded as the model's x + residual
-    store_tile_major(r_out, r_sb, T, KT, False)
+    if r_out is not None:
+        store_tile_major(r_out, r_sb, T, KT, False)
     x_sb = normalise(r_sb, gamma_sb, eps, H, T)
 
     # ---- q/k/v: one head per FP8 block, [D, T] each; columns (t, head) so a sequence's heads are contiguous ----
@@ -491,8 +589,7 @@ def _attention_block(
         scaled = nl.ndarray((PMAX, T, kn, nq), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_tensor(dst=scaled, data1=cols, data2=o_s[:, :, k0 : k0 + kn, :], op=nl.multiply)
         nisa.tensor_reduce(dst=acc[:, :, k0 : k0 + kn], op=nl.add, data=scaled, axis=3)
-    store_tile_major(out, acc, T, KT, True)
-    return out, r_out, k_cache, v_cache
+    return acc, r_sb
 
 
 def _qkv_block(weight, scale, blk: int, T: int, KT: int, d: int, dt):

@@ -142,7 +142,23 @@ def moe_block_decode_fp8(hidden, residual, gamma, gate_weight_t, w13, s13, w2, s
     Limits:  1 <= T <= 128; H % 128 == 0; 8 <= E <= 512; 1 <= top_k <= 8; hidden, residual, gamma, gate_weight_t
              share a dtype (bf16 or fp32); the experts as ``moe_decode_fp8``.
     """
-    where = "moe_block_decode_fp8"
+    T, H, KT, K = check_moe_block_fp8(
+        "moe_block_decode_fp8", hidden, residual, gamma, gate_weight_t, w13, s13, w2, s2, top_k
+    )
+    dt = hidden.dtype
+    out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
+    r_out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
+    x_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
+    nisa.dma_copy(dst=x_sb, src=tile_major(hidden, T, KT))
+    res_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
+    nisa.dma_copy(dst=res_sb, src=tile_major(residual, T, KT))
+    acc, _ = moe_block_fp8_partial(x_sb, res_sb, gamma, gate_weight_t, w13, s13, w2, s2, eps, K, norm_topk_prob, r_out)
+    store_tile_major(out, acc, T, KT, True)
+    return out, r_out
+
+
+def check_moe_block_fp8(where: str, hidden, residual, gamma, gate_weight_t, w13, s13, w2, s2, top_k):
+    """``moe_block_decode_fp8``'s argument checks (named errors); returns (T, H, KT, top_k)."""
     T, H, E, IT, KT, IP = _check_fp8_experts(where, hidden, w13, s13, w2, s2)
     dt = hidden.dtype
     require(
@@ -168,16 +184,24 @@ def moe_block_decode_fp8(hidden, residual, gamma, gate_weight_t, w13, s13, w2, s
     )
     K = int(top_k)
     require(1 <= K <= TOPK8, where, f"top_k={top_k}; must be 1..{TOPK8} (max8 returns 8 values)")
-    out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
-    r_out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
+    return T, H, KT, K
 
-    r_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=r_sb, src=tile_major(hidden, T, KT))
-    res_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=res_sb, src=tile_major(residual, T, KT))
+
+def moe_block_fp8_partial(
+    x_sb, res_sb, gamma, gate_weight_t, w13, s13, w2, s2, eps, K: int, norm_topk_prob, r_out=None
+):
+    """The MoE half from SBUF: x_sb, res_sb [128, T, KT] (h = kt * 128 + p, activation dtype) are the attention's
+    output and the residual. Returns (acc [128, T, KT] fp32: the experts' weighted sum over this program's slots, not
+    yet added over the programs; r_sb = x + residual, the next residual, in x_sb's tile). ``r_out`` [T, H] (HBM) gets
+    r_sb, each program its share, when given."""
+    T, KT = x_sb.shape[1], x_sb.shape[2]
+    H = KT * PMAX
+    E = gate_weight_t.shape[1]
+    r_sb = x_sb
     nisa.tensor_tensor(dst=r_sb, data1=r_sb, data2=res_sb, op=nl.add)  # rounded as the model's x + residual
-    store_tile_major(r_out, r_sb, T, KT, False)
-    gamma_sb = nl.ndarray((PMAX, KT), dtype=dt, buffer=nl.sbuf)
+    if r_out is not None:
+        store_tile_major(r_out, r_sb, T, KT, False)
+    gamma_sb = nl.ndarray((PMAX, KT), dtype=x_sb.dtype, buffer=nl.sbuf)
     nisa.dma_copy(dst=gamma_sb, src=gamma.ap([[1, PMAX], [PMAX, KT]], offset=0))
     rw_tiles = router_tiles(gate_weight_t, [[E, PMAX], [1, E]], PMAX * E, KT, E)  # rows kt * 128 + p of [H, E]
 
@@ -186,8 +210,7 @@ def moe_block_decode_fp8(hidden, residual, gamma, gate_weight_t, w13, s13, w2, s
     acc = nl.ndarray((PMAX, T, KT), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc, value=0.0)
     _fp8_selected_experts(acc, x_sb, w13, s13, w2, s2, ids8, True, w_sb, T, K)
-    store_tile_major(out, acc, T, KT, True)
-    return out, r_out
+    return acc, r_sb
 
 
 def widened(w_sb, dt):

@@ -7,6 +7,8 @@ Public API:
     language_rules              check(fn, version) -> [Violation], oldest_release(fn) -> str | None
     is_real_nki() -> bool       whether ``import nki`` is the real Neuron SDK package
     run(kernel, *args, **kw)    -> (outputs, CostReport)
+    run_ranks(kernel, args_per_rank)   one launch per rank, concurrently (``nki.collectives`` meet across them)
+    solo_rank(n)                context: launches run as rank 0 of n ranks (collectives costed for n)
     jit, simulate               the ``nki.jit`` / ``nki.simulate`` entry points
     language, isa               the ``nki.language`` / ``nki.isa`` modules
     NkiEmulatorError            raised for every rule violation (a ValueError)
@@ -14,10 +16,11 @@ See docs/emulator.md.
 """
 
 from . import isa, language, language_rules
+from .collectives import solo_rank
 from .cost import CostReport
 from .errors import NkiEmulatorError
 from .install import install, is_real_nki, nki_version, set_nki_version
-from .runtime import Kernel, NkiLanguageWarning, jit, run, simulate
+from .runtime import Kernel, NkiLanguageWarning, jit, run, run_ranks, simulate
 
 __all__ = [
     "CostReport",
@@ -32,6 +35,8 @@ __all__ = [
     "language_rules",
     "nki_version",
     "run",
+    "run_ranks",
     "set_nki_version",
     "simulate",
+    "solo_rank",
 ]

@@ -245,6 +245,7 @@ class ProgramContext:
         # Vector Engine accumulator registers (tensor_scalar_cumulative doc). Unset registers read as NaN.
         self.act_regs = np.full(PMAX, np.nan, dtype=np.float32)
         self.sendrecv_seq: dict[tuple, int] = {}  # sequence numbers of sendrecv messages per (pipe, from, to)
+        self.collective_seq = 0  # this program's collectives so far (the n-th meets the other ranks' n-th)
         self.in_no_reorder = 0  # depth of nl.no_reorder() blocks (fori_loop / while_loop may not sit inside)
         self.vec_regs = np.full(PMAX, np.nan, dtype=np.float32)
 
@@ -262,8 +263,10 @@ class Launch:
     the wait can never end: reported as a deadlock), so slow programs never time out.
     """
 
-    def __init__(self, num_programs: int) -> None:
+    def __init__(self, num_programs: int, world=None, rank: int = 0) -> None:
         self.num_programs = num_programs
+        self.world = world  # collectives.World of the ranks this launch is one of (None: a one-rank run)
+        self.rank = rank
         self.shared: list[Storage] = []
         self.lock = threading.Lock()
         self.cond = threading.Condition()

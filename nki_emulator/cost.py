@@ -158,6 +158,14 @@ class Timeline:
         self.queue_free[q] = end
         self._retire(accesses, end)
 
+    def collective(self, latency: float, transfer_seconds: float, after: float) -> None:
+        """A collective: its hops' latency after ``after`` (the last rank's source ready), then its transfer on the
+        core's bandwidth; no DMA queue (collectives have their own rings) and no compute engine."""
+        accesses = take_accesses()
+        start = self._deps(accesses, after)
+        end = self.pipe.place(start + latency, transfer_seconds)
+        self._retire(accesses, end)
+
     def ready_of(self, storage) -> float:
         return max(self.floor, self.ready.get(storage, 0.0))
 
@@ -205,6 +213,14 @@ class CostCounter:
         t = targets.current()
         transfer = max(nbytes / t.dma_bytes_per_s_per_core, (hbm_read + hbm_write) / t.hbm_bytes_per_s_per_core)
         self.timeline.dma(transfer, after)
+
+    def collective(self, op: str, nbytes: int, hbm_bytes: int, latency: float, transfer: float, after: float) -> None:
+        """One collective moving ``nbytes`` of this core's data (``hbm_bytes`` of HBM traffic) over the ranks."""
+        CLOCK[0] += 1
+        self.by_op[op] += 1
+        self.hbm_read_bytes += int(hbm_bytes) // 2
+        self.hbm_write_bytes += int(hbm_bytes) - int(hbm_bytes) // 2
+        self.timeline.collective(latency, transfer, after)
 
     def busy_seconds(self) -> dict[str, float]:
         t, hz = targets.current(), clocks()

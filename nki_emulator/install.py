@@ -144,6 +144,7 @@ def _populate(release: str) -> None:
     nisa.constants = sys.modules["nki.isa.constants"]
     nki = sys.modules["nki"]
     nki.language, nki.isa = nl, nisa
+    nki.collectives = sys.modules["nki.collectives"]
     nki.jit = runtime.jit
     nki.simulate = runtime.simulate
     sys.modules["nki.language"] = nl
@@ -176,7 +177,7 @@ def install(nki_version: str | None = None) -> bool:
         return True
     if is_real_nki():
         return False
-    from . import isa, language, runtime
+    from . import collectives, isa, language, runtime
 
     nki = types.ModuleType("nki")
     nki.__doc__ = "nki_emulator registered as nki (the real Neuron SDK package is not importable)."
@@ -190,6 +191,9 @@ def install(nki_version: str | None = None) -> bool:
     nki.dtype = np.dtype  # `nki.dtype` annotations (nki-library); every NKI dtype is a numpy.dtype here
     sys.modules["nki"] = nki
     sys.modules["nki.typing"] = nki.typing
+    nki.collectives = collectives
+    collectives.__nki_emulator__ = True
+    sys.modules["nki.collectives"] = collectives
     sys.modules["nki.isa.constants"] = _constants_module()
     language.__nki_emulator__ = True
     isa.__nki_emulator__ = True

@@ -260,6 +260,14 @@ def _run_grid(k: Kernel, launch: context.Launch, wargs, wkwargs, inputs, torch_o
         t.join()
 
 
+def run_ranks(kernel, args_per_rank, kwargs_per_rank=None) -> list[tuple[Any, CostReport]]:
+    """``run`` once per rank, concurrently, so that the kernel's ``nki.collectives`` calls meet: rank r gets
+    ``args_per_rank[r]`` (and ``kwargs_per_rank[r]``). Returns each rank's ``(outputs, report)`` in rank order."""
+    from . import collectives
+
+    return collectives.run_ranks(run, kernel, args_per_rank, kwargs_per_rank)
+
+
 def run(kernel, *args, **kwargs) -> tuple[Any, CostReport]:
     """Run ``kernel`` (an ``@nki.jit`` kernel, ``kernel[n]`` or a plain function) in the emulator.
 
@@ -282,7 +290,9 @@ def run(kernel, *args, **kwargs) -> tuple[Any, CostReport]:
     wargs = [_wrap_arg(a, i, inputs) for i, a in enumerate(args)]
     wkwargs = {key: _wrap_arg(v, key, inputs) for key, v in kwargs.items()}
     _allow_mutable_arguments(k.fn, wargs, wkwargs)
-    launch = context.Launch(k.grid)
+    from . import collectives
+
+    launch = context.Launch(k.grid, *collectives.current_rank())
     results: list[Any] = [None] * k.grid
     with single_threaded_blas():  # only around the kernel: the rest of the process keeps its BLAS threads
         _run_grid(k, launch, wargs, wkwargs, inputs, torch_out, where, results)

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from nki_emulator import targets
+from nki_emulator import collectives, targets
 from vllm_nki_moe.tools.kernel_check.registry import all_cases
 from vllm_nki_moe.tools.kernel_check.runner import CheckRow, run_cases
 from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes
 from vllm_nki_moe.tools.kernel_check.step_model import (
-    COLLECTIVE_HOP_SECONDS,
     KERNEL_BOUNDARY_SECONDS,
     StepPart,
     limit_seconds,
@@ -171,7 +170,8 @@ def format_bench(shapes: KernelShapes, steps: list[StepCost]) -> str:
         "others run on one physical core (its twin idles); emulator cost model (optimistic, docs/emulator.md)."
     )
     lines.append(
-        f"  Collectives: {COLLECTIVE_HOP_SECONDS * 1e6:g} us per hop (AWS intra-node collectives note: 1-2 us); "
+        f"  Collectives: {collectives.COLLECTIVE_HOP_SECONDS * 1e6:g} us per hop "
+        "(AWS intra-node collectives note: 1-2 us); "
         f"kernel boundary {KERNEL_BOUNDARY_SECONDS * 1e6:g} us each (an assumption, not published)."
     )
     lines.append("  Limit: the step's weights and KV cache read once at the logical core's HBM bandwidth (LNC cores).")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from nki_emulator import targets
+from nki_emulator import collectives, targets
 from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes
 
 
@@ -30,12 +30,6 @@ def logical_core_size() -> int:
     return targets.current().logical_core_size
 
 
-# Collectives: neuron-runtime/explore/intranode-collective-comm.rst (aws-neuron-sdk): "the per-hop latency of
-# Ring/KangaRing is about 1-2 us (HBM load dependent)"; Mesh (one hop per step) is the algorithm for < 1 MB, RDH
-# (log2 N steps per phase) for 1-56 MB; AllReduce = ReduceScatter + AllGather. Decode steps are HBM-bound, so the
-# loaded end of the range is taken.
-COLLECTIVE_HOP_SECONDS = 2e-6
-MESH_MAX_BYTES = 1 << 20
 # Assumption, not a published figure: the fixed cost of one kernel boundary inside a compiled graph (the next kernel's
 # first DMA cannot start before its descriptors exist: ~600 ns per DMA instruction, research/nki.md 2.1, plus
 # draining the previous kernel's engines). Printed with the table.
@@ -61,23 +55,17 @@ def _hbm_seconds(nbytes: float, cores: int = 1) -> float:
 
 
 def all_reduce_seconds(nbytes: int, ranks: int) -> float:
-    """One all-reduce of ``nbytes`` over ``ranks`` ranks: hops x per-hop latency + each rank's traffic at its HBM share.
-
-    Mesh below 1 MB: ReduceScatter + AllGather, one hop each; RDH above: log2(ranks) hops per phase. Each rank reads
-    and writes about 2 (ranks - 1) / ranks of the buffer (the bandwidth-optimal volume), through one logical core's
-    HBM bandwidth (``logical_core_size()`` physical cores)."""
-    if ranks <= 1:
-        return 0.0
-    hops = 2 if nbytes < MESH_MAX_BYTES else 2 * math.ceil(math.log2(ranks))
-    volume = 2 * (ranks - 1) / ranks * nbytes
-    return hops * COLLECTIVE_HOP_SECONDS + _hbm_seconds(2 * volume, logical_core_size())
+    """One all-reduce of ``nbytes`` over ``ranks`` ranks as a graph-level collective: the emulator's collective model
+    (``nki_emulator.collectives``: Mesh/RDH hops at AWS's per-hop latency, plus each rank's traffic) through one
+    logical core's HBM bandwidth (``logical_core_size()`` physical cores)."""
+    return collectives.all_reduce_seconds(nbytes, ranks, logical_core_size())
 
 
 def all_gather_seconds(nbytes_per_rank: int, ranks: int) -> float:
     """One all-gather (Mesh: one hop) of ``nbytes_per_rank`` from each of ``ranks`` ranks."""
     if ranks <= 1:
         return 0.0
-    return COLLECTIVE_HOP_SECONDS + _hbm_seconds(2 * nbytes_per_rank * ranks, logical_core_size())
+    return collectives.COLLECTIVE_HOP_SECONDS + _hbm_seconds(2 * nbytes_per_rank * ranks, logical_core_size())
 
 
 def projection_bytes(shapes: KernelShapes, tokens: int) -> dict[str, int]:
