@@ -87,8 +87,9 @@ def decoder_layers_decode_fp8(
 
     Args:    hidden, residual [T, H] bf16|fp32 HBM (the first layer's input; a zero residual for the model's first
              layer, whose residual add is x + 0);
-             per layer, lists of L tensors in the fused kernels' layouts: input_norms [H]; qkv_weights, qkv_scales,
-             q_norms, k_norms, o_weights, o_scales as ``attention_block_decode_fp8``; post_norms [H];
+             per layer, tuples of L tensors (NKI 0.3 on takes no list arguments) in the fused kernels' layouts:
+             input_norms [H]; qkv_weights, qkv_scales, q_norms, k_norms, o_weights, o_scales as
+             ``attention_block_decode_fp8``; post_norms [H];
              gate_weights_t [H, E]; w13s, s13s, w2s, s2s as ``moe_block_decode_fp8``; k_caches, v_caches
              [NB, Hk, BS, D] (updated in place and returned);
              positions, cos_sin_cache, slot_mapping, block_tables, context_lens: the step's, as
@@ -103,7 +104,7 @@ def decoder_layers_decode_fp8(
              end, each program its share of the hidden tiles.
     Grid:    ``decoder_layers_decode_fp8[g]`` (LNC=2): each half's grid (query heads, expert slots split); each
              program all-reduces its partial sums with the same program of the other ranks.
-    Limits:  each half's (``attention_block_decode_fp8``, ``moe_block_decode_fp8``); L >= 1; every list of length L.
+    Limits:  each half's (``attention_block_decode_fp8``, ``moe_block_decode_fp8``); L >= 1; every tuple of length L.
     """
     where = "decoder_layers_decode_fp8"
     lists = (
@@ -124,10 +125,10 @@ def decoder_layers_decode_fp8(
         v_caches,
     )
     L = len(input_norms) if isinstance(input_norms, (list, tuple)) else 0
-    require(L >= 1, where, f"input_norms={type(input_norms).__name__}; must be a list of one tensor per layer")
+    require(L >= 1, where, f"input_norms={type(input_norms).__name__}; must be a tuple of one tensor per layer")
     for name, values in zip(LAYER_LISTS, lists):
         n = len(values) if isinstance(values, (list, tuple)) else -1
-        require(n == L, where, f"{name} has {n} entries; must be a list of {L} (one per layer, as input_norms)")
+        require(n == L, where, f"{name} has {n} entries; must be a tuple of {L} (one per layer, as input_norms)")
     require(int(tp_ranks) >= 1, where, f"tp_ranks={tp_ranks}; must be >= 1")
     hq, K = 0, 0
     for i in range(L):

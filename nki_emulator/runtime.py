@@ -160,7 +160,12 @@ def to_torch(a: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def _wrap_arg(x: Any, i: int, inputs: list[Storage]):
+def _wrap_arg(x: Any, i: int, inputs: list[Storage], seen: dict | None = None):
+    """A kernel argument as the kernel sees it: arrays and tensors copied into HBM tensors (one tensor passed twice,
+    e.g. the same weight in two layers' lists, is one HBM tensor, as on a device), containers element by element."""
+    seen = {} if seen is None else seen
+    if (isinstance(x, np.ndarray) or _is_torch(x)) and id(x) in seen:
+        return seen[id(x)]
     if isinstance(x, np.ndarray) or _is_torch(x):
         arr = np.array(to_numpy(x), copy=True)
         dt = dtypes.as_dtype(arr.dtype, f"kernel argument {i}")
@@ -168,9 +173,10 @@ def _wrap_arg(x: Any, i: int, inputs: list[Storage]):
         st = Storage(arr.reshape(-1).astype(dt, copy=False), MemoryRegion.shared_hbm, f"arg{i}", shape)
         st.is_input = True
         inputs.append(st)
-        return NkiTensor(shape, dt, st)
+        seen[id(x)] = NkiTensor(shape, dt, st)
+        return seen[id(x)]
     if isinstance(x, (list, tuple)):
-        return type(x)(_wrap_arg(v, i, inputs) for v in x)
+        return type(x)(_wrap_arg(v, i, inputs, seen) for v in x)
     return x
 
 
@@ -287,8 +293,9 @@ def run(kernel, *args, **kwargs) -> tuple[Any, CostReport]:
         language_rules.check_arguments(args, kwargs, nki_version(), where)
     torch_out = any(_is_torch(a) for a in list(args) + list(kwargs.values()))
     inputs: list[Storage] = []
-    wargs = [_wrap_arg(a, i, inputs) for i, a in enumerate(args)]
-    wkwargs = {key: _wrap_arg(v, key, inputs) for key, v in kwargs.items()}
+    seen: dict = {}  # id of an argument array -> its HBM tensor (``args`` keeps every array alive meanwhile)
+    wargs = [_wrap_arg(a, i, inputs, seen) for i, a in enumerate(args)]
+    wkwargs = {key: _wrap_arg(v, key, inputs, seen) for key, v in kwargs.items()}
     _allow_mutable_arguments(k.fn, wargs, wkwargs)
     from . import collectives
 

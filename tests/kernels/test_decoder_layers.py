@@ -39,22 +39,41 @@ def _rank_args(ranks, layers, lens, hq, hk, H, E, K, inter, dtype, norm=True):
             for name, v in zip(kernel.LAYER_LISTS, values):
                 lists[name].append(v)
         all_args.append(
-            [hidden, residual, *lists.values(), positions, cos_sin, slots, tables, ctx, 1e-6, D**-0.5, K, norm, ranks]
+            [
+                hidden,
+                residual,
+                *map(tuple, lists.values()),
+                positions,
+                cos_sin,
+                slots,
+                tables,
+                ctx,
+                1e-6,
+                D**-0.5,
+                K,
+                norm,
+                ranks,
+            ]
         )
     return all_args
 
 
+def _copy(x):
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    return type(x)(c.clone() for c in x) if isinstance(x, (list, tuple)) else x
+
+
 def _copies(args):
-    return [
-        [x.clone() if isinstance(x, torch.Tensor) else [c.clone() for c in x] if isinstance(x, list) else x for x in a]
-        for a in args
-    ]
+    return [[_copy(x) for x in a] for a in args]
 
 
 def _fused_kernels_in_sequence(rank_args, programs):
     """Per layer: attention_block_decode_fp8 on every rank, their outputs summed in fp32 (rank order) and rounded;
     moe_block_decode_fp8 on every rank, summed likewise. Returns (out, r, k_caches per rank)."""
     states = _copies(rank_args)
+    for s in states:  # the caches, replaced layer by layer
+        s[15], s[16] = list(s[15]), list(s[16])
     hidden, residual = states[0][0], states[0][1]
     L = len(states[0][2])
     for i in range(L):
@@ -141,13 +160,75 @@ def test_bad_layer_lists_are_named():
     args = _rank_args(1, 2, [9], 2, 1, 256, 8, 2, 64, torch.float32)[0]
     short = list(args)
     short[2 + kernel.LAYER_LISTS.index("w13s")] = short[2 + kernel.LAYER_LISTS.index("w13s")][:1]
-    with pytest.raises(ValueError, match="w13s has 1 entries; must be a list of 2"):
+    with pytest.raises(ValueError, match="w13s has 1 entries; must be a tuple of 2"):
         emulator.run(kernel.decoder_layers_decode_fp8, *short)
     wrong = _copies([args])[0]
-    wrong[2 + kernel.LAYER_LISTS.index("k_caches")][1] = wrong[2 + kernel.LAYER_LISTS.index("k_caches")][1][:, :, :8]
+    caches = list(wrong[2 + kernel.LAYER_LISTS.index("k_caches")])
+    caches[1] = caches[1][:, :, :8]
+    wrong[2 + kernel.LAYER_LISTS.index("k_caches")] = tuple(caches)
     with pytest.raises(ValueError, match="layer 1"):
         emulator.run(kernel.decoder_layers_decode_fp8, *wrong)
     ranks = list(args)
     ranks[-1] = 4
     with pytest.raises(emulator.NkiEmulatorError, match="rank 0 of 1"):
         emulator.run(kernel.decoder_layers_decode_fp8, *ranks)
+
+
+def _op_args(layers, lens, dtype, hq=4, hk=2, H=256, E=8, K=2, inter=64):
+    """``ops.decoder_layers_fp8``'s arguments: model-layout FP8 weights (e4m3fn + scale_inv), router [E, H]."""
+    step = _attention_args(np.random.default_rng(0), lens, hq, hk, H, dtype, model_layout=True, seed=0)
+    lists = [[] for _ in range(15)]
+    for i in range(layers):
+        a = _attention_args(np.random.default_rng(0), lens, hq, hk, H, dtype, model_layout=True, seed=1 + i)
+        _, _, post_norm, gate_t = _block_inputs(len(lens), E, H, dtype, seed=50 + i)
+        values = [
+            a[2],
+            a[3],
+            a[4],
+            a[5],
+            a[6],
+            a[9],
+            a[10],
+            post_norm,
+            gate_t.t().contiguous(),
+            *_experts(E, H, inter, seed=70 + i),
+        ]
+        values += [a[11].clone(), a[12].clone()]
+        for column, v in zip(lists, values):
+            column.append(v)
+    return [step[0], step[1], *lists, step[7], step[8], *step[13:16], 1e-6, D**-0.5, K, True]
+
+
+def test_the_op_runs_one_kernel_and_equals_the_ops_one_by_one(kernel_launches):
+    """ops.decoder_layers_fp8 under the emulator (one launch) against the torch backend's sequence of the per-half
+    composites, on the model's FP8 layouts; the caches are written in place by both."""
+    from vllm_nki_moe import ops
+    from vllm_nki_moe.ops import decoder_layers as layers_ops
+
+    args = _op_args(2, [40], torch.float32)  # batch 1: where the fused MoE half applies (T * top_k <= E / 16)
+    torch_args = _copies([args])[0]
+    launched = kernel_launches(layers_ops)
+    out, r = ops.bind("emulator").decoder_layers_fp8(*args)
+    want, want_r = ops.bind("torch").decoder_layers_fp8(*torch_args)
+    assert launched == ["decoder_layers_decode_fp8"]
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(r, want_r, rtol=1e-4, atol=1e-4)
+    k_caches, want_k = (
+        args[2 + kernel.LAYER_LISTS.index("k_caches")],
+        torch_args[2 + kernel.LAYER_LISTS.index("k_caches")],
+    )
+    for a, b in zip(k_caches, want_k):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_op_runs_its_sequence_where_a_layer_does_not_fit(kernel_launches):
+    """Ten sequences: beyond the fused attention half's token limit, so no one-launch kernel (not an error)."""
+    from vllm_nki_moe import ops
+    from vllm_nki_moe.ops import decoder_layers as layers_ops
+
+    args = _op_args(1, [5] * 10, torch.float32)
+    launched = kernel_launches(layers_ops)
+    reason = layers_ops._supports(*args)
+    assert reason.startswith("layer 0: T=10")
+    out, _ = ops.bind("emulator").decoder_layers_fp8(*args)
+    assert launched == [] and out.shape == args[0].shape

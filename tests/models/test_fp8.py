@@ -209,18 +209,23 @@ def test_fp8_models_match_hf_loading_the_same_checkpoint(name, kernels, make_mod
     assert ours == gen.hf_greedy(model_dir, PROMPTS, NEW_TOKENS)
 
 
-def test_decode_steps_run_the_fused_attention_block_in_every_layer_after_the_first(make_model, kernel_launches):
-    """head_dim 128 under the emulator: each decode step runs ``attention_block_decode_fp8`` once per layer that has
-    a residual to add (all but the first), and the tokens are those of the ops one by one (torch)."""
+def test_decode_steps_run_every_layer_in_one_kernel(make_model, kernel_launches):
+    """head_dim 128 under the emulator, every layer MoE: each decode step launches ``decoder_layers_decode_fp8`` once
+    (all layers, their all-reduces inside) and no per-half kernel; the prefill step runs the layers one by one; the
+    tokens are those of the ops one by one (torch)."""
     from vllm_nki_moe.ops import attention_block as block_ops
+    from vllm_nki_moe.ops import decoder_layers as layers_ops
+    from vllm_nki_moe.ops import fp8 as fp8_ops
 
     model_dir = _model(make_model, "moe-head128")
-    launched = kernel_launches(block_ops)
+    launched = kernel_launches(layers_ops)
+    attention_halves, moe_halves = kernel_launches(block_ops), kernel_launches(fp8_ops)
     new_tokens = 4
     fused = gen.Harness(model_dir, "emulator").generate(PROMPTS[0], new_tokens).tokens
-    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     # the first token comes from the prefill step, each later one from a decode step
-    assert launched.count("attention_block_decode_fp8") == (new_tokens - 1) * (layers - 1)
+    assert launched == ["decoder_layers_decode_fp8"] * (new_tokens - 1)
+    assert "attention_block_decode_fp8" not in attention_halves and "moe_block_decode_fp8" not in moe_halves
+    assert moe_halves  # the prefill step's experts went through the FP8 ops (the spy watches)
     assert fused == gen.Harness(model_dir, "torch").generate(PROMPTS[0], new_tokens).tokens
 
 

@@ -46,6 +46,18 @@ def _inputs(name: str, g: torch.Generator) -> tuple:
         *block_caches,
         *(torch.tensor([13, 20]), torch.tensor([[3, 2, 5], [5, 1, 0]]), torch.tensor([10, 1]), d128**-0.5),
     )
+    # two layers of both FP8 halves at batch 1 (where the one-launch kernel applies), each its own weights and caches
+    layer_lists = [[] for _ in range(15)]
+    for _ in range(2):
+        qkv, o = ops.fp8.quantize(0.1 * randn(4 * d128, H)), ops.fp8.quantize(0.1 * randn(H, 2 * d128))
+        values = (w, *qkv, randn(d128), randn(d128), *o, w, randn(E, H), *fp8_experts)
+        values += tuple(torch.zeros(BLOCKS, KV_HEADS, BLOCK, d128) for _ in range(2))
+        for column, value in zip(layer_lists, values):
+            column.append(value)
+    decoder_layers_fp8 = (
+        *(randn(1, H), torch.zeros(1, H), *layer_lists, torch.tensor([9]), ops.rope.rope_cos_sin_cache(d128, 64, 1e6)),
+        *(torch.tensor([13]), torch.tensor([[3, 2, 5]]), torch.tensor([10]), EPS, d128**-0.5, K, True),
+    )
     plain_caches = [torch.zeros(BLOCKS, KV_HEADS, BLOCK, d128) for _ in range(2)]
     attention_block = (
         *(randn(2, H), randn(2, H), w, EPS, 0.05 * randn(4 * d128, H)),
@@ -57,6 +69,7 @@ def _inputs(name: str, g: torch.Generator) -> tuple:
     return {
         "attention_block": attention_block,
         "attention_block_fp8": attention_block_fp8,
+        "decoder_layers_fp8": decoder_layers_fp8,
         "rms_norm": (x, w, EPS),
         "fused_add_rms_norm": (x, randn(T, H), w, EPS),
         "linear": (x, randn(130, H)),  # N across no tile boundary but not a multiple of anything
@@ -91,7 +104,8 @@ def test_custom_op_passes_opcheck_and_matches_its_binding(name, backend):
     opset = ops.bind(backend)
     key = opset.binding
     args = _inputs(name, torch.Generator().manual_seed(0))
-    fp8_args = [a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.float8_e4m3fn]
+    leaves = [t for a in args for t in (a if isinstance(a, list) else [a])]  # list arguments: one tensor per layer
+    fp8_args = [a for a in leaves if isinstance(a, torch.Tensor) and a.dtype == torch.float8_e4m3fn]
     # opcheck's schema test compares inputs with allclose, which float8 lacks: check those unmutated bit for bit here
     utils = {"test_utils": ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")}
     before = [a.view(torch.uint8).clone() for a in fp8_args]

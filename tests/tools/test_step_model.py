@@ -66,6 +66,12 @@ def test_rest_of_step_counts_two_all_reduces_per_layer_and_every_boundary():
     assert qkv == (2048 * 1280 + 1 * (2048 + 1280)) * 2
 
 
+def test_all_reduces_inside_a_kernel_leave_the_rest_of_the_step():
+    shapes = kernel_shapes(None, 4)
+    names = {p.name for p in step_model.rest_of_step(shapes, 1, {"all_reduce"}, 2)}
+    assert "all-reduce (attention, MLP)" not in names and "sampling (greedy)" in names  # the token's all-gather stays
+
+
 def test_whole_step_is_kernels_plus_rest_and_its_line_reads_as_the_issue_asks():
     shapes = kernel_shapes(None, 4)
     st = bench.step_cost(shapes, "decode", 1)
@@ -119,15 +125,19 @@ def test_the_bf16_batch_1_step_is_the_two_fused_blocks_per_layer():
     assert "attention_block_decode" not in per_layer
 
 
-def test_the_fp8_step_counts_the_fp8_kernels_and_not_the_bf16_ones():
+def test_the_fp8_batch_1_step_is_one_kernel_for_all_layers_then_the_lm_head():
     st = bench.step_cost(replace(kernel_shapes(None, 4), fp8=True), "decode", 1)
-    per_layer = {r.kernel for r in st.rows if r.passed and r.calls_per_layer}
-    # at batch 1 the two fused FP8 blocks are the layer: the attention half (norm, q/k/v, q/k norm + RoPE,
-    # attention, o) and the MoE half (post-attention norm, router, experts)
-    assert per_layer == {"attention_block_decode_fp8", "moe_block_decode_fp8"}
-    lm_head = [r for r in st.rows if r.calls_per_step and r.kernel.startswith("linear")]
-    assert [r.kernel for r in lm_head] == ["linear.lm_head"]  # the LM head stays bf16 in FP8 checkpoints
-    assert {p.name for p in st.rest}.isdisjoint({"qkv_proj", "o_proj", "lm_head"})  # all covered by kernels
+    counted = {
+        r.kernel: (r.calls_per_layer, r.calls_per_step) for r in st.rows if r.calls_per_layer or r.calls_per_step
+    }
+    # every layer (attention half, all-reduce, MoE half, all-reduce) in one launch; the LM head stays bf16
+    assert counted == {"decoder_layers_decode_fp8": (0, 1), "linear.lm_head": (0, 1)}
+    assert all(r.passed for r in st.rows if r.kernel in counted)
+    layers = next(r for r in st.rows if r.kernel == "decoder_layers_decode_fp8")
+    assert "L=48" in layers.shapes and "TP=4" in layers.shapes
+    # projections and the all-reduces are inside it: the rest holds no such part, and two boundaries
+    assert {p.name for p in st.rest}.isdisjoint({"qkv_proj", "o_proj", "lm_head", "all-reduce (attention, MLP)"})
     boundaries = next(p for p in st.rest if p.name == "kernel boundaries")
-    assert boundaries.count == 2 * 48 + 1  # two kernels per layer and the LM head
+    assert boundaries.count == 2
+    assert st.kernels_seconds == pytest.approx(sum(r.estimated_seconds for r in st.rows if r.kernel in counted))
     assert bench.step_line(st).startswith("decode step with FP8 weights, batch 1: ")

@@ -248,6 +248,11 @@ class Qwen3MoeAttention(nn.Module):
         self.block_applies = self.qk_norm and not sizes.attention_bias
         self.tp_size = tp_size
 
+    def fuses_fp8_decode(self) -> bool:
+        """Whether this attention runs as the fused FP8 attention half in decode steps (``decode_block``; decoder
+        layers in one op, ``Qwen3MoeModel.decode_layers``): FP8 projections, q/k norm, no bias, our paged cache."""
+        return self.block_fp8 and self.block_applies and isinstance(self.attn, PagedAttention)
+
     def decode_block(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor, norm: Qwen3MoeRMSNorm
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -327,6 +332,32 @@ class Qwen3MoeDecoderLayer(nn.Module):
         self.input_layernorm = Qwen3MoeRMSNorm(sizes.hidden_size, sizes.rms_norm_eps, opset)
         self.post_attention_layernorm = Qwen3MoeRMSNorm(sizes.hidden_size, sizes.rms_norm_eps, opset)
 
+    def fp8_decode_arguments(self) -> tuple[torch.Tensor, ...] | None:
+        """This layer's tensors for ``decoder_layers_fp8``, in its ``LAYER_LISTS`` order (input norm, q/k/v weight
+        and scales, q/k norms, o weight and scales, post-attention norm, router gate, FP8 experts, K and V caches);
+        None where the layer does not run both fused FP8 halves in decode steps."""
+        attn, mlp = self.self_attn, self.mlp
+        if not (attn.fuses_fp8_decode() and isinstance(mlp, Qwen3MoeSparseMoeBlock) and mlp.experts.fp8):
+            return None
+        qkv, o, experts, cache = attn.qkv_proj, attn.o_proj, mlp.experts, attn.attn.cache
+        return (
+            self.input_layernorm.weight,
+            qkv.weight,
+            qkv.weight_scale_inv,
+            attn.q_norm.weight,
+            attn.k_norm.weight,
+            o.weight,
+            o.weight_scale_inv,
+            self.post_attention_layernorm.weight,
+            mlp.gate.weight,
+            experts.w13_weight,
+            experts.w13_weight_scale_inv,
+            experts.w2_weight,
+            experts.w2_weight_scale_inv,
+            cache.k[attn.attn.layer],
+            cache.v[attn.attn.layer],
+        )
+
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,6 +416,39 @@ class Qwen3MoeModel(nn.Module):
             for i in range(sizes.num_hidden_layers)
         )
         self.norm = Qwen3MoeRMSNorm(sizes.hidden_size, sizes.rms_norm_eps, opset)
+        self.ops = opset
+        self.top_k, self.norm_topk_prob = sizes.num_experts_per_tok, sizes.norm_topk_prob
+
+    def decode_layers(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """A decode step's decoder layers as one op (``decoder_layers_fp8``: one kernel launch with the all-reduces
+        inside) where the backend binds its kernel and every layer runs both fused FP8 halves; None elsewhere (the
+        layers run one by one). The first layer's residual is zero (x + 0 = x: its plain input norm)."""
+        if "decoder_layers_fp8" not in self.ops.kernel_ops:
+            return None
+        per_layer = [layer.fp8_decode_arguments() for layer in self.layers]
+        if any(args is None for args in per_layer):
+            return None
+        attn = self.layers[0].self_attn
+        step = attn.attn.cache.step
+        if step["phase"] != "decode":
+            return None
+        lists = [list(column) for column in zip(*per_layer)]
+        out, residual = self.ops.decoder_layers_fp8(
+            hidden_states,
+            torch.zeros_like(hidden_states),
+            *lists,
+            positions,
+            attn.cos_sin_cache,
+            step["slot_mapping"],
+            step["block_tables"],
+            step["context_lens"],
+            self.layers[0].input_layernorm.eps,
+            attn.attn.scale,
+            self.top_k,
+            self.norm_topk_prob,
+        )
+        hidden_states, _ = self.norm(out, residual)
+        return hidden_states
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -393,6 +457,9 @@ class Qwen3MoeModel(nn.Module):
         self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
     ) -> torch.Tensor:
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        in_one_op = self.decode_layers(positions, hidden_states)
+        if in_one_op is not None:
+            return in_one_op
         residual = None
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual)

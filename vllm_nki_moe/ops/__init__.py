@@ -44,6 +44,7 @@ from vllm_nki_moe.ops import (
     attention,
     attention_block,
     custom_ops,
+    decoder_layers,
     fp8,
     host,
     kernel_call,
@@ -57,7 +58,7 @@ from vllm_nki_moe.ops.spec import OpSpec
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = (norms, linear, rope, router, moe, fp8, attention, attention_block)
+FAMILIES = (norms, linear, rope, router, moe, fp8, attention, attention_block, decoder_layers)
 SPECS: dict[str, OpSpec] = {spec.name: spec for family in FAMILIES for spec in family.SPECS}
 # The ops in the order a decoder layer runs them.
 OP_NAMES = (
@@ -75,7 +76,14 @@ OP_NAMES = (
     "attention_decode",
 )
 # Ops built from the others, in order (each may use the ones before it); a kernel for one runs where it applies.
-COMPOSITE_OPS = ("router_gate_topk", "moe_block", "moe_block_fp8", "attention_block", "attention_block_fp8")
+COMPOSITE_OPS = (
+    "router_gate_topk",
+    "moe_block",
+    "moe_block_fp8",
+    "attention_block",
+    "attention_block_fp8",
+    "decoder_layers_fp8",
+)
 assert set(SPECS) == set(OP_NAMES + COMPOSITE_OPS), sorted(SPECS)
 # The ops with a vLLM-CPU fast path (``ops.host``) and those implementations.
 HOST_FAST_OPS: dict[str, Callable] = {name: spec.host for name, spec in SPECS.items() if spec.host is not None}
@@ -104,6 +112,7 @@ class OpSet:
     moe_block_fp8: Callable  # composite: see fp8.moe_block_fp8_sequence
     attention_block: Callable  # composite: see attention_block.attention_block_sequence (decode, paged cache)
     attention_block_fp8: Callable  # composite: the same with FP8 projections
+    decoder_layers_fp8: Callable  # composite: decode steps' FP8 layers with their all-reduces (ops.decoder_layers)
     kernel_ops: tuple[str, ...] = ()  # which ops run an NKI kernel under this backend
     # op name -> the in-place conversion of its weights to the layout its bound implementation reads (OpSpec.weights)
     weight_preparers: dict[str, Callable] = field(default_factory=dict, repr=False, compare=False)

@@ -24,6 +24,7 @@ MUTATED = {
     name: ("k_cache", "v_cache")
     for name in ("attention_prefill", "attention_decode", "attention_block", "attention_block_fp8")
 }
+MUTATED["decoder_layers_fp8"] = ("k_caches", "v_caches")
 
 _bindings: dict[str, dict[str, Callable]] = {}
 _keys = itertools.count()
@@ -67,6 +68,7 @@ FAKES: dict[str, Callable] = {
     "moe_block_fp8": _fake_like(0, 0),
     "attention_block": _fake_like(0, 0),
     "attention_block_fp8": _fake_like(0, 0),
+    "decoder_layers_fp8": _fake_like(0, 0),
     "attention_prefill": _fake_like(0),
     "attention_decode": _fake_like(0),
 }

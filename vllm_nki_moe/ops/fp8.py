@@ -311,7 +311,7 @@ def _linear_fp8_kernel(backend: str, x: torch.Tensor, weight: torch.Tensor, weig
     return tiles[0] if len(tiles) == 1 else torch.cat(tiles)
 
 
-def _moe_block_fp8_supports(
+def moe_block_fp8_supports(
     hidden, residual, norm_weight, eps, gate_weight, w13, w13_scale_inv, w2, w2_scale_inv, top_k, renormalize
 ) -> str | None:
     """Where the fused FP8 decode block applies; elsewhere ``moe_block_fp8`` runs as separate ops (not an error)."""
@@ -326,23 +326,27 @@ def _transposed(weight: torch.Tensor) -> torch.Tensor:
     return weight.t().contiguous()
 
 
+def moe_block_fp8_kernel_weights(gate_weight, w13, w13_scale_inv, w2, w2_scale_inv) -> tuple[torch.Tensor, ...]:
+    """The MoE half's weights as ``moe_block_decode_fp8`` reads them: (gate_t [H, E], w13, s13, w2, s2 in
+    ``fp8_experts_kernel_layout``); as they are once the model prepared them, else converted once and cached."""
+    weights = (w13, w13_scale_inv, w2, w2_scale_inv)
+    if not _is_kernel_layout(w13):  # tools and tests hand model-layout experts: a converted copy, made once
+        weights = _kernel_weights.get(load_kernels("moe_fp8").fp8_experts_kernel_layout, *weights)
+    # prepared (router.prepare_gate_for_kernels): the transpose [H, E] is a contiguous view; else converted once
+    gate_t = gate_weight.t() if gate_weight.t().is_contiguous() else _kernel_weights.get(_transposed, gate_weight)
+    return (gate_t, *weights)
+
+
 def _moe_block_fp8_kernel(
     backend, hidden, residual, norm_weight, eps, gate_weight, w13, w13_scale_inv, w2, w2_scale_inv, top_k, renormalize
 ):
-    kernel = load_kernels("moe_fp8")
-    weights = (w13, w13_scale_inv, w2, w2_scale_inv)
-    if not _is_kernel_layout(w13):  # tools and tests hand model-layout experts: a converted copy, made once
-        weights = _kernel_weights.get(kernel.fp8_experts_kernel_layout, *weights)
-    # prepared (router.prepare_gate_for_kernels): the transpose [H, E] is a contiguous view; else converted once
-    gate_t = gate_weight.t() if gate_weight.t().is_contiguous() else _kernel_weights.get(_transposed, gate_weight)
     return call_kernel(
         backend,
-        kernel.moe_block_decode_fp8,
+        load_kernels("moe_fp8").moe_block_decode_fp8,
         hidden.contiguous(),
         residual.contiguous(),
         norm_weight.contiguous(),
-        gate_t,
-        *weights,
+        *moe_block_fp8_kernel_weights(gate_weight, w13, w13_scale_inv, w2, w2_scale_inv),
         float(eps),
         int(top_k),
         bool(renormalize),
@@ -370,7 +374,7 @@ SPECS = (
     ),
     OpSpec(
         "moe_block_fp8",
-        kernel=KernelImpl(_moe_block_fp8_kernel, _moe_block_fp8_supports),
+        kernel=KernelImpl(_moe_block_fp8_kernel, moe_block_fp8_supports),
         compose=moe_block_fp8_sequence,
     ),
 )

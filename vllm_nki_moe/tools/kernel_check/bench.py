@@ -47,7 +47,7 @@ NOT_ESTIMATED = (
     "each taking its issue cost)",
 )
 # Names of step parts that a kernel case takes over once it exists (a case whose kernel name contains the part name).
-KERNEL_PARTS = ("qkv_proj", "o_proj", "lm_head", "final_norm", "silu_mul")
+KERNEL_PARTS = ("qkv_proj", "o_proj", "lm_head", "final_norm", "silu_mul", "all_reduce")
 
 
 @dataclass(frozen=True)
@@ -163,6 +163,11 @@ def format_bench(shapes: KernelShapes, steps: list[StepCost]) -> str:
         lines.append(
             "  FP8 steps with attention_block_decode_fp8: counted in every layer (the first layer, with no residual "
             "to add, runs those ops one by one)."
+        )
+    if any(r.kernel == "decoder_layers_decode_fp8" and r.calls_per_step for st in steps for r in st.rows):
+        lines.append(
+            "  FP8 steps with decoder_layers_decode_fp8: every layer and its two all-reduces in that one launch (the "
+            "first layer's residual is zero); the all-reduces are timed inside it, over the TP ranks (solo_rank)."
         )
     grid = sorted({r.kernel.split(".")[0] for st in steps for r in st.rows if r.lnc_grid})
     lines.append(

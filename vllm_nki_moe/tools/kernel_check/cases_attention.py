@@ -26,6 +26,7 @@ from vllm_nki_moe.kernels import attention_block as block_kernel  # noqa: E402 -
 from vllm_nki_moe.kernels import attention_decode as decode_kernel  # noqa: E402
 from vllm_nki_moe.kernels import attention_prefill as prefill_kernel  # noqa: E402
 from vllm_nki_moe.kernels import linear_fp8  # noqa: E402
+from vllm_nki_moe.ops.moe import fused_block_applies  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.registry import KernelCase  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.tolerances import dtype_key  # noqa: E402
@@ -138,6 +139,19 @@ def attention_block_applies(s: KernelShapes, tokens: int) -> bool:
     return _block_fits(s, s.fp8) and tokens <= most
 
 
+def layers_kernel_applies(s: KernelShapes, tokens: int) -> bool:
+    """Whether a decode step of ``tokens`` sequences runs its layers as one kernel (``ops.decoder_layers``): an FP8
+    checkpoint whose every layer is MoE and runs both fused halves (``attention_block_applies`` and
+    ``fused_block_applies``: batch 1 at Qwen3-30B-A3B's sizes)."""
+    return (
+        s.fp8
+        and s.experts > 0
+        and s.moe_layers == s.layers
+        and attention_block_applies(s, tokens)
+        and fused_block_applies(tokens, s.top_k, s.experts)
+    )
+
+
 def _block_fits(s: KernelShapes, fp8: bool) -> bool:
     """Whether the fused kernel of that weight format takes the model's heads (``ops.attention_block``: one program
     holding every head's weights within ``WEIGHTS_SBUF_BYTES``)."""
@@ -190,7 +204,8 @@ def _block_case(s: KernelShapes, B: int, context: int, fp8: bool) -> KernelCase:
         tolerance=_tolerance(dt),
         # + hidden and residual read, out and r written, the new K/V written, the norm weights
         min_hbm_bytes=weight_bytes + kv_read + 4 * B * H * item + 2 * B * hk * d * item + (H + 2 * d) * item,
-        calls_per_layer=1 if attention_block_applies(s, B) and s.fp8 == fp8 else 0,
+        # counted where the step runs it on its own (not inside the decoder-layers kernel)
+        calls_per_layer=1 if attention_block_applies(s, B) and s.fp8 == fp8 and not layers_kernel_applies(s, B) else 0,
         lnc_grid=True,  # the query heads split over the programs (kernels/attention_block.py, "Grid")
         phase="decode",
         covers=("qkv_proj", "o_proj"),

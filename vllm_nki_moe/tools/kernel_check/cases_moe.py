@@ -38,6 +38,7 @@ from vllm_nki_moe.kernels import moe_block, moe_common, moe_decode, moe_fp8, moe
 from vllm_nki_moe.kernels.limits import PMAX, TOPK8  # noqa: E402
 from vllm_nki_moe.ops.fp8 import use_fp8_decode  # noqa: E402
 from vllm_nki_moe.ops.moe import bucket_block_size, fused_block_applies, use_decode  # noqa: E402
+from vllm_nki_moe.tools.kernel_check.cases_attention import layers_kernel_applies  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.registry import KernelCase  # noqa: E402
 from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes, kernel_shapes  # noqa: E402
 
@@ -80,11 +81,17 @@ def _fp8_expert_weights(E: int, H: int, inter: int) -> tuple[torch.Tensor, ...]:
     return moe_fp8.fp8_experts_kernel_layout(*fp8.quantize_experts(w13, w2))
 
 
+def fp8_expert_bytes(H: int, inter: int) -> int:
+    """HBM bytes of one FP8 expert as the kernels read it: 1 byte per weight of gate, up and down (3 x H x I) and the
+    fp32 scales expanded along I (a row of H / 128 per w13 row, a column per w2 column: 3 x I x H / 128)."""
+    return 3 * H * inter + 4 * 3 * inter * (H // PMAX)
+
+
 def _fp8_block_case(s: KernelShapes, T: int, act_bytes: int, unsupported: str | None, fused: bool) -> KernelCase:
     """``moe_block_decode_fp8``: the model's ``moe_block_fp8`` where the fused block applies (an FP8 checkpoint's
     decode)."""
     E, K, H, inter, dt = s.experts, s.top_k, s.hidden, s.moe_intermediate, s.torch_dtype
-    expert_bytes = 3 * H * inter + 4 * 3 * inter * (H // PMAX)
+    expert_bytes = fp8_expert_bytes(H, inter)
 
     def inputs(rng: np.random.Generator) -> tuple:
         x, res = (torch.from_numpy(rng.standard_normal((T, H), dtype=np.float32)).to(dt) for _ in range(2))
@@ -100,7 +107,7 @@ def _fp8_block_case(s: KernelShapes, T: int, act_bytes: int, unsupported: str | 
         reference=moe_fp8.moe_block_decode_fp8_ref,
         tolerance="bfloat16_matmul" if s.dtype == "bfloat16" else "float32_matmul",
         min_hbm_bytes=min(T * K, E) * expert_bytes + 2 * act_bytes + (E * H + H) * dt.itemsize,
-        calls_per_layer=1 if s.fp8 and fused else 0,
+        calls_per_layer=1 if s.fp8 and fused and not layers_kernel_applies(s, T) else 0,  # else in decoder_layers
         lnc_grid=True,  # the slots split over the programs (kernels/moe_fp8.py, "Grid")
         phase="decode",
         unsupported=unsupported,
@@ -110,9 +117,7 @@ def _fp8_block_case(s: KernelShapes, T: int, act_bytes: int, unsupported: str | 
 def _fp8_decode_case(s: KernelShapes, T: int, weights, ids, distinct: int, act_bytes: int) -> KernelCase:
     E, K, H, inter = s.experts, s.top_k, s.hidden, s.moe_intermediate
     unsupported = _fp8_unsupported(H, inter)
-    blocks = H // PMAX
-    # per expert: 1 byte per weight, 4 per expanded scale (a row of H/128 per w13 row, a column per w2 column)
-    expert_bytes = 3 * H * inter + 4 * 3 * inter * blocks
+    expert_bytes = fp8_expert_bytes(H, inter)
 
     def inputs(rng: np.random.Generator) -> tuple:
         x = torch.from_numpy(rng.standard_normal((T, H), dtype=np.float32)).to(s.torch_dtype)
@@ -246,7 +251,7 @@ def _fp8_prefill_case(s: KernelShapes, T: int, weights, ids, distinct: int, act_
     """``moe_prefill_fp8``: the FP8 experts where ``ops.fp8.use_fp8_decode`` picks the grouped kernel (the block size
     the bf16 kernel takes at this bucket)."""
     E, K, H, inter = s.experts, s.top_k, s.hidden, s.moe_intermediate
-    expert_bytes = 3 * H * inter + 4 * 3 * inter * (H // PMAX)  # FP8 bytes and the expanded scales
+    expert_bytes = fp8_expert_bytes(H, inter)
 
     def inputs(rng: np.random.Generator) -> tuple:
         x = torch.from_numpy(rng.standard_normal((T, H), dtype=np.float32)).to(s.torch_dtype)

@@ -16,6 +16,7 @@ A case is one kernel call at one set of shapes, with everything needed to check 
         lnc_grid=False,                          # True: the kernel splits its work over a launch grid of LNC programs
         phase="any",                             # "decode", "prefill" or "any": which bench steps include it
         unsupported=None,                        # or the reason (limit and value) the kernel cannot take the shapes
+        ranks=1,                                 # ranks its nki.collectives span (costed over them, this rank's values)
     )
 
 Inputs are torch tensors (bf16 or fp32, as the model passes them) plus plain Python scalars; the emulator and the
@@ -48,7 +49,7 @@ from vllm_nki_moe.tools.kernel_check.shapes import KernelShapes
 from vllm_nki_moe.tools.kernel_check.tolerances import TOLERANCES
 
 # Families in model order.
-CASE_MODULES = ("cases_norms", "cases_linear", "cases_router", "cases_moe", "cases_attention")
+CASE_MODULES = ("cases_norms", "cases_linear", "cases_router", "cases_moe", "cases_attention", "cases_layers")
 PHASES = ("decode", "prefill", "any")
 
 
@@ -70,6 +71,8 @@ class KernelCase:
     phase: str = "any"
     unsupported: str | None = None
     covers: tuple[str, ...] = ()  # step parts (bench.KERNEL_PARTS) this kernel does, besides any in its name
+    ranks: int = 1  # tensor-parallel ranks its in-kernel collectives span (the emulator costs them: solo_rank)
+    reference_grid: bool = False  # the reference runs kernels itself and takes the case's launch grid (grid=...)
 
     def __post_init__(self) -> None:
         if self.tolerance not in TOLERANCES:

@@ -6,8 +6,9 @@ assumption with its value, so that the step line adds up to a whole step:
 
 - projections (q/k/v fused, o) and the LM head while they have no kernel case: their HBM roofline on one physical
   core (weights streamed once), an optimistic stand-in for the compiler's matmul;
-- tensor-parallel all-reduces (after attention and after the MLP/MoE of every layer) and the all-gather of the
-  sampled token: the collective model of AWS's intra-node collectives note;
+- tensor-parallel all-reduces (after attention and after the MLP/MoE of every layer; unless a kernel does them, as
+  the decoder-layers kernel does) and the all-gather of the sampled token: the collective model of AWS's intra-node
+  collectives note;
 - embedding gather, the final norm and greedy sampling over the rank's logits: their HBM bytes;
 - a fixed cost per kernel boundary (an assumption: AWS publishes no figure).
 
@@ -93,7 +94,10 @@ def rest_of_step(shapes: KernelShapes, tokens: int, covered: set[str], kernel_ca
         if name not in covered:
             parts.append(StepPart(name, _hbm_seconds(proj[name]), per, roof))
     act = tokens * shapes.hidden * ACT_BYTES
-    parts.append(StepPart("all-reduce (attention, MLP)", all_reduce_seconds(act, tp), 2 * layers, "collective model"))
+    if "all_reduce" not in covered:  # else inside a kernel (kernels/decoder_layers.py), timed with it
+        parts.append(
+            StepPart("all-reduce (attention, MLP)", all_reduce_seconds(act, tp), 2 * layers, "collective model")
+        )
     parts.append(StepPart("embedding gather", _hbm_seconds(2 * act), 1, "HBM bytes"))
     dense_layers = layers - shapes.moe_layers
     if dense_layers and shapes.intermediate and "silu_mul" not in covered:  # the dense MLP's silu(gate) * up

@@ -77,10 +77,17 @@ def _as_array(x) -> np.ndarray:
     return a.astype(np.int64) if a.dtype.kind in "iub" else a.astype(np.float64)
 
 
+def _flattened(x) -> list:
+    """The outputs in order, nested tuples and lists (e.g. a list of caches) flattened."""
+    if isinstance(x, (tuple, list)):
+        return [leaf for v in x for leaf in _flattened(v)]
+    return [x]
+
+
 def compare(out, ref, tol: Tolerance) -> Comparison:
-    """Compare one output (or a tuple of outputs, pairwise) with its reference under ``tol``."""
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+    """Compare one output (or a tuple of outputs, nested ones flattened, pairwise) with its reference under
+    ``tol``."""
+    outs, refs = _flattened(out), _flattened(ref)
     if len(outs) != len(refs):
         return Comparison(float("inf"), float("inf"), False, f"{len(outs)} outputs, reference has {len(refs)}")
     max_abs = max_rel = 0.0
