@@ -56,7 +56,7 @@ from .grid import program_share
 from .limits import PMAX, PSUM_BANK_FMAX, require
 from .linear_fp8 import linear_fp8_ref
 from .moe_block import normalise
-from .moe_common import DTYPES, store_tile_major, tile_major
+from .moe_common import DTYPES, load_tile_major, store_tile_major
 from .moe_fp8 import widened
 from .rmsnorm import fused_add_rms_norm_ref
 from .rope import _gather_cos_sin, qk_norm_rope_ref
@@ -414,10 +414,7 @@ def _attention_block(
     KT = H // PMAX
     out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
     r_out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
-    x_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)  # the small inputs first
-    nisa.dma_copy(dst=x_sb, src=tile_major(hidden, T, KT))
-    res_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=res_sb, src=tile_major(residual, T, KT))
+    x_sb, res_sb = load_tile_major(hidden, T, KT), load_tile_major(residual, T, KT)  # the small inputs first
     acc, _ = attention_partial(
         x_sb,
         res_sb,

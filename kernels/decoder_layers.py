@@ -23,7 +23,7 @@ import torch
 from .attention_block import attention_block_fp8_ref, attention_partial, check_attention_fp8
 from .grid import sum_over_programs
 from .limits import PMAX, require
-from .moe_common import store_tile_major, tile_major
+from .moe_common import load_tile_major, store_tile_major
 from .moe_fp8 import check_moe_block_fp8, moe_block_decode_fp8_ref, moe_block_fp8_partial
 
 # The per-layer weight lists, in the kernel's argument order.
@@ -170,10 +170,7 @@ def decoder_layers_decode_fp8(
     out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
     r_out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
 
-    x_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=x_sb, src=tile_major(hidden, T, KT))
-    res_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=res_sb, src=tile_major(residual, T, KT))
+    x_sb, res_sb = load_tile_major(hidden, T, KT), load_tile_major(residual, T, KT)
     for i in range(L):
         acc, r_sb = attention_partial(
             x_sb,

@@ -127,6 +127,13 @@ def tile_major(t, T: int, KT: int):
     return t.ap([[1, PMAX], [KT * PMAX, T], [PMAX, KT]], offset=0)
 
 
+def load_tile_major(t, T: int, KT: int):
+    """``t [T, H]`` (HBM) as an SBUF tile [128, T, KT] in ``tile_major``'s split (one DMA)."""
+    tile = nl.ndarray((PMAX, T, KT), dtype=t.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=tile, src=tile_major(t, T, KT))
+    return tile
+
+
 def store_tile_major(out, tile, T: int, KT: int, partial: bool) -> None:
     """out [T, H] = tile [128, T, KT] (h = kt * 128 + p) rounded to out's dtype; ``partial``: the tile holds this
     program's fp32 partial sums, added over the grid's programs first. Each program stores its share of the hidden

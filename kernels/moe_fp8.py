@@ -35,7 +35,7 @@ import torch
 from .grid import program_share
 from .limits import PMAX, TOPK8, TOPK8_MAX_ELEMS, TOPK8_MIN_ELEMS, require
 from .moe_block import MAX_ROUTER_EXPERTS, norm_route_ref, normalise, route, router_tiles
-from .moe_common import DTYPES, load_routing, split_tiles, store_tile_major, tile_major
+from .moe_common import DTYPES, load_routing, load_tile_major, split_tiles, store_tile_major
 
 MAX_DECODE_TOKENS = PMAX
 TRN2_FP8_MAX = 240.0  # float8_e4m3 (IEEE-style) largest finite value
@@ -108,8 +108,7 @@ def moe_decode_fp8(hidden, w13, s13, w2, s2, topk_weights, topk_ids):
     )
     dt = hidden.dtype
     out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
-    x_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=x_sb, src=tile_major(hidden, T, KT))
+    x_sb = load_tile_major(hidden, T, KT)
     ids_sb, w_sb = load_routing(topk_weights, topk_ids, PMAX)
     acc = nl.ndarray((PMAX, T, KT), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=acc, value=0.0)
@@ -148,10 +147,7 @@ def moe_block_decode_fp8(hidden, residual, gamma, gate_weight_t, w13, s13, w2, s
     dt = hidden.dtype
     out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
     r_out = nl.ndarray((T, H), dtype=dt, buffer=nl.shared_hbm)
-    x_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=x_sb, src=tile_major(hidden, T, KT))
-    res_sb = nl.ndarray((PMAX, T, KT), dtype=dt, buffer=nl.sbuf)
-    nisa.dma_copy(dst=res_sb, src=tile_major(residual, T, KT))
+    x_sb, res_sb = load_tile_major(hidden, T, KT), load_tile_major(residual, T, KT)
     acc, _ = moe_block_fp8_partial(x_sb, res_sb, gamma, gate_weight_t, w13, s13, w2, s2, eps, K, norm_topk_prob, r_out)
     store_tile_major(out, acc, T, KT, True)
     return out, r_out

@@ -28,7 +28,9 @@ def test_host_and_kernel_take_the_reference_signature(spec):
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.composite], ids=lambda s: s.name)
 def test_composite_kernel_takes_the_sequence_signature(spec):
-    sequence = spec.compose({name: ops.SPECS[name].reference for name in ops.OP_NAMES} | {"router_gate_topk": None})
+    # a composite may be built from the composites before it (their callables are not called here)
+    references = {name: ops.SPECS[name].reference for name in ops.OP_NAMES}
+    sequence = spec.compose(references | {name: None for name in ops.COMPOSITE_OPS})
     want = _params(sequence)
     assert _params(spec.kernel.run, skip=1) == want and _params(spec.kernel.supports) == want
 
